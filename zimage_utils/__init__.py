@@ -1,0 +1,1 @@
+"""Shared code for the Z-Image LoRA scripts."""
