@@ -1,0 +1,296 @@
+"""Images + captions → VAE latents and frozen Qwen3 caption embeddings, cached once in a `datasets` Arrow folder.
+
+    accelerate launch precompute_embeddings.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo \
+        --train_data_dir my_photos --output_dir my_cache --resolution 1024 --caption_prefix "sks person"
+
+Each process encodes its share of the images; the main process merges the shares. Re-running adds only new or
+changed images; an interrupted run keeps its finished shards. The cache layout is documented in
+docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
+"""
+
+import argparse
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from zimage_utils import cache as cache_lib
+from zimage_utils.buckets import make_buckets
+from zimage_utils.images import discover_folder, items_from_dataset
+from zimage_utils.model_loading import (
+    component_config_hash,
+    load_text_encoder_and_tokenizer,
+    load_vae,
+    read_component_config,
+    require_zimage,
+)
+from zimage_utils.precompute import (
+    PixelDataset,
+    ScanDataset,
+    ShardWriter,
+    encode_batch,
+    load_shards,
+    merge,
+    plan_batches,
+    summarise,
+)
+from zimage_utils.text_encoding import encode_captions
+
+logger = logging.getLogger("precompute")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
+    parser.add_argument("--revision", default=None, help="Hub revision of the model.")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="Precision the VAE and text encoder run in (auto: bf16 on GPU, fp32 on CPU).",
+    )
+    # Data
+    parser.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="Folder of images with .txt captions (recursive), or with metadata.jsonl/metadata.csv.",
+    )
+    parser.add_argument("--dataset_name", default=None, help="A `datasets` dataset: hub id or save_to_disk folder.")
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
+    parser.add_argument("--caption_prefix", default=None, help='Trigger word prepended to every caption: "sks, ...".')
+    parser.add_argument(
+        "--default_caption",
+        default=None,
+        help="Caption for images without one (default: such images are skipped and reported).",
+    )
+    parser.add_argument(
+        "--validation_prompts",
+        nargs="*",
+        default=[],
+        help="Prompts whose embeddings are cached for validation images during training.",
+    )
+    # Buckets and encoding
+    parser.add_argument("--resolution", type=int, default=1024, help="Target side in pixels; buckets keep ~res² area.")
+    parser.add_argument("--max_aspect", type=float, default=4.0, help="Widest bucket aspect ratio (both ways).")
+    parser.add_argument(
+        "--max_upscale",
+        type=float,
+        default=2.0,
+        help="Skip images that would need more than this upscaling to fill their bucket.",
+    )
+    parser.add_argument("--crop", choices=["center", "random"], default="center", help="Crop inside the bucket.")
+    parser.add_argument("--cache_flipped", action="store_true", help="Also cache latents of the mirrored image.")
+    parser.add_argument(
+        "--latent_sampling",
+        choices=["mode", "sample"],
+        default="mode",
+        help="VAE posterior mode (deterministic) or a seeded sample per image.",
+    )
+    parser.add_argument("--max_sequence_length", type=int, default=512, help="Caption tokens kept (Z-Image: 512).")
+    parser.add_argument(
+        "--cache_dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="Storage dtype of latents and embeddings.",
+    )
+    # Run
+    parser.add_argument("--output_dir", required=True, help="Cache folder (created; re-runs add to it).")
+    parser.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per VAE/text-encoder batch.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="Processes decoding images (0 = main).")
+    parser.add_argument("--shard_size", type=int, default=256, help="Records per finished part (crash granularity).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
+    args = parser.parse_args(input_args)
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        parser.error("pass exactly one of --train_data_dir or --dataset_name")
+    return args
+
+
+def make_fingerprint(args: argparse.Namespace) -> dict:
+    """Everything that changes what the cache holds; a trainer or a re-run compares against it."""
+    vae_config = read_component_config(args.pretrained_model_name_or_path, "vae", args.revision)
+    text_config = read_component_config(args.pretrained_model_name_or_path, "text_encoder", args.revision)
+    return {
+        "model": args.pretrained_model_name_or_path,
+        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
+        "resolution": args.resolution,
+        "max_aspect": args.max_aspect,
+        "crop": args.crop,
+        "cache_flipped": args.cache_flipped,
+        "latent_sampling": args.latent_sampling,
+        "max_sequence_length": args.max_sequence_length,
+        "latent_dtype": args.cache_dtype,
+        "embedding_dtype": args.cache_dtype,
+        "scaling_factor": vae_config["scaling_factor"],
+        "shift_factor": vae_config["shift_factor"],
+        "latent_channels": vae_config["latent_channels"],
+        "vae_downsample": 2 ** (len(vae_config["block_out_channels"]) - 1),
+        "embed_dim": text_config["hidden_size"],
+        "seed": args.seed,
+    }
+
+
+def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.Dataset | None:
+    """The existing cache to extend, after checking it was made the same way (main process only)."""
+    out = Path(args.output_dir)
+    if args.overwrite and out.exists():
+        for name in (
+            cache_lib.DATA_DIR,
+            cache_lib.SHARDS_DIR,
+            cache_lib.MANIFEST_NAME,
+            cache_lib.PROMPT_EMBEDDINGS_NAME,
+        ):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = cache_lib.read_manifest(out)
+    if manifest is None:
+        return None
+    found = {k: v for k, v in manifest["fingerprint"].items() if k != "model"}
+    diffs = cache_lib.fingerprint_mismatches({k: v for k, v in fingerprint.items() if k != "model"}, found)
+    if diffs or manifest.get("format_version") != cache_lib.CACHE_FORMAT_VERSION:
+        raise cache_lib.CacheError(
+            f"{out} holds a cache made differently ({'; '.join(diffs) or 'older format'}): "
+            "pass --overwrite to rebuild it, or choose another --output_dir."
+        )
+    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR))
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    datasets.disable_progress_bars()
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    start = time.time()
+
+    # Check the model and the cache we add to
+    require_zimage(args.pretrained_model_name_or_path)
+    fingerprint = make_fingerprint(args)
+    existing = prepare_output_dir(args, fingerprint) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        existing = prepare_output_dir_readonly(args.output_dir)
+    done = {
+        (r["source"], r["content_hash"])
+        for part in [existing, *load_shards(args.output_dir)]
+        if part is not None
+        for r in part.select_columns(["source", "content_hash"])
+    }
+
+    # Find items; this process takes every world-th one
+    hf_dataset = None
+    if args.train_data_dir:
+        items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension)
+    else:
+        hf_dataset, items = items_from_dataset(
+            args.dataset_name, args.image_column, args.caption_column, args.dataset_split
+        )
+    mine = items[rank::world]
+
+    # Scan headers and hashes in workers: bucket, crop box, or a reason to skip
+    buckets = make_buckets(args.resolution, max_aspect=args.max_aspect)
+    scan = torch.utils.data.DataLoader(
+        ScanDataset(mine, buckets, args, hf_dataset),
+        batch_size=None,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=lambda x: x,
+    )
+    planned, skipped, notes = [], [], []
+    for result in tqdm(scan, desc="scan", disable=not accelerator.is_local_main_process):
+        notes += [
+            {"source": result.get("source") or result["planned"].item.source, "reason": n} for n in result["notes"]
+        ]
+        if "skipped" in result:
+            skipped.append({"source": result["source"], "reason": result["skipped"]})
+        elif (result["planned"].item.source, result["planned"].content_hash) not in done:
+            planned.append(result["planned"])
+
+    # Encode new items bucket by bucket, saving finished parts as we go
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    vae = load_vae(args.pretrained_model_name_or_path, dtype, device, revision=args.revision)
+    text_encoder, tokenizer = load_text_encoder_and_tokenizer(
+        args.pretrained_model_name_or_path, dtype, device, revision=args.revision
+    )
+    store = cache_lib.DTYPES[args.cache_dtype]
+    writer = ShardWriter(args.output_dir, rank, args.shard_size)
+    pixels = torch.utils.data.DataLoader(
+        PixelDataset(plan_batches(planned, args.batch_size), args.cache_flipped, hf_dataset),
+        batch_size=None,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=lambda x: x,
+    )
+    encoded, truncated = 0, 0
+    progress = tqdm(total=len(planned), desc=f"encode (process {rank})", disable=not accelerator.is_local_main_process)
+    for batch in pixels:
+        skipped += [{"source": s, "reason": r} for s, r in batch["skipped"]]
+        notes += [{"source": s, "reason": r} for s, r in batch["notes"]]
+        if batch["planned"]:
+            records = encode_batch(batch, vae, tokenizer, text_encoder, args, device, (store, store))
+            writer.add(records)
+            encoded += len(records)
+            truncated += sum(r["caption_truncated"] for r in records)
+        progress.update(len(batch["planned"]) + len(batch["skipped"]))
+    writer.flush()
+    progress.close()
+
+    # Merge every process's parts into one sorted dataset
+    reports = gather_object([{"skipped": skipped, "notes": notes, "encoded": encoded, "truncated": truncated}])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        empty, _ = encode_captions([""], tokenizer, text_encoder, args.max_sequence_length, device)
+        validation, _ = (
+            encode_captions(args.validation_prompts, tokenizer, text_encoder, args.max_sequence_length, device)
+            if args.validation_prompts
+            else ([], [])
+        )
+        cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, args.validation_prompts, store)
+        merged = merge(existing, load_shards(args.output_dir))
+        cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
+        shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
+        all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
+        all_notes = sorted((n for r in reports for n in r["notes"]), key=lambda n: n["source"])
+        by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
+        cache_lib.write_json_atomic(
+            Path(args.output_dir) / cache_lib.MANIFEST_NAME,
+            {
+                "format_version": cache_lib.CACHE_FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "num_items": len(merged),
+                "buckets": {f"{h}x{w}": n for (h, w), n in sorted(by_bucket.items())},
+                "validation_prompts": args.validation_prompts,
+                "caption_prefix": args.caption_prefix,
+                "skipped": all_skipped,
+                "notes": all_notes,
+            },
+        )
+        new = sum(r["encoded"] for r in reports)
+        elapsed = time.time() - start
+        logger.info(summarise(by_bucket, all_skipped, all_notes))
+        logger.info(
+            f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
+            f"{len(all_skipped)} skipped, {sum(r['truncated'] for r in reports)} captions truncated to "
+            f"{args.max_sequence_length} tokens; {new / elapsed:.1f} images/s over {elapsed:.1f} s on {world} process(es)"
+        )
+    accelerator.end_training()
+
+
+def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
+    data = Path(output_dir) / cache_lib.DATA_DIR
+    return datasets.load_from_disk(str(data)) if data.exists() else None
+
+
+if __name__ == "__main__":
+    main(parse_args())

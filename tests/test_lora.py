@@ -1,0 +1,100 @@
+"""Which Linears of the Z-Image transformer get a LoRA, and what `add_lora` leaves trainable."""
+
+import copy
+
+import pytest
+import torch
+
+from zimage_utils.lora import LORA_TARGET_PRESETS, add_lora, count_trainable_parameters, lora_target_modules
+from zimage_utils.tiny import make_tiny_pipeline
+
+ATTENTION = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
+FFN = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+
+
+@pytest.fixture(scope="module")
+def base_transformer():
+    # Tiny model: 2 main layers, 1 noise refiner and 1 context refiner (the latter without adaLN modulation).
+    return make_tiny_pipeline(seed=0).transformer
+
+
+@pytest.fixture
+def transformer(base_transformer):
+    return copy.deepcopy(base_transformer)
+
+
+def _in_blocks(blocks: list[str], suffixes: list[str]) -> list[str]:
+    return [f"{block}.{suffix}" for block in blocks for suffix in suffixes]
+
+
+def test_presets_resolve_to_full_module_names(transformer):
+    main = ["layers.0", "layers.1"]
+    assert lora_target_modules(transformer, "attention", exclude_refiners=True) == _in_blocks(main, ATTENTION)
+    assert lora_target_modules(transformer, "attention_ffn", exclude_refiners=True) == _in_blocks(
+        main, ATTENTION + FFN
+    )
+    assert lora_target_modules(transformer, "all", exclude_refiners=True) == _in_blocks(
+        main, ATTENTION + FFN + ["adaLN_modulation.0"]
+    )
+
+
+def test_refiners_are_included_unless_excluded(transformer):
+    names = lora_target_modules(transformer, "all", exclude_refiners=False)
+    assert "noise_refiner.0.attention.to_q" in names
+    assert "noise_refiner.0.adaLN_modulation.0" in names
+    assert "context_refiner.0.feed_forward.w2" in names
+    assert "context_refiner.0.adaLN_modulation.0" not in names  # the context refiner has no modulation
+    kept = lora_target_modules(transformer, "all", exclude_refiners=True)
+    assert set(names) - set(kept) == {n for n in names if "refiner" in n}
+    # The embedders and final layer are never part of a preset.
+    assert not any(n.startswith(("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer")) for n in names)
+
+
+def test_module_names_can_be_given_directly(transformer):
+    assert lora_target_modules(transformer, "to_q,to_v", exclude_refiners=True) == [
+        "layers.0.attention.to_q",
+        "layers.0.attention.to_v",
+        "layers.1.attention.to_q",
+        "layers.1.attention.to_v",
+    ]
+    assert lora_target_modules(transformer, ["layers.1.feed_forward.w2"]) == ["layers.1.feed_forward.w2"]
+
+
+def test_unknown_target_error_lists_the_choices(transformer):
+    with pytest.raises(ValueError) as err:
+        lora_target_modules(transformer, "atention")
+    message = str(err.value)
+    assert "atention" in message
+    assert all(preset in message for preset in LORA_TARGET_PRESETS)
+    assert "feed_forward.w1" in message
+    with pytest.raises(ValueError, match="to_z"):
+        lora_target_modules(transformer, ["to_q", "to_z"])
+
+
+@pytest.mark.parametrize("targets", list(LORA_TARGET_PRESETS))
+def test_add_lora_trains_only_fp32_lora_weights(transformer, targets):
+    transformer.to(torch.bfloat16)  # as in training: the frozen base in bf16
+    config = add_lora(transformer, rank=4, alpha=8, targets=targets, exclude_refiners=False)
+    assert config.r == 4 and config.lora_alpha == 8
+
+    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    frozen_dtypes = {p.dtype for n, p in transformer.named_parameters() if not p.requires_grad}
+    assert frozen_dtypes == {torch.bfloat16}
+
+    # Each adapted Linear [out, in] gets lora_A [r, in] + lora_B [out, r].
+    modules = dict(transformer.named_modules())
+    targeted = lora_target_modules(make_tiny_pipeline(seed=0).transformer, targets)
+    expected = sum(4 * (modules[n].in_features + modules[n].out_features) for n in targeted)
+    count = count_trainable_parameters(transformer)
+    print(f"{targets}: {len(targeted)} modules, {count} trainable LoRA parameters")
+    assert count == expected
+    # lora_B starts at zero: before training the adapted model is the base model.
+    assert all(p.abs().sum() == 0 for n, p in trainable.items() if ".lora_B." in n)
+
+
+def test_exclude_refiners_leaves_refiners_untouched(transformer):
+    add_lora(transformer, rank=2, alpha=2, targets="attention", exclude_refiners=True)
+    lora_params = [n for n, _ in transformer.named_parameters() if ".lora_" in n]
+    assert lora_params and not any("refiner" in n for n in lora_params)

@@ -1,0 +1,235 @@
+"""LoRA files: what we save is what diffusers (and ComfyUI's layout, through diffusers' converter) loads back.
+
+Every check is train-free: the adapter gets random non-zero weights, is saved, and a FRESH tiny pipeline (same
+seed, so the same base weights) loads the file; its transformer must then compute what the trained PEFT model
+computed. Tolerance: fp32 throughout, so outputs agree to rounding (atol 1e-5 on outputs of magnitude ~1; the
+LoRA itself moves them by > 1e-2, so a missing or mis-scaled adapter cannot pass).
+"""
+
+import contextlib
+import copy
+import json
+import logging
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import ZImagePipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+from zimage_utils import lora_io
+from zimage_utils.lora import add_lora
+from zimage_utils.lora_io import (
+    COMFYUI_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    get_lora_state_dict,
+    load_lora_file,
+    save_lora,
+    to_comfyui,
+)
+from zimage_utils.tiny import make_tiny_pipeline
+
+METADATA = {
+    "base_model": "tiny-z-image",
+    "rank": "4",
+    "alpha": "8",
+    "targets": "all",
+    "steps": "0",
+    "resolution": "64",
+    "trigger_word": "sks",
+}
+# (rank, alpha, targets, exclude_refiners): alpha = rank; alpha = 2·rank (the "only works at strength 2" case);
+# alpha < rank/2 (diffusers' ComfyUI converter then splits the scale between lora_A and lora_B).
+CASES = [(4, 4, "attention", False), (4, 8, "all", False), (8, 2, "attention_ffn", True)]
+
+
+@contextlib.contextmanager
+def fail_on_loader_warnings():
+    """Turn any warning diffusers or PEFT emits while loading (unexpected / missing keys, ...) into a failure."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    # diffusers' root logger does not propagate, so pytest's caplog would not see it.
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records] + [
+        str(w.message) for w in caught if "lora" in str(w.message).lower() or "key" in str(w.message).lower()
+    ]
+    assert not messages, f"loading the LoRA logged: {messages}"
+
+
+def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
+    """The transformer on fixed inputs: 2 latents [16, 1, 4, 4], captions of different lengths (masking on)."""
+    g = torch.Generator().manual_seed(123)
+    x = [torch.randn(16, 1, 4, 4, generator=g) for _ in range(2)]
+    cap_feats = [torch.randn(5, 16, generator=g), torch.randn(9, 16, generator=g)]
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        out = transformer(x, t, cap_feats, return_dict=False)[0]
+    return torch.stack(out)
+
+
+def lora_delta(state_dict: dict[str, torch.Tensor], module: str, prefix: str = "transformer.") -> torch.Tensor:
+    """The weight update B @ A [out, in] a loader with alpha = rank applies to `module`."""
+    return state_dict[f"{prefix}{module}.lora_B.weight"] @ state_dict[f"{prefix}{module}.lora_A.weight"]
+
+
+@pytest.fixture(scope="module")
+def base_output():
+    return transformer_output(make_tiny_pipeline(seed=0).transformer)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"r{c[0]}-a{c[1]}-{c[2]}")
+def saved(request, tmp_path_factory):
+    """A tiny transformer with a non-zero LoRA, its output, and the files save_lora wrote."""
+    rank, alpha, targets, exclude_refiners = request.param
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=rank, alpha=alpha, targets=targets, exclude_refiners=exclude_refiners)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:  # zero at init; random values stand in for training
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    output_dir = tmp_path_factory.mktemp("lora")
+    paths = save_lora(output_dir, transformer, config, METADATA)
+    return {
+        "dir": output_dir,
+        "paths": paths,
+        "rank": rank,
+        "alpha": alpha,
+        "raw": {k: v.clone() for k, v in get_lora_state_dict(transformer).items()},
+        "output": transformer_output(transformer),
+        "peft_model": transformer,
+    }
+
+
+def test_files_written_atomically_with_readable_metadata(saved):
+    assert sorted(p.name for p in saved["dir"].iterdir()) == sorted([LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])
+    for fmt, path in saved["paths"].items():
+        tensors, metadata = load_lora_file(path)
+        assert metadata["lora_format"] == fmt
+        assert {k: metadata[k] for k in METADATA} == METADATA
+        assert all(v.is_contiguous() for v in tensors.values())
+        assert all(v.dtype == torch.float32 for v in tensors.values())
+    _, metadata = load_lora_file(saved["paths"]["diffusers"])
+    adapter = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
+    assert adapter["transformer.r"] == saved["rank"]
+    assert adapter["transformer.lora_alpha"] == saved["rank"]  # alpha is folded into the weights
+
+
+def test_key_names(saved):
+    diffusers_sd, _ = load_lora_file(saved["paths"]["diffusers"])
+    comfy_sd, _ = load_lora_file(saved["paths"]["comfyui"])
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in diffusers_sd}
+    assert set(diffusers_sd) == {f"transformer.{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+    assert set(comfy_sd) == {f"diffusion_model.{m}.lora_{ab}.weight" for m in modules for ab in "AB"} | {
+        f"diffusion_model.{m}.alpha" for m in modules
+    }
+    assert all(comfy_sd[f"diffusion_model.{m}.alpha"].item() == saved["alpha"] for m in modules)
+    assert "layers.0.attention.to_out.0" in modules
+
+
+def test_diffusers_file_loads_cleanly_and_reproduces_the_trained_output(saved, base_output):
+    pipe = make_tiny_pipeline(seed=0)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(saved["dir"])  # finds pytorch_lora_weights.safetensors
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    # Every saved module got a LoRA layer, and nothing else did.
+    saved_modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in saved["raw"]}
+    loaded_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith("lora_A")}
+    assert loaded_modules == saved_modules
+
+    output = transformer_output(pipe.transformer)
+    assert (saved["output"] - base_output).abs().max() > 1e-2  # the adapter really changes the output
+    torch.testing.assert_close(output, saved["output"], rtol=0, atol=1e-5)
+
+
+def test_comfyui_file_converts_to_the_same_update_and_output(saved):
+    converted = ZImagePipeline.lora_state_dict(str(saved["paths"]["comfyui"]))
+    diffusers_sd, _ = load_lora_file(saved["paths"]["diffusers"])
+    assert set(converted) == set(diffusers_sd)
+    for key in diffusers_sd:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            expected = saved["alpha"] / saved["rank"] * lora_delta(saved["raw"], module)
+            torch.testing.assert_close(lora_delta(converted, module), expected)
+            torch.testing.assert_close(lora_delta(diffusers_sd, module), expected)
+
+    pipe = make_tiny_pipeline(seed=0)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(saved["dir"], weight_name=COMFYUI_WEIGHT_NAME)
+    torch.testing.assert_close(transformer_output(pipe.transformer), saved["output"], rtol=0, atol=1e-5)
+
+
+def test_why_alpha_is_folded(saved, tmp_path):
+    """Unfolded weights without an alpha are read as alpha = rank: off by alpha / rank ("needs strength 2")."""
+    safetensors.torch.save_file(saved["raw"], tmp_path / "unfolded.safetensors")
+    pipe = make_tiny_pipeline(seed=0)
+    pipe.load_lora_weights(tmp_path, weight_name="unfolded.safetensors")
+    mismatch = (transformer_output(pipe.transformer) - saved["output"]).abs().max()
+    assert (mismatch > 1e-2) == (saved["alpha"] != saved["rank"])
+    pipe.set_adapters(["default_0"], [saved["alpha"] / saved["rank"]])  # the "strength" users end up dialling in
+    torch.testing.assert_close(transformer_output(pipe.transformer), saved["output"], rtol=0, atol=1e-5)
+
+
+def test_to_comfyui_renames_and_adds_alpha():
+    sd = {"transformer.layers.0.attention.to_q.lora_A.weight": torch.ones(2, 3)}
+    sd["transformer.layers.0.attention.to_q.lora_B.weight"] = torch.ones(3, 2)
+    out = to_comfyui(sd, alpha=16)
+    assert set(out) == {
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+        "diffusion_model.layers.0.attention.to_q.lora_B.weight",
+        "diffusion_model.layers.0.attention.to_q.alpha",
+    }
+    assert out["diffusion_model.layers.0.attention.to_q.alpha"].ndim == 0
+
+
+def test_bf16_files_load_too(saved, tmp_path):
+    config = saved["peft_model"].peft_config["default"]
+    paths = save_lora(tmp_path, saved["peft_model"], config, METADATA, formats=["diffusers"], dtype=torch.bfloat16)
+    tensors, _ = load_lora_file(paths["diffusers"])
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    pipe = make_tiny_pipeline(seed=0)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(tmp_path)
+    torch.testing.assert_close(transformer_output(pipe.transformer), saved["output"], rtol=0.02, atol=0.02)
+
+
+def test_a_failed_save_leaves_the_previous_file_intact(saved, tmp_path, monkeypatch):
+    config = saved["peft_model"].peft_config["default"]
+    first = save_lora(tmp_path, saved["peft_model"], config, {"steps": "100"}, formats=["diffusers"])["diffusers"]
+    real_save_file = safetensors.torch.save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        real_save_file(dict(list(tensors.items())[:1]), filename, metadata=metadata)  # a partial write...
+        raise OSError("No space left on device")  # ...then the failure
+
+    monkeypatch.setattr(lora_io.safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_lora(tmp_path, saved["peft_model"], config, {"steps": "200"}, formats=["diffusers"])
+    assert [p.name for p in tmp_path.iterdir()] == [LORA_WEIGHT_NAME]  # no temp file left behind
+    tensors, metadata = load_lora_file(first)
+    assert metadata["steps"] == "100" and len(tensors) == len(saved["raw"])
+
+
+def test_user_errors_name_the_problem(saved, tmp_path):
+    config = saved["peft_model"].peft_config["default"]
+    with pytest.raises(TypeError, match="steps"):
+        save_lora(tmp_path, saved["peft_model"], config, {"steps": 100})
+    with pytest.raises(ValueError, match="kohya"):
+        save_lora(tmp_path, saved["peft_model"], config, {}, formats=["kohya"])
+    with pytest.raises(ValueError, match="add_lora"):
+        get_lora_state_dict(copy.deepcopy(make_tiny_pipeline(seed=0).transformer))
+    with pytest.raises(ValueError, match="safetensors"):
+        load_lora_file(tmp_path / "lora.bin")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_lora_file(tmp_path / "missing.safetensors")

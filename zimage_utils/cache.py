@@ -1,0 +1,166 @@
+"""The Arrow cache that `precompute_embeddings.py` writes and `train_zimage_lora.py` reads.
+
+The schema lives here and only here; docs/CACHE_FORMAT.md describes it for people. Layout of a cache folder:
+
+    manifest.json                    format version, fingerprint, counts, buckets, skipped files
+    data/                            `datasets.Dataset.save_to_disk`, one record per image (FEATURES below)
+    prompt_embeddings.safetensors    the empty caption (caption dropout) and the validation prompts
+    shards/                          per-process parts while a run is in progress; merged into data/ at the end
+
+Tensors are stored as raw little-endian bytes in the dtype the manifest names (bf16 by default): compact,
+and decoded with one `torch.frombuffer` instead of parsing lists of floats.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+SHARDS_DIR = "shards"
+PROMPT_EMBEDDINGS_NAME = "prompt_embeddings.safetensors"
+EMPTY_CAPTION_KEY = "empty_caption"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+FEATURES = datasets.Features(
+    {
+        "source": datasets.Value("string"),  # path relative to the data root, or "dataset[row]"
+        "content_hash": datasets.Value("string"),  # sha256 of the image file's bytes
+        "caption": datasets.Value("string"),  # after prefix / default caption
+        "bucket_height": datasets.Value("int32"),  # pixels
+        "bucket_width": datasets.Value("int32"),
+        "original_height": datasets.Value("int32"),  # pixels, after EXIF orientation
+        "original_width": datasets.Value("int32"),
+        "crop_box": datasets.Sequence(datasets.Value("float32"), length=4),  # left, top, right, bottom (original px)
+        "latents": datasets.Value("binary"),  # [C, bucket_height/8, bucket_width/8]
+        "latents_flipped": datasets.Value("binary"),  # same of the mirrored image; b"" when not cached
+        "caption_embeds": datasets.Value("binary"),  # [caption_length, embed_dim]
+        "caption_length": datasets.Value("int32"),  # tokens kept (mask == 1), <= max_sequence_length
+        "caption_truncated": datasets.Value("bool"),
+    }
+)
+
+
+class CacheError(ValueError):
+    """A cache that is missing, stale or made for another model; the message names the folder and the fix."""
+
+
+def tensor_to_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """Raw bytes of `tensor` cast to `dtype` (shape is not stored: the record's other fields give it)."""
+    return tensor.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def bytes_to_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes`: a new tensor (the Arrow buffer is read-only, so it is copied)."""
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """[C, H/f, W/f] of a record's latents, f being the VAE's downsampling factor recorded in the manifest."""
+    f = manifest["fingerprint"]["vae_downsample"]
+    return (manifest["fingerprint"]["latent_channels"], record["bucket_height"] // f, record["bucket_width"] // f)
+
+
+def decode_record(record: dict[str, Any], manifest: dict[str, Any], flipped: bool = False) -> dict[str, Any]:
+    """Tensors of one cache record: `latents` [C, h, w] and `caption_embeds` [L, D], in the stored dtypes."""
+    fp = manifest["fingerprint"]
+    key = "latents_flipped" if flipped and record["latents_flipped"] else "latents"
+    latents = bytes_to_tensor(record[key], DTYPES[fp["latent_dtype"]], latent_shape(record, manifest))
+    embeds = bytes_to_tensor(
+        record["caption_embeds"], DTYPES[fp["embedding_dtype"]], (record["caption_length"], fp["embed_dim"])
+    )
+    return {"latents": latents, "caption_embeds": embeds}
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary name beside `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_dataset_atomic(dataset: datasets.Dataset, target: str | Path) -> None:
+    """`save_to_disk` into a temporary folder, then swap it in place of `target`."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(cache_dir) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fingerprint_mismatches(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints ("resolution: cache 512, now 1024")."""
+    keys = sorted(set(expected) | set(found))
+    return [f"{k}: cache {found.get(k)!r}, now {expected.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
+
+
+def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | None = None):
+    """Open a finished cache: (`datasets.Dataset`, manifest). Checks the format version and, when given, that
+    the fingerprint matches the model about to be trained (only the keys given are compared)."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if manifest is None or not (cache_dir / DATA_DIR).exists():
+        raise CacheError(
+            f"{cache_dir} is not a finished embedding cache (no {MANIFEST_NAME} or {DATA_DIR}/): "
+            "run precompute_embeddings.py with --output_dir pointing there first."
+        )
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheError(
+            f"{cache_dir} has cache format {manifest.get('format_version')}, this code reads {CACHE_FORMAT_VERSION}: "
+            "re-run precompute_embeddings.py with --overwrite."
+        )
+    if expected_fingerprint is not None:
+        found = {k: manifest["fingerprint"].get(k) for k in expected_fingerprint}
+        diffs = fingerprint_mismatches(expected_fingerprint, found)
+        if diffs:
+            raise CacheError(
+                f"The cache in {cache_dir} was made for another model or settings ({'; '.join(diffs)}). "
+                "Re-run precompute_embeddings.py with the model you train, or point --precomputed_dir at its cache."
+            )
+    return datasets.load_from_disk(str(cache_dir / DATA_DIR)), manifest
+
+
+def save_prompt_embeddings(
+    cache_dir: str | Path, empty: torch.Tensor, validation: list[torch.Tensor], prompts: list[str], dtype: torch.dtype
+) -> None:
+    """Store the empty-caption embedding [L0, D] and each validation prompt's [L_i, D], so that training
+    never needs the text encoder."""
+    tensors = {EMPTY_CAPTION_KEY: empty.to("cpu", dtype).contiguous()}
+    tensors.update({f"validation_{i}": e.to("cpu", dtype).contiguous() for i, e in enumerate(validation)})
+    path = Path(cache_dir) / PROMPT_EMBEDDINGS_NAME
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"validation_prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def load_prompt_embeddings(cache_dir: str | Path) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """(empty-caption embedding, [(validation prompt, embedding), ...])."""
+    from safetensors import safe_open
+
+    path = Path(cache_dir) / PROMPT_EMBEDDINGS_NAME
+    if not path.exists():
+        raise CacheError(
+            f"{path} is missing: re-run precompute_embeddings.py (it writes the empty-caption embedding)."
+        )
+    with safe_open(str(path), "pt") as f:
+        prompts = json.loads(f.metadata().get("validation_prompts", "[]"))
+    tensors = load_file(str(path))
+    return tensors[EMPTY_CAPTION_KEY], [(p, tensors[f"validation_{i}"]) for i, p in enumerate(prompts)]

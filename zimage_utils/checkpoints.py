@@ -1,0 +1,61 @@
+"""`checkpoint-{step}` folders: finding the latest, pruning to a limit, and the loop position stored beside
+accelerate's state (optimiser, scheduler, RNG), so resume continues on the exact next batch."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_NAME = "training_state.json"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (half-written ones carry a temporary name and are skipped)."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found) if (p / TRAINING_STATE_NAME).exists()]
+
+
+def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """`latest` → the newest finished checkpoint in output_dir (None if there is none); a path → that path."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / TRAINING_STATE_NAME).exists():
+        raise FileNotFoundError(
+            f"{path} is not a finished checkpoint (no {TRAINING_STATE_NAME}): pass a checkpoint-N folder "
+            "from a previous run, or --resume_from_checkpoint latest."
+        )
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None, keep_room_for_one: bool = True) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `total_limit` remain after the next save; returns removed."""
+    if not total_limit or total_limit <= 0:
+        return []
+    found = list_checkpoints(output_dir)
+    excess = len(found) - total_limit + (1 if keep_room_for_one else 0)
+    removed = found[: max(excess, 0)]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def write_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> None:
+    """Written last: its presence marks the checkpoint as finished."""
+    path = Path(checkpoint_dir) / TRAINING_STATE_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def read_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint_dir) / TRAINING_STATE_NAME).read_text())

@@ -1,0 +1,408 @@
+"""Finding training items (image + caption) and loading their images robustly.
+
+Two sources are supported:
+- a folder of images, captioned by `.txt` sidecars or by a `metadata.jsonl` / `metadata.csv` file (the
+  `datasets` imagefolder convention), see `discover_folder`;
+- a Hugging Face `datasets` dataset (saved with `save_to_disk`, or loadable by `load_dataset`), see
+  `items_from_dataset`.
+
+Both yield `ImageItem`s. Images are only opened by `read_image_size` (header only), `load_image` (full decode)
+and `content_hash`; a bad image raises `BadImageError`, whose reason says what is wrong and how to fix it, so the
+caller can turn it into a `Skipped` entry and carry on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# `items_from_dataset` returns a dataset holding only this column, so the loaders know where to look.
+DATASET_IMAGE_COLUMN = "image"
+# Key in `Image.info` where `load_image` records what it changed; read it with `conversion_note`.
+CONVERSION_INFO_KEY = "zimage_conversion"
+
+# PIL decoders raise many exception types on damaged files (struct.error from TIFF/EXIF parsing,
+# SyntaxError from some plugins, OSError for truncation); all of them mean "this file is bad".
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+_CORRUPT = "cannot decode image (truncated or corrupt file): re-export it or delete it"
+_EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90° or 270°
+
+
+@dataclass
+class ImageItem:
+    """One training image and its raw caption.
+
+    `source` is what messages show: the path relative to the data root in POSIX form (``"cats/01.jpg"``) or
+    ``"{dataset}[{row}]"`` for a dataset row. Exactly one of `path` (absolute file path) and `row` (dataset row
+    index) is set. `caption` is the raw caption: None when there is none, "" when it is empty.
+    """
+
+    source: str
+    caption: str | None = None
+    path: str | None = None
+    row: int | None = None
+
+
+@dataclass
+class Skipped:
+    """An item left out of training, with a short reason that names the problem and the fix."""
+
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+class BadImageError(Exception):
+    """An image that cannot be used. `reason` names the problem and the fix; `str()` adds the file."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+    def to_skipped(self) -> Skipped:
+        return Skipped(self.source, self.reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding items
+
+
+def discover_folder(
+    root: str | os.PathLike, caption_extension: str = ".txt", caption_column: str = "text"
+) -> list[ImageItem]:
+    """All images under `root` (recursive), sorted by relative path so the order is the same on every machine.
+
+    Captions come from `root/metadata.jsonl` or `root/metadata.csv` when one exists (a `file_name` column
+    relative to `root`, the caption in `caption_column`); otherwise from a sidecar with the image's stem and
+    `caption_extension` next to it (``cats/01.jpg`` → ``cats/01.txt``). No caption → `caption=None`.
+    Files and folders whose name starts with "." are ignored (macOS ``._*`` files, ``.ipynb_checkpoints``).
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder: check the data path")
+
+    paths = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    paths = [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if not paths:
+        raise ValueError(
+            f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}): "
+            "point the data path at the folder that holds your images"
+        )
+
+    metadata = _read_metadata(root, caption_column)
+    items = []
+    for path in paths:
+        source = path.relative_to(root).as_posix()
+        if metadata is not None:
+            caption = metadata.pop(source, None)
+        else:
+            caption = _read_sidecar(path.with_suffix(caption_extension))
+        items.append(ImageItem(source=source, caption=caption, path=str(path)))
+    if metadata:
+        # Not fatal: the rows are useless without their files, and the rest of the data set is fine.
+        missing = sorted(metadata)
+        logger.warning(
+            "%d rows of the metadata file in %s name images that are not there (e.g. %s): fix their file_name",
+            len(missing),
+            root,
+            ", ".join(missing[:3]),
+        )
+    return items
+
+
+def _read_sidecar(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption file {path} is not UTF-8 text: save it as UTF-8") from e
+
+
+def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | None:
+    """{relative POSIX path: caption} from root's metadata file, or None when there is none."""
+    present = [root / name for name in METADATA_FILES if (root / name).is_file()]
+    if not present:
+        return None
+    if len(present) > 1:
+        raise ValueError(f"{root} has both metadata.jsonl and metadata.csv: keep only one")
+    meta_path = present[0]
+
+    if meta_path.suffix == ".jsonl":
+        rows = []
+        with meta_path.open(encoding="utf-8-sig") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{meta_path} line {line_no} is not valid JSON ({e.msg}): fix or remove it"
+                    ) from e
+        columns = sorted({key for row in rows for key in row})
+    else:
+        with meta_path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+
+    if "file_name" not in columns:
+        raise ValueError(f"{meta_path} has no file_name column (columns: {columns}): add one with each image's path")
+    if caption_column not in columns:
+        raise ValueError(
+            f"{meta_path} has no caption column {caption_column!r} (columns: {columns}): "
+            "pass --caption_column with the right name"
+        )
+    captions = {}
+    for row in rows:
+        # Normalise "./a.png" and Windows "sub\\a.png" to the POSIX relative paths used as item sources.
+        name = PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix()
+        caption = row.get(caption_column)
+        captions[name] = None if caption is None else str(caption)
+    return captions
+
+
+def items_from_dataset(
+    name_or_path: str,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+) -> tuple[Any, list[ImageItem]]:
+    """Items for a Hugging Face `datasets` dataset: a folder written by `save_to_disk`, or anything
+    `datasets.load_dataset` accepts (a hub name honours HF_HUB_OFFLINE / the local cache).
+
+    Returns `(dataset, items)`. The returned dataset holds only the image column, renamed to
+    `DATASET_IMAGE_COLUMN` and left undecoded, so reading a row is cheap and a corrupt image fails inside
+    `load_image` (as a `BadImageError`) rather than inside `datasets`. Pass it to `read_image_size`,
+    `load_image` and `content_hash` along with an item. Item sources are ``"{name_or_path}[{row}]"``.
+    """
+    import datasets  # imported here: it is slow to import and folder-only runs never need it
+
+    if Path(name_or_path).is_dir() and any(
+        (Path(name_or_path) / marker).is_file() for marker in ("dataset_dict.json", "state.json")
+    ):
+        dataset = datasets.load_from_disk(name_or_path)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(
+                    f"dataset {name_or_path} has no split {split!r} (splits: {list(dataset)}): choose one of these"
+                )
+            dataset = dataset[split]
+    else:
+        try:
+            dataset = datasets.load_dataset(name_or_path, split=split)
+        except (FileNotFoundError, ConnectionError) as e:
+            # datasets raises ConnectionError for hub names it cannot fetch under HF_HUB_OFFLINE=1.
+            raise FileNotFoundError(
+                f"cannot find dataset {name_or_path!r} ({e}): give a folder saved with save_to_disk, a local "
+                "dataset folder, or a hub name that is already in the local cache when offline"
+            ) from e
+
+    columns = list(dataset.column_names)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise ValueError(
+                f"dataset {name_or_path} has no column {column!r} (columns: {columns}): pass {flag} with one of these"
+            )
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise ValueError(
+            f"column {image_column!r} of dataset {name_or_path} holds {dataset.features[image_column]}, not images: "
+            "pass --image_column naming an Image column, or cast it with datasets.Image()"
+        )
+
+    # Reading just the caption column never touches the (possibly large) image bytes.
+    captions = dataset.select_columns([caption_column])[caption_column]
+    items = [
+        ImageItem(source=f"{name_or_path}[{row}]", caption=None if c is None else str(c), row=row)
+        for row, c in enumerate(captions)
+    ]
+
+    images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    if image_column != DATASET_IMAGE_COLUMN:
+        images = images.rename_column(image_column, DATASET_IMAGE_COLUMN)
+    return images, items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captions
+
+
+def resolve_caption(raw: str | None, prefix: str | None, default_caption: str | None) -> tuple[str | None, str | None]:
+    """The caption to train on, and a note for the report (None when there is nothing to say).
+
+    Whitespace is stripped. An empty or missing caption becomes `default_caption` when one is given;
+    otherwise the caption is None and the caller should skip the item. A `prefix` (trigger word) is
+    prepended as ``"prefix, caption"`` unless the caption already starts with it as a whole word.
+    """
+    caption = raw.strip() if raw is not None else None
+    default_caption = (default_caption or "").strip() or None
+    note = None
+    if not caption:
+        what = "empty caption" if raw is not None else "missing caption"
+        if default_caption is None:
+            fix = "write one" if raw is not None else "add a .txt sidecar (or metadata row)"
+            return None, f"{what}: {fix} or pass --default_caption"
+        caption, note = default_caption, f"{what}, used --default_caption"
+
+    prefix = (prefix or "").strip()
+    if prefix and not _starts_with_word(caption, prefix):
+        caption = f"{prefix}, {caption}"
+    return caption, note
+
+
+def _starts_with_word(text: str, word: str) -> bool:
+    # "sks dog" starts with the trigger "sks"; "sksdog" does not.
+    return text.startswith(word) and (len(text) == len(word) or not text[len(word)].isalnum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading images
+
+
+def _open(item: ImageItem, dataset: Any = None) -> Image.Image:
+    """Lazily open an item's image (only the header is read). Raises BadImageError."""
+    if item.path is not None:
+        file: str | io.BytesIO = item.path
+    else:
+        if dataset is None:
+            raise ValueError(f"{item.source} is a dataset row: pass the dataset returned by items_from_dataset")
+        value = dataset[item.row][DATASET_IMAGE_COLUMN]
+        if isinstance(value, Image.Image):  # a decoding dataset was passed: nothing left to open
+            return value
+        if value is None:
+            raise BadImageError(item.source, "the image cell is empty: fill it or drop the row")
+        file = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    try:
+        return Image.open(file)
+    except FileNotFoundError as e:
+        raise BadImageError(item.source, "file not found: it was moved or deleted after the data was listed") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(item.source, f"image is too large to decode safely ({e}): downscale it") from e
+    except Image.UnidentifiedImageError as e:
+        raise BadImageError(
+            item.source, "not an image PIL can read (corrupt or wrong extension): re-export or delete it"
+        ) from e
+    except _DECODE_ERRORS as e:
+        raise BadImageError(item.source, _CORRUPT) from e
+
+
+def read_image_size(item: ImageItem, dataset: Any = None) -> tuple[int, int]:
+    """(height, width) in pixels as the image will be loaded, i.e. after EXIF orientation, reading only the
+    file header. A truncated file can pass here and still fail in `load_image`."""
+    image = _open(item, dataset)
+    try:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112)
+    except _DECODE_ERRORS as e:
+        raise BadImageError(item.source, _CORRUPT) from e
+    finally:
+        image.close()
+    return (width, height) if orientation in _EXIF_SWAPS_SIDES else (height, width)
+
+
+def load_image(item: ImageItem, dataset: Any = None) -> Image.Image:
+    """Fully decode an item's image as upright 8-bit RGB.
+
+    EXIF orientation is applied. Transparent images (RGBA, LA, palette with transparency) are composited onto
+    white; CMYK, grayscale, palette and 16-bit/float images are converted to RGB (embedded ICC profiles are
+    ignored). What changed is recorded on the returned image; read it with `conversion_note(image)`.
+    Raises `BadImageError` for files that cannot be decoded, including truncated ones.
+    """
+    image = _open(item, dataset)
+    try:
+        # load() forces the full decode here, so truncated files fail now rather than later in a worker.
+        image.load()
+        orientation = image.getexif().get(0x0112)
+        upright = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS as e:
+        raise BadImageError(item.source, _CORRUPT) from e
+    finally:
+        image.close()
+    try:
+        rgb, conversion = _to_rgb(upright)
+    except ValueError as e:  # a mode PIL cannot convert without a color management step, e.g. LAB
+        raise BadImageError(item.source, f"unsupported color mode {upright.mode}: re-export it as RGB") from e
+
+    notes = [f"rotated upright (EXIF orientation {orientation})"] if orientation not in (None, 1) else []
+    notes += [conversion] if conversion else []
+    rgb.info[CONVERSION_INFO_KEY] = "; ".join(notes) or None
+    return rgb
+
+
+def conversion_note(image: Image.Image) -> str | None:
+    """What `load_image` changed, e.g. "RGBA → RGB (transparent pixels composited onto white)", or None."""
+    return image.info.get(CONVERSION_INFO_KEY)
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """(RGB image, note on what was converted or None)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        has_holes = rgba.getchannel("A").getextrema()[0] < 255
+        return rgb, f"{mode} → RGB" + (" (transparent pixels composited onto white)" if has_holes else "")
+    if mode.startswith("I") or mode == "F":
+        # convert("RGB") would clip 16-bit values at 255 (an all-white image), so rescale to 8 bits first.
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.max() > 255):
+            values = values / 257.0  # 65535 → 255
+        elif mode == "F" and values.max() <= 1.0:
+            values = values * 255.0  # floats in [0, 1]
+        gray = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        return gray.convert("RGB"), f"{mode} → 8-bit RGB"
+    return image.convert("RGB"), f"{mode} → RGB"
+
+
+def content_hash(item: ImageItem, dataset: Any = None) -> str:
+    """sha256 hex digest of the image's encoded bytes (file or dataset cell), e.g. to detect duplicates or
+    changed files in a cache. Falls back to hashing mode, size and pixels when only a decoded image exists."""
+    digest = hashlib.sha256()
+    if item.path is not None:
+        try:
+            with open(item.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except FileNotFoundError as e:
+            raise BadImageError(
+                item.source, "file not found: it was moved or deleted after the data was listed"
+            ) from e
+        return digest.hexdigest()
+
+    if dataset is None:
+        raise ValueError(f"{item.source} is a dataset row: pass the dataset returned by items_from_dataset")
+    value = dataset[item.row][DATASET_IMAGE_COLUMN]
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        digest.update(value["bytes"])
+    elif isinstance(value, dict) and value.get("path"):
+        return content_hash(ImageItem(source=item.source, path=value["path"]))
+    else:
+        image = load_image(item, dataset)
+        digest.update(f"{image.mode} {image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,117 @@
+"""LoRA on the Z-Image transformer with PEFT: which Linears to adapt, and adding the adapter for training.
+
+Module names in `ZImageTransformer2DModel` (diffusers 0.42), per transformer block:
+
+    attention.to_q / to_k / to_v / to_out.0      (dim → dim)
+    feed_forward.w1 / w3 (dim → ffn), w2 (ffn → dim)     SwiGLU, ffn = 10240 in the real model
+    adaLN_modulation.0                           (256 → 4·dim; absent in the context refiner)
+
+The blocks live in `layers.*` (30 main blocks), `noise_refiner.*` (image tokens only, before the joint blocks)
+and `context_refiner.*` (caption tokens only). A suffix like `to_q` matches all three; targets are therefore
+resolved here to full module names, so the refiners can be dropped precisely. Older ComfyUI builds only map the
+`layers.*` keys of a Z-Image LoRA and report refiner keys as "lora key not loaded": `exclude_refiners=True`
+avoids that, at the cost of not adapting the refiners.
+"""
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FFN_TARGETS = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ATTENTION_TARGETS,
+    "attention_ffn": ATTENTION_TARGETS + FFN_TARGETS,
+    # Every Linear inside the blocks. The embedders and the final layer stay frozen: they are shared by all
+    # tokens of every image, and adapting them shifts the whole model rather than adding a concept.
+    "all": ATTENTION_TARGETS + FFN_TARGETS + ["adaLN_modulation.0"],
+}
+# `siglip_refiner` exists only in the Omni variant; dropping it with the others keeps the flag's meaning.
+REFINER_PREFIXES = ("noise_refiner.", "context_refiner.", "siglip_refiner.")
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # PEFT's own rule for a list of target names: exact, or a suffix starting at a module boundary.
+    return module_name == target or module_name.endswith("." + target)
+
+
+def lora_target_modules(
+    transformer: torch.nn.Module, targets: str | list[str] = "attention", exclude_refiners: bool = False
+) -> list[str]:
+    """Full names of the Linear modules that get a LoRA, e.g. "layers.0.attention.to_q".
+
+    Args:
+        transformer: the (un-adapted) `ZImageTransformer2DModel`.
+        targets: a preset name from `LORA_TARGET_PRESETS`, a comma-separated string of module names, or a list of
+            module names; a name matches a Linear whose full name equals it or ends with "." + name.
+        exclude_refiners: drop modules under `noise_refiner.` / `context_refiner.` (and `siglip_refiner.`).
+
+    Returns:
+        In model order (`named_modules`); raises ValueError for an unknown preset or a name that matches no Linear.
+    """
+    if isinstance(targets, str):
+        # Anything that is not a preset is read as module names, so a misspelt preset fails below with the list.
+        names = LORA_TARGET_PRESETS.get(targets) or [n.strip() for n in targets.split(",") if n.strip()]
+    else:
+        names = list(targets)
+
+    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [t for t in names if not any(_matches(n, t) for n in linears)]
+    if unmatched:
+        block_suffixes = sorted({n.split(".", 2)[2] for n in linears if n.startswith("layers.")})
+        raise ValueError(
+            f"LoRA target(s) {unmatched} are neither a preset nor the name of a Linear in "
+            f"{type(transformer).__name__}; presets: {sorted(LORA_TARGET_PRESETS)}; "
+            f"Linear names in a block: {block_suffixes}"
+        )
+    selected = [n for n in linears if any(_matches(n, t) for t in names)]
+    if exclude_refiners:
+        selected = [n for n in selected if not n.startswith(REFINER_PREFIXES)]
+    return selected
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: str | list[str] = "attention",
+    exclude_refiners: bool = False,
+    init_lora_weights: bool | str = "gaussian",
+) -> LoraConfig:
+    """Freeze the transformer and add a trainable LoRA adapter ("default") to it, in place.
+
+    The base weights keep their dtype (bf16 for training); the LoRA weights are cast to float32 so that AdamW's
+    small updates are not rounded away.
+
+    Args:
+        transformer: `ZImageTransformer2DModel` (diffusers' `PeftAdapterMixin`).
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the update is scaled by alpha / r. None = rank (scale 1).
+        dropout: dropout on the LoRA input, 0 = off.
+        targets, exclude_refiners: see `lora_target_modules`.
+        init_lora_weights: PEFT's init; "gaussian" (as diffusers' training examples) or True (kaiming). Either
+            way lora_B starts at zero, so the adapted model starts equal to the base.
+
+    Returns:
+        The `LoraConfig` used (the one `transformer.peft_config["default"]` holds). PEFT rewrites its
+        `target_modules` into the shortest suffixes selecting the same modules (e.g. {"to_q", "0.adaLN_modulation.0"})
+        when given many names; `lora_target_modules` gives the full list.
+    """
+    target_modules = lora_target_modules(transformer, targets, exclude_refiners)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        init_lora_weights=init_lora_weights,
+        target_modules=target_modules,
+    )
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config)
+    cast_training_params(transformer, dtype=torch.float32)
+    return config
+
+
+def count_trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters with `requires_grad` (after `add_lora`: the LoRA weights only)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

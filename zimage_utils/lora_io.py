@@ -1,0 +1,215 @@
+"""Write and read Z-Image LoRA files that diffusers and ComfyUI load as they are.
+
+Two files per save, both safetensors:
+
+- `pytorch_lora_weights.safetensors` (diffusers): keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`,
+  with alpha / rank FOLDED into lora_A, so the file means the same to every loader, including those that assume
+  alpha = rank (diffusers without metadata, ComfyUI given `transformer.`-prefixed keys, which carry no `.alpha`).
+  Loaders that ignore an unfolded alpha are where "the LoRA only works at strength 2" comes from. diffusers'
+  adapter metadata (`lora_adapter_metadata`: r, lora_alpha = r, target_modules) is written too, so
+  `ZImagePipeline.load_lora_weights` rebuilds the exact config instead of inferring it.
+- `pytorch_lora_weights_comfyui.safetensors` (ComfyUI / ai-toolkit layout): keys
+  `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` with the trained (unfolded) weights, and
+  `diffusion_model.<module>.alpha` (float32 scalar); the loader scales by alpha / rank. diffusers converts this
+  layout on load too (`_convert_non_diffusers_z_image_lora_to_diffusers` folds alpha into lora_A).
+
+Weights are saved as float32 by default: lossless, so a file loaded back (to resume, merge or compare) is the
+trained adapter, and small next to the model (rank 32 on attention ≈ 130 MB). Pass `dtype=torch.bfloat16` to
+halve it for sharing; inference runs the base in bf16 anyway.
+
+Both files are written atomically (a temporary name in the same folder, then `os.replace`), so a crash or a
+full disk never leaves a truncated file under the final name.
+"""
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
+LORA_FORMATS = ("diffusers", "comfyui")
+DIFFUSERS_PREFIX = "transformer."
+COMFYUI_PREFIX = "diffusion_model."
+
+
+def get_lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's trained weights with diffusers keys, alpha NOT folded.
+
+    Args:
+        model: the transformer after `add_lora` (or a `peft.PeftModel` around it, or its `torch.compile` wrapper).
+            Unwrap DDP first (`accelerator.unwrap_model`).
+        adapter_name: the PEFT adapter to export.
+
+    Returns:
+        {"transformer.<module>.lora_A.weight": [r, in], "transformer.<module>.lora_B.weight": [out, r], ...},
+        detached, on the model's device and dtype.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r}; call add_lora first")
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    if not state_dict:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r}; call add_lora first")
+    empty = [k for k, v in state_dict.items() if v.numel() == 0]
+    if empty:
+        # DeepSpeed ZeRO-3 keeps only a shard on each rank; saving that silently writes a useless file.
+        raise RuntimeError(f"LoRA tensors are empty (e.g. {empty[0]}): gather the parameters before saving (ZeRO-3)")
+    # PeftModel keys carry `base_model.model.`; the transformer's own keys are already `<module>.lora_A.weight`.
+    return {DIFFUSERS_PREFIX + k.removeprefix("base_model.model."): v.detach() for k, v in state_dict.items()}
+
+
+def _lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    # PEFT scales the LoRA update by alpha / r (alpha / sqrt(r) with rsLoRA).
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def fold_alpha(state_dict: dict[str, torch.Tensor], alpha: float, use_rslora: bool = False) -> dict[str, torch.Tensor]:
+    """Multiply each lora_A by its LoRA scale alpha / r, so the file needs no alpha (alpha = rank when loaded).
+
+    The rank of each module is read from its lora_A [r, in]; lora_B is returned unchanged.
+    """
+    folded = {}
+    for key, value in state_dict.items():
+        if key.endswith(".lora_A.weight"):
+            value = value * _lora_scale(value.shape[0], alpha, use_rslora)
+        folded[key] = value
+    return folded
+
+
+def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Rename diffusers keys to ComfyUI's and add one `.alpha` per module.
+
+    Args:
+        state_dict_diffusers: UNFOLDED weights from `get_lora_state_dict` (`transformer.<module>.lora_A.weight`).
+        alpha: the training alpha.
+
+    Returns:
+        {"diffusion_model.<module>.lora_A.weight", ".lora_B.weight", "diffusion_model.<module>.alpha": 0-d float32}.
+    """
+    out = {}
+    for key, value in state_dict_diffusers.items():
+        if not key.startswith(DIFFUSERS_PREFIX):
+            raise ValueError(f"expected diffusers LoRA keys starting with {DIFFUSERS_PREFIX!r}, got {key!r}")
+        out[COMFYUI_PREFIX + key.removeprefix(DIFFUSERS_PREFIX)] = value
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lora_A.weight")
+            # float32 whatever the weights' dtype: an alpha such as 0.3 is not exact in bf16.
+            out[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def _diffusers_adapter_metadata(lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> dict:
+    # The LoraConfig kwargs diffusers' loader rebuilds the adapter from (prefixed with the component name, as
+    # `ZImagePipeline.save_lora_weights` packs them). lora_alpha = r because alpha is folded into the weights.
+    modules = sorted({k.removeprefix(DIFFUSERS_PREFIX).rsplit(".lora_", 1)[0] for k in state_dict})
+    config = {
+        "r": lora_config.r,
+        "lora_alpha": lora_config.r,
+        "target_modules": modules,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    return {DIFFUSERS_PREFIX + k: v for k, v in config.items()}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the name does
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_lora(
+    output_dir: str | Path,
+    transformer: torch.nn.Module,
+    lora_config: LoraConfig,
+    metadata: dict[str, str] | None = None,
+    formats: Iterable[str] = LORA_FORMATS,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Path]:
+    """Write the adapter of `transformer` as LoRA files in `output_dir` (created if missing).
+
+    diffusers' `ZImagePipeline.save_lora_weights` is not used: it writes in place (not atomically), and a custom
+    `save_function` would drop its adapter metadata; this writes the same keys and the same metadata entry.
+
+    Args:
+        output_dir: folder; the diffusers file gets the name `load_lora_weights(output_dir)` looks for.
+        transformer: the model after `add_lora` (unwrapped from DDP).
+        lora_config: the config `add_lora` returned (rank, alpha, rsLoRA).
+        metadata: caller's safetensors metadata, strings only, e.g. {"base_model": ..., "rank": "32",
+            "alpha": "32", "targets": "attention", "steps": "1500", "resolution": "1024", "trigger_word": "sks"}.
+            `format`, `lora_format`, `lora_alpha_folded` (and diffusers' adapter entry) are added.
+        formats: any of "diffusers", "comfyui".
+        dtype: dtype of the saved LoRA weights (see the module docstring).
+
+    Returns:
+        {format: path written}.
+    """
+    metadata = dict(metadata or {})
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata must be str -> str; convert these values: {bad}")
+    formats = tuple(formats)
+    unknown = set(formats) - set(LORA_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown LoRA format(s) {sorted(unknown)}; choose from {LORA_FORMATS}")
+    if lora_config.alpha_pattern or lora_config.rank_pattern:
+        raise NotImplementedError("per-module rank/alpha patterns are not supported by save_lora")
+
+    raw = get_lora_state_dict(transformer)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Fold in fp32 first, then cast; `.alpha` scalars stay fp32. safetensors needs contiguous CPU tensors.
+        return {
+            k: (v if k.endswith(".alpha") else v.to(dtype)).detach().to("cpu").contiguous() for k, v in tensors.items()
+        }
+
+    paths = {}
+    if "diffusers" in formats:
+        folded = fold_alpha({k: v.float() for k, v in raw.items()}, lora_config.lora_alpha, lora_config.use_rslora)
+        file_metadata = {
+            **metadata,
+            "format": "pt",
+            "lora_format": "diffusers",
+            "lora_alpha_folded": "true",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(
+                _diffusers_adapter_metadata(lora_config, raw), indent=2, sort_keys=True
+            ),
+        }
+        paths["diffusers"] = output_dir / LORA_WEIGHT_NAME
+        _save_atomic(prepare(folded), paths["diffusers"], file_metadata)
+    if "comfyui" in formats:
+        if lora_config.use_rslora:
+            raise NotImplementedError("ComfyUI scales by alpha / rank; an rsLoRA adapter has no such alpha")
+        file_metadata = {**metadata, "format": "pt", "lora_format": "comfyui", "lora_alpha_folded": "false"}
+        paths["comfyui"] = output_dir / COMFYUI_WEIGHT_NAME
+        _save_atomic(prepare(to_comfyui(raw, lora_config.lora_alpha)), paths["comfyui"], file_metadata)
+    return paths
+
+
+def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA safetensors file → (tensors on CPU, its string metadata). Pickled files are refused."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file")
+    with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, metadata

@@ -1,0 +1,232 @@
+"""The phases of `precompute_embeddings.py`: scan items, decode and crop them in DataLoader workers, encode batches
+on the accelerator, write per-process shards, merge them into the cache.
+
+Determinism across process counts: items are sorted by source and split `rank::world`; anything random (random
+crop, `--latent_sampling sample`) is seeded per item from `seed` and the item's source, so a 2-process run
+writes the same records as a 1-process run.
+"""
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from PIL import ImageOps
+
+from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
+from .cache import FEATURES, SHARDS_DIR, tensor_to_bytes
+from .images import (
+    BadImageError,
+    ImageItem,
+    content_hash,
+    conversion_note,
+    load_image,
+    read_image_size,
+    resolve_caption,
+)
+from .latents import encode_images, pil_to_tensor
+from .text_encoding import encode_captions
+
+
+def item_seed(seed: int, source: str) -> int:
+    """A 63-bit seed that depends only on the run's seed and the item, not on which process or batch it is in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source}".encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Planned:
+    """An item that passed the scan: where it goes and how it is cropped."""
+
+    item: ImageItem
+    caption: str
+    content_hash: str
+    original_size: tuple[int, int]  # (h, w) pixels after EXIF orientation
+    bucket: tuple[int, int]  # (h, w) pixels
+    crop: CropBox
+
+
+class ScanDataset(torch.utils.data.Dataset):
+    """Reads headers and hashes files in DataLoader workers. Yields a Planned item, or (source, reason, kind)
+    with kind "skipped" or "note" (a conversion worth reporting)."""
+
+    def __init__(self, items, buckets, args, hf_dataset=None):
+        self.items, self.buckets, self.args, self.hf_dataset = items, buckets, args, hf_dataset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item, args = self.items[i], self.args
+        notes = []
+        caption, note = resolve_caption(item.caption, args.caption_prefix, args.default_caption)
+        if note:
+            notes.append(note)
+        if caption is None:
+            return {"source": item.source, "skipped": note, "notes": []}
+        try:
+            digest = content_hash(item, self.hf_dataset)
+            height, width = read_image_size(item, self.hf_dataset)
+        except BadImageError as e:
+            return {"source": item.source, "skipped": e.reason, "notes": []}
+        bucket = assign_bucket(height, width, self.buckets)
+        factor = upscale_factor(height, width, bucket)
+        if factor > args.max_upscale:
+            reason = (
+                f"image is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket (needs x{factor:.1f} "
+                f"upscaling, limit --max_upscale {args.max_upscale}): use a larger image or a lower --resolution"
+            )
+            return {"source": item.source, "skipped": reason, "notes": []}
+        rng = random.Random(item_seed(args.seed, item.source))
+        crop = plan_crop(height, width, bucket, args.crop, rng)
+        return {"planned": Planned(item, caption, digest, (height, width), bucket, crop), "notes": notes}
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Decodes, converts, resizes and crops one batch (a list of Planned of one bucket) in a DataLoader worker."""
+
+    def __init__(self, batches: list[list[Planned]], flip: bool, hf_dataset=None):
+        self.batches, self.flip, self.hf_dataset = batches, flip, hf_dataset
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        good, pixels, flipped, skipped, notes = [], [], [], [], []
+        for planned in self.batches[i]:
+            try:
+                image = load_image(planned.item, self.hf_dataset)
+            except BadImageError as e:
+                skipped.append((planned.item.source, e.reason))
+                continue
+            if note := conversion_note(image):
+                notes.append((planned.item.source, note))
+            cropped = resize_and_crop(image, planned.crop)
+            good.append(planned)
+            pixels.append(pil_to_tensor(cropped))
+            if self.flip:
+                flipped.append(pil_to_tensor(ImageOps.mirror(cropped)))
+        return {
+            "planned": good,
+            "pixels": torch.stack(pixels) if pixels else None,
+            "flipped": torch.stack(flipped) if flipped else None,
+            "skipped": skipped,
+            "notes": notes,
+        }
+
+
+def plan_batches(planned: list[Planned], batch_size: int) -> list[list[Planned]]:
+    """Batches of at most `batch_size` items sharing one bucket (the VAE needs one size per batch)."""
+    by_bucket: dict[tuple[int, int], list[Planned]] = {}
+    for p in planned:
+        by_bucket.setdefault(p.bucket, []).append(p)
+    return [
+        group[i : i + batch_size] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), batch_size)
+    ]
+
+
+@torch.no_grad()
+def encode_batch(batch: dict[str, Any], vae, tokenizer, text_encoder, args, device, dtypes) -> list[dict[str, Any]]:
+    """VAE latents and caption embeddings for one bucket batch → cache records (FEATURES)."""
+    planned: list[Planned] = batch["planned"]
+    generators = None
+    if args.latent_sampling == "sample":
+        generators = [torch.Generator(device=device).manual_seed(item_seed(args.seed, p.item.source)) for p in planned]
+    pixels = batch["pixels"].to(device, vae.dtype)
+    latents = encode_images(vae, pixels, args.latent_sampling, generators)
+    flipped = None
+    if batch["flipped"] is not None:
+        flipped = encode_images(vae, batch["flipped"].to(device, vae.dtype), args.latent_sampling, generators)
+    embeds, truncated = encode_captions(
+        [p.caption for p in planned], tokenizer, text_encoder, args.max_sequence_length, device
+    )
+    latent_dtype, embed_dtype = dtypes
+    records = []
+    for i, p in enumerate(planned):
+        records.append(
+            {
+                "source": p.item.source,
+                "content_hash": p.content_hash,
+                "caption": p.caption,
+                "bucket_height": p.bucket[0],
+                "bucket_width": p.bucket[1],
+                "original_height": p.original_size[0],
+                "original_width": p.original_size[1],
+                "crop_box": list(p.crop.to_original(*p.original_size)),
+                "latents": tensor_to_bytes(latents[i], latent_dtype),
+                "latents_flipped": tensor_to_bytes(flipped[i], latent_dtype) if flipped is not None else b"",
+                "caption_embeds": tensor_to_bytes(embeds[i], embed_dtype),
+                "caption_length": int(embeds[i].shape[0]),
+                "caption_truncated": bool(truncated[i]),
+            }
+        )
+    return records
+
+
+class ShardWriter:
+    """Buffers records and saves every `shard_size` of them as a finished part under shards/, so a crash loses at
+    most one part's work. Parts are written to a temporary name and renamed."""
+
+    def __init__(self, cache_dir: str | Path, rank: int, shard_size: int):
+        self.dir = Path(cache_dir) / SHARDS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.shard_size, self.buffer = rank, shard_size, []
+        self.part = len(list(self.dir.glob(f"rank{rank:03d}-*")))
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.buffer.extend(records)
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"rank{self.rank:03d}-{self.part:05d}-{time.time_ns()}"
+        tmp = self.dir / f".{name}.tmp"
+        datasets.Dataset.from_list(self.buffer, features=FEATURES).save_to_disk(str(tmp))
+        os.replace(tmp, self.dir / name)
+        self.part += 1
+        self.buffer = []
+
+
+def load_shards(cache_dir: str | Path) -> list[datasets.Dataset]:
+    """Finished parts left by this or an interrupted run (temporary, half-written ones are ignored)."""
+    shard_dir = Path(cache_dir) / SHARDS_DIR
+    if not shard_dir.exists():
+        return []
+    return [datasets.load_from_disk(str(p)) for p in sorted(shard_dir.glob("rank*")) if p.is_dir()]
+
+
+def merge(existing: datasets.Dataset | None, parts: list[datasets.Dataset]) -> datasets.Dataset:
+    """One dataset sorted by source; a newer record of a source (re-encoded after its file changed) wins."""
+    pieces = ([existing] if existing is not None else []) + parts
+    merged = datasets.concatenate_datasets(pieces) if pieces else datasets.Dataset.from_list([], features=FEATURES)
+    last: dict[str, int] = {}
+    for i, source in enumerate(merged["source"]):
+        last[source] = i
+    keep = [last[s] for s in sorted(last)]
+    return merged.select(keep)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+
+
+def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:
+    lines = [
+        "buckets (h x w: items): " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(records_by_bucket.items()))
+    ]
+    if notes:
+        lines.append(f"{len(notes)} note(s):")
+        lines += [f"  {n['source']}: {n['reason']}" for n in notes]
+    if skipped:
+        lines.append(f"{len(skipped)} skipped:")
+        lines += [f"  {s['source']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)

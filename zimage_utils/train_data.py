@@ -1,0 +1,122 @@
+"""Training batches from the Arrow cache: one bucket per batch, a seeded shuffle per epoch, sharded across
+processes, resumable at the exact next batch.
+
+Batches are planned globally (`batch_size × num_processes` items, all from one bucket) and each process takes its
+slice, so N processes at batch size b see the same global batches as one process at batch size N·b. Every random
+choice about an item (noise, timestep, caption dropout, flip) is seeded from (seed, epoch, item index): a result
+then does not depend on how many processes shared the work.
+"""
+
+import hashlib
+import random
+from typing import Any
+
+import torch
+
+from .cache import decode_record
+
+
+def item_generator_seed(seed: int, epoch: int, index: int) -> int:
+    """63-bit seed for everything random about dataset item `index` in `epoch`."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class CachedLatentsDataset(torch.utils.data.Dataset):
+    """Decoded cache records: {"index", "latents" [C,h,w], "latents_flipped" or None, "caption_embeds" [L,D]}."""
+
+    def __init__(self, hf_dataset, manifest: dict[str, Any]):
+        self.data, self.manifest = hf_dataset, manifest
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def group_keys(self, by_caption_length: bool) -> list[tuple]:
+        """Per item, the key items must share to be batched together: bucket, and caption length if asked
+        (equal lengths let the transformer skip its attention mask and use the fastest SDPA kernels)."""
+        columns = ["bucket_height", "bucket_width"] + (["caption_length"] if by_caption_length else [])
+        table = self.data.select_columns(columns).to_dict()
+        return list(zip(*(table[c] for c in columns)))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.data[index]
+        tensors = decode_record(record, self.manifest)
+        flipped = decode_record(record, self.manifest, flipped=True)["latents"] if record["latents_flipped"] else None
+        return {
+            "index": index,
+            "latents": tensors["latents"],
+            "latents_flipped": flipped,
+            "caption_embeds": tensors["caption_embeds"],
+        }
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's list of dataset indices for each step of the current epoch.
+
+    Global batches hold `batch_size * num_replicas` items of one group (bucket, optionally caption length);
+    a group's remainder that cannot fill a global batch is dropped for this epoch (a different remainder next
+    epoch, as the shuffle changes). `set_epoch(epoch, start_batch)` positions it; `start_batch` is how resume
+    continues on the exact next batch.
+    """
+
+    def __init__(
+        self,
+        group_keys: list[tuple],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        self.group_keys, self.batch_size = group_keys, batch_size
+        self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.global_batch = batch_size * num_replicas
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(group_keys):
+            groups.setdefault(key, []).append(i)
+        self.groups = [groups[k] for k in sorted(groups)]
+        if len(self) == 0:
+            sizes = ", ".join(str(len(g)) for g in self.groups)
+            raise ValueError(
+                f"No group of same-size images fills one global batch of {self.global_batch} "
+                f"(train_batch_size {batch_size} x {num_replicas} processes; group sizes: {sizes}). "
+                "Lower --train_batch_size, use fewer processes, or add images."
+            )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def global_batches(self) -> list[list[int]]:
+        """All global batches of the current epoch, in order."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        batches = []
+        for group in self.groups:
+            order = list(group)
+            if self.shuffle:
+                rng.shuffle(order)
+            usable = len(order) - len(order) % self.global_batch
+            batches += [order[i : i + self.global_batch] for i in range(0, usable, self.global_batch)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        return sum(len(g) // self.global_batch for g in self.groups)
+
+    def __iter__(self):
+        for batch in self.global_batches()[self.start_batch :]:
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack latents [B,C,h,w] (one bucket per batch, so equal shapes); keep caption embeddings as a list of
+    [L_i, D], which is what the transformer takes."""
+    return {
+        "indices": torch.tensor([it["index"] for it in items]),
+        "latents": torch.stack([it["latents"] for it in items]),
+        "latents_flipped": torch.stack([it["latents_flipped"] for it in items])
+        if all(it["latents_flipped"] is not None for it in items)
+        else None,
+        "caption_embeds": [it["caption_embeds"] for it in items],
+    }

@@ -1,0 +1,93 @@
+"""One flow-matching training step on Z-Image: batch in → loss out. The trainer, the benchmarks and the tests all
+call this function, so an optimisation made here is one the trainer really runs."""
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from . import flow_matching as fm
+
+
+@dataclass
+class StepConfig:
+    timestep_sampling: str = "logit_normal"  # uniform | logit_normal | shift | flux_shift
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_shift: float = 3.0
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
+    caption_dropout: float = 0.0  # probability of training an item on the empty caption
+    flip_prob: float = 0.0  # probability of using the cached mirrored latents
+
+
+def per_item_choices(seeds: list[int], config: StepConfig, has_flipped: bool) -> tuple[list[bool], list[bool]]:
+    """Caption-dropout and flip decisions, drawn on the host from each item's seed (no device sync)."""
+    drop, flip = [], []
+    for seed in seeds:
+        rng = random.Random(seed)
+        drop.append(rng.random() < config.caption_dropout)
+        flip.append(has_flipped and rng.random() < config.flip_prob)
+    return drop, flip
+
+
+def flow_matching_step(
+    transformer: torch.nn.Module,
+    batch: dict,
+    config: StepConfig,
+    seeds: list[int],
+    empty_embeds: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss of `transformer` on one batch.
+
+    batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
+    "latents_flipped" [B, C, h, w]. seeds: one int per item; noise, timestep, dropout and flip of item i depend
+    only on seeds[i]. timesteps: fixed t [B] (validation loss) instead of sampling.
+    Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
+    """
+    param = next(p for p in transformer.parameters())
+    device, dtype = param.device, param.dtype
+    x1 = batch["latents"].to(device, torch.float32)
+    drop, flip = per_item_choices(seeds, config, batch.get("latents_flipped") is not None)
+    if any(flip):
+        flipped = batch["latents_flipped"].to(device, torch.float32)
+        x1 = torch.where(torch.tensor(flip, device=device).view(-1, 1, 1, 1), flipped, x1)
+    captions = [empty_embeds if d else e for d, e in zip(drop, batch["caption_embeds"])]
+    if any(drop) and empty_embeds is None:
+        raise ValueError("caption_dropout needs the cached empty-caption embedding")
+
+    # Noise x0 ~ N(0, I) and t per item, each from the item's own generator
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    x0 = torch.stack([torch.randn(x1.shape[1:], generator=g, device=device) for g in generators])
+    if timesteps is None:
+        image_seq_len = (x1.shape[-2] // 2) * (x1.shape[-1] // 2)  # 2x2 patches
+        timesteps = torch.cat(
+            [
+                fm.sample_timesteps(
+                    1,
+                    config.timestep_sampling,
+                    generator=g,
+                    device=device,
+                    logit_mean=config.logit_mean,
+                    logit_std=config.logit_std,
+                    shift=config.timestep_shift,
+                    image_seq_len=image_seq_len,
+                )
+                for g in generators
+            ]
+        )
+    t = timesteps.to(device, torch.float32)
+
+    # x_t = t·x1 + (1−t)·x0; the transformer predicts x1 − x0 (t = 1 is clean)
+    x_t = fm.interpolate(x1, x0, t)
+    out = transformer(
+        list(x_t.to(dtype).unsqueeze(2).unbind(0)),  # B × [C, 1, h, w]: Z-Image takes a frame axis
+        t,  # fp32, as the pipeline passes it: bf16 would quantise the timestep
+        [c.to(device, dtype) for c in captions],
+        return_dict=False,
+    )[0]
+    pred = torch.stack(out).squeeze(2)
+    sigma = 1.0 - t
+    weights = None if config.loss_weighting == "none" else fm.loss_weighting(sigma, config.loss_weighting)
+    loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights)
+    return {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
