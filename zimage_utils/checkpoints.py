@@ -59,3 +59,43 @@ def write_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> N
 
 def read_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint_dir) / TRAINING_STATE_NAME).read_text())
+
+
+LORA_STATE_NAME = "lora_state.safetensors"
+
+
+def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
+    """Make `accelerator.save_state` store only the LoRA (unfolded, fp32, exact) instead of the 12 GB base, and
+    `load_state` put it back. Same idiom as diffusers' training examples."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from .lora_io import DIFFUSERS_PREFIX, get_lora_state_dict
+
+    def is_transformer(model) -> bool:
+        return isinstance(accelerator.unwrap_model(model), transformer_class)
+
+    def save_hook(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if is_transformer(models[i]):
+                if accelerator.is_main_process:
+                    state = get_lora_state_dict(accelerator.unwrap_model(models[i]))
+                    tensors = {k: v.to("cpu", copy=True).float().contiguous() for k, v in state.items()}
+                    tmp = Path(output_dir) / f".{LORA_STATE_NAME}.tmp"
+                    save_file(tensors, str(tmp))
+                    os.replace(tmp, Path(output_dir) / LORA_STATE_NAME)
+                if weights:
+                    weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if is_transformer(models[i]):
+                model = accelerator.unwrap_model(models.pop(i))
+                state = load_file(str(Path(input_dir) / LORA_STATE_NAME))
+                state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in state.items()}
+                result = set_peft_model_state_dict(model, state, adapter_name="default")
+                if getattr(result, "unexpected_keys", None):
+                    raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:3]}…")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -69,7 +69,7 @@ def save_grid(images: list[Image.Image], path: str | Path, columns: int | None =
 
 
 @torch.no_grad()
-def validation_loss(transformer, dataset, collate, seed: int, config: StepConfig) -> dict[str, float]:
+def validation_loss(transformer, dataset, collate, seed: int) -> dict[str, float]:
     """Mean loss over held-out items at each of VALIDATION_SIGMAS, with noise fixed per (item, sigma).
     Returns {"val/loss": mean, "val/loss_sigma_0.1": ..., ...}."""
     fixed = StepConfig(timestep_sampling="uniform", loss_weighting="none")
@@ -85,3 +85,38 @@ def validation_loss(transformer, dataset, collate, seed: int, config: StepConfig
     result = {f"val/loss_sigma_{s:.1f}": v / n for s, v in sums.items()}
     result["val/loss"] = sum(result.values()) / len(VALIDATION_SIGMAS)
     return result
+
+
+class Validator:
+    """Samples the cached validation prompts into one PNG grid per call. Loads the VAE and scheduler on first use
+    (the text encoder never: the prompts were encoded by precompute_embeddings.py)."""
+
+    def __init__(self, model_path, revision, prompts, empty_embeds, out_dir, size, steps=None, guidance=None, seed=0):
+        defaults = SAMPLING_DEFAULTS[model_variant(model_path)]
+        self.model_path, self.revision, self.prompts, self.empty = model_path, revision, prompts, empty_embeds
+        self.out_dir, self.size, self.seed = Path(out_dir), size, seed
+        self.steps = steps or defaults["steps"]
+        self.guidance = defaults["guidance"] if guidance is None else guidance
+        self.vae = self.scheduler = None
+
+    def sample_grid(self, transformer, step: int, device) -> Path | None:
+        if not self.prompts:
+            return None
+        from .model_loading import load_scheduler, load_vae
+
+        if self.vae is None:
+            self.vae = load_vae(self.model_path, torch.float32, device, revision=self.revision)
+            self.scheduler = load_scheduler(self.model_path, revision=self.revision)
+        images = sample_images(
+            transformer,
+            self.vae,
+            self.scheduler,
+            [e for _, e in self.prompts],
+            self.empty,
+            self.size,
+            self.size,
+            self.steps,
+            self.guidance,
+            self.seed,
+        )
+        return save_grid(images, self.out_dir / f"step_{step:06d}.png")

@@ -1,0 +1,415 @@
+"""Flow-matching LoRA training for Z-Image on the cache written by precompute_embeddings.py.
+
+    accelerate launch train_zimage_lora.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo \
+        --precomputed_dir my_cache --output_dir my_lora --rank 32 --max_train_steps 2000
+
+Writes OUTPUT/pytorch_lora_weights.safetensors (diffusers: `ZImagePipeline.load_lora_weights(OUTPUT)`) and
+OUTPUT/pytorch_lora_weights_comfyui.safetensors (ComfyUI / ai-toolkit keys), the same in every checkpoint-N.
+"""
+
+import argparse
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from zimage_utils import cache as cache_lib
+from zimage_utils.checkpoints import (
+    prune_checkpoints,
+    read_training_state,
+    register_lora_state_hooks,
+    resolve_resume_path,
+    write_training_state,
+)
+from zimage_utils.flow_matching import SigmaBinMeter
+from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
+from zimage_utils.lora_io import save_lora
+from zimage_utils.model_loading import (
+    component_config_hash,
+    load_transformer,
+    require_zimage,
+)
+from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
+from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
+from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
+from zimage_utils.training_step import StepConfig, flow_matching_step
+from zimage_utils.validation import Validator, validation_loss
+
+logger = logging.getLogger("train")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model and data
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--transformer_single_file", default=None, help="A single-file transformer checkpoint to train.")
+    p.add_argument("--precomputed_dir", required=True, help="Cache folder written by precompute_embeddings.py.")
+    p.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
+    p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of the cache held out (0 = none).")
+    p.add_argument("--seed", type=int, default=0)
+    # LoRA
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1).")
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument(
+        "--lora_targets",
+        default="attention",
+        help="attention | attention_ffn | all, or a comma-separated list of module names/suffixes.",
+    )
+    p.add_argument("--lora_exclude_refiners", action="store_true", help="No LoRA in the noise/context refiners.")
+    p.add_argument(
+        "--training_adapter",
+        default=None,
+        help="LoRA merged into the base at +scale for training and applied at -scale when sampling "
+        "(keeps Z-Image-Turbo's few-step sampling).",
+    )
+    p.add_argument("--training_adapter_scale", type=float, default=1.0)
+    # Optimisation
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    p.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="diffusers schedule: constant, constant_with_warmup, linear, cosine, polynomial, ...",
+    )
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
+    p.add_argument("--num_train_epochs", type=int, default=10)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
+    p.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Default: accelerate config; bf16 recommended on GPU.",
+    )
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations: less memory.")
+    # Flow matching
+    p.add_argument(
+        "--timestep_sampling", choices=["uniform", "logit_normal", "shift", "flux_shift"], default="logit_normal"
+    )
+    p.add_argument("--logit_mean", type=float, default=0.0)
+    p.add_argument("--logit_std", type=float, default=1.0)
+    p.add_argument("--timestep_shift", type=float, default=3.0, help="sigma shift for --timestep_sampling shift.")
+    p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
+    p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")
+    p.add_argument(
+        "--random_flip",
+        type=float,
+        default=0.0,
+        help="Probability of the mirrored latents (needs a cache made with --cache_flipped).",
+    )
+    p.add_argument(
+        "--group_by_caption_length",
+        action="store_true",
+        help="Batch only equal caption lengths (no attention mask; needs enough same-length items).",
+    )
+    # Checkpoints, validation, logging
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
+    p.add_argument("--validation_steps", type=int, default=0, help="Validate every N steps (0 = only at the end).")
+    p.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
+    p.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
+    p.add_argument("--validation_resolution", type=int, default=None, help="Default: the cache's resolution.")
+    p.add_argument(
+        "--save_dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="bf16",
+        help="dtype of the final LoRA files (checkpoints always keep fp32 for exact resume).",
+    )
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
+    p.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
+    return p.parse_args(input_args)
+
+
+def load_data(args, accelerator, transformer):
+    """Train/validation datasets and this process's batch sampler, after checking the cache fits the model."""
+    expected = {
+        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
+        "embed_dim": transformer.config.cap_feat_dim,
+        "latent_channels": transformer.config.in_channels,
+    }
+    hf_data, manifest = cache_lib.load_cache(args.precomputed_dir, expected)
+    empty_embeds, validation_prompts = cache_lib.load_prompt_embeddings(args.precomputed_dir)
+    val_data = None
+    if args.validation_split > 0:
+        split = hf_data.train_test_split(test_size=args.validation_split, seed=args.seed)
+        hf_data, val_data = split["train"], CachedLatentsDataset(split["test"], manifest)
+    train = CachedLatentsDataset(hf_data, manifest)
+    sampler = BucketBatchSampler(
+        train.group_keys(args.group_by_caption_length),
+        args.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        args.seed,
+    )
+    return train, val_data, sampler, manifest, empty_embeds, validation_prompts
+
+
+def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, manifest, dtype):
+    """Both LoRA formats into `directory` (main process), with the metadata users and tools look for."""
+    if not accelerator.is_main_process:
+        return
+    fp = manifest["fingerprint"]
+    metadata = {
+        "base_model": args.pretrained_model_name_or_path,
+        "rank": str(args.rank),
+        "alpha": str(lora_config.lora_alpha),
+        "targets": args.lora_targets,
+        "target_modules": ",".join(targets),
+        "steps": str(step),
+        "resolution": str(fp["resolution"]),
+        "trigger_word": manifest.get("caption_prefix") or "",
+        "training_adapter": args.training_adapter or "",
+    }
+    save_lora(directory, accelerator.unwrap_model(transformer), lora_config, metadata, dtype=dtype)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One line per logging step: the loss curve users can plot, and what tests compare across runs."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    # Load the transformer (never the text encoder) in the precision the base is kept in
+    require_zimage(args.pretrained_model_name_or_path)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    transformer = load_transformer(
+        args.pretrained_model_name_or_path,
+        weight_dtype,
+        revision=args.revision,
+        single_file=args.transformer_single_file,
+    )
+    transformer.requires_grad_(False)
+    adapter_state = None
+    if args.training_adapter:
+        adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
+    transformer.to(accelerator.device)
+
+    # Data
+    train, val_data, sampler, manifest, empty_embeds, validation_prompts = load_data(args, accelerator, transformer)
+    loader = torch.utils.data.DataLoader(
+        train,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    # LoRA: fp32 parameters over the frozen base
+    targets = lora_target_modules(transformer, args.lora_targets, args.lora_exclude_refiners)
+    lora_config = add_lora(
+        transformer,
+        args.rank,
+        args.lora_alpha or args.rank,
+        args.lora_dropout,
+        args.lora_targets,
+        args.lora_exclude_refiners,
+    )
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)
+    optimizer = make_optimizer(params, args.optimizer, args.learning_rate, args.adam_weight_decay)
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    register_lora_state_hooks(accelerator, type(accelerator.unwrap_model(transformer)))
+
+    # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
+    global_step, epoch, start_batch = 0, 0, 0
+    resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = read_training_state(resume)
+        global_step, epoch, start_batch = state["global_step"], state["epoch"], state["next_batch"]
+        print0(f"resumed from {resume}: step {global_step}, epoch {epoch}, batch {start_batch}")
+    elif args.resume_from_checkpoint:
+        print0(f"no checkpoint in {output_dir} to resume from: starting a new run")
+
+    config = StepConfig(
+        args.timestep_sampling,
+        args.logit_mean,
+        args.logit_std,
+        args.timestep_shift,
+        args.loss_weighting,
+        args.caption_dropout,
+        args.random_flip,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers("zimage-lora", config={k: v for k, v in vars(args).items() if v is not None})
+    print0(
+        f"{len(train)} training items in {len(sampler.groups)} buckets; {count_trainable_parameters(transformer):,} "
+        f"trainable LoRA parameters ({len(targets)} modules); effective batch "
+        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; {max_steps} steps "
+        f"({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+    )
+
+    # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit
+    stop_requested = {"flag": False}
+
+    def request_stop(signum, frame):
+        stop_requested["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def save_checkpoint(step, next_epoch, next_batch):
+        path = output_dir / f"checkpoint-{step}"
+        if accelerator.is_main_process:
+            prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        accelerator.save_state(str(path))
+        save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, manifest, torch.float32)
+        if accelerator.is_main_process:
+            write_training_state(path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch})
+        accelerator.wait_for_everyone()
+        return path
+
+    validator = Validator(
+        args.pretrained_model_name_or_path,
+        args.revision,
+        validation_prompts,
+        empty_embeds,
+        output_dir / "samples",
+        size=args.validation_resolution or manifest["fingerprint"]["resolution"],
+        steps=args.validation_num_inference_steps,
+        guidance=args.validation_guidance_scale,
+        seed=args.seed,
+    )
+
+    def validate(step):
+        transformer.eval()
+        logs = validation_loss(transformer, val_data, collate, args.seed) if val_data is not None else {}
+        if accelerator.is_main_process:
+            with training_adapter_removed(
+                accelerator.unwrap_model(transformer), adapter_state, args.training_adapter_scale
+            ) as model:
+                path = validator.sample_grid(model, step, accelerator.device)
+            if path:
+                print0(f"validation samples: {path}")
+        transformer.train()
+        if logs:
+            accelerator.log(logs, step=step)
+
+    # Train
+    transformer.train()
+    meter = SigmaBinMeter(num_bins=5, device=accelerator.device)
+    first_bad_step = torch.full((), -1, device=accelerator.device)
+    stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
+    progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
+    last_log, last_log_step = time.time(), global_step
+    empty = empty_embeds if args.caption_dropout > 0 else None
+    while global_step < stop_at:
+        sampler.set_epoch(epoch, start_batch)
+        for batch_index, batch in enumerate(loader, start=start_batch):
+            seeds = [item_generator_seed(args.seed, epoch, int(i)) for i in batch["indices"]]
+            with accelerator.accumulate(transformer):
+                out = flow_matching_step(transformer, batch, config, seeds, empty)
+                accelerator.backward(out["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            meter.update(out["sigma"], out["per_sample"])
+            # Recorded on the device, read at logging time: no host sync per step
+            bad = ~torch.isfinite(out["loss"].detach())
+            first_bad_step = torch.where(bad & (first_bad_step < 0), global_step + 1, first_bad_step)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            stop = stop_requested["flag"]
+            if accelerator.num_processes > 1:  # every rank must agree before anyone saves
+                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "max").item())
+            log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
+            checkpoint_now = args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0
+            if log_now or checkpoint_now:
+                bad_step = int(accelerator.reduce(first_bad_step.float(), "max").item())
+                if bad_step >= 0:
+                    raise FloatingPointError(
+                        f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
+                        f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {output_dir}."
+                    )
+                loss = float(out["loss"].detach())
+                elapsed = time.time() - last_log
+                logs = {
+                    "loss": loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (global_step - last_log_step) / max(elapsed, 1e-9),
+                    **meter.compute(),
+                }
+                if torch.cuda.is_available():
+                    logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+                last_log, last_log_step = time.time(), global_step
+            next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
+            if checkpoint_now or stop:
+                path = save_checkpoint(global_step, *next_position)
+                print0(f"saved {path}")
+            if stop:
+                print0(f"stopped by signal at step {global_step}; resume with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if args.validation_steps > 0 and global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= stop_at:
+                break
+        else:
+            epoch, start_batch = epoch + 1, 0
+            continue
+        epoch, start_batch = next_position
+    progress.close()
+
+    # Save the final LoRA (and a last validation) when the run is complete
+    if global_step >= max_steps:
+        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.save_dtype]
+        save_lora_files(
+            args, accelerator, transformer, lora_config, targets, output_dir, global_step, manifest, save_dtype
+        )
+        if not (args.validation_steps > 0 and global_step % args.validation_steps == 0):
+            validate(global_step)
+        print0(f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
