@@ -9,7 +9,9 @@ docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
 """
 
 import argparse
+import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -99,6 +101,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max_sequence_length", type=int, default=512, help="Caption tokens kept (Z-Image: 512).")
     parser.add_argument(
+        "--text_padding",
+        choices=["max_length", "longest"],
+        default="max_length",
+        help="max_length: embeddings bit-identical to ZImagePipeline.encode_prompt; longest: pad each batch only to "
+        "its longest caption (faster for short captions, equal up to kernel rounding).",
+    )
+    parser.add_argument(
         "--cache_dtype",
         choices=["bf16", "fp16", "fp32"],
         default="bf16",
@@ -117,6 +126,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def keep_as_is(item):
+    """DataLoader collate for datasets that already return whole batches (a module-level function, so workers
+    started with spawn can pickle it)."""
+    return item
+
+
 def make_fingerprint(args: argparse.Namespace) -> dict:
     """Everything that changes what the cache holds; a trainer or a re-run compares against it."""
     vae_config = read_component_config(args.pretrained_model_name_or_path, "vae", args.revision)
@@ -130,6 +145,7 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
         "cache_flipped": args.cache_flipped,
         "latent_sampling": args.latent_sampling,
         "max_sequence_length": args.max_sequence_length,
+        "text_padding": args.text_padding,
         "latent_dtype": args.cache_dtype,
         "embedding_dtype": args.cache_dtype,
         "scaling_factor": vae_config["scaling_factor"],
@@ -155,16 +171,24 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     manifest = cache_lib.read_manifest(out)
-    if manifest is None:
-        return None
-    found = {k: v for k, v in manifest["fingerprint"].items() if k != "model"}
-    diffs = cache_lib.fingerprint_mismatches({k: v for k, v in fingerprint.items() if k != "model"}, found)
-    if diffs or manifest.get("format_version") != cache_lib.CACHE_FORMAT_VERSION:
-        raise cache_lib.CacheError(
-            f"{out} holds a cache made differently ({'; '.join(diffs) or 'older format'}): "
-            "pass --overwrite to rebuild it, or choose another --output_dir."
+    # An interrupted run leaves finished parts (and, on a first run, no manifest yet): they are merged into this
+    # run's cache, so they must have been made the same way too.
+    shards_fingerprint = out / cache_lib.SHARDS_DIR / cache_lib.SHARDS_FINGERPRINT_NAME
+    found = [manifest["fingerprint"]] if manifest is not None else []
+    if shards_fingerprint.exists() and any(shards_fingerprint.parent.glob("rank*")):
+        found.append(json.loads(shards_fingerprint.read_text()))
+    for previous in found:
+        diffs = cache_lib.fingerprint_mismatches(
+            {k: v for k, v in fingerprint.items() if k != "model"}, {k: v for k, v in previous.items() if k != "model"}
         )
-    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR))
+        if diffs or (manifest is not None and manifest.get("format_version") != cache_lib.CACHE_FORMAT_VERSION):
+            raise cache_lib.CacheError(
+                f"{out} holds a cache made differently ({'; '.join(diffs) or 'older format'}): "
+                "pass --overwrite to rebuild it, or choose another --output_dir."
+            )
+    shards_fingerprint.parent.mkdir(exist_ok=True)
+    cache_lib.write_json_atomic(shards_fingerprint, fingerprint)
+    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR)) if manifest is not None else None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -173,6 +197,13 @@ def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     start = time.time()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would build the whole cache.
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up {world} (no GPU found?): on a CPU-only "
+            "machine set ACCELERATE_USE_CPU=1 for a multi-process run, or launch one process."
+        )
 
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
@@ -181,11 +212,12 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         existing = prepare_output_dir_readonly(args.output_dir)
+    # An item is re-encoded when its image bytes or its final caption (edited .txt, new --caption_prefix) changed.
     done = {
-        (r["source"], r["content_hash"])
+        (r["source"], r["content_hash"], r["caption"])
         for part in [existing, *load_shards(args.output_dir)]
         if part is not None
-        for r in part.select_columns(["source", "content_hash"])
+        for r in part.select_columns(["source", "content_hash", "caption"])
     }
 
     # Find items; this process takes every world-th one
@@ -204,7 +236,7 @@ def main(args: argparse.Namespace) -> None:
         ScanDataset(mine, buckets, args, hf_dataset),
         batch_size=None,
         num_workers=args.dataloader_num_workers,
-        collate_fn=lambda x: x,
+        collate_fn=keep_as_is,
     )
     planned, skipped, notes = [], [], []
     for result in tqdm(scan, desc="scan", disable=not accelerator.is_local_main_process):
@@ -213,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
         ]
         if "skipped" in result:
             skipped.append({"source": result["source"], "reason": result["skipped"]})
-        elif (result["planned"].item.source, result["planned"].content_hash) not in done:
+        elif (result["planned"].item.source, result["planned"].content_hash, result["planned"].caption) not in done:
             planned.append(result["planned"])
 
     # Encode new items bucket by bucket, saving finished parts as we go
@@ -230,7 +262,7 @@ def main(args: argparse.Namespace) -> None:
         PixelDataset(plan_batches(planned, args.batch_size), args.cache_flipped, hf_dataset),
         batch_size=None,
         num_workers=args.dataloader_num_workers,
-        collate_fn=lambda x: x,
+        collate_fn=keep_as_is,
     )
     encoded, truncated = 0, 0
     progress = tqdm(total=len(planned), desc=f"encode (process {rank})", disable=not accelerator.is_local_main_process)
@@ -257,11 +289,17 @@ def main(args: argparse.Namespace) -> None:
             else ([], [])
         )
         cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, args.validation_prompts, store)
-        merged = merge(existing, load_shards(args.output_dir))
+        parts = load_shards(args.output_dir)
+        merged = merge(existing, parts)
+        # Conversion notes come from decoding, so kept items carry theirs over from the previous manifest.
+        fresh = {source for part in parts for source in part["source"]}
+        previous = cache_lib.read_manifest(args.output_dir) or {}
+        kept_notes = [n for n in previous.get("notes", []) if n["source"] not in fresh]
         cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
         shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
         all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
-        all_notes = sorted((n for r in reports for n in r["notes"]), key=lambda n: n["source"])
+        unique_notes = {(n["source"], n["reason"]): n for n in kept_notes + [n for r in reports for n in r["notes"]]}
+        all_notes = sorted(unique_notes.values(), key=lambda n: n["source"])
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
         cache_lib.write_json_atomic(
             Path(args.output_dir) / cache_lib.MANIFEST_NAME,
@@ -288,8 +326,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
+    # Same rule as the main process: data/ without a manifest is a half-written cache that will be replaced.
     data = Path(output_dir) / cache_lib.DATA_DIR
-    return datasets.load_from_disk(str(data)) if data.exists() else None
+    has_manifest = cache_lib.read_manifest(output_dir) is not None
+    return datasets.load_from_disk(str(data)) if data.exists() and has_manifest else None
 
 
 if __name__ == "__main__":

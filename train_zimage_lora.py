@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -186,6 +187,17 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Train, then give the caller back its SIGTERM/SIGINT handlers (tests and notebooks call this in-process; a
+    stale handler would swallow their Ctrl-C)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_training(args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def run_training(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -195,6 +207,15 @@ def main(args: argparse.Namespace) -> None:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: each process would train alone and
+        # overwrite the others' files.
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up no process group among them. Without GPUs, "
+            "launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
+            "(`accelerate launch --cpu` starts a single process whatever --num_processes says)."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
@@ -380,6 +401,7 @@ def main(args: argparse.Namespace) -> None:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
                 last_log, last_log_step = time.time(), global_step
+                meter.reset()  # per-sigma losses describe this logging window, as "loss" does
             next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
             if checkpoint_now or stop:
                 path = save_checkpoint(global_step, *next_position)

@@ -25,6 +25,7 @@ CACHE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
+SHARDS_FINGERPRINT_NAME = "fingerprint.json"  # in shards/: the settings the unfinished parts were made with
 PROMPT_EMBEDDINGS_NAME = "prompt_embeddings.safetensors"
 EMPTY_CAPTION_KEY = "empty_caption"
 

@@ -3,7 +3,9 @@ on the accelerator, write per-process shards, merge them into the cache.
 
 Determinism across process counts: items are sorted by source and split `rank::world`; anything random (random
 crop, `--latent_sampling sample`) is seeded per item from `seed` and the item's source, so a 2-process run
-writes the same records as a 1-process run.
+writes the same records as a 1-process run: the same items, crops and noise. The VAE's float output can still differ
+in the last bits, because convolution kernels pick their algorithm by batch size and thread count (on the CPU a
+batch of 6 and a batch of 1 differ by ~1e-7); with `--batch_size 1` and equal threads the records are identical.
 """
 
 import hashlib
@@ -144,7 +146,7 @@ def encode_batch(batch: dict[str, Any], vae, tokenizer, text_encoder, args, devi
     if batch["flipped"] is not None:
         flipped = encode_images(vae, batch["flipped"].to(device, vae.dtype), args.latent_sampling, generators)
     embeds, truncated = encode_captions(
-        [p.caption for p in planned], tokenizer, text_encoder, args.max_sequence_length, device
+        [p.caption for p in planned], tokenizer, text_encoder, args.max_sequence_length, device, args.text_padding
     )
     latent_dtype, embed_dtype = dtypes
     records = []
@@ -200,7 +202,9 @@ def load_shards(cache_dir: str | Path) -> list[datasets.Dataset]:
     shard_dir = Path(cache_dir) / SHARDS_DIR
     if not shard_dir.exists():
         return []
-    return [datasets.load_from_disk(str(p)) for p in sorted(shard_dir.glob("rank*")) if p.is_dir()]
+    # Oldest first (names end in time_ns), so merge() lets a re-encoded item's newest record win whatever rank made it.
+    parts = sorted((p for p in shard_dir.glob("rank*") if p.is_dir()), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return [datasets.load_from_disk(str(p)) for p in parts]
 
 
 def merge(existing: datasets.Dataset | None, parts: list[datasets.Dataset]) -> datasets.Dataset:

@@ -1,0 +1,85 @@
+"""Images from Z-Image with one or more LoRAs, or a LoRA fused into a standalone model folder.
+
+    python generate.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo --lora my_lora --prompt "sks person"
+    python generate.py ... --lora style.safetensors:0.8 --lora face_lora:1.0 --num_images 4 --output out.png
+    python generate.py ... --lora my_lora --fuse_to my_fused_model        # save base + LoRA as a diffusers folder
+
+A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors file in any format diffusers reads
+(diffusers, ComfyUI/ai-toolkit, kohya); ":strength" after it sets its weight (default 1.0).
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from zimage_utils.model_loading import require_zimage
+from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
+    p.add_argument("--lora", action="append", default=[], help="LoRA folder or file, optionally PATH:STRENGTH.")
+    p.add_argument("--prompt", default="a photo", help="Text prompt.")
+    p.add_argument("--negative_prompt", default=None, help="Used when guidance > 0.")
+    p.add_argument("--height", type=int, default=1024, help="Pixels, a multiple of 16.")
+    p.add_argument("--width", type=int, default=1024, help="Pixels, a multiple of 16.")
+    p.add_argument("--num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
+    p.add_argument("--guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
+    p.add_argument("--num_images", type=int, default=1, help="Images (one grid PNG).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="sample.png", help="PNG path.")
+    p.add_argument("--fuse_to", default=None, help="Instead of sampling: save base + LoRAs fused into this folder.")
+    return p.parse_args(input_args)
+
+
+def split_strength(spec: str) -> tuple[str, float]:
+    """ "path:0.8" → ("path", 0.8); a path without a strength gets 1.0 (Windows drive letters are kept)."""
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def main(args: argparse.Namespace) -> None:
+    from diffusers import ZImagePipeline
+
+    require_zimage(args.pretrained_model_name_or_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(device)
+    names, weights = [], []
+    for i, spec in enumerate(args.lora):
+        path, strength = split_strength(spec)
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+        names.append(f"lora_{i}")
+        weights.append(strength)
+    if names:
+        pipe.set_adapters(names, weights)
+    if args.fuse_to:
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
+        pipe.save_pretrained(args.fuse_to)
+        print(f"fused model written to {args.fuse_to}")
+        return
+    defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]
+    guidance = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
+    images = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt if guidance > 0 else None,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.num_inference_steps or defaults["steps"],
+        guidance_scale=guidance,
+        num_images_per_prompt=args.num_images,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+    ).images
+    print(f"image written to {save_grid(images, args.output)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,59 @@
+"""Fixtures shared by all test files: a tiny random Z-Image pipeline, a synthetic captioned folder, and the embedding
+cache `precompute_embeddings.py` makes from them. Session-scoped, so they are built once per pytest run; tests that
+change them must work on a copy."""
+
+import os
+import sys
+from pathlib import Path
+
+# Set before anything imports huggingface_hub: there is no network here, and the tests must never need one.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # so tests can import the top-level scripts, e.g. precompute_embeddings
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny models gain nothing from threads, and on a busy machine (2 cores, another job running) OpenMP threads
+# waiting on each other made CPU convolutions ~50x slower. One thread also matches `accelerate launch
+# --num_cpu_threads_per_process 1`, so in-process and launched runs do the same float arithmetic.
+torch.set_num_threads(1)
+
+# The validation prompts `tiny_cache_dir` stores embeddings for.
+TINY_CACHE_VALIDATION_PROMPTS = ["a red circle", "a blue square on a white background"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Z-Image diffusers folder (model_index.json + components), loadable like the real model."""
+    from zimage_utils.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """12 PNGs of coloured shapes (64x64, 64x96, 96x64, 48x112) with .txt caption sidecars."""
+    from zimage_utils.tiny import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny_data"), num_images=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """The finished cache of `tiny_data_dir` at resolution 64 (bf16 storage), with TINY_CACHE_VALIDATION_PROMPTS."""
+    import precompute_embeddings
+
+    output_dir = tmp_path_factory.mktemp("tiny_cache")
+    args = [
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--train_data_dir", str(tiny_data_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--dataloader_num_workers", "0",
+        "--validation_prompts", *TINY_CACHE_VALIDATION_PROMPTS,
+    ]  # fmt: skip
+    precompute_embeddings.main(precompute_embeddings.parse_args(args))
+    return output_dir

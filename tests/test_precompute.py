@@ -1,0 +1,473 @@
+"""precompute_embeddings.py end to end on the tiny model: what a user's folder becomes in the cache, what the cached
+tensors mean, and how re-runs, crashes, changed settings and several processes behave.
+
+Runs call the script in-process: `precompute_embeddings.main(precompute_embeddings.parse_args([...]))`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import precompute_embeddings
+from zimage_utils import cache as cache_lib
+from zimage_utils.buckets import plan_crop, resize_and_crop
+from zimage_utils.latents import encode_images, pil_to_tensor
+from zimage_utils.model_loading import load_vae
+
+REPO_ROOT = Path(precompute_embeddings.__file__).resolve().parent
+
+
+def precompute(model_dir, output_dir, *extra, data_dir=None):
+    """One in-process run at resolution 64 without worker processes; `extra` flags override these defaults."""
+    args = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    if data_dir is not None:
+        args += ["--train_data_dir", str(data_dir)]
+    precompute_embeddings.main(precompute_embeddings.parse_args(args + [str(a) for a in extra]))
+    return output_dir
+
+
+def load(cache_dir):
+    """({source: record}, manifest) of a finished cache."""
+    dataset, manifest = cache_lib.load_cache(cache_dir)
+    return {record["source"]: record for record in dataset}, manifest
+
+
+def new_and_kept(caplog) -> tuple[int, int]:
+    """(new, kept) from the last run's summary line "cache DIR: N items (new new, kept kept), ..."."""
+    counts = re.findall(r"\((\d+) new, (\d+) kept\)", caplog.text)
+    caplog.clear()
+    return tuple(map(int, counts[-1]))
+
+
+@pytest.fixture
+def summary(caplog):
+    caplog.set_level(logging.INFO, logger="precompute")
+    return caplog
+
+
+@pytest.fixture
+def encoded_sources(monkeypatch):
+    """Sources passed to the encoder, per run: wraps the script's encode_batch without changing what it does."""
+    seen = []
+    real = precompute_embeddings.encode_batch
+
+    def recording(batch, *args, **kwargs):
+        seen.extend(p.item.source for p in batch["planned"])
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(precompute_embeddings, "encode_batch", recording)
+    return seen
+
+
+def _noise(width, height, mode="RGB", seed=0):
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A messy folder
+
+LONG_CAPTION = "a small blue square on a green background, " * 10  # far over 32 tokens
+CONVERTED = {  # file → what the manifest note says was done to it
+    "cmyk.jpg": "CMYK → RGB",
+    "rgba.png": "RGBA → RGB",
+    "gray.png": "L → RGB",
+    "palette.png": "P → RGB",
+    "rotated.jpg": "rotated upright (EXIF orientation 6)",
+}
+
+
+@pytest.fixture
+def messy_folder(tmp_path, tiny_data_dir):
+    """Two good images plus one of each case a user's folder can hold; all big enough for resolution 64."""
+    root = tmp_path / "messy"
+    root.mkdir()
+    for name in ("shape_000", "shape_001"):
+        shutil.copy(tiny_data_dir / f"{name}.png", root)
+        shutil.copy(tiny_data_dir / f"{name}.txt", root)
+
+    (root / "corrupt.jpg").write_bytes(random.Random(0).randbytes(2000))
+    _noise(96, 96).save(root / "full.jpg", quality=95)
+    (root / "truncated.jpg").write_bytes((root / "full.jpg").read_bytes()[:3000])
+    (root / "full.jpg").unlink()
+    _noise(24, 24).save(root / "small.png")  # a 64x64 bucket needs x2.7 > --max_upscale 2
+
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    rgba.save(root / "rgba.png")
+    Image.new("L", (64, 64), 128).save(root / "gray.png")
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([200, 30, 30, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (32, 0, 64, 64))
+    palette.save(root / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone portrait: stored 96 wide x 48 high, displayed 48 wide x 96 high
+    _noise(96, 48).save(root / "rotated.jpg", exif=exif)
+
+    _noise(64, 64, seed=1).save(root / "empty_caption.png")
+    _noise(64, 64, seed=2).save(root / "no_caption.png")
+    _noise(64, 64, seed=3).save(root / "long_caption.png")
+
+    for image in root.glob("*.*"):
+        if image.suffix != ".txt" and image.stem not in ("shape_000", "shape_001", "no_caption"):
+            image.with_suffix(".txt").write_text("a small red square")
+    (root / "empty_caption.txt").write_text("  \n")
+    (root / "long_caption.txt").write_text(LONG_CAPTION)
+    return root
+
+
+def test_a_messy_folder_is_cached_with_every_bad_file_reported_by_name_and_fix(tiny_model_dir, messy_folder, tmp_path):
+    # Two DataLoader workers decode the images here, as in a real run.
+    flags = ["--max_sequence_length", 32, "--dataloader_num_workers", 2]
+    out = precompute(tiny_model_dir, tmp_path / "cache", *flags, data_dir=messy_folder)
+    records, manifest = load(out)
+
+    skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {"corrupt.jpg", "truncated.jpg", "small.png", "empty_caption.png", "no_caption.png"}
+    assert "re-export" in skipped["corrupt.jpg"] and "re-export" in skipped["truncated.jpg"]
+    assert "--max_upscale" in skipped["small.png"] and "lower --resolution" in skipped["small.png"]
+    assert (
+        skipped["empty_caption.png"].startswith("empty caption")
+        and "--default_caption" in skipped["empty_caption.png"]
+    )
+    assert skipped["no_caption.png"].startswith("missing caption") and "--default_caption" in skipped["no_caption.png"]
+
+    assert set(records) == {"shape_000.png", "shape_001.png", "long_caption.png", *CONVERTED}
+    assert manifest["num_items"] == len(records) == 8
+    notes = {n["source"]: n["reason"] for n in manifest["notes"]}
+    for source, what in CONVERTED.items():
+        assert what in notes[source]
+
+    rotated = records["rotated.jpg"]
+    assert (rotated["original_height"], rotated["original_width"]) == (96, 48)
+    assert rotated["bucket_height"] > rotated["bucket_width"]  # a portrait bucket
+
+    long = records["long_caption.png"]
+    assert long["caption_truncated"] and long["caption_length"] == 32
+    assert not any(r["caption_truncated"] for s, r in records.items() if s != "long_caption.png")
+    assert all(r["caption_length"] < 32 for s, r in records.items() if s != "long_caption.png")
+
+    # A re-run encodes nothing new and still reports every skipped and converted file.
+    precompute(tiny_model_dir, out, *flags, data_dir=messy_folder)
+    _, rerun = load(out)
+    assert rerun["skipped"] == manifest["skipped"] and rerun["notes"] == manifest["notes"]
+
+
+def test_default_caption_caches_the_images_that_have_none(tiny_model_dir, messy_folder, tmp_path):
+    out = precompute(tiny_model_dir, tmp_path / "cache", "--default_caption", "a photo", data_dir=messy_folder)
+    records, manifest = load(out)
+
+    assert records["no_caption.png"]["caption"] == records["empty_caption.png"]["caption"] == "a photo"
+    assert {s["source"] for s in manifest["skipped"]} == {"corrupt.jpg", "truncated.jpg", "small.png"}
+    notes = {n["source"]: n["reason"] for n in manifest["notes"]}
+    assert notes["no_caption.png"] == "missing caption, used --default_caption"
+    assert notes["empty_caption.png"] == "empty caption, used --default_caption"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the cached tensors are
+
+
+def _cropped_pixels(data_dir, record) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1]: the record's image, center-cropped to its bucket as the script does."""
+    image = Image.open(data_dir / record["source"]).convert("RGB")
+    bucket = (record["bucket_height"], record["bucket_width"])
+    crop = plan_crop(image.height, image.width, bucket, "center")
+    assert record["crop_box"] == pytest.approx(crop.to_original(image.height, image.width))
+    return pil_to_tensor(resize_and_crop(image, crop))[None]
+
+
+def test_cached_records_decode_to_the_vae_latents_of_the_cropped_image(tiny_model_dir, tiny_data_dir, tiny_cache_dir):
+    records, manifest = load(tiny_cache_dir)
+    assert len(records) == 12 and manifest["fingerprint"]["latent_dtype"] == "bf16"
+    vae = load_vae(str(tiny_model_dir))
+
+    for source in ("shape_000.png", "shape_001.png", "shape_003.png"):  # 64x64, 64x96 and 48x112 originals
+        record = records[source]
+        tensors = cache_lib.decode_record(record, manifest)
+        h, w = record["bucket_height"], record["bucket_width"]
+        assert tensors["latents"].shape == (16, h // 8, w // 8) and tensors["latents"].dtype == torch.bfloat16
+        assert tensors["caption_embeds"].shape == (record["caption_length"], 16)
+        assert tensors["caption_embeds"].dtype == torch.bfloat16
+
+        expected = encode_images(vae, _cropped_pixels(tiny_data_dir, record))[0]
+        torch.testing.assert_close(tensors["latents"].float(), expected, rtol=1 / 128, atol=1e-3)  # bf16: 8 bits
+
+
+def test_fp32_cache_holds_the_pipeline_caption_embeddings_bit_for_bit_and_decodable_latents(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from diffusers import ZImagePipeline
+
+    out = precompute(tiny_model_dir, tmp_path / "cache", "--cache_dtype", "fp32", data_dir=tiny_data_dir)
+    records, manifest = load(out)
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    vae = pipe.vae
+
+    for record in list(records.values())[:4]:
+        tensors = cache_lib.decode_record(record, manifest)
+        reference, _ = pipe.encode_prompt([record["caption"]], do_classifier_free_guidance=False)
+        assert torch.equal(tensors["caption_embeds"], reference[0])
+
+        # The pipeline's inverse of the cached latents decodes to the VAE's own reconstruction of the cropped image.
+        pixels = _cropped_pixels(tiny_data_dir, record)
+        with torch.no_grad():
+            reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+            latents = tensors["latents"][None]
+            decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+        torch.testing.assert_close(decoded, reconstruction, rtol=1e-4, atol=1e-4)
+
+    empty, validation = cache_lib.load_prompt_embeddings(out)
+    reference, _ = pipe.encode_prompt([""], do_classifier_free_guidance=False)
+    assert torch.equal(empty, reference[0]) and validation == []
+
+
+def test_validation_prompt_embeddings_are_cached_in_order(tiny_cache_dir):
+    empty, validation = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    prompts = cache_lib.read_manifest(tiny_cache_dir)["validation_prompts"]
+    assert len(prompts) == 2 and [prompt for prompt, _ in validation] == prompts
+    assert empty.shape[1] == 16 and all(e.shape[1] == 16 for _, e in validation)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Re-runs
+
+
+def test_a_rerun_encodes_only_new_and_changed_images(
+    tiny_model_dir, tiny_data_dir, tmp_path, summary, encoded_sources
+):
+    data = shutil.copytree(tiny_data_dir, tmp_path / "data")
+    out = precompute(tiny_model_dir, tmp_path / "cache", data_dir=data)
+    assert new_and_kept(summary) == (12, 0)
+
+    precompute(tiny_model_dir, out, data_dir=data)
+    assert new_and_kept(summary) == (0, 12)
+
+    encoded_sources.clear()
+    shutil.copy(data / "shape_000.png", data / "added.png")
+    (data / "added.txt").write_text("a new image")
+    changed = Image.open(data / "shape_005.png")
+    changed.putpixel((0, 0), (1, 2, 3))
+    changed.save(data / "shape_005.png")
+    (data / "shape_007.txt").write_text("a better caption")  # an edited caption is re-encoded too
+    precompute(tiny_model_dir, out, data_dir=data)
+
+    assert sorted(encoded_sources) == ["added.png", "shape_005.png", "shape_007.png"]
+    assert new_and_kept(summary) == (3, 10)
+    dataset, manifest = cache_lib.load_cache(out)
+    assert len(dataset) == manifest["num_items"] == 13
+    assert dataset["source"] == sorted(set(dataset["source"]))  # unique, sorted
+    records = {r["source"]: r for r in dataset}
+    assert records["shape_005.png"]["content_hash"] == _sha256(data / "shape_005.png")
+    assert records["shape_007.png"]["caption"] == "a better caption"
+
+
+def test_an_interrupted_run_keeps_its_finished_parts(tiny_model_dir, tiny_data_dir, tmp_path, summary, monkeypatch):
+    # batch_size 1: the resumed run batches differently, and the VAE's last bits depend on the batch size.
+    flags = ["--batch_size", 1, "--shard_size", 2]
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):  # half the images: batches of one are slow
+        shutil.copy(tiny_data_dir / f"shape_{i:03d}.png", data)
+        shutil.copy(tiny_data_dir / f"shape_{i:03d}.txt", data)
+    calls = []
+    real = precompute_embeddings.encode_batch
+
+    def crash_on_the_fourth_batch(batch, *args, **kwargs):
+        calls.append(batch)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # what Ctrl-C or a killed job looks like
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(precompute_embeddings, "encode_batch", crash_on_the_fourth_batch)
+    out = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tiny_model_dir, out, *flags, data_dir=data)
+    assert cache_lib.read_manifest(out) is None and len(list((out / cache_lib.SHARDS_DIR).glob("rank*"))) == 1
+
+    # The unfinished parts were made at resolution 64: a re-run with other settings may not mix them in.
+    with pytest.raises(cache_lib.CacheError, match="resolution: cache 64, now 48.*--overwrite"):
+        precompute(tiny_model_dir, out, *flags, "--resolution", 48, data_dir=data)
+
+    monkeypatch.undo()
+    summary.clear()
+    precompute(tiny_model_dir, out, *flags, data_dir=data)
+    assert new_and_kept(summary) == (4, 2)  # the first part's 2 items were kept; the 3rd was lost with the crash
+    assert not (out / cache_lib.SHARDS_DIR).exists()
+
+    clean = precompute(tiny_model_dir, tmp_path / "clean", *flags, data_dir=data)
+    resumed, _ = load(out)
+    reference, _ = load(clean)
+    assert list(resumed) == list(reference) and len(resumed) == 6
+    for source, record in reference.items():
+        assert resumed[source]["latents"] == record["latents"], source
+        assert resumed[source]["caption_embeds"] == record["caption_embeds"], source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fingerprint guards a cache against other settings and other models
+
+
+def test_a_cache_refuses_other_settings_until_overwrite(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path):
+    out = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    with pytest.raises(
+        cache_lib.CacheError, match=rf"{re.escape(str(out))}.*resolution: cache 64, now 48.*--overwrite"
+    ):
+        precompute(tiny_model_dir, out, "--resolution", 48, data_dir=tiny_data_dir)
+
+    other_model = shutil.copytree(tiny_model_dir, tmp_path / "other_model")
+    vae_config = json.loads((other_model / "vae" / "config.json").read_text())
+    vae_config["scaling_factor"] = 0.5
+    (other_model / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(
+        cache_lib.CacheError, match=rf"{re.escape(str(out))}.*component_config_hash.*scaling_factor.*--overwrite"
+    ):
+        precompute(other_model, out, data_dir=tiny_data_dir)
+
+    precompute(tiny_model_dir, out, "--resolution", 48, "--overwrite", data_dir=tiny_data_dir)
+    dataset, manifest = cache_lib.load_cache(out)
+    assert manifest["fingerprint"]["resolution"] == 48
+    assert max(h * w for h, w in zip(dataset["bucket_height"], dataset["bucket_width"])) <= 48 * 48
+
+
+def test_load_cache_refuses_a_cache_made_for_another_model(tiny_cache_dir):
+    _, manifest = cache_lib.load_cache(tiny_cache_dir, {"embed_dim": 16, "latent_channels": 16})
+    found = manifest["fingerprint"]["component_config_hash"]
+    with pytest.raises(
+        cache_lib.CacheError, match=rf"{re.escape(str(tiny_cache_dir))}.*component_config_hash: cache '{found}'"
+    ):
+        cache_lib.load_cache(tiny_cache_dir, {"component_config_hash": "0" * 64})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("crop, sampling", [("center", "mode"), ("random", "sample")])
+def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir, tmp_path, crop, sampling):
+    # With random crops and sampled latents, equal records prove that each item is seeded by itself, not by its
+    # process or batch. Bit-identical latents also need the same VAE arithmetic: batches of one image (conv kernels
+    # choose their algorithm by batch size) and one thread per process, as `--num_cpu_threads_per_process 1` gives
+    # the two processes below.
+    flags = ["--batch_size", 1, "--crop", crop, "--latent_sampling", sampling, "--seed", 7]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = precompute(tiny_model_dir, tmp_path / "one", *flags, data_dir=tiny_data_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (its multi-CPU path is mpirun). torchrun-style
+    # launching on CPU is `--multi_gpu` plus ACCELERATE_USE_CPU=1, which makes accelerate use gloo.
+    two = tmp_path / "two"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+        "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "precompute_embeddings.py",
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir),
+        "--output_dir", str(two), "--resolution", "64", "--dataloader_num_workers", "0", *map(str, flags),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(launch, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "12 items (12 new, 0 kept)" in result.stderr and "on 2 process(es)" in result.stderr
+
+    records_one, manifest_one = load(one)
+    records_two, manifest_two = load(two)
+    assert manifest_two["fingerprint"] == {**manifest_one["fingerprint"], "model": str(tiny_model_dir)}
+    assert list(records_two) == list(records_one)
+    for source, record in records_one.items():
+        for column in ("crop_box", "latents", "caption_embeds"):
+            assert records_two[source][column] == record[column], (source, column)
+
+
+def test_a_multi_process_launch_that_accelerate_did_not_connect_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    # What `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU=1 does on a machine without GPUs: each process
+    # sees WORLD_SIZE=2 but runs alone, and all of them would write the whole cache into one folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(
+            RuntimeError, match="2 processes were launched but accelerate set up 1.*ACCELERATE_USE_CPU"
+        ):
+            precompute(tiny_model_dir, tmp_path / "cache", data_dir=tiny_data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Other inputs and user errors
+
+
+def test_a_saved_datasets_dataset_is_cached_end_to_end(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    rows = {
+        "image": [Image.open(tiny_data_dir / f"shape_{i:03d}.png") for i in range(4)],
+        "text": [(tiny_data_dir / f"shape_{i:03d}.txt").read_text().strip() for i in range(4)],
+    }
+    saved = tmp_path / "dataset"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(saved))
+
+    out = precompute(tiny_model_dir, tmp_path / "cache", "--dataset_name", saved)
+    records, manifest = load(out)
+    assert list(records) == [f"{saved}[{row}]" for row in range(4)] and manifest["skipped"] == []
+    assert [r["caption"] for r in records.values()] == rows["text"]
+    folder_records, folder_manifest = load(tiny_cache_dir)
+    for row, record in enumerate(records.values()):  # the same image gives the same latents from either source
+        from_folder = cache_lib.decode_record(folder_records[f"shape_{row:03d}.png"], folder_manifest)["latents"]
+        # bf16 storage: batches of another size may round a few values the other way
+        torch.testing.assert_close(
+            cache_lib.decode_record(record, manifest)["latents"], from_folder, rtol=1 / 128, atol=1e-3
+        )
+
+
+def test_giving_both_a_folder_and_a_dataset_is_a_usage_error(capsys):
+    both = ["--train_data_dir", "photos", "--dataset_name", "user/photos"]
+    with pytest.raises(SystemExit):
+        precompute_embeddings.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", *both])
+    assert "pass exactly one of --train_data_dir or --dataset_name" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_z_image_is_refused_naming_the_path(tiny_data_dir, tmp_path):
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    }
+    (sdxl / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(sdxl))} is a Stable Diffusion XL model.*needs a Z-Image model"
+    ):
+        precompute(sdxl, tmp_path / "cache", data_dir=tiny_data_dir)
+    assert not (tmp_path / "cache").exists()
