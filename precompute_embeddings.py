@@ -43,6 +43,7 @@ from zimage_utils.precompute import (
     plan_batches,
     summarise,
 )
+from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions
 
 logger = logging.getLogger("precompute")
@@ -119,6 +120,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="Images per VAE/text-encoder batch.")
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="Processes decoding images (0 = main).")
     parser.add_argument("--shard_size", type=int, default=256, help="Records per finished part (crash granularity).")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the VAE encoder: faster on large datasets (see docs/BENCHMARKS.md), after one compile "
+        "per bucket size; not worth it for a few dozen images.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
     args = parser.parse_args(input_args)
     if (args.train_data_dir is None) == (args.dataset_name is None):
@@ -256,6 +263,9 @@ def main(args: argparse.Namespace) -> None:
     text_encoder, tokenizer = load_text_encoder_and_tokenizer(
         args.pretrained_model_name_or_path, dtype, device, revision=args.revision
     )
+    if args.compile:
+        raise_recompile_limit(len(buckets) + 8)
+        vae.encoder = torch.compile(vae.encoder, dynamic=False)  # compiled once per bucket size
     store = cache_lib.DTYPES[args.cache_dtype]
     writer = ShardWriter(args.output_dir, rank, args.shard_size)
     pixels = torch.utils.data.DataLoader(
@@ -263,6 +273,7 @@ def main(args: argparse.Namespace) -> None:
         batch_size=None,
         num_workers=args.dataloader_num_workers,
         collate_fn=keep_as_is,
+        pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with the previous batch's encoding
     )
     encoded, truncated = 0, 0
     progress = tqdm(total=len(planned), desc=f"encode (process {rank})", disable=not accelerator.is_local_main_process)

@@ -140,11 +140,13 @@ def encode_batch(batch: dict[str, Any], vae, tokenizer, text_encoder, args, devi
     generators = None
     if args.latent_sampling == "sample":
         generators = [torch.Generator(device=device).manual_seed(item_seed(args.seed, p.item.source)) for p in planned]
-    pixels = batch["pixels"].to(device, vae.dtype)
+    pixels = batch["pixels"].to(device, non_blocking=True).to(vae.dtype)
     latents = encode_images(vae, pixels, args.latent_sampling, generators)
     flipped = None
     if batch["flipped"] is not None:
-        flipped = encode_images(vae, batch["flipped"].to(device, vae.dtype), args.latent_sampling, generators)
+        flipped = encode_images(
+            vae, batch["flipped"].to(device, non_blocking=True).to(vae.dtype), args.latent_sampling, generators
+        )
     embeds, truncated = encode_captions(
         [p.caption for p in planned], tokenizer, text_encoder, args.max_sequence_length, device, args.text_padding
     )

@@ -35,6 +35,13 @@ def set_gradient_checkpointing(transformer, num_blocks: int) -> int:
     return n
 
 
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep up to `limit` compiled variants of one function (its default of 8 is too few for one block
+    compiled for several sequence lengths, or a VAE encoder compiled for each bucket size)."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
 def compile_blocks(transformer, **compile_kwargs) -> float:
     """Regional compilation (`compile_repeated_blocks`): each ZImageTransformerBlock is compiled once and the
     compiled code reused by all 34 of them. Returns seconds spent here (the real compile cost shows on the first
@@ -42,8 +49,7 @@ def compile_blocks(transformer, **compile_kwargs) -> float:
     start = time.perf_counter()
     # One compiled block serves 34 instances over three sequence lengths (noise refiner, caption refiner, main
     # layers), with and without checkpointing: more variants than dynamo's default recompile limit of 8.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    raise_recompile_limit(64)
     transformer.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
     return time.perf_counter() - start
 
