@@ -30,6 +30,7 @@ from zimage_utils.checkpoints import (
     resolve_resume_path,
     write_training_state,
 )
+from zimage_utils.distributed import configure_deepspeed, deepspeed_stage, gathered_lora
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
 from zimage_utils.lora_io import save_lora
@@ -39,6 +40,7 @@ from zimage_utils.model_loading import (
     require_zimage,
 )
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
+from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
 from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -95,7 +97,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Default: accelerate config; bf16 recommended on GPU.",
     )
-    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations: less memory.")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations of every block.")
+    p.add_argument(
+        "--gradient_checkpointing_blocks",
+        type=int,
+        default=0,
+        help="Recompute only the first N of the 32 image-token blocks (0 = off): between no and full "
+        "checkpointing in memory and speed.",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the repeated transformer blocks (regional): faster after a one-off compile.",
+    )
     # Flow matching
     p.add_argument(
         "--timestep_sampling", choices=["uniform", "logit_normal", "shift", "flux_shift"], default="logit_normal"
@@ -162,9 +176,8 @@ def load_data(args, accelerator, transformer):
 
 
 def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, manifest, dtype):
-    """Both LoRA formats into `directory` (main process), with the metadata users and tools look for."""
-    if not accelerator.is_main_process:
-        return
+    """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
+    gathers the LoRA from all of them), with the metadata users and tools look for."""
     fp = manifest["fingerprint"]
     metadata = {
         "base_model": args.pretrained_model_name_or_path,
@@ -177,7 +190,10 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         "trigger_word": manifest.get("caption_prefix") or "",
         "training_adapter": args.training_adapter or "",
     }
-    save_lora(directory, accelerator.unwrap_model(transformer), lora_config, metadata, dtype=dtype)
+    model = accelerator.unwrap_model(transformer)
+    with gathered_lora(accelerator, model):
+        if accelerator.is_main_process:
+            save_lora(directory, model, lora_config, metadata, dtype=dtype)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -232,7 +248,8 @@ def run_training(args: argparse.Namespace) -> None:
     adapter_state = None
     if args.training_adapter:
         adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
-    transformer.to(accelerator.device)
+    if deepspeed_stage(accelerator) != 3:  # ZeRO-3 partitions the base from host memory: no full copy per GPU
+        transformer.to(accelerator.device)
 
     # Data
     train, val_data, sampler, manifest, empty_embeds, validation_prompts = load_data(args, accelerator, transformer)
@@ -254,8 +271,12 @@ def run_training(args: argparse.Namespace) -> None:
         args.lora_targets,
         args.lora_exclude_refiners,
     )
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+        set_gradient_checkpointing(
+            transformer, -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks
+        )
+    if args.compile:
+        compile_blocks(transformer)
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)
@@ -268,6 +289,7 @@ def run_training(args: argparse.Namespace) -> None:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
+    configure_deepspeed(accelerator, args.train_batch_size)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_lora_state_hooks(accelerator, type(accelerator.unwrap_model(transformer)))
 
@@ -275,7 +297,8 @@ def run_training(args: argparse.Namespace) -> None:
     global_step, epoch, start_batch = 0, 0, 0
     resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
+        accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
         state = read_training_state(resume)
         global_step, epoch, start_batch = state["global_step"], state["epoch"], state["next_batch"]
         print0(f"resumed from {resume}: step {global_step}, epoch {epoch}, batch {start_batch}")
@@ -313,7 +336,9 @@ def run_training(args: argparse.Namespace) -> None:
         path = output_dir / f"checkpoint-{step}"
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, args.checkpoints_total_limit)
-        accelerator.save_state(str(path))
+        accelerator.save_state(
+            str(path), **({"exclude_frozen_parameters": True} if deepspeed_stage(accelerator) else {})
+        )
         save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, manifest, torch.float32)
         if accelerator.is_main_process:
             write_training_state(path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch})
@@ -332,14 +357,20 @@ def run_training(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
 
+    zero3 = deepspeed_stage(accelerator) == 3
+    if zero3 and adapter_state is not None:
+        print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
+
     def validate(step):
         transformer.eval()
         logs = validation_loss(transformer, val_data, collate, args.seed) if val_data is not None else {}
-        if accelerator.is_main_process:
+        # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
+        # the main process does.
+        if accelerator.is_main_process or zero3:
             with training_adapter_removed(
-                accelerator.unwrap_model(transformer), adapter_state, args.training_adapter_scale
+                accelerator.unwrap_model(transformer), None if zero3 else adapter_state, args.training_adapter_scale
             ) as model:
-                path = validator.sample_grid(model, step, accelerator.device)
+                path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)
             if path:
                 print0(f"validation samples: {path}")
         transformer.train()

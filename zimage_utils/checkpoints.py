@@ -70,6 +70,7 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from .distributed import deepspeed_stage, gathered_lora
     from .lora_io import DIFFUSERS_PREFIX, get_lora_state_dict
 
     def is_transformer(model) -> bool:
@@ -78,16 +79,20 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     def save_hook(models, weights, output_dir):
         for i in reversed(range(len(models))):
             if is_transformer(models[i]):
-                if accelerator.is_main_process:
-                    state = get_lora_state_dict(accelerator.unwrap_model(models[i]))
-                    tensors = {k: v.to("cpu", copy=True).float().contiguous() for k, v in state.items()}
-                    tmp = Path(output_dir) / f".{LORA_STATE_NAME}.tmp"
-                    save_file(tensors, str(tmp))
-                    os.replace(tmp, Path(output_dir) / LORA_STATE_NAME)
+                model = accelerator.unwrap_model(models[i])
+                with gathered_lora(accelerator, model):  # every rank, under ZeRO-3
+                    if accelerator.is_main_process:
+                        state = get_lora_state_dict(model)
+                        tensors = {k: v.to("cpu", copy=True).float().contiguous() for k, v in state.items()}
+                        tmp = Path(output_dir) / f".{LORA_STATE_NAME}.tmp"
+                        save_file(tensors, str(tmp))
+                        os.replace(tmp, Path(output_dir) / LORA_STATE_NAME)
                 if weights:
                     weights.pop(i)
 
     def load_hook(models, input_dir):
+        if deepspeed_stage(accelerator):  # DeepSpeed's own checkpoint restores the LoRA with its optimiser
+            return
         for i in reversed(range(len(models))):
             if is_transformer(models[i]):
                 model = accelerator.unwrap_model(models.pop(i))

@@ -114,4 +114,5 @@ def add_lora(
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
     """Number of parameters with `requires_grad` (after `add_lora`: the LoRA weights only)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # DeepSpeed ZeRO-3 leaves an empty shard in `p` and records the full size in `ds_numel`.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

@@ -99,7 +99,7 @@ class Validator:
         self.guidance = defaults["guidance"] if guidance is None else guidance
         self.vae = self.scheduler = None
 
-    def sample_grid(self, transformer, step: int, device) -> Path | None:
+    def sample_grid(self, transformer, step: int, device, save: bool = True) -> Path | None:
         if not self.prompts:
             return None
         from .model_loading import load_scheduler, load_vae
@@ -119,4 +119,4 @@ class Validator:
             self.guidance,
             self.seed,
         )
-        return save_grid(images, self.out_dir / f"step_{step:06d}.png")
+        return save_grid(images, self.out_dir / f"step_{step:06d}.png") if save else None

@@ -1,0 +1,616 @@
+"""train_zimage_lora.py end to end on the tiny model (CPU): what a run writes, that it learns the right thing, and
+how resume, interruption, bad losses, several processes, training adapters and wrong caches behave.
+
+Runs call the script in-process, `train_zimage_lora.main(train_zimage_lora.parse_args([...]))`, except where a
+signal or a second process is the point. Every run logs one JSON line per logging step to OUTPUT/train_log.jsonl;
+tests read losses from there, as a user plotting the curve would.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+from test_lora_io import fail_on_loader_warnings, lora_delta, transformer_output
+
+import precompute_embeddings
+import train_zimage_lora
+from zimage_utils import cache as cache_lib
+from zimage_utils import flow_matching
+from zimage_utils.checkpoints import LORA_STATE_NAME, list_checkpoints, read_training_state
+from zimage_utils.lora import add_lora, lora_target_modules
+from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, save_lora
+from zimage_utils.model_loading import load_transformer
+from zimage_utils.tiny import TINY_TRANSFORMER, make_synthetic_dataset
+from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
+
+REPO_ROOT = Path(train_zimage_lora.__file__).resolve().parent
+
+# Flags every run gets unless a test overrides them (None removes one). Validation sampling at the end of a run
+# takes one step without guidance, to keep the suite fast.
+DEFAULT_FLAGS = {
+    "max_train_steps": 6,
+    "learning_rate": 1e-3,
+    "rank": 4,
+    "logging_steps": 1,
+    "checkpointing_steps": 0,
+    "report_to": "none",
+    "validation_num_inference_steps": 1,
+    "validation_guidance_scale": 0,
+}
+
+
+def trainer_args(model_dir, cache_dir, output_dir, **flags) -> list[str]:
+    """Command-line arguments: `learning_rate=1e-3` becomes `--learning_rate 1e-3`, `flag=True` becomes `--flag`."""
+    args = ["--pretrained_model_name_or_path", str(model_dir), "--precomputed_dir", str(cache_dir)]
+    args += ["--output_dir", str(output_dir)]
+    for name, value in {**DEFAULT_FLAGS, **flags}.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is not None:
+            args += [f"--{name}", str(value)]
+    return args
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, as a new `python train_zimage_lora.py` process would start."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train(model_dir, cache_dir, output_dir, **flags) -> list[dict]:
+    """One in-process training run; returns the records of its train_log.jsonl."""
+    reset_accelerate()
+    train_zimage_lora.main(train_zimage_lora.parse_args(trainer_args(model_dir, cache_dir, output_dir, **flags)))
+    return read_log(output_dir)
+
+
+def read_log(output_dir) -> list[dict]:
+    path = Path(output_dir) / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def precompute(model_dir, data_dir, output_dir, *extra) -> Path:
+    args = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--train_data_dir", str(data_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    precompute_embeddings.main(precompute_embeddings.parse_args(args + list(extra)))
+    return Path(output_dir)
+
+
+def subprocess_env() -> dict[str, str]:
+    # One thread per process: the tiny model is far faster single-threaded, and 2 cores are shared.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model trains ~3x faster on one thread than on two (its matrices are too small to split)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def flipped_cache_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    """`tiny_cache_dir` plus the mirrored latents (--cache_flipped), which --random_flip needs."""
+    return precompute(tiny_model_dir, tiny_data_dir, tmp_path_factory.mktemp("flipped_cache"), "--cache_flipped")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A finished run: the loss falls, and the files it leaves are the trained model
+# ---------------------------------------------------------------------------------------------------------------
+
+FINISHED_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tiny_cache_dir, tmp_path_factory):
+    """150 steps, rank 8 with alpha 16 (scale 2, so a loader that drops alpha would be caught), every block Linear;
+    a checkpoint at the last step keeps the exact fp32 LoRA to compare the final files against."""
+    output_dir = tmp_path_factory.mktemp("finished_run")
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    log = train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        output_dir,
+        max_train_steps=FINISHED_STEPS,
+        learning_rate=5e-3,
+        rank=8,
+        lora_alpha=16,
+        lora_targets="all",
+        train_batch_size=2,
+        checkpointing_steps=FINISHED_STEPS,
+        save_dtype="fp32",
+    )
+    handlers_after = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {"dir": output_dir, "log": log, "handlers": (handlers_before, handlers_after)}
+
+
+def test_loss_falls_clearly_over_a_short_run(finished_run):
+    losses = [record["loss"] for record in finished_run["log"]]
+    assert [r["step"] for r in finished_run["log"]] == list(range(1, FINISHED_STEPS + 1))
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.85 * first, f"mean loss of the first 20 steps {first:.3f}, of the last 20 {last:.3f}"
+
+
+def test_a_finished_run_writes_both_lora_files_a_checkpoint_and_validation_samples(finished_run):
+    out = finished_run["dir"]
+    assert {p.name for p in out.iterdir()} == {
+        LORA_WEIGHT_NAME,
+        COMFYUI_WEIGHT_NAME,
+        f"checkpoint-{FINISHED_STEPS}",
+        "samples",
+        "train_log.jsonl",
+    }
+    assert [p.name for p in (out / "samples").iterdir()] == [f"step_{FINISHED_STEPS:06d}.png"]
+    assert read_training_state(out / f"checkpoint-{FINISHED_STEPS}")["global_step"] == FINISHED_STEPS
+
+
+def trained_transformer(model_dir, checkpoint_dir) -> torch.nn.Module:
+    """The model as training left it: base + LoRA from the checkpoint's exact (fp32, alpha not folded) state."""
+    transformer = load_transformer(str(model_dir), torch.float32)
+    add_lora(transformer, rank=8, alpha=16, targets="all")
+    state = load_file(str(Path(checkpoint_dir) / LORA_STATE_NAME))
+    result = set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in state.items()})
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    return transformer
+
+
+def test_final_lora_loads_in_diffusers_and_computes_what_training_left(finished_run, tiny_model_dir):
+    """Tolerance: fp32 end to end, outputs of magnitude ~1 agree to 1e-5 (the LoRA moves them by > 1e-2)."""
+    trained = transformer_output(trained_transformer(tiny_model_dir, finished_run["dir"] / "checkpoint-150"))
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
+    base = transformer_output(pipe.transformer)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(finished_run["dir"])  # finds pytorch_lora_weights.safetensors
+    assert (trained - base).abs().max() > 1e-2  # training really changed the model
+    torch.testing.assert_close(transformer_output(pipe.transformer), trained, rtol=0, atol=1e-5)
+
+
+def test_comfyui_file_converts_to_the_same_weight_updates(finished_run):
+    diffusers_sd, _ = load_lora_file(finished_run["dir"] / LORA_WEIGHT_NAME)
+    converted = ZImagePipeline.lora_state_dict(str(finished_run["dir"] / COMFYUI_WEIGHT_NAME))
+    assert set(converted) == set(diffusers_sd)
+    modules = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in diffusers_sd if "lora_A" in k}
+    assert len(modules) == 31  # 2 layers x 8 Linears + noise refiner 8 + context refiner 7 (no adaLN)
+    for module in modules:
+        torch.testing.assert_close(lora_delta(converted, module), lora_delta(diffusers_sd, module))
+
+
+def test_lora_metadata_tells_what_was_trained(finished_run, tiny_model_dir):
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+        _, metadata = load_lora_file(finished_run["dir"] / name)
+        assert metadata["base_model"] == str(tiny_model_dir)
+        assert (metadata["rank"], float(metadata["alpha"]), metadata["targets"]) == ("8", 16.0, "all")
+        assert (metadata["steps"], metadata["resolution"]) == (str(FINISHED_STEPS), "64")
+
+
+def test_calling_main_in_process_restores_the_callers_signal_handlers(finished_run):
+    before, after = finished_run["handlers"]
+    assert after == before  # else Ctrl-C in a notebook or pytest would be swallowed by a finished run's handler
+
+
+def test_per_sigma_losses_describe_each_logging_window(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """One item per step and a log every step: each record holds exactly one sigma bin, that step's loss (not a
+    running average since the start, which would also differ after a resume)."""
+    for record in train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4):
+        bins = {k: v for k, v in record.items() if k.startswith("loss/sigma_")}
+        assert list(bins.values()) == [pytest.approx(record["loss"])], record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume and pruning
+# ---------------------------------------------------------------------------------------------------------------
+
+# Everything random at once: caption dropout, random flips, LoRA dropout, gradient accumulation across epoch ends
+# (5 micro-batches per epoch) and a warmup + cosine schedule.
+RESUME_FLAGS = dict(
+    max_train_steps=12,
+    train_batch_size=2,
+    gradient_accumulation_steps=2,
+    caption_dropout=0.3,
+    random_flip=0.5,
+    lora_dropout=0.1,
+    lr_scheduler="cosine",
+    lr_warmup_steps=2,
+    learning_rate=3e-3,
+    save_dtype="fp32",
+)
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(tiny_model_dir, flipped_cache_dir, tmp_path_factory):
+    """Run A: 12 steps in one go. Run B: stopped after 6 steps (checkpoints every 3, keep 2), then resumed."""
+    a, b = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("interrupted")
+    log_a = train(tiny_model_dir, flipped_cache_dir, a, **RESUME_FLAGS)
+    flags_b = dict(RESUME_FLAGS, checkpointing_steps=3, checkpoints_total_limit=2)
+    train(tiny_model_dir, flipped_cache_dir, b, **flags_b, max_train_steps_this_run=6)
+    checkpoints_at_stop = [p.name for p in list_checkpoints(b)]
+    log_b = train(tiny_model_dir, flipped_cache_dir, b, **flags_b, resume_from_checkpoint="latest")
+    return {"a": a, "b": b, "log_a": log_a, "log_b": log_b, "checkpoints_at_stop": checkpoints_at_stop}
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(interrupted_and_resumed):
+    log_a, log_b = interrupted_and_resumed["log_a"], interrupted_and_resumed["log_b"]
+    assert [r["step"] for r in log_b] == list(range(1, 13))  # 1-6 from the first run, 7-12 after resuming
+    for record_a, record_b in zip(log_a, log_b):
+        assert {k: v for k, v in record_b.items() if k != "steps_per_s"} == {
+            k: v for k, v in record_a.items() if k != "steps_per_s"
+        }, f"step {record_a['step']}"
+    lora_a, _ = load_lora_file(interrupted_and_resumed["a"] / LORA_WEIGHT_NAME)
+    lora_b, _ = load_lora_file(interrupted_and_resumed["b"] / LORA_WEIGHT_NAME)
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
+def test_checkpoints_total_limit_keeps_the_newest_checkpoints(interrupted_and_resumed):
+    assert interrupted_and_resumed["checkpoints_at_stop"] == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in interrupted_and_resumed["b"].glob("checkpoint-*")) == [
+        "checkpoint-12",
+        "checkpoint-9",
+    ]
+
+
+def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="train")
+    log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
+    assert "no checkpoint" in caplog.text and [r["step"] for r in log] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The conventions together: a LoRA trained on one image makes the pipeline sample that image
+# ---------------------------------------------------------------------------------------------------------------
+
+# Every block Linear plus the patch embedder and the final projection. The tiny model's embedder and final layer
+# are random and frozen by default; adapting them lets 150 CPU steps memorise (the blocks alone need many more).
+MEMORISE_TARGETS = ",".join(
+    ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    + ["adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear"]
+)
+MEMORISE_FLAGS = dict(
+    max_train_steps=150, learning_rate=1e-2, rank=32, lora_targets=MEMORISE_TARGETS, logging_steps=10
+)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny pipeline with a 64-wide transformer. A 2x2 patch of 16-channel latents holds 64 values; the
+    32-wide tiny transformer cannot represent all of the noise it must remove, so no LoRA on it gets much closer
+    than half the base model's distance. VAE and text encoder are unchanged, so caches made with the tiny model fit.
+    """
+    model_dir = tmp_path_factory.mktemp("wide_model") / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(**{**TINY_TRANSFORMER, "dim": 64, "n_heads": 4, "n_kv_heads": 4})
+    with torch.no_grad():  # uninitialised memory otherwise (see ZIMAGE.md)
+        transformer.x_pad_token.normal_(std=0.02)
+        transformer.cap_pad_token.normal_(std=0.02)
+    shutil.rmtree(model_dir / "transformer")
+    transformer.save_pretrained(model_dir / "transformer")
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def one_image_cache_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    data_dir = make_synthetic_dataset(tmp_path_factory.mktemp("one_image"), num_images=1)
+    return precompute(tiny_model_dir, data_dir, tmp_path_factory.mktemp("one_image_cache"))
+
+
+def sampled_distance(model_dir, cache_dir, lora_dir=None, seeds=(0, 1, 2)) -> float:
+    """Mean squared distance between the pipeline's latents for the cached caption and the cached latents.
+
+    Sampling goes through diffusers' own ZImagePipeline (8 steps, no guidance, fixed generators) from the
+    cached caption embedding; `output_type="latent"` returns latents before VAE unscaling, the cache's space.
+    """
+    dataset, manifest = cache_lib.load_cache(cache_dir)
+    record = cache_lib.decode_record(dataset[0], manifest)
+    target, caption = record["latents"].float(), record["caption_embeds"].float()
+    pipe = ZImagePipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    distances = []
+    for seed in seeds:
+        latents = pipe(
+            prompt_embeds=[caption],
+            height=64,
+            width=64,
+            num_inference_steps=8,
+            guidance_scale=0.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        ).images
+        distances.append(float(((latents[0].float() - target) ** 2).mean()))
+    return sum(distances) / len(distances)
+
+
+@pytest.fixture(scope="module")
+def base_distance(wide_model_dir, one_image_cache_dir) -> float:
+    return sampled_distance(wide_model_dir, one_image_cache_dir)
+
+
+def test_lora_trained_on_one_image_makes_the_pipeline_sample_it(
+    wide_model_dir, one_image_cache_dir, base_distance, tmp_path
+):
+    """Time direction, target sign, latent scaling and the pipeline's negation all have to agree for this."""
+    log = train(wide_model_dir, one_image_cache_dir, tmp_path, **MEMORISE_FLAGS)
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    trained_distance = sampled_distance(wide_model_dir, one_image_cache_dir, tmp_path)
+    assert trained_distance < 0.5 * base_distance, (trained_distance, base_distance)
+
+
+def test_a_wrong_target_sign_would_be_caught(
+    wide_model_dir, one_image_cache_dir, base_distance, tmp_path, monkeypatch
+):
+    """Training on noise - data (the scheduler's velocity) instead of data - noise: the same run no longer
+    brings samples closer to the image, so the test above guards the convention."""
+    monkeypatch.setattr(flow_matching, "velocity_target", lambda x1, x0: x0 - x1)
+    train(wide_model_dir, one_image_cache_dir, tmp_path, **MEMORISE_FLAGS)
+    wrong_distance = sampled_distance(wide_model_dir, one_image_cache_dir, tmp_path)
+    assert wrong_distance > 0.8 * base_distance, (wrong_distance, base_distance)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caption dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def record_transformer_captions(monkeypatch) -> list[torch.Tensor]:
+    """Spy on every training forward: the caption embeddings the transformer receives."""
+    captions = []
+    original = train_zimage_lora.flow_matching_step
+
+    def spy(transformer, *args, **kwargs):
+        handle = transformer.register_forward_pre_hook(lambda module, inputs: captions.extend(inputs[2]))
+        try:
+            return original(transformer, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(train_zimage_lora, "flow_matching_step", spy)
+    return captions
+
+
+@pytest.mark.parametrize("dropout", [1.0, 0.0])
+def test_caption_dropout_trains_on_the_cached_empty_caption(
+    dropout, tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    captions = record_transformer_captions(monkeypatch)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=3, train_batch_size=2, caption_dropout=dropout)
+    empty, _ = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    is_empty = [c.shape == empty.shape and torch.equal(c, empty.float()) for c in captions]
+    assert len(is_empty) == 6
+    assert all(is_empty) if dropout == 1.0 else not any(is_empty)
+
+
+def test_dropout_and_flip_depend_only_on_the_items_seed():
+    """So a batch split across processes, or a resumed run, makes the same choices for each item."""
+    from zimage_utils.training_step import StepConfig, per_item_choices
+
+    config = StepConfig(caption_dropout=0.3, flip_prob=0.5)
+    seeds = list(range(1000))
+    drop, flip = per_item_choices(seeds, config, has_flipped=True)
+    assert per_item_choices(seeds[:7], config, True) == (drop[:7], flip[:7])
+    assert per_item_choices(seeds[500:503], config, True) == (drop[500:503], flip[500:503])
+    assert 0.25 < sum(drop) / 1000 < 0.35 and 0.45 < sum(flip) / 1000 < 0.55
+    assert per_item_choices(seeds, config, has_flipped=False)[1] == [False] * 1000  # no mirrored latents cached
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training adapter (Z-Image-Turbo): merged for training, cancelled for sampling, never saved
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA over attention + FFN with random non-zero weights, standing in for the de-distillation adapter."""
+    transformer = load_transformer(str(tiny_model_dir), torch.float32)
+    config = add_lora(transformer, rank=4, targets="attention_ffn")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    out = tmp_path_factory.mktemp("adapter")
+    return save_lora(out, transformer, config, formats=["diffusers"])["diffusers"]
+
+
+def randomise_trained_lora(transformer, seed=3) -> None:
+    """Stands in for training: the same seeded values for lora_A and lora_B of the trained adapter ("default")."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".default." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+
+
+def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny_model_dir, adapter_file):
+    base = load_transformer(str(tiny_model_dir), torch.float32)
+    base_output = transformer_output(base)
+
+    model = load_transformer(str(tiny_model_dir), torch.float32)
+    adapter_state = merge_training_adapter(model, str(adapter_file), scale=1.0)
+    merged_output = transformer_output(model)
+    assert (merged_output - base_output).abs().max() > 1e-2  # the base now computes base + adapter
+    assert not any("lora" in name for name, _ in model.named_modules())  # fused: no adapter layers remain
+    add_lora(model, rank=4, targets="attention")  # what the trainer does next
+    randomise_trained_lora(model)
+
+    # base + trained LoRA, no adapter anywhere: what a user gets loading our file into the real base
+    reference = load_transformer(str(tiny_model_dir), torch.float32)
+    add_lora(reference, rank=4, targets="attention")
+    randomise_trained_lora(reference)
+    expected = transformer_output(reference)
+
+    trained_with_adapter = transformer_output(model)
+    with training_adapter_removed(model, adapter_state, scale=1.0) as sampling_model:
+        # fp32: cancelling W + BA with -BA leaves rounding of ~1e-7 on outputs of magnitude ~1
+        torch.testing.assert_close(transformer_output(sampling_model), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(transformer_output(model), trained_with_adapter, rtol=0, atol=0)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name and ".default." in name for name in trainable)
+    assert len(trainable) == 2 * len(lora_target_modules(base, "attention"))
+    assert not any("training_adapter" in name for name, _ in model.named_parameters())
+
+
+def test_training_with_an_adapter_saves_only_the_trained_lora(tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path):
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=3, training_adapter=adapter_file)
+    saved, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
+    adapter, _ = load_lora_file(adapter_file)
+    attention = lora_target_modules(load_transformer(str(tiny_model_dir), torch.float32), "attention")
+    assert set(saved) == {f"transformer.{m}.lora_{ab}.weight" for m in attention for ab in "AB"}  # no FFN keys
+    assert not any(torch.equal(saved[k], adapter[k]) for k in saved)
+    assert metadata["training_adapter"] == str(adapter_file)
+    assert (tmp_path / "samples" / "step_000003.png").exists()  # sampled with the adapter cancelled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures users run into
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """The loss becomes NaN at step 4; the check runs at the next log or checkpoint (step 6), before saving."""
+    original, calls = train_zimage_lora.flow_matching_step, []
+
+    def nan_at_step_4(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_zimage_lora, "flow_matching_step", nan_at_step_4)
+    with pytest.raises(FloatingPointError, match="non-finite at step 4"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=10, checkpointing_steps=3, logging_steps=100)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / LORA_WEIGHT_NAME).exists()
+
+
+def test_a_diverging_learning_rate_is_reported_with_its_step(tiny_model_dir, tiny_cache_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite at step \d+.*--learning_rate"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=10, learning_rate=1e30, rank=8)
+
+
+def test_a_cache_made_for_another_model_is_refused(tiny_model_dir, tiny_cache_dir, tmp_path):
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other_model)
+    vae_config = json.loads((other_model / "vae" / "config.json").read_text())
+    vae_config["scaling_factor"] = 0.5
+    (other_model / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(cache_lib.CacheError, match=re.escape(str(tiny_cache_dir))):
+        train(other_model, tiny_cache_dir, tmp_path / "out")
+
+
+def test_processes_launched_without_a_process_group_are_refused(tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch):
+    """What `accelerate launch --multi_gpu` does on a machine without GPUs: two lone trainers on the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=1"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM saves a checkpoint and exits cleanly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, tiny_cache_dir, tmp_path):
+    steps = 200
+    args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=steps)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "train_zimage_lora.py", *args],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        deadline = time.time() + 120
+        while len(read_log(tmp_path)) < 5 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # as a cluster scheduler does before preempting
+        returncode = process.wait(timeout=120)
+    messages = (tmp_path / "stderr.txt").read_text()
+    assert returncode == 0, messages[-3000:]
+    stopped_at = read_log(tmp_path)[-1]["step"]
+    assert 5 <= stopped_at < steps
+    assert f"stopped by signal at step {stopped_at}" in messages
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{stopped_at}"]
+    assert not (tmp_path / LORA_WEIGHT_NAME).exists()  # unfinished: only the checkpoint
+
+    log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=steps, resume_from_checkpoint="latest")
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    _, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
+    assert metadata["steps"] == str(steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo on the CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_batch(
+    tiny_model_dir, flipped_cache_dir, tmp_path
+):
+    """accelerate 1.15's `launch --cpu` starts ONE process whatever --num_processes says (multi-CPU goes through
+    mpirun there, huggingface/accelerate#2741). Two CPU processes come from its torchrun launcher (`--multi_gpu`)
+    with ACCELERATE_USE_CPU=1, which makes accelerate set up gloo instead of looking for GPUs.
+
+    Tolerance: every random choice is seeded per item and gradients are averaged over the same 4 items, so the two
+    LoRAs differ only by fp32 reduction order: measured <= 1e-6 on weights of magnitude ~1e-2; asserted 1e-5.
+    """
+    flags = dict(
+        max_train_steps=6, learning_rate=3e-3, caption_dropout=0.3, random_flip=0.5, save_dtype="fp32", rank=8
+    )
+    two, one = tmp_path / "two_processes", tmp_path / "one_process"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port()), "train_zimage_lora.py"]
+    result = subprocess.run(
+        launch + trainer_args(tiny_model_dir, flipped_cache_dir, two, **flags, train_batch_size=2),
+        cwd=REPO_ROOT,
+        env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 4" in result.stderr and "2 process(es)" in result.stderr
+    # One writer: one pair of LoRA files, one log line per step
+    assert {p.name for p in two.iterdir()} == {LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, "train_log.jsonl"}
+    assert [r["step"] for r in read_log(two)] == list(range(1, 7))
+
+    train(tiny_model_dir, flipped_cache_dir, one, **flags, train_batch_size=4)
+    lora_two, _ = load_lora_file(two / LORA_WEIGHT_NAME)
+    lora_one, _ = load_lora_file(one / LORA_WEIGHT_NAME)
+    assert set(lora_two) == set(lora_one)
+    assert max(lora_one[k].abs().max() for k in lora_one if "lora_B" in k) > 1e-3  # trained, not the zero init
+    for key in lora_one:
+        torch.testing.assert_close(lora_two[key], lora_one[key], rtol=0, atol=1e-5)

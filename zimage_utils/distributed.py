@@ -1,0 +1,36 @@
+"""What the trainer does differently under DeepSpeed: tell it the micro-batch size (our DataLoader is not prepared
+by accelerate), and gather only the LoRA parameters, on every rank, before reading them under ZeRO-3."""
+
+from contextlib import contextmanager
+
+from accelerate.utils import DistributedType
+
+
+def deepspeed_stage(accelerator) -> int:
+    """0 when not running under DeepSpeed, else its ZeRO stage (1, 2 or 3)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int) -> None:
+    """DeepSpeed needs the per-GPU micro-batch size before `prepare`; accelerate reads it from a prepared
+    DataLoader, which ours is not (our sampler shards the data itself)."""
+    if deepspeed_stage(accelerator):
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+
+
+@contextmanager
+def gathered_lora(accelerator, model):
+    """Inside the block every rank holds the full LoRA tensors (ZeRO-3 otherwise keeps a shard per rank, and a
+    LoRA saved from a shard is empty — a known failure of other trainers). Only the trainable parameters are
+    gathered, never the frozen 12 GB base. Every rank must enter it. Elsewhere it does nothing."""
+    if deepspeed_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
