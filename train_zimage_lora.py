@@ -30,7 +30,7 @@ from zimage_utils.checkpoints import (
     resolve_resume_path,
     write_training_state,
 )
-from zimage_utils.distributed import configure_deepspeed, deepspeed_stage, gathered_lora
+from zimage_utils.distributed import configure_deepspeed, deepspeed_stage, gathered_lora, optimizer_offloaded
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
 from zimage_utils.lora_io import save_lora
@@ -259,6 +259,9 @@ def run_training(args: argparse.Namespace) -> None:
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
+        # Its own generator: each new iterator draws a seed, and from the global RNG that draw would shift LoRA
+        # dropout after a mid-epoch resume (a fresh iterator there, none in the uninterrupted run).
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # LoRA: fp32 parameters over the frozen base
@@ -280,7 +283,13 @@ def run_training(args: argparse.Namespace) -> None:
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)
-    optimizer = make_optimizer(params, args.optimizer, args.learning_rate, args.adam_weight_decay)
+    optimizer = make_optimizer(
+        params,
+        args.optimizer,
+        args.learning_rate,
+        args.adam_weight_decay,
+        fused=False if optimizer_offloaded(accelerator) else None,
+    )
     steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(
@@ -425,8 +434,9 @@ def run_training(args: argparse.Namespace) -> None:
                     "steps_per_s": (global_step - last_log_step) / max(elapsed, 1e-9),
                     **meter.compute(),
                 }
-                if torch.cuda.is_available():
-                    logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if torch.cuda.is_available():  # the largest over all GPUs
+                    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=accelerator.device)
+                    logs["peak_mem_gib"] = float(accelerator.reduce(peak, "max"))
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})

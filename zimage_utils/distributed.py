@@ -19,6 +19,17 @@ def configure_deepspeed(accelerator, micro_batch_size: int) -> None:
     if deepspeed_stage(accelerator):
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        # With optimiser offload DeepSpeed insists on its own CPU Adam (a C++ op compiled on first use); the LoRA's
+        # few million parameters are handled fine by torch's AdamW on the CPU.
+        config["zero_force_ds_cpu_optimizer"] = False
+
+
+def optimizer_offloaded(accelerator) -> bool:
+    """True when DeepSpeed keeps the optimiser state in CPU memory (then the optimiser cannot be CUDA-fused)."""
+    if not deepspeed_stage(accelerator):
+        return False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
 @contextmanager

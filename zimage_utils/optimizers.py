@@ -12,11 +12,15 @@ def make_optimizer(
     weight_decay: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
     """`adamw` (torch, fused on CUDA), `adamw8bit` (bitsandbytes), `prodigy` (prodigyopt; lr ≈ 1.0),
-    `adafactor` (transformers, with the given lr rather than its relative-step schedule)."""
+    `adafactor` (transformers, with the given lr rather than its relative-step schedule).
+    fused: AdamW's single-kernel step (default: when every parameter is on CUDA; pass False when DeepSpeed
+    will move the optimiser state to the CPU)."""
     if name == "adamw":
-        fused = all(p.is_cuda for p in params)  # one kernel for all parameters instead of a loop over them
+        if fused is None:  # one kernel for all parameters instead of a loop over them
+            fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         try:

@@ -1,0 +1,302 @@
+"""Scale-out: the real trainer under each accelerate config, on a full-size random Z-Image (no hub), 1024², LoRA r32.
+
+    python benchmarks/bench_scale.py --work /tmp/scale --gpus 1,2,4 --out scale.json       # on a multi-GPU host
+    python benchmarks/bench_scale.py --tiny --work /tmp/scale                              # CPU smoke test
+
+Writes a model folder (random full-size transformer + the VAE/text-encoder configs the fingerprint needs) and a
+synthetic 1024² cache (random latents, 128-token caption embeddings), then runs `accelerate launch
+train_zimage_lora.py` for DDP on 1/2/4 GPUs and DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload, reads s/step and
+the peak GPU memory (max over ranks) from each run's train_log.jsonl, and checks that each saved LoRA has the
+expected keys, no empty tensor, and loads into the transformer through diffusers. Prints a table; writes JSON.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_precompute import QWEN3_4B, VAE_CONFIG  # noqa: E402
+from bench_train_step import FULL, build_transformer  # noqa: E402
+
+from zimage_utils import cache as cache_lib  # noqa: E402
+from zimage_utils import tiny  # noqa: E402
+from zimage_utils.model_loading import component_config_hash  # noqa: E402
+
+CONFIGS = ROOT / "accelerate_configs"
+
+
+def make_model(folder: Path, full: bool) -> None:
+    """Transformer weights (random) plus configs only for the VAE and text encoder: the trainer never loads
+    their weights (no validation prompts in these runs)."""
+    if (folder / "model_index.json").exists():
+        return
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config
+
+    cfg = {**tiny.TINY_TRANSFORMER, **(FULL if full else {})}
+    transformer = build_transformer(cfg, "cuda" if full and torch.cuda.is_available() else "cpu", torch.bfloat16)
+    transformer.save_pretrained(folder / "transformer")
+    del transformer
+    tokenizer = tiny.make_tokenizer()
+    AutoencoderKL(**(VAE_CONFIG if full else tiny.TINY_VAE)).save_config(folder / "vae")
+    te = (
+        QWEN3_4B
+        if full
+        else dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+        )
+    )
+    Qwen3Config(**te).save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
+    )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "ZImagePipeline",
+                "transformer": ["diffusers", "ZImageTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "Qwen3Model"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            }
+        )
+    )
+
+
+def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed_dim: int) -> None:
+    """A cache in our format with random tensors: one bucket, equal 128-token captions."""
+    if (folder / cache_lib.MANIFEST_NAME).exists():
+        return
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    side = resolution // 8
+    records = [
+        {
+            "source": f"synthetic_{i:04d}.png",
+            "content_hash": str(i),
+            "caption": "synthetic",
+            "bucket_height": resolution,
+            "bucket_width": resolution,
+            "original_height": resolution,
+            "original_width": resolution,
+            "crop_box": [0.0, 0.0, float(resolution), float(resolution)],
+            "latents": cache_lib.tensor_to_bytes(torch.randn(16, side, side, generator=g), torch.bfloat16),
+            "latents_flipped": b"",
+            "caption_embeds": cache_lib.tensor_to_bytes(torch.randn(128, embed_dim, generator=g), torch.bfloat16),
+            "caption_length": 128,
+            "caption_truncated": False,
+        }
+        for i in range(num_items)
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(records, features=cache_lib.FEATURES).save_to_disk(str(folder / cache_lib.DATA_DIR))
+    cache_lib.save_prompt_embeddings(folder, torch.zeros(8, embed_dim), [], [], torch.bfloat16)
+    cache_lib.write_json_atomic(
+        folder / cache_lib.MANIFEST_NAME,
+        {
+            "format_version": cache_lib.CACHE_FORMAT_VERSION,
+            "num_items": num_items,
+            "fingerprint": {
+                "component_config_hash": component_config_hash(str(model)),
+                "resolution": resolution,
+                "latent_dtype": "bf16",
+                "embedding_dtype": "bf16",
+                "latent_channels": 16,
+                "vae_downsample": 8,
+                "embed_dim": embed_dim,
+            },
+        },
+    )
+
+
+def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode) -> dict:
+    out = work / f"run_{name}"
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        str(gpus),
+        "--main_process_port",
+        str(29500 + gpus * 10 + len(name) % 10),
+    ]
+    if tiny_mode:
+        cmd += ["--mixed_precision", "no"]
+    cmd += [
+        str(ROOT / "train_zimage_lora.py"),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--precomputed_dir",
+        str(cache),
+        "--output_dir",
+        str(out),
+        "--rank",
+        "32",
+        "--lora_targets",
+        "attention",
+        "--max_train_steps",
+        str(steps),
+        "--logging_steps",
+        str(max(steps // 4, 1)),
+        "--checkpointing_steps",
+        str(steps),
+        "--report_to",
+        "none",
+        "--save_dtype",
+        "bf16",
+        "--dataloader_num_workers",
+        "2",
+        *extra,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if tiny_mode:
+        env["ACCELERATE_USE_CPU"] = "1"
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / f"log_{name}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+    result = {"name": name, "config": config, "gpus": gpus, "returncode": proc.returncode, "wall_s": wall}
+    log = out / "train_log.jsonl"
+    if proc.returncode != 0 or not log.exists():
+        result["error"] = (proc.stderr or proc.stdout)[-1500:]
+        return result
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    timed = rows[1:] or rows  # the first window holds the warm-up
+    s_per_step = sum(1 / r["steps_per_s"] for r in timed) / len(timed)
+    result.update(
+        s_per_step=s_per_step,
+        samples_per_s=gpus / s_per_step,
+        peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
+        final_loss=rows[-1]["loss"],
+        lora=str(out / "pytorch_lora_weights.safetensors"),
+    )
+    return result
+
+
+def check_lora(path: str, transformer) -> dict:
+    """Keys, non-empty tensors, and a load through diffusers' own converter and adapter loader."""
+    from diffusers import ZImagePipeline
+    from safetensors.torch import load_file
+
+    raw = load_file(path)
+    state = ZImagePipeline.lora_state_dict(path)
+    transformer.load_lora_adapter(state, prefix="transformer", adapter_name="check")
+    loaded = sum(1 for n, _ in transformer.named_parameters() if ".check." in n)
+    transformer.delete_adapters("check")
+    return {
+        "tensors": len(raw),
+        "empty": sum(1 for v in raw.values() if v.numel() == 0),
+        "nonzero_B": sum(1 for k, v in raw.items() if "lora_B" in k and bool(v.abs().sum() > 0)),
+        "loaded_params": loaded,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", required=True, help="Scratch folder (model, cache, runs).")
+    parser.add_argument("--gpus", default="1,2,4", help="DDP process counts to compare.")
+    parser.add_argument("--zero_gpus", type=int, default=2, help="Processes for the DeepSpeed runs.")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--only", default=None, help="Comma-separated run names to run (default: all).")
+    parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    full = not args.tiny
+    resolution = 1024 if full else 64
+    start = time.perf_counter()
+    make_model(work / "model", full)
+    make_cache(work / "cache", work / "model", resolution, 64 if full else 8, 2560 if full else 16)
+    setup_s = time.perf_counter() - start
+    ckpt = ["--gradient_checkpointing"]
+    runs = [
+        (f"ddp_{n}gpu", "multi_gpu.yaml" if n > 1 else "single_gpu.yaml", n, ckpt)
+        for n in [int(x) for x in args.gpus.split(",")]
+    ]
+    runs += [
+        ("zero2", "deepspeed_zero2.yaml", args.zero_gpus, ckpt),
+        ("zero3", "deepspeed_zero3.yaml", args.zero_gpus, ckpt),
+        ("zero3_offload", "deepspeed_zero3_offload.yaml", args.zero_gpus, ckpt),
+    ]
+    if args.only:
+        runs = [r for r in runs if r[0] in args.only.split(",")]
+    results = []
+    for name, config, gpus, extra in runs:
+        if full and gpus > torch.cuda.device_count():
+            continue
+        if args.tiny and config == "single_gpu.yaml":
+            config = "multi_gpu.yaml"
+        r = run_trainer(
+            name, config, gpus, work, work / "model", work / "cache", args.steps if full else 4, extra, args.tiny
+        )
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
+        if "error" in r:
+            print(r["error"], flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"partial": True, "runs": results}, indent=2))
+
+    # Every saved LoRA through diffusers, on one transformer loaded once
+    from zimage_utils.model_loading import load_transformer
+
+    transformer = load_transformer(str(work / "model"), torch.bfloat16, "cuda" if full else "cpu")
+    for r in results:
+        if "lora" in r:
+            r["lora_check"] = check_lora(r["lora"], transformer)
+    base = next((r for r in results if r["name"] == "ddp_1gpu" and "s_per_step" in r), None)
+    for r in results:
+        if base and "samples_per_s" in r:
+            r["speedup_vs_1gpu"] = r["samples_per_s"] / base["samples_per_s"]
+    summary = {
+        "device": torch.cuda.get_device_name() if full else "cpu",
+        "gpus_visible": torch.cuda.device_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "resolution": resolution,
+        "setup_s": setup_s,
+        "runs": results,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(
+        f"\n{summary['device']} x{summary['gpus_visible']}, {resolution}², bs1/GPU, LoRA r32 attention, "
+        "full gradient checkpointing, eager"
+    )
+    print(
+        f"{'run':15s} {'gpus':>4s} {'s/step':>7s} {'samples/s':>9s} {'x 1gpu':>6s} {'peak GiB':>8s} {'LoRA check':>30s}"
+    )
+    for r in results:
+        if "s_per_step" not in r:
+            print(f"{r['name']:15s} {r['gpus']:4d} failed (rc {r['returncode']}), see log_{r['name']}.txt")
+            continue
+        c = r.get("lora_check", {})
+        check = f"{c.get('tensors')} tensors, {c.get('empty')} empty, {c.get('loaded_params')} loaded"
+        print(
+            f"{r['name']:15s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
+            f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['peak_gib']:8.2f} {check:>30s}"
+        )
+
+
+if __name__ == "__main__":
+    main()
