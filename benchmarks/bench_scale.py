@@ -128,6 +128,78 @@ def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed
     )
 
 
+def add_encoder_weights(folder: Path, full: bool) -> None:
+    """Random VAE and Qwen3 weights in the model folder, so `accelerate launch precompute_embeddings.py` can load
+    them in every process."""
+    if (folder / "vae" / "diffusion_pytorch_model.safetensors").exists():
+        return
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config, Qwen3Model
+
+    AutoencoderKL(**(VAE_CONFIG if full else tiny.TINY_VAE)).save_pretrained(folder / "vae")
+    config = Qwen3Config.from_pretrained(folder / "text_encoder")
+    torch.set_default_dtype(torch.bfloat16)
+    Qwen3Model(config).save_pretrained(folder / "text_encoder")
+    torch.set_default_dtype(torch.float32)
+
+
+def run_precompute(gpus: int, work: Path, full: bool, batch_size: int = 16) -> dict:
+    """The precompute script on `gpus` processes over the benchmark JPEGs; images/s from wall time."""
+    from bench_precompute import make_jpegs
+
+    images = work / "jpegs"
+    if not images.exists():
+        make_jpegs(images, 256 if full else 8, 1024 if full else 64)
+    out = work / f"precompute_{gpus}gpu"
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(CONFIGS / ("multi_gpu.yaml" if gpus > 1 or not full else "single_gpu.yaml")),
+        "--num_processes",
+        str(gpus),
+        "--main_process_port",
+        str(29700 + gpus),
+        str(ROOT / "precompute_embeddings.py"),
+        "--pretrained_model_name_or_path",
+        str(work / "model"),
+        "--train_data_dir",
+        str(images),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(1024 if full else 64),
+        "--batch_size",
+        str(batch_size),
+        "--dataloader_num_workers",
+        "6",
+        "--text_padding",
+        "longest",
+        "--overwrite",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if full else {"ACCELERATE_USE_CPU": "1"})}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / f"log_precompute_{gpus}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+    line = next((x for x in (proc.stdout + proc.stderr).splitlines() if "images/s over" in x), "")
+    return {
+        "name": f"precompute_{gpus}gpu",
+        "gpus": gpus,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "summary": line.strip(),
+        "cache": str(out),
+    }
+
+
+def same_cache(a: str, b: str) -> bool:
+    import datasets
+
+    x, y = datasets.load_from_disk(f"{a}/data"), datasets.load_from_disk(f"{b}/data")
+    return x["source"] == y["source"] and x["latents"] == y["latents"] and x["caption_embeds"] == y["caption_embeds"]
+
+
 def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode) -> dict:
     out = work / f"run_{name}"
     cmd = [
@@ -218,6 +290,9 @@ def main() -> None:
     parser.add_argument("--zero_gpus", type=int, default=2, help="Processes for the DeepSpeed runs.")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--only", default=None, help="Comma-separated run names to run (default: all).")
+    parser.add_argument(
+        "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -257,6 +332,17 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps({"partial": True, "runs": results}, indent=2))
 
+    precompute = []
+    if args.precompute_gpus:
+        add_encoder_weights(work / "model", full)
+        for n in [int(x) for x in args.precompute_gpus.split(",")]:
+            precompute.append(run_precompute(n, work, full))
+            print(json.dumps(precompute[-1]), flush=True)
+        if len(precompute) > 1 and all(p["returncode"] == 0 for p in precompute):
+            for p in precompute[1:]:
+                p["identical_to_first"] = same_cache(precompute[0]["cache"], p["cache"])
+                p["speedup"] = precompute[0]["wall_s"] / p["wall_s"]
+
     # Every saved LoRA through diffusers, on one transformer loaded once
     from zimage_utils.model_loading import load_transformer
 
@@ -295,6 +381,12 @@ def main() -> None:
         print(
             f"{r['name']:15s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
             f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['peak_gib']:8.2f} {check:>30s}"
+        )
+
+    for p in precompute:
+        print(
+            f"{p['name']}: rc {p['returncode']}, {p['wall_s']:.1f} s wall, x{p.get('speedup', 1.0):.2f}, "
+            f"identical: {p.get('identical_to_first', '-')}; {p['summary']}"
         )
 
 

@@ -361,12 +361,13 @@ def test_lora_trained_on_one_image_makes_the_pipeline_sample_it(
 def test_a_wrong_target_sign_would_be_caught(
     wide_model_dir, one_image_cache_dir, base_distance, tmp_path, monkeypatch
 ):
-    """Training on noise - data (the scheduler's velocity) instead of data - noise: the same run no longer
-    brings samples closer to the image, so the test above guards the convention."""
+    """Training on noise - data (the scheduler's velocity) instead of data - noise: the same run now leaves samples
+    farther from the image than the untrained model (measured: ~2x the base distance, where the correct run reaches
+    ~0.3x), so the test above guards the convention."""
     monkeypatch.setattr(flow_matching, "velocity_target", lambda x1, x0: x0 - x1)
     train(wide_model_dir, one_image_cache_dir, tmp_path, **MEMORISE_FLAGS)
     wrong_distance = sampled_distance(wide_model_dir, one_image_cache_dir, tmp_path)
-    assert wrong_distance > 0.8 * base_distance, (wrong_distance, base_distance)
+    assert wrong_distance > base_distance, (wrong_distance, base_distance)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,7 +585,7 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     with ACCELERATE_USE_CPU=1, which makes accelerate set up gloo instead of looking for GPUs.
 
     Tolerance: every random choice is seeded per item and gradients are averaged over the same 4 items, so the two
-    LoRAs differ only by fp32 reduction order: measured <= 1e-6 on weights of magnitude ~1e-2; asserted 1e-5.
+    LoRAs differ only by fp32 reduction order: measured 4e-7 (lora_B up to 2e-2, lora_A up to 0.5); asserted 1e-5.
     """
     flags = dict(
         max_train_steps=6, learning_rate=3e-3, caption_dropout=0.3, random_flip=0.5, save_dtype="fp32", rank=8

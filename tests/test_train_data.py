@@ -1,0 +1,67 @@
+"""Training batches from the cache: one bucket per batch, the same global batches however many processes share
+them, and a position (epoch, batch) that resume can restart from exactly."""
+
+import pytest
+
+from zimage_utils.cache import load_cache
+from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
+
+# 15 items in three buckets (height, width) of 7, 5 and 3 items, interleaved as a folder of mixed images would be.
+KEYS = [(64, 64), (48, 80), (80, 48)] * 3 + [(64, 64), (48, 80)] * 2 + [(64, 64), (64, 64)]
+
+
+def test_every_batch_comes_from_one_bucket_and_no_item_repeats_in_an_epoch():
+    sampler = BucketBatchSampler(KEYS, batch_size=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 + 2 + 1  # 7 // 2 + 5 // 2 + 3 // 2
+    assert all(len(batch) == 2 and len({KEYS[i] for i in batch}) == 1 for batch in batches)
+    items = [i for batch in batches for i in batch]
+    assert len(items) == len(set(items)) == 12  # each bucket's remainder waits for another epoch
+
+
+def test_two_processes_at_batch_1_see_the_batches_of_one_process_at_batch_2():
+    single = BucketBatchSampler(KEYS, batch_size=2, seed=3)
+    ranks = [BucketBatchSampler(KEYS, batch_size=1, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for epoch in range(3):
+        for sampler in [single, *ranks]:
+            sampler.set_epoch(epoch)
+        assert [a + b for a, b in zip(*(list(s) for s in ranks))] == list(single)
+
+
+def test_each_epoch_reshuffles_and_set_epoch_resumes_at_the_exact_batch():
+    sampler = BucketBatchSampler(KEYS, batch_size=2, seed=0)
+    sampler.set_epoch(1)
+    epoch_1 = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) != epoch_1
+    restarted = BucketBatchSampler(KEYS, batch_size=2, seed=0)  # a new process after an interruption
+    restarted.set_epoch(1, start_batch=4)
+    assert list(restarted) == epoch_1[4:]
+
+
+def test_no_bucket_large_enough_for_a_global_batch_is_explained():
+    with pytest.raises(
+        ValueError, match=r"global batch of 8 \(train_batch_size 4 x 2 processes; group sizes: 5, 7, 3\)"
+    ):
+        BucketBatchSampler(KEYS, batch_size=4, num_replicas=2)
+
+
+def test_item_seeds_depend_on_seed_epoch_and_item_only():
+    assert item_generator_seed(0, 1, 5) == item_generator_seed(0, 1, 5)
+    assert len({item_generator_seed(0, 1, 5), item_generator_seed(0, 2, 5), item_generator_seed(1, 1, 5)}) == 3
+    assert 0 <= item_generator_seed(0, 1, 5) < 2**63  # fits torch.Generator.manual_seed
+
+
+def test_cached_items_collate_into_a_training_batch(tiny_cache_dir):
+    data, manifest = load_cache(tiny_cache_dir)
+    dataset = CachedLatentsDataset(data, manifest)
+    keys = dataset.group_keys(by_caption_length=False)
+    indices = next(iter(BucketBatchSampler(keys, batch_size=2)))
+    batch = collate([dataset[i] for i in indices])
+    height, width = keys[indices[0]]
+    assert batch["indices"].tolist() == indices
+    assert batch["latents"].shape == (2, 16, height // 8, width // 8)
+    assert batch["latents_flipped"] is None  # the cache was made without --cache_flipped
+    assert [c.shape[1] for c in batch["caption_embeds"]] == [16, 16]  # a list: caption lengths may differ
+    # Grouping by caption length too adds the length to each key
+    assert all(len(key) == 3 for key in dataset.group_keys(by_caption_length=True))
