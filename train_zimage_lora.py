@@ -30,7 +30,13 @@ from zimage_utils.checkpoints import (
     resolve_resume_path,
     write_training_state,
 )
-from zimage_utils.distributed import configure_deepspeed, deepspeed_stage, gathered_lora, optimizer_offloaded
+from zimage_utils.distributed import (
+    configure_deepspeed,
+    deepspeed_stage,
+    gathered_lora,
+    optimizer_offloaded,
+    partition_for_zero3,
+)
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
 from zimage_utils.lora_io import save_lora
@@ -299,6 +305,7 @@ def run_training(args: argparse.Namespace) -> None:
         num_training_steps=max_steps * accelerator.num_processes,
     )
     configure_deepspeed(accelerator, args.train_batch_size)
+    partition_for_zero3(accelerator, transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_lora_state_hooks(accelerator, type(accelerator.unwrap_model(transformer)))
 

@@ -1,6 +1,7 @@
 """What the trainer does differently under DeepSpeed: tell it the micro-batch size (our DataLoader is not prepared
 by accelerate), and gather only the LoRA parameters, on every rank, before reading them under ZeRO-3."""
 
+import copy
 from contextlib import contextmanager
 
 from accelerate.utils import DistributedType
@@ -45,3 +46,21 @@ def gathered_lora(accelerator, model):
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def partition_for_zero3(accelerator, model) -> None:
+    """Under ZeRO-3, partition the (CPU-resident) model's parameters across ranks now, one parameter at a time,
+    so that no GPU ever holds the whole 12 GB base — DeepSpeed would otherwise move the full module to each GPU
+    before partitioning it (with parameter offload the shards go to CPU memory instead). Elsewhere: nothing."""
+    if deepspeed_stage(accelerator) != 3:
+        return
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    # zero.Init validates the whole config; batch sizes that accelerate leaves as "auto" are not known yet and do
+    # not matter for partitioning (accelerate's own zero3 init for transformers does the same).
+    config.pop("train_batch_size", None)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key) == "auto":
+            config[key] = 1
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
