@@ -31,11 +31,13 @@ from zimage_utils.checkpoints import (
     write_training_state,
 )
 from zimage_utils.distributed import (
+    check_deepspeed_active,
     configure_deepspeed,
     deepspeed_stage,
     gathered_lora,
     optimizer_offloaded,
     partition_for_zero3,
+    process_group_kwargs,
 )
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
@@ -227,7 +229,9 @@ def run_training(args: argparse.Namespace) -> None:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=process_group_kwargs(),
     )
+    check_deepspeed_active(accelerator)
     print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:

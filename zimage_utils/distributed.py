@@ -1,10 +1,37 @@
-"""What the trainer does differently under DeepSpeed: tell it the micro-batch size (our DataLoader is not prepared
-by accelerate), and gather only the LoRA parameters, on every rank, before reading them under ZeRO-3."""
+"""What the trainer does differently under DeepSpeed: set up its process group without GPUs, tell it the micro-batch
+size (our DataLoader is not prepared by accelerate), and gather only the LoRA parameters, on every rank, before
+reading them under ZeRO-3."""
 
 import copy
+import os
 from contextlib import contextmanager
 
-from accelerate.utils import DistributedType
+import torch
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+
+def deepspeed_requested() -> bool:
+    """True when `accelerate launch` was given a DeepSpeed config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_group_kwargs() -> list[InitProcessGroupKwargs]:
+    """Accelerator kwargs_handlers. Without GPUs accelerate picks no backend for DeepSpeed, so each process would
+    train alone: name gloo (CPU test runs). With GPUs: none (accelerate's nccl default)."""
+    if deepspeed_requested() and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+def check_deepspeed_active(accelerator) -> None:
+    """A DeepSpeed config launched with ACCELERATE_USE_CPU=1 or `use_cpu: true` runs as plain DDP: accelerate drops
+    DeepSpeed without a word, and a ZeRO-3 user would get a full model copy per process. Refuse instead."""
+    if deepspeed_requested() and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=1 or `use_cpu: true` turned it off "
+            f"(accelerate would run {accelerator.distributed_type.value} instead). Launch DeepSpeed configs without "
+            "them: on a machine without GPUs the trainer runs DeepSpeed on the CPU over gloo by itself."
+        )
 
 
 def deepspeed_stage(accelerator) -> int:
