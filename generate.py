@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from zimage_utils import cli
 from zimage_utils.model_loading import require_zimage
 from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
 
@@ -82,4 +83,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from zimage_utils import cache as cache_lib
+from zimage_utils import cli
 from zimage_utils.buckets import make_buckets
 from zimage_utils.images import discover_folder, items_from_dataset
 from zimage_utils.model_loading import (
@@ -344,4 +345,4 @@ def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from zimage_utils import cache as cache_lib
+from zimage_utils import cli
 from zimage_utils.checkpoints import (
     prune_checkpoints,
     read_training_state,
@@ -486,4 +487,4 @@ def run_training(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args)

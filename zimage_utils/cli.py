@@ -1,0 +1,20 @@
+"""How the scripts end on a user's mistake: one line naming the problem and the fix, not a traceback."""
+
+import os
+import sys
+from collections.abc import Callable
+
+# Raised by our code with a message meant for the user (bad path, wrong model, stale cache, non-finite loss).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+
+
+def run(main: Callable, parse_args: Callable) -> None:
+    """`main(parse_args())`; a user error prints "error: ..." and exits with status 2.
+    ZIMAGE_DEBUG=1 shows the full traceback instead."""
+    try:
+        main(parse_args())
+    except USER_ERRORS as error:
+        if os.environ.get("ZIMAGE_DEBUG"):
+            raise
+        print(f"error: {error}\n(set ZIMAGE_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
