@@ -1,0 +1,60 @@
+"""Speed options change how the step runs, never what it computes: selective checkpointing and regional compilation
+give the eager step's loss and gradients (the GPU timings are in docs/BENCHMARKS.md, not here)."""
+
+import pytest
+import torch
+
+from zimage_utils import tiny
+from zimage_utils.lora import add_lora
+from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
+from zimage_utils.training_step import StepConfig, flow_matching_step
+
+
+def lora_transformer():
+    transformer = tiny.make_tiny_pipeline(seed=0).transformer
+    add_lora(transformer, rank=4, alpha=4, targets="attention")
+    with torch.no_grad():  # a non-zero LoRA, so its gradients and outputs are not trivially equal
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return transformer
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(2, 16, 8, 8, generator=g),
+        "caption_embeds": [torch.randn(7, 16, generator=g), torch.randn(11, 16, generator=g)],
+    }
+
+
+def loss_and_grads(transformer):
+    out = flow_matching_step(transformer, batch(), StepConfig("uniform"), seeds=[1, 2])
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    transformer.zero_grad(set_to_none=True)
+    return out["loss"].detach(), grads
+
+
+@pytest.mark.parametrize("blocks", [-1, 1])
+def test_checkpointing_some_or_all_blocks_leaves_loss_and_gradients_unchanged(blocks):
+    transformer = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    n = set_gradient_checkpointing(transformer, blocks)
+    assert n == (len(checkpointable_blocks(transformer)) if blocks < 0 else blocks)
+    loss, grads = loss_and_grads(transformer)
+    assert torch.allclose(loss, reference_loss, atol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    assert set_gradient_checkpointing(transformer, 0) == 0 and not transformer.gradient_checkpointing
+
+
+def test_compiled_blocks_give_the_eager_loss():
+    transformer = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    compile_blocks(transformer)
+    loss, grads = loss_and_grads(transformer)
+    # fp32 on the CPU: inductor reorders reductions, so equal up to float rounding, not bit for bit
+    assert torch.allclose(loss, reference_loss, rtol=1e-4)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], rtol=1e-3, atol=1e-5), name
