@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from zimage_utils import cache as cache_lib
 from zimage_utils import cli
 from zimage_utils.buckets import make_buckets
+from zimage_utils.contact_sheet import CONTACT_SHEET_NAME, write_contact_sheet
 from zimage_utils.images import discover_folder, items_from_dataset
 from zimage_utils.model_loading import (
     component_config_hash,
@@ -128,6 +129,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "per bucket size; not worth it for a few dozen images.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
+    parser.add_argument(
+        "--contact_sheet",
+        type=int,
+        nargs="?",
+        const=64,
+        default=0,
+        metavar="MAX_IMAGES",
+        help="Write OUTPUT/contact_sheet.png: each image's crop outlined on its original, grouped by bucket, for up to "
+        "MAX_IMAGES images (64 when the number is left out; 0 = none).",
+    )
     args = parser.parse_args(input_args)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("pass exactly one of --train_data_dir or --dataset_name")
@@ -174,6 +185,7 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
             cache_lib.SHARDS_DIR,
             cache_lib.MANIFEST_NAME,
             cache_lib.PROMPT_EMBEDDINGS_NAME,
+            CONTACT_SHEET_NAME,
         ):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -326,6 +338,11 @@ def main(args: argparse.Namespace) -> None:
                 "notes": all_notes,
             },
         )
+        if args.contact_sheet:
+            sheet, shown = write_contact_sheet(
+                merged, items, hf_dataset, Path(args.output_dir) / CONTACT_SHEET_NAME, args.contact_sheet
+            )
+            logger.info(f"contact sheet of {shown} images (what each crop kept): {sheet}")
         new = sum(r["encoded"] for r in reports)
         elapsed = time.time() - start
         logger.info(summarise(by_bucket, all_skipped, all_notes))

@@ -16,7 +16,7 @@ DATA=${DATA:-}
 TRIGGER=${TRIGGER:-}
 RESOLUTION=${RESOLUTION:-}
 STEPS=${STEPS:-}
-RANK=${RANK:-}
+LORA_RANK=${LORA_RANK:-}  # not RANK: torchrun and SLURM export RANK as the process number
 LR=${LR:-}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
 PROMPT=${PROMPT:-"a red circle on a blue background"}
@@ -26,13 +26,13 @@ if [ -z "$MODEL" ]; then
   export HF_HUB_OFFLINE=1
   MODEL=$OUT/tiny_model
   [ -f "$MODEL/model_index.json" ] || python -m zimage_utils.tiny --model_dir "$MODEL"
-  RESOLUTION=${RESOLUTION:-64}; STEPS=${STEPS:-60}; RANK=${RANK:-8}; LR=${LR:-2e-3}
+  RESOLUTION=${RESOLUTION:-64}; STEPS=${STEPS:-60}; LORA_RANK=${LORA_RANK:-8}; LR=${LR:-2e-3}
 fi
 if [ -z "$DATA" ]; then
   DATA=$OUT/tiny_data
   [ -d "$DATA" ] || python -m zimage_utils.tiny --data_dir "$DATA" --num_images 24
 fi
-RESOLUTION=${RESOLUTION:-1024}; STEPS=${STEPS:-1500}; RANK=${RANK:-16}; LR=${LR:-1e-4}
+RESOLUTION=${RESOLUTION:-1024}; STEPS=${STEPS:-1500}; LORA_RANK=${LORA_RANK:-16}; LR=${LR:-1e-4}
 
 launch=(accelerate launch)
 if [ -n "$ACCELERATE_CONFIG" ]; then
@@ -55,7 +55,7 @@ echo "== 1/3 precompute: $DATA -> $OUT/cache"
 
 echo "== 2/3 train: $STEPS steps -> $OUT/lora"
 "${launch[@]}" train_zimage_lora.py --pretrained_model_name_or_path "$MODEL" --precomputed_dir "$OUT/cache" \
-  --output_dir "$OUT/lora" --rank "$RANK" --learning_rate "$LR" --max_train_steps "$STEPS" \
+  --output_dir "$OUT/lora" --rank "$LORA_RANK" --learning_rate "$LR" --max_train_steps "$STEPS" \
   --checkpointing_steps $((STEPS / 2 > 0 ? STEPS / 2 : 1)) --checkpoints_total_limit 2 \
   --resume_from_checkpoint latest ${EXTRA_TRAIN_ARGS:-}
 

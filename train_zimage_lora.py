@@ -49,6 +49,7 @@ from zimage_utils.model_loading import (
     require_zimage,
 )
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
+from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
 from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
@@ -143,7 +144,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
-    p.add_argument("--validation_steps", type=int, default=0, help="Validate every N steps (0 = only at the end).")
+    p.add_argument(
+        "--validation_steps",
+        type=int,
+        default=0,
+        help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
+    )
     p.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
     p.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
     p.add_argument("--validation_resolution", type=int, default=None, help="Default: the cache's resolution.")
@@ -206,7 +212,8 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    """One line per logging step: the loss curve users can plot, and what tests compare across runs."""
+    """One line per logging step (and one per validation with a held-out loss): the loss curves users can plot
+    (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -393,10 +400,14 @@ def run_training(args: argparse.Namespace) -> None:
             ) as model:
                 path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)
             if path:
-                print0(f"validation samples: {path}")
+                print0(f"validation samples: {path} (prompts x steps)")
         transformer.train()
         if logs:
             accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            if logs:  # a line of its own: "val/..." keys, no "loss"
+                append_jsonl(output_dir / "train_log.jsonl", {"step": step, **logs})
+            plot_loss_per_sigma(output_dir / "train_log.jsonl", output_dir / "loss_per_sigma.png")
 
     # Train
     transformer.train()

@@ -160,8 +160,9 @@ def test_a_finished_run_writes_both_lora_files_a_checkpoint_and_validation_sampl
         f"checkpoint-{FINISHED_STEPS}",
         "samples",
         "train_log.jsonl",
+        "loss_per_sigma.png",
     }
-    assert [p.name for p in (out / "samples").iterdir()] == [f"step_{FINISHED_STEPS:06d}.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["grid.png", f"step_{FINISHED_STEPS:06d}.png"]
     assert read_training_state(out / f"checkpoint-{FINISHED_STEPS}")["global_step"] == FINISHED_STEPS
 
 
@@ -605,7 +606,12 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 4" in result.stderr and "2 process(es)" in result.stderr
     # One writer: one pair of LoRA files, one log line per step
-    assert {p.name for p in two.iterdir()} == {LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME, "train_log.jsonl"}
+    assert {p.name for p in two.iterdir()} == {
+        LORA_WEIGHT_NAME,
+        COMFYUI_WEIGHT_NAME,
+        "train_log.jsonl",
+        "loss_per_sigma.png",
+    }
     assert [r["step"] for r in read_log(two)] == list(range(1, 7))
 
     train(tiny_model_dir, flipped_cache_dir, one, **flags, train_batch_size=4)

@@ -16,9 +16,10 @@ def deepspeed_requested() -> bool:
 
 
 def process_group_kwargs() -> list[InitProcessGroupKwargs]:
-    """Accelerator kwargs_handlers. Without GPUs accelerate picks no backend for DeepSpeed, so each process would
-    train alone: name gloo (CPU test runs). With GPUs: none (accelerate's nccl default)."""
-    if deepspeed_requested() and not torch.cuda.is_available():
+    """Accelerator kwargs_handlers. Without GPUs accelerate picks no backend for DeepSpeed and sets up no process
+    group among the launched processes: name gloo (CPU test runs). With GPUs, or not launched: none."""
+    launched = "LOCAL_RANK" in os.environ  # set by `accelerate launch` (torchrun) in every process
+    if deepspeed_requested() and launched and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
 
@@ -28,9 +29,9 @@ def check_deepspeed_active(accelerator) -> None:
     DeepSpeed without a word, and a ZeRO-3 user would get a full model copy per process. Refuse instead."""
     if deepspeed_requested() and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise RuntimeError(
-            "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=1 or `use_cpu: true` turned it off "
-            f"(accelerate would run {accelerator.distributed_type.value} instead). Launch DeepSpeed configs without "
-            "them: on a machine without GPUs the trainer runs DeepSpeed on the CPU over gloo by itself."
+            "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=1 or `use_cpu: true` turned it off: "
+            "accelerate would train without it, each process holding the whole model. Launch DeepSpeed configs "
+            "without them (on a machine without GPUs the trainer then runs DeepSpeed on the CPU, over gloo)."
         )
 
 

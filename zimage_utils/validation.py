@@ -1,16 +1,26 @@
 """Validation during training: images for the cached prompts through diffusers' own `ZImagePipeline`, and a
-loss on held-out items at fixed timesteps and fixed noise (comparable from one validation to the next)."""
+loss on held-out items at fixed timesteps and fixed noise (comparable from one validation to the next).
 
+Samples land in OUTPUT/samples/: step_NNNNNN.png per validation (the prompts side by side) and grid.png, rebuilt
+from those files each time, with one row per prompt and one column per validation step so far."""
+
+import re
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from .training_step import StepConfig, flow_matching_step
 
 # Z-Image-Turbo is distilled for ~8 steps without CFG; the base model wants ~50 steps with guidance.
 SAMPLING_DEFAULTS = {"turbo": {"steps": 8, "guidance": 0.0}, "base": {"steps": 50, "guidance": 4.0}}
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+GRID_NAME = "grid.png"
+# The grid shrinks its cells so that many validations still make a PNG viewers open (≤ ~16k pixels wide); the
+# step_*.png files keep the full size.
+GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
+_STEP_FILE = re.compile(r"step_(\d+)\.png")
 
 
 def model_variant(model_name_or_path: str) -> str:
@@ -30,15 +40,17 @@ def sample_images(
     steps: int,
     guidance: float,
     seed: int,
+    progress: bool = False,
 ) -> list[Image.Image]:
-    """One image per prompt embedding ([L_i, D] each), each from its own seeded generator."""
+    """One image per prompt embedding ([L_i, D] each), each from its own seeded generator; `progress` shows a
+    bar ticking once per prompt."""
     from diffusers import ZImagePipeline
 
     pipe = ZImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
     device, dtype = vae.device, transformer.dtype
     images = []
-    for i, embeds in enumerate(prompt_embeds):
+    for i, embeds in enumerate(tqdm(prompt_embeds, desc="validation samples", disable=not progress, leave=False)):
         generator = torch.Generator(device=device).manual_seed(seed + i)
         images += pipe(
             prompt_embeds=[embeds.to(device, dtype)],
@@ -60,12 +72,59 @@ def save_grid(images: list[Image.Image], path: str | Path, columns: int | None =
     grid = Image.new("RGB", (w * columns, h * rows), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return save_png_atomic(grid, path)
+
+
+def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
+    """Write to a temporary name, then rename: a viewer or a crash never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
+    image.save(tmp)
     tmp.replace(path)
     return path
+
+
+def grid_label_height(cell_width: int) -> int:
+    """Pixels of the step-label strip above the grid, for cells `cell_width` pixels wide."""
+    return _label_font_size(cell_width) + 8
+
+
+def _label_font_size(cell_width: int) -> int:
+    return max(12, cell_width // 32)
+
+
+def rebuild_sample_grid(samples_dir: str | Path, num_prompts: int, up_to_step: int | None = None) -> Path | None:
+    """samples_dir/grid.png from the step_*.png files there: row i = prompt i, one column per step (oldest left),
+    each labelled with its step. Steps after `up_to_step` are left out: after a resume from an earlier checkpoint
+    they belong to the abandoned run (and are overwritten when the run gets there again). Returns the path, or
+    None when there are no step files."""
+    samples_dir = Path(samples_dir)
+    steps = sorted((int(m.group(1)), p) for p in samples_dir.glob("step_*.png") if (m := _STEP_FILE.fullmatch(p.name)))
+    steps = [(step, p) for step, p in steps if up_to_step is None or step <= up_to_step]
+    if not steps or num_prompts < 1:
+        return None
+    with Image.open(steps[-1][1]) as newest:
+        cell_w, cell_h = newest.width // num_prompts, newest.height
+    scale = min(1.0, GRID_MAX_CELL / max(cell_w, cell_h), max(GRID_MAX_WIDTH // len(steps), 64) / cell_w)
+    cell_w, cell_h = max(1, round(cell_w * scale)), max(1, round(cell_h * scale))
+    label_h = grid_label_height(cell_w)
+    grid = Image.new("RGB", (cell_w * len(steps), label_h + cell_h * num_prompts), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=_label_font_size(cell_w))
+    for column, (step, path) in enumerate(steps):
+        with Image.open(path) as row:
+            row = row.convert("RGB")
+        # A step file holds the prompts side by side; older files may be of another size (e.g. a resume with
+        # another --validation_resolution), so each cell is resized to the newest one's.
+        width = row.width // num_prompts
+        for i in range(num_prompts):
+            cell = row.crop((i * width, 0, (i + 1) * width, row.height))
+            if cell.size != (cell_w, cell_h):
+                cell = cell.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
+            grid.paste(cell, (column * cell_w, label_h + i * cell_h))
+        draw.text((column * cell_w + 4, 4), f"step {step}", fill="black", font=font)
+    return save_png_atomic(grid, samples_dir / GRID_NAME)
 
 
 @torch.no_grad()
@@ -88,8 +147,9 @@ def validation_loss(transformer, dataset, collate, seed: int) -> dict[str, float
 
 
 class Validator:
-    """Samples the cached validation prompts into one PNG grid per call. Loads the VAE and scheduler on first use
-    (the text encoder never: the prompts were encoded by precompute_embeddings.py)."""
+    """Samples the cached validation prompts into one PNG per call (step_NNNNNN.png) and rebuilds grid.png (prompts
+    x steps). Loads the VAE and scheduler on first use (the text encoder never: the prompts were encoded by
+    precompute_embeddings.py)."""
 
     def __init__(self, model_path, revision, prompts, empty_embeds, out_dir, size, steps=None, guidance=None, seed=0):
         defaults = SAMPLING_DEFAULTS[model_variant(model_path)]
@@ -100,6 +160,8 @@ class Validator:
         self.vae = self.scheduler = None
 
     def sample_grid(self, transformer, step: int, device, save: bool = True) -> Path | None:
+        """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png
+        and show a progress bar. Returns the grid's path, or None when nothing was written."""
         if not self.prompts:
             return None
         from .model_loading import load_scheduler, load_vae
@@ -118,5 +180,9 @@ class Validator:
             self.steps,
             self.guidance,
             self.seed,
+            progress=save,
         )
-        return save_grid(images, self.out_dir / f"step_{step:06d}.png") if save else None
+        if not save:
+            return None
+        save_grid(images, self.out_dir / f"step_{step:06d}.png")
+        return rebuild_sample_grid(self.out_dir, len(images), up_to_step=step)

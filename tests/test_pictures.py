@@ -1,0 +1,120 @@
+"""The pictures a run leaves for its user: OUTPUT/samples/grid.png (validation prompts x steps), OUTPUT/loss_per_sigma.png
+(the loss of each noise level over the run) and, from `precompute_embeddings.py --contact_sheet`, CACHE/contact_sheet.png
+(how each image was cropped into its bucket).
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_CACHE_VALIDATION_PROMPTS
+from PIL import Image
+from test_trainer import read_log, reset_accelerate, train
+
+import precompute_embeddings
+from zimage_utils import cache as cache_lib
+from zimage_utils import contact_sheet
+from zimage_utils.plots import plot_loss_per_sigma
+from zimage_utils.validation import grid_label_height
+
+SAMPLE = 64  # validation images are sampled at the cache's resolution
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> Path:
+    """4 steps validating every 2 with a held-out quarter of the cache, stopped after step 2 and resumed, so the
+    second validation rebuilds the grid from the first one's file."""
+    out = tmp_path_factory.mktemp("pictures_run")
+    flags = dict(max_train_steps=4, validation_steps=2, checkpointing_steps=2, validation_split=0.25)
+    train(tiny_model_dir, tiny_cache_dir, out, **flags, max_train_steps_this_run=2)
+    with Image.open(out / "samples" / "grid.png") as grid:
+        assert grid.width == SAMPLE  # one column after the first validation
+    train(tiny_model_dir, tiny_cache_dir, out, **flags, resume_from_checkpoint="latest")
+    return out
+
+
+def test_the_sample_grid_has_a_row_per_prompt_and_a_column_per_validation_step(resumed_run):
+    samples = resumed_run / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "step_000002.png", "step_000004.png"]
+    prompts = len(TINY_CACHE_VALIDATION_PROMPTS)
+    with Image.open(samples / "grid.png") as grid:
+        grid = grid.convert("RGB")
+    label = grid_label_height(SAMPLE)
+    assert grid.size == (2 * SAMPLE, label + prompts * SAMPLE)
+    # Column j is step file j, its prompts (side by side there) stacked top to bottom under the step label
+    for column, step in enumerate((2, 4)):
+        with Image.open(samples / f"step_{step:06d}.png") as row:
+            row = row.convert("RGB")
+        for i in range(prompts):
+            cell = grid.crop((column * SAMPLE, label + i * SAMPLE, (column + 1) * SAMPLE, label + (i + 1) * SAMPLE))
+            assert np.array_equal(np.asarray(cell), np.asarray(row.crop((i * SAMPLE, 0, (i + 1) * SAMPLE, SAMPLE))))
+    labels = np.asarray(grid.crop((0, 0, 2 * SAMPLE, label)).convert("L"))
+    assert labels.min() < 128 < labels.max()  # the step numbers are written on white
+
+
+def test_the_loss_plot_is_drawn_with_the_held_out_loss_per_sigma(resumed_run):
+    with Image.open(resumed_run / "loss_per_sigma.png") as plot:
+        pixels = np.asarray(plot.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # not a blank canvas
+    # The log holds the validation losses the plot's second panel draws, one line per validation
+    validations = [r for r in read_log(resumed_run) if "val/loss" in r]
+    assert [r["step"] for r in validations] == [2, 4]
+    assert {k for k in validations[0] if k.startswith("val/loss_sigma_")} == {
+        f"val/loss_sigma_{s}" for s in ("0.1", "0.3", "0.5", "0.7", "0.9")
+    }
+
+
+def test_the_loss_plot_adds_a_validation_panel_only_when_there_is_a_held_out_loss(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    records = [
+        {"step": s, "loss": 1 / s, "loss/sigma_0.0-0.2": 0.5 / s, "loss/sigma_0.8-1.0": 2 / s} for s in (1, 2, 3)
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_loss_per_sigma(tmp_path / "missing.jsonl", tmp_path / "none.png") is None
+    with Image.open(plot_loss_per_sigma(log, tmp_path / "train_only.png")) as plot:
+        train_only = plot.size
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 3, "val/loss": 0.4, "val/loss_sigma_0.1": 0.3, "val/loss_sigma_0.9": 0.5}) + "\n")
+    with Image.open(plot_loss_per_sigma(log, tmp_path / "with_validation.png")) as plot:
+        assert plot.width == train_only[0] and plot.height > train_only[1]
+
+
+def contact_sheet_of(model_dir, data_dir, cache_dir, *flag) -> tuple[Image.Image, list[str]]:
+    """Re-run the precompute on a finished cache with --contact_sheet [N]: (the sheet, the sources it shows)."""
+    args = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir)]
+    args += ["--output_dir", str(cache_dir), "--resolution", "64", "--dataloader_num_workers", "0", *flag]
+    reset_accelerate()
+    precompute_embeddings.main(precompute_embeddings.parse_args(args))
+    with Image.open(Path(cache_dir) / contact_sheet.CONTACT_SHEET_NAME) as sheet:
+        sheet.load()
+    return sheet, json.loads(sheet.text["sources"])
+
+
+def test_the_contact_sheet_shows_every_cached_image_grouped_by_bucket(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path, caplog
+):
+    """Asked of a finished cache, nothing is re-encoded: the originals are decoded again from the records."""
+    cache = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    with caplog.at_level("INFO"):
+        sheet, sources = contact_sheet_of(tiny_model_dir, tiny_data_dir, cache, "--contact_sheet")
+    assert "(0 new, 12 kept)" in caplog.text
+    dataset, manifest = cache_lib.load_cache(cache)
+    assert sorted(sources) == sorted(dataset["source"])  # one tile per image: 12, under the default cap of 64
+    # A header line per bucket, then its tiles, COLUMNS to a row
+    header = contact_sheet.TEXT_H + 2 * contact_sheet.PAD
+    rows = sum(math.ceil(n / contact_sheet.COLUMNS) for n in manifest["buckets"].values())
+    height = len(manifest["buckets"]) * header + rows * contact_sheet.TILE_H
+    assert sheet.size == (contact_sheet.COLUMNS * contact_sheet.TILE_W, height)
+    assert np.asarray(sheet.convert("L"), dtype=np.float32).std() > 10
+
+
+def test_a_capped_contact_sheet_shows_every_bucket_first(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path):
+    cache = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    dataset, manifest = cache_lib.load_cache(cache)
+    bucket_of = dict(zip(dataset["source"], zip(dataset["bucket_height"], dataset["bucket_width"])))
+    cap = len(manifest["buckets"])  # 3 buckets of 12 images
+    _, sources = contact_sheet_of(tiny_model_dir, tiny_data_dir, cache, "--contact_sheet", str(cap))
+    assert len(sources) == cap and len({bucket_of[s] for s in sources}) == cap
