@@ -107,14 +107,7 @@ def build_models(size: str, device, dtype):
     if size == "tiny":
         vae_cfg, te_cfg = (
             tiny.TINY_VAE,
-            dict(
-                hidden_size=16,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=8,
-            ),
+            dict(tiny.TINY_TEXT_ENCODER),
         )
         te_cfg["vocab_size"] = len(tokenizer)
     else:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_precompute import QWEN3_4B, VAE_CONFIG  # noqa: E402
+from bench_precompute import QWEN3_4B, VAE_CONFIG, write_config_only_model  # noqa: E402
 from bench_train_step import FULL, build_transformer  # noqa: E402
 
 from zimage_utils import cache as cache_lib  # noqa: E402
@@ -47,37 +48,12 @@ def make_model(folder: Path, full: bool) -> None:
     transformer.save_pretrained(folder / "transformer")
     del transformer
     tokenizer = tiny.make_tokenizer()
-    AutoencoderKL(**(VAE_CONFIG if full else tiny.TINY_VAE)).save_config(folder / "vae")
-    te = (
-        QWEN3_4B
-        if full
-        else dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=len(tokenizer),
-        )
-    )
-    Qwen3Config(**te).save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
+    te = QWEN3_4B if full else {**tiny.TINY_TEXT_ENCODER, "vocab_size": len(tokenizer)}
+    vae = AutoencoderKL(**(VAE_CONFIG if full else tiny.TINY_VAE))
+    write_config_only_model(folder, vae, SimpleNamespace(config=Qwen3Config(**te)), tokenizer)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
-    )
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "ZImagePipeline",
-                "transformer": ["diffusers", "ZImageTransformer2DModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "Qwen3Model"],
-                "tokenizer": ["transformers", "Qwen2Tokenizer"],
-                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            }
-        )
     )
 
 
@@ -241,7 +217,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode)
         *extra,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if tiny_mode:
+    if tiny_mode and not config.startswith("deepspeed"):  # DeepSpeed runs on the CPU over gloo without it
         env["ACCELERATE_USE_CPU"] = "1"
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

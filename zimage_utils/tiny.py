@@ -60,6 +60,15 @@ TINY_TRANSFORMER = dict(
     axes_dims=[8, 4, 4],
     axes_lens=[256, 32, 32],
 )
+TINY_TEXT_ENCODER = dict(  # Qwen3Config; hidden_size = the transformer's cap_feat_dim
+    hidden_size=16,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=512,
+)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -117,17 +126,7 @@ def make_tiny_pipeline(seed: int = 0):
         transformer.cap_pad_token.normal_(std=0.02)
     vae = AutoencoderKL(**TINY_VAE)
     text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        Qwen3Config(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(

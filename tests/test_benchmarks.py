@@ -1,0 +1,41 @@
+"""The benchmark scripts keep working: each runs at tiny size on the CPU and writes the JSON its table comes from
+(the real figures come from GPU runs, recorded in docs/BENCHMARKS.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str) -> dict:
+    out = Path(args[args.index("--out") + 1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_train_step_benchmark_compares_the_naive_step_with_ours(tmp_path):
+    report = run_benchmark("bench_train_step.py", "--tiny", "--no_compile", "--out", str(tmp_path / "step.json"))
+    names = [row["name"] for row in report["rows"]]
+    assert names[:2] == ["naive eager ckpt", "ours eager ckpt"]
+    assert all(row["s_per_step"] > 0 and row["speedup_vs_naive_ckpt"] > 0 for row in report["rows"])
+
+
+def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
+    report = run_benchmark(
+        "bench_precompute.py", "--tiny", "--num_images", "4", "--batch_sizes", "1", "--out", str(tmp_path / "p.json")
+    )
+    parts = {row["what"].split(" ")[0] for row in report["rows"]}
+    assert parts == {"vae", "text", "script"}
+    assert all(row["items_per_s"] > 0 for row in report["rows"])
