@@ -11,7 +11,6 @@ docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
 import argparse
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from zimage_utils import cache as cache_lib
 from zimage_utils import cli
 from zimage_utils.buckets import make_buckets
 from zimage_utils.contact_sheet import CONTACT_SHEET_NAME, write_contact_sheet
+from zimage_utils.distributed import check_process_group
 from zimage_utils.images import discover_folder, items_from_dataset
 from zimage_utils.model_loading import (
     component_config_hash,
@@ -217,13 +217,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     start = time.time()
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would build the whole cache.
-        raise RuntimeError(
-            f"{launched} processes were launched but accelerate set up {world} (no GPU found?): on a CPU-only "
-            "machine set ACCELERATE_USE_CPU=1 for a multi-process run, or launch one process."
-        )
+    check_process_group(accelerator)
 
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from zimage_utils.checkpoints import (
 )
 from zimage_utils.distributed import (
     check_deepspeed_active,
+    check_process_group,
     configure_deepspeed,
     deepspeed_stage,
     gathered_lora,
@@ -241,15 +241,7 @@ def run_training(args: argparse.Namespace) -> None:
     )
     check_deepspeed_active(accelerator)
     print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
-        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: each process would train alone and
-        # overwrite the others' files.
-        raise RuntimeError(
-            f"{launched} processes were launched but accelerate set up no process group among them. Without GPUs, "
-            "launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
-            "(`accelerate launch --cpu` starts a single process whatever --num_processes says)."
-        )
+    check_process_group(accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 

@@ -92,3 +92,15 @@ def partition_for_zero3(accelerator, model) -> None:
         if config.get(key) == "auto":
             config[key] = 1
     deepspeed.zero.Init(module=model, config_dict_or_path=config)
+
+
+def check_process_group(accelerator) -> None:
+    """Refuse a launch whose processes did not join one group: `accelerate launch --multi_gpu` on a machine
+    without GPUs starts N lone processes that would each do all the work and overwrite each other's files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes} (no GPU found?). "
+            "Without GPUs, launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... "
+            "(`accelerate launch --cpu` starts a single process whatever --num_processes says)."
+        )
