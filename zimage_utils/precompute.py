@@ -9,7 +9,6 @@ batch of 6 and a batch of 1 differ by ~1e-7); with `--batch_size 1` and equal th
 """
 
 import hashlib
-import json
 import os
 import random
 import time
@@ -218,11 +217,6 @@ def merge(existing: datasets.Dataset | None, parts: list[datasets.Dataset]) -> d
         last[source] = i
     keep = [last[s] for s in sorted(last)]
     return merged.select(keep)
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report))
 
 
 def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:

@@ -1,10 +1,8 @@
 """Speed and memory options of the training step, applied to the transformer in place: selective gradient
-checkpointing (a chosen number of blocks recompute their activations), regional compilation of the repeated
-blocks, and `--max_memory_gb`, which measures peak memory on the first batch and picks the fewest checkpointed
-blocks that fit."""
+checkpointing (a chosen number of blocks recompute their activations) and regional compilation of the repeated
+blocks."""
 
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -52,49 +50,3 @@ def compile_blocks(transformer, **compile_kwargs) -> float:
     raise_recompile_limit(64)
     transformer.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
     return time.perf_counter() - start
-
-
-def pick_checkpointing_for_budget(
-    transformer, run_step: Callable[[], None], budget_gib: float, device: torch.device
-) -> tuple[int, list[dict]]:
-    """Fewest checkpointed blocks whose measured peak memory fits `budget_gib`.
-
-    run_step: forward + backward on a real batch (gradients are cleared by the caller afterwards).
-    Measures the peak with none and with all blocks checkpointed, interpolates per block, then verifies the
-    choice with one more step (stepping up if it does not fit). Returns (num_blocks, measurements).
-    """
-    if device.type != "cuda":
-        return (0, [])
-    total = len(checkpointable_blocks(transformer))
-    measured: list[dict] = []
-
-    def peak_with(n: int) -> float:
-        set_gradient_checkpointing(transformer, n)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            run_step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**30
-        except torch.OutOfMemoryError:
-            peak = float("inf")
-        torch.cuda.empty_cache()
-        measured.append({"checkpointed_blocks": n, "peak_gib": peak})
-        return peak
-
-    none, full = peak_with(0), peak_with(total)
-    if none <= budget_gib:
-        return set_gradient_checkpointing(transformer, 0), measured
-    if full > budget_gib:
-        raise RuntimeError(
-            f"even with all {total} blocks checkpointed the step needs {full:.1f} GiB > --max_memory_gb {budget_gib}: "
-            "lower the resolution or batch size, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 offload."
-        )
-    if none == float("inf"):  # out of memory without checkpointing: only the full-checkpointing point is known
-        n = total
-    else:
-        per_block = (none - full) / total
-        n = min(total, max(1, int((none - budget_gib) / max(per_block, 1e-6)) + 1))
-    while n < total and peak_with(n) > budget_gib:
-        n = min(total, n + max(1, total // 10))
-    return set_gradient_checkpointing(transformer, n), measured
