@@ -24,8 +24,10 @@ _STEP_FILE = re.compile(r"step_(\d+)\.png")
 
 
 def model_variant(model_name_or_path: str) -> str:
-    """ "turbo" when the model's name says so (Z-Image-Turbo and its de-turbo-free derivatives), else "base"."""
-    return "turbo" if "turbo" in str(model_name_or_path).lower() else "base"
+    """ "turbo" when the model's name says so (Z-Image-Turbo), else "base" — including the community "de-turbo"
+    checkpoints, which undo the distillation and sample like the base model."""
+    name = str(model_name_or_path).lower().replace("_", "-")
+    return "turbo" if "turbo" in name and "de-turbo" not in name and "deturbo" not in name else "base"
 
 
 @torch.no_grad()
