@@ -404,6 +404,7 @@ def run_training(args: argparse.Namespace) -> None:
     # Train
     transformer.train()
     meter = SigmaBinMeter(num_bins=5, device=accelerator.device)
+    window_loss, window_batches = torch.zeros((), device=accelerator.device), 0  # mean over the logging window
     first_bad_step = torch.full((), -1, device=accelerator.device)
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
@@ -422,6 +423,8 @@ def run_training(args: argparse.Namespace) -> None:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             meter.update(out["sigma"], out["per_sample"])
+            window_loss += out["loss"].detach()
+            window_batches += 1
             # Recorded on the device, read at logging time: no host sync per step
             bad = ~torch.isfinite(out["loss"].detach())
             first_bad_step = torch.where(bad & (first_bad_step < 0), global_step + 1, first_bad_step)
@@ -441,7 +444,12 @@ def run_training(args: argparse.Namespace) -> None:
                         f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
                         f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {output_dir}."
                     )
-                loss = float(out["loss"].detach())
+                # Every micro-batch of the window on every process, not just the main process's last one
+                loss = float(accelerator.reduce(window_loss / window_batches, "mean"))
+                meter.sums, meter.counts = (
+                    accelerator.reduce(meter.sums, "sum"),
+                    accelerator.reduce(meter.counts, "sum"),
+                )
                 elapsed = time.time() - last_log
                 logs = {
                     "loss": loss,
@@ -458,6 +466,8 @@ def run_training(args: argparse.Namespace) -> None:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
                 last_log, last_log_step = time.time(), global_step
                 meter.reset()  # per-sigma losses describe this logging window, as "loss" does
+                window_loss.zero_()
+                window_batches = 0
             next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
             if checkpoint_now or stop:
                 path = save_checkpoint(global_step, *next_position)
