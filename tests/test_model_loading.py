@@ -19,13 +19,6 @@ from zimage_utils.model_loading import (
 from zimage_utils.tiny import make_tiny_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(folder, pipeline): the tiny Z-Image saved as a diffusers folder, and the in-memory original."""

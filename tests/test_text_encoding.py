@@ -14,13 +14,6 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return make_tiny_pipeline(seed=0)

@@ -70,15 +70,19 @@ def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int,
     return (manifest["fingerprint"]["latent_channels"], record["bucket_height"] // f, record["bucket_width"] // f)
 
 
-def decode_record(record: dict[str, Any], manifest: dict[str, Any], flipped: bool = False) -> dict[str, Any]:
-    """Tensors of one cache record: `latents` [C, h, w] and `caption_embeds` [L, D], in the stored dtypes."""
+def decode_record(record: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Tensors of one cache record, in the stored dtypes: `latents` [C, h, w], `latents_flipped` [C, h, w] or None
+    when the cache has no mirrored latents, and `caption_embeds` [L, D]."""
     fp = manifest["fingerprint"]
-    key = "latents_flipped" if flipped and record["latents_flipped"] else "latents"
-    latents = bytes_to_tensor(record[key], DTYPES[fp["latent_dtype"]], latent_shape(record, manifest))
-    embeds = bytes_to_tensor(
-        record["caption_embeds"], DTYPES[fp["embedding_dtype"]], (record["caption_length"], fp["embed_dim"])
-    )
-    return {"latents": latents, "caption_embeds": embeds}
+    dtype, shape = DTYPES[fp["latent_dtype"]], latent_shape(record, manifest)
+    flipped = record["latents_flipped"]
+    return {
+        "latents": bytes_to_tensor(record["latents"], dtype, shape),
+        "latents_flipped": bytes_to_tensor(flipped, dtype, shape) if flipped else None,
+        "caption_embeds": bytes_to_tensor(
+            record["caption_embeds"], DTYPES[fp["embedding_dtype"]], (record["caption_length"], fp["embed_dim"])
+        ),
+    }
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -39,15 +39,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         return list(zip(*(table[c] for c in columns)))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.data[index]
-        tensors = decode_record(record, self.manifest)
-        flipped = decode_record(record, self.manifest, flipped=True)["latents"] if record["latents_flipped"] else None
-        return {
-            "index": index,
-            "latents": tensors["latents"],
-            "latents_flipped": flipped,
-            "caption_embeds": tensors["caption_embeds"],
-        }
+        return {"index": index, **decode_record(self.data[index], self.manifest)}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
