@@ -39,6 +39,7 @@ from zimage_utils.precompute import (
     PixelDataset,
     ScanDataset,
     ShardWriter,
+    encode_ahead,
     encode_batch,
     load_shards,
     merge,
@@ -211,12 +212,14 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
     return datasets.load_from_disk(str(out / cache_lib.DATA_DIR)) if manifest is not None else None
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> dict | None:
+    """Build or extend the cache. Returns the run's figures on the main process (None on the others): images
+    encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop."""
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     datasets.disable_progress_bars()
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    start = time.time()
+    start = time.perf_counter()
     check_process_group(accelerator)
 
     # Check the model and the cache we add to
@@ -262,7 +265,17 @@ def main(args: argparse.Namespace) -> None:
         elif (result["planned"].item.source, result["planned"].content_hash, result["planned"].caption) not in done:
             planned.append(result["planned"])
 
-    # Encode new items bucket by bucket, saving finished parts as we go
+    scanned = time.perf_counter()
+
+    # Load the encoders, while DataLoader workers start decoding the first batches
+    pixels = torch.utils.data.DataLoader(
+        PixelDataset(plan_batches(planned, args.batch_size), args.cache_flipped, hf_dataset),
+        batch_size=None,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=keep_as_is,
+        pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with the previous batch's encoding
+    )
+    batches = iter(pixels)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
@@ -273,32 +286,45 @@ def main(args: argparse.Namespace) -> None:
     if args.compile:
         raise_recompile_limit(len(buckets) + 8)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)  # compiled once per bucket size
+    text_stream = None  # on a GPU the text encoder gets a CUDA stream of its own, to run beside the VAE
+    if device.type == "cuda":
+        text_stream = torch.cuda.Stream(device)
+        text_stream.wait_stream(torch.cuda.current_stream(device))  # for the weights just loaded
+    loaded = time.perf_counter()
+
+    # Encode new items bucket by bucket, saving finished parts as we go
     store = cache_lib.DTYPES[args.cache_dtype]
-    writer = ShardWriter(args.output_dir, rank, args.shard_size)
-    pixels = torch.utils.data.DataLoader(
-        PixelDataset(plan_batches(planned, args.batch_size), args.cache_flipped, hf_dataset),
-        batch_size=None,
-        num_workers=args.dataloader_num_workers,
-        collate_fn=keep_as_is,
-        pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with the previous batch's encoding
-    )
+    shapes_seen, compile_s = set(), 0.0
+
+    def encode(batch):
+        nonlocal compile_s
+        begin = time.perf_counter()
+        queued = encode_batch(
+            batch, vae, tokenizer, text_encoder, args, device, (store, store), text_stream=text_stream
+        )
+        # A compiled encoder blocks the host on the first batch of each shape while it compiles.
+        if args.compile and batch["pixels"].shape not in shapes_seen:
+            shapes_seen.add(batch["pixels"].shape)
+            compile_s += time.perf_counter() - begin
+        return queued
+
     encoded, truncated = 0, 0
     progress = tqdm(total=len(planned), desc=f"encode (process {rank})", disable=not accelerator.is_local_main_process)
-    for batch in pixels:
-        skipped += [{"source": s, "reason": r} for s, r in batch["skipped"]]
-        notes += [{"source": s, "reason": r} for s, r in batch["notes"]]
-        if batch["planned"]:
-            records = encode_batch(batch, vae, tokenizer, text_encoder, args, device, (store, store))
+    with ShardWriter(args.output_dir, rank, args.shard_size) as writer:
+        for batch, records in encode_ahead(batches, encode):
+            skipped += [{"source": s, "reason": r} for s, r in batch["skipped"]]
+            notes += [{"source": s, "reason": r} for s, r in batch["notes"]]
             writer.add(records)
             encoded += len(records)
             truncated += sum(r["caption_truncated"] for r in records)
-        progress.update(len(batch["planned"]) + len(batch["skipped"]))
-    writer.flush()
+            progress.update(len(batch["planned"]) + len(batch["skipped"]))
     progress.close()
 
     # Merge every process's parts into one sorted dataset
     reports = gather_object([{"skipped": skipped, "notes": notes, "encoded": encoded, "truncated": truncated}])
     accelerator.wait_for_everyone()
+    encoded_all = time.perf_counter()  # every process has finished encoding
+    stats = None
     if accelerator.is_main_process:
         empty, _ = encode_captions([""], tokenizer, text_encoder, args.max_sequence_length, device)
         validation, _ = (
@@ -338,14 +364,36 @@ def main(args: argparse.Namespace) -> None:
             )
             logger.info(f"contact sheet of {shown} images (what each crop kept): {sheet}")
         new = sum(r["encoded"] for r in reports)
-        elapsed = time.time() - start
+        end = time.perf_counter()
+        seconds = {
+            "scan": scanned - start,
+            "load": loaded - scanned,
+            "encode": encoded_all - loaded,
+            "merge": end - encoded_all,
+            "total": end - start,
+        }
+        stats = {
+            "images": new,
+            "seconds": seconds,
+            "compile_seconds": compile_s,
+            "images_per_s": new / seconds["total"],
+            "encode_images_per_s": new / max(seconds["encode"], 1e-9),
+        }
         logger.info(summarise(by_bucket, all_skipped, all_notes))
         logger.info(
             f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
             f"{len(all_skipped)} skipped, {sum(r['truncated'] for r in reports)} captions truncated to "
-            f"{args.max_sequence_length} tokens; {new / elapsed:.1f} images/s over {elapsed:.1f} s on {world} process(es)"
+            f"{args.max_sequence_length} tokens; {stats['images_per_s']:.1f} images/s over {seconds['total']:.1f} s "
+            f"on {world} process(es)"
+        )
+        compiling = f", {compile_s:.1f} s of it compiling {len(shapes_seen)} batch shape(s)" if args.compile else ""
+        logger.info(
+            f"time: scan {seconds['scan']:.1f} s, model load {seconds['load']:.1f} s, "
+            f"encode {seconds['encode']:.1f} s ({stats['encode_images_per_s']:.1f} images/s{compiling}), "
+            f"merge and write {seconds['merge']:.1f} s"
         )
     accelerator.end_training()
+    return stats
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from zimage_utils import cache as cache_lib
 from zimage_utils import cli
+from zimage_utils.attention import use_real_rope
+from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_fp8_
 from zimage_utils.checkpoints import (
     prune_checkpoints,
     read_training_state,
@@ -39,10 +41,12 @@ from zimage_utils.distributed import (
     optimizer_offloaded,
     partition_for_zero3,
     process_group_kwargs,
+    skip_frozen_in_ddp,
 )
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
 from zimage_utils.lora_io import save_lora
+from zimage_utils.memory_budget import calibrate_checkpointing, optimizer_state_gib, worst_case_batch
 from zimage_utils.model_loading import (
     component_config_hash,
     load_transformer,
@@ -116,9 +120,29 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "checkpointing in memory and speed.",
     )
     p.add_argument(
+        "--max_memory_gb",
+        type=float,
+        default=None,
+        help="GPU memory budget, GiB: on the dataset's largest batch shape, measure and keep the fewest checkpointed "
+        "blocks that fit (replaces --gradient_checkpointing*; CUDA, no DeepSpeed).",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the repeated transformer blocks (regional): faster after a one-off compile.",
+    )
+    p.add_argument(
+        "--zero3_max_live_parameters",
+        type=float,
+        default=2e8,
+        help="ZeRO-3: parameters a GPU holds gathered at once (~one transformer block; 0 = DeepSpeed's 1e9).",
+    )
+    p.add_argument(
+        "--base_precision",
+        choices=BASE_PRECISIONS,
+        default="bf16",
+        help="Storage of the frozen base's block Linears: bf16, fp8 (torchao, ~half the memory) or nf4 "
+        "(bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
     )
     # Flow matching
     p.add_argument(
@@ -211,6 +235,40 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
 
 
+def check_memory_options(args, accelerator) -> None:
+    if not args.max_memory_gb:
+        return
+    if accelerator.device.type != "cuda":
+        raise ValueError("--max_memory_gb measures GPU memory and needs a CUDA device; drop it on this device")
+    if deepspeed_stage(accelerator):
+        raise ValueError("--max_memory_gb does not work under DeepSpeed; use --gradient_checkpointing there")
+    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+        raise ValueError("--max_memory_gb chooses the checkpointing itself: drop --gradient_checkpointing(_blocks)")
+
+
+def fit_memory_budget(args, accelerator, transformer, train, config, params, print0) -> None:
+    """Set the fewest checkpointed blocks that fit --max_memory_gb, measured on the largest batch the cache holds."""
+    model = accelerator.unwrap_model(transformer)
+    shapes = train.data.select_columns(["bucket_height", "bucket_width", "caption_length"]).to_dict()
+    batch = worst_case_batch(
+        list(zip(shapes["bucket_height"], shapes["bucket_width"])),
+        shapes["caption_length"],
+        args.train_batch_size,
+        model.config.in_channels,
+        model.config.cap_feat_dim,
+    )
+    seeds = list(range(args.train_batch_size))
+    calibration = calibrate_checkpointing(
+        accelerator,
+        transformer,
+        batch,
+        lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
+        args.max_memory_gb,
+        optimizer_state_gib(params, args.optimizer),
+    )
+    print0(calibration.summary())
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """One line per logging step (and one per validation with a held-out loss): the loss curves users can plot
     (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
@@ -242,27 +300,37 @@ def run_training(args: argparse.Namespace) -> None:
     check_deepspeed_active(accelerator)
     print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
     check_process_group(accelerator)
+    check_base_precision(args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter)
+    check_memory_options(args, accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
     # Load the transformer (never the text encoder) in the precision the base is kept in
     require_zimage(args.pretrained_model_name_or_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
     transformer = load_transformer(
         args.pretrained_model_name_or_path,
         weight_dtype,
+        device=accelerator.device if nf4 else "cpu",
         revision=args.revision,
         single_file=args.transformer_single_file,
+        quantization_config=nf4_config(weight_dtype) if nf4 else None,
     )
     transformer.requires_grad_(False)
     adapter_state = None
     if args.training_adapter:
         adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
-    if deepspeed_stage(accelerator) != 3:  # ZeRO-3 partitions the base from host memory: no full copy per GPU
+    if args.base_precision == "fp8":  # after the merge; layer by layer onto the GPU
+        quantize_fp8_(transformer, accelerator.device)
+    use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
+    if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory
         transformer.to(accelerator.device)
 
     # Data
     train, val_data, sampler, manifest, empty_embeds, validation_prompts = load_data(args, accelerator, transformer)
+    if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
+        empty_embeds = empty_embeds.to(accelerator.device)
     loader = torch.utils.data.DataLoader(
         train,
         batch_sampler=sampler,
@@ -289,7 +357,7 @@ def run_training(args: argparse.Namespace) -> None:
             transformer, -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks
         )
     if args.compile:
-        compile_blocks(transformer)
+        compile_blocks(transformer, fullgraph=args.base_precision != "nf4")
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)
@@ -308,8 +376,9 @@ def run_training(args: argparse.Namespace) -> None:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    configure_deepspeed(accelerator, args.train_batch_size)
+    configure_deepspeed(accelerator, args.train_batch_size, int(args.zero3_max_live_parameters))
     partition_for_zero3(accelerator, transformer)
+    skip_frozen_in_ddp(transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_lora_state_hooks(accelerator, type(accelerator.unwrap_model(transformer)))
 
@@ -334,6 +403,8 @@ def run_training(args: argparse.Namespace) -> None:
         args.caption_dropout,
         args.random_flip,
     )
+    if args.max_memory_gb:
+        fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
     if accelerator.is_main_process:
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in vars(args).items() if v is not None})
     print0(
@@ -410,6 +481,7 @@ def run_training(args: argparse.Namespace) -> None:
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     last_log, last_log_step = time.time(), global_step
     empty = empty_embeds if args.caption_dropout > 0 else None
+    stop_vote = None
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
@@ -433,8 +505,12 @@ def run_training(args: argparse.Namespace) -> None:
             global_step += 1
             progress.update(1)
             stop = stop_requested["flag"]
-            if accelerator.num_processes > 1:  # every rank must agree before anyone saves
-                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "max").item())
+            if accelerator.num_processes > 1:
+                # Every rank must agree before anyone saves. The vote is reduced now and read one step later: reading
+                # it waits only for the previous step, which the GPU has finished, not for the one just queued.
+                vote = torch.full((), float(stop), device=accelerator.device)
+                stop_vote, previous_vote = accelerator.reduce(vote, "max"), stop_vote
+                stop = previous_vote is not None and bool(previous_vote.item())
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
             checkpoint_now = args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0
             if log_now or checkpoint_now:

@@ -2,16 +2,25 @@
 real 4B config, at 1024², through precompute_embeddings.py's own code (only weight loading is replaced).
 
     python benchmarks/bench_precompute.py --out results.json            # on a GPU
+    python benchmarks/bench_precompute.py --compile --workers 12 --num_images 2048 --batch_sizes 8 \
+        --script_runs longest,longest+compile,longest+compile,longest+compile+one_stream \
+        --out results.json                                               # steady state, ~6-7 min on an H100
     python benchmarks/bench_precompute.py --tiny --num_images 8         # CPU smoke test (CI keeps it working)
 
 Prints a table: VAE alone per batch size (eager / channels_last / compiled), text encoder alone (pad to 512 vs
-longest), then the whole script (JPEG decode in DataLoader workers + both encoders + Arrow writes) in images/s.
+longest), then the whole script (JPEG decode in DataLoader workers + both encoders + Arrow writes) in images/s,
+end to end and in its encode loop alone, with the seconds of each phase the script reports. A `+compile` run
+after another is "(warm)": dynamo traces again but inductor reuses its cached kernels, so cold minus warm is the
+cost of compiling; the script itself counts the seconds its first batch of each shape blocked on compilation.
+`+one_stream` runs the text encoder before the VAE on one CUDA stream instead of beside it on its own.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -79,24 +88,32 @@ def timed(fn, repeats: int, device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def make_jpegs(folder: Path, n: int, side: int) -> None:
-    """Noisy JPEGs (harder to decode than flat colour) in several aspect ratios around side², with captions."""
+def make_jpeg(folder: Path, side: int, caption: str, i: int) -> None:
+    """Image i: a noisy JPEG (harder to decode than flat colour) in one of 4 aspect ratios around side², and its
+    caption; every image differs, as in a real folder."""
     import numpy as np
     from PIL import Image
 
-    captions = make_captions(64)
     shapes = [
         (side, side),
         (side * 3 // 4, side * 4 // 3),
         (side * 4 // 3, side * 3 // 4),
         (side * 9 // 16, side * 16 // 9),
     ]
+    h, w = shapes[i % len(shapes)]
+    base = np.random.default_rng(i).integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+    Image.fromarray(base).resize((w, h), Image.BICUBIC).save(folder / f"img_{i:05d}.jpg", quality=92)
+    (folder / f"img_{i:05d}.txt").write_text(caption)
+
+
+def make_jpegs(folder: Path, n: int, side: int) -> None:
+    """n captioned JPEGs, made in parallel (about 40 ms each at 1024² on one core). Call it before CUDA starts:
+    the pool forks this process."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = shapes[i % len(shapes)]
-        base = np.random.default_rng(i).integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
-        Image.fromarray(base).resize((w, h), Image.BICUBIC).save(folder / f"img_{i:04d}.jpg", quality=92)
-        (folder / f"img_{i:04d}.txt").write_text(captions[i % len(captions)])
+    captions = make_captions(64)
+    jobs = [(folder, side, captions[i % len(captions)], i) for i in range(n)]
+    with multiprocessing.get_context("fork").Pool(max(1, min(os.cpu_count() or 1, n))) as pool:
+        pool.starmap(make_jpeg, jobs, chunksize=8)
 
 
 def build_models(size: str, device, dtype):
@@ -138,19 +155,48 @@ def write_config_only_model(folder: Path, vae, text_encoder, tokenizer) -> None:
     tokenizer.save_pretrained(folder / "tokenizer")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="Tiny components on the CPU (smoke test).")
-    parser.add_argument("--num_images", type=int, default=256)
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--batch_sizes", default="1,4,8,16")
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="Also time a torch.compile'd VAE encoder.")
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    args = parser.parse_args()
+def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
+    """--script_runs ("longest,longest+compile+one_stream") as [{padding, compile, one_stream}]; --tiny skips the
+    compiled ones."""
+    runs = []
+    for run in spec.split(","):
+        padding, *options = run.split("+")
+        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream"}:
+            raise SystemExit(
+                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream], PADDING max_length/longest"
+            )
+        runs.append({"padding": padding, "compile": "compile" in options, "one_stream": "one_stream" in options})
+    return [r for r in runs if not (tiny and r["compile"])]
+
+
+def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict) -> dict:
+    """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats.
+    one_stream: the text encoder runs on the VAE's CUDA stream, before it, as with no GPU stream to spare."""
+    out = tmp / f"cache_{k}"
+    cli = [
+        "--pretrained_model_name_or_path", str(tmp / "model"),
+        "--train_data_dir", str(tmp / "images"),
+        "--output_dir", str(out),
+        "--resolution", str(resolution),
+        "--batch_size", str(bs),
+        "--dataloader_num_workers", str(workers),
+        "--text_padding", run["padding"],
+    ] + (["--compile"] if run["compile"] else [])  # fmt: skip
+    encode_batch = precompute_embeddings.encode_batch
+    if run["one_stream"]:
+        precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
+    try:
+        stats = precompute_embeddings.main(precompute_embeddings.parse_args(cli))
+    finally:
+        precompute_embeddings.encode_batch = encode_batch
+    shutil.rmtree(out)  # 2 GB per 1000 images at 1024², twice (parts and merged data)
+    return stats
+
+
+def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
+    """The results JSON: encoders alone on random inputs, then each whole-script run on the JPEGs in tmp/images."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolution = 64 if args.tiny else args.resolution
     vae, text_encoder, tokenizer = build_models("tiny" if args.tiny else "full", device, dtype)
     rows, results = (
         [],
@@ -158,30 +204,33 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
             "resolution": resolution,
+            "num_images": args.num_images,
+            "workers": 0 if args.tiny else args.workers,
             "date": time.strftime("%Y-%m-%d"),
         },
     )
     repeats = 2 if args.tiny else 5
 
+    def row(what: str, batch: int, items_per_s: float, **extra) -> None:
+        rows.append({"what": what, "batch": batch, "items_per_s": round(items_per_s, 2), **extra})
+
     # VAE alone
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
-        variants = {"eager": vae}
-        for name, model in variants.items():
-            s = timed(partial(encode_images, model, pixels), repeats, device)
-            rows.append(("vae " + name, bs, bs / s))
+        s = timed(partial(encode_images, vae, pixels), repeats, device)
+        row("vae eager", bs, bs / s)
         if device.type == "cuda":
             vae_cl = vae.to(memory_format=torch.channels_last)
             pixels_cl = pixels.contiguous(memory_format=torch.channels_last)
             s = timed(partial(encode_images, vae_cl, pixels_cl), repeats, device)
-            rows.append(("vae channels_last", bs, bs / s))
+            row("vae channels_last", bs, bs / s)
             vae.to(memory_format=torch.contiguous_format)
     if args.compile and device.type == "cuda":
         vae.encoder = torch.compile(vae.encoder)
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
             s = timed(partial(encode_images, vae, pixels), repeats, device)
-            rows.append(("vae compiled", bs, bs / s))
+            row("vae compiled", bs, bs / s)
         vae.encoder = vae.encoder._orig_mod
 
     # Text encoder alone, and whether padding to the longest caption changes any bit
@@ -190,7 +239,7 @@ def main() -> None:
         for padding in ("max_length", "longest"):
             call = partial(encode_captions, captions[:bs], tokenizer, text_encoder, 512, device, padding)
             s = timed(call, repeats, device)
-            rows.append((f"text pad={padding}", bs, bs / s))
+            row(f"text pad={padding}", bs, bs / s)
     exact, _ = encode_captions(captions[:16], tokenizer, text_encoder, 512, device, "max_length")
     short, _ = encode_captions(captions[:16], tokenizer, text_encoder, 512, device, "longest")
     results["text_longest_bit_identical"] = all(torch.equal(a, b) for a, b in zip(exact, short))
@@ -200,54 +249,76 @@ def main() -> None:
     results["text_tokens_mean"] = sum(e.shape[0] for e in exact) / len(exact)
 
     # The whole script on JPEGs: decode in workers, both encoders, Arrow shards and merge
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        make_jpegs(tmp / "images", args.num_images, resolution)
-        write_config_only_model(tmp / "model", vae, text_encoder, tokenizer)
-        precompute_embeddings.load_vae = lambda *a, **k: vae
-        precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
-        runs = [(8, "max_length", False), (8, "longest", False), (8, "longest", True), (8, "longest", True)]
-        runs += [(16, "longest", True)]
-        for k, (bs, padding, compiled) in enumerate(runs[:2] if args.tiny else runs):
-            out = tmp / f"cache_{k}"
-            cli = [
-                "--pretrained_model_name_or_path",
-                str(tmp / "model"),
-                "--train_data_dir",
-                str(tmp / "images"),
-                "--output_dir",
-                str(out),
-                "--resolution",
-                str(resolution),
-                "--batch_size",
-                str(bs),
-                "--dataloader_num_workers",
-                str(0 if args.tiny else args.workers),
-                "--text_padding",
-                padding,
-            ] + (["--compile"] if compiled else [])
-            start = time.perf_counter()
-            precompute_embeddings.main(precompute_embeddings.parse_args(cli))
-            elapsed = time.perf_counter() - start
-            if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from dynamo's warm cache
-                vae.encoder = vae.encoder._orig_mod
-            label = f"script pad={padding}" + (" compile" if compiled else "")
-            label += " (warm)" if compiled and (bs, padding, compiled) in runs[:k] else ""
-            rows.append((label, bs, args.num_images / elapsed))
+    write_config_only_model(tmp / "model", vae, text_encoder, tokenizer)
+    precompute_embeddings.load_vae = lambda *a, **k: vae
+    precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
+    bs, workers = args.script_batch_size, results["workers"]
+    for k, run in enumerate(runs):
+        stats = run_script(tmp, k, resolution, bs, workers, run)
+        if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
+            vae.encoder = vae.encoder._orig_mod
+        label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
+        label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
+        row(
+            label,
+            bs,
+            stats["images_per_s"],
+            encode_items_per_s=round(stats["encode_images_per_s"], 2),
+            compile_s=round(stats["compile_seconds"], 1),
+            seconds={name: round(v, 1) for name, v in stats["seconds"].items()},
+        )
+    compiled = [r for r in rows if r["what"].startswith("script") and " compile" in r["what"]]
+    if len(compiled) >= 2:  # cold minus warm encode loop: what compiling every batch shape cost
+        results["compile_cost_s"] = round(compiled[0]["seconds"]["encode"] - compiled[1]["seconds"]["encode"], 1)
     if device.type == "cuda":
         results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    results["rows"] = rows
+    return results
 
-    results["rows"] = [{"what": w, "batch": b, "items_per_s": round(r, 2)} for w, b, r in rows]
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="Tiny components on the CPU (smoke test).")
+    parser.add_argument("--num_images", type=int, default=256, help="JPEGs the whole-script runs encode.")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch_sizes", default="1,4,8,16", help="Batch sizes of the VAE-alone rows.")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the whole-script runs.")
+    parser.add_argument("--compile", action="store_true", help="Also time a torch.compile'd VAE encoder.")
+    parser.add_argument(
+        "--script_runs",
+        default="max_length,longest,longest+compile,longest+compile",
+        help="Whole-script runs, in order: PADDING[+compile][+one_stream] (PADDING: max_length, longest). A +compile "
+        "run after another is warm. +one_stream: no separate CUDA stream for the text encoder. --tiny skips +compile.",
+    )
+    parser.add_argument("--script_batch_size", type=int, default=8, help="--batch_size of the whole-script runs.")
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    args = parser.parse_args()
+    runs = parse_script_runs(args.script_runs, args.tiny)
+    resolution = 64 if args.tiny else args.resolution
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        make_jpegs(tmp / "images", args.num_images, resolution)  # before CUDA: the pool forks
+        jpeg_s = time.perf_counter() - started
+        results = benchmark(args, runs, resolution, tmp)
+    results["jpeg_creation_s"] = round(jpeg_s, 1)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(
-        f"\n{results['device']}, torch {results['torch']}, {resolution}², {args.num_images} JPEGs, "
-        f"{args.workers} workers; text mean {results['text_tokens_mean']:.0f} tokens; pad=longest bit-identical: "
-        f"{results['text_longest_bit_identical']} (max |diff| {results['text_longest_max_abs_diff']:.3g})"
+        f"\n{results['device']}, torch {results['torch']}, {resolution}², {args.num_images} JPEGs (made in "
+        f"{jpeg_s:.0f} s), {results['workers']} workers; text mean {results['text_tokens_mean']:.0f} tokens; "
+        f"pad=longest bit-identical: {results['text_longest_bit_identical']} "
+        f"(max |diff| {results['text_longest_max_abs_diff']:.3g})"
     )
-    print(f"{'what':40s} {'batch':>5s} {'items/s':>9s}")
-    for w, b, r in rows:
-        print(f"{w:40s} {b:5d} {r:9.1f}")
+    if "compile_cost_s" in results:
+        print(f"compiling the VAE encoder for every batch shape: {results['compile_cost_s']:.1f} s (cold - warm)")
+    print(f"{'what':40s} {'batch':>5s} {'items/s':>9s} {'encode loop':>11s}  script phases (s)")
+    for row in results["rows"]:
+        line = f"{row['what']:40s} {row['batch']:5d} {row['items_per_s']:9.1f}"
+        if "encode_items_per_s" in row:
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items())
+            line += f" {row['encode_items_per_s']:11.1f}  {phases}; compiling {row['compile_s']:.1f}"
+        print(line)
 
 
 if __name__ == "__main__":

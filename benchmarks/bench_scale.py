@@ -119,13 +119,14 @@ def add_encoder_weights(folder: Path, full: bool) -> None:
     torch.set_default_dtype(torch.float32)
 
 
-def run_precompute(gpus: int, work: Path, full: bool, batch_size: int = 16) -> dict:
-    """The precompute script on `gpus` processes over the benchmark JPEGs; images/s from wall time."""
+def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_size: int = 16) -> dict:
+    """The precompute script on `gpus` processes over the benchmark JPEGs; images/s from wall time (process start,
+    model loading and the merge included) and the main process's own phase timings."""
     from bench_precompute import make_jpegs
 
     images = work / "jpegs"
     if not images.exists():
-        make_jpegs(images, 256 if full else 8, 1024 if full else 64)
+        make_jpegs(images, num_images if full else 8, 1024 if full else 64)
     out = work / f"precompute_{gpus}gpu"
     cmd = [
         "accelerate",
@@ -158,13 +159,16 @@ def run_precompute(gpus: int, work: Path, full: bool, batch_size: int = 16) -> d
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (work / f"log_precompute_{gpus}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
-    line = next((x for x in (proc.stdout + proc.stderr).splitlines() if "images/s over" in x), "")
+    lines = (proc.stdout + proc.stderr).splitlines()
+    line = next((x for x in lines if "images/s over" in x), "")
+    phases = next((x for x in lines if x.startswith("time: scan")), "")
     return {
         "name": f"precompute_{gpus}gpu",
         "gpus": gpus,
         "returncode": proc.returncode,
         "wall_s": wall,
         "summary": line.strip(),
+        "phases": phases.strip(),
         "cache": str(out),
     }
 
@@ -269,6 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
     )
+    parser.add_argument("--precompute_images", type=int, default=2048, help="JPEGs for the precompute runs.")
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -289,6 +294,13 @@ def main() -> None:
         ("zero2", "deepspeed_zero2.yaml", args.zero_gpus, ckpt),
         ("zero3", "deepspeed_zero3.yaml", args.zero_gpus, ckpt),
         ("zero3_offload", "deepspeed_zero3_offload.yaml", args.zero_gpus, ckpt),
+        # DeepSpeed's own live-parameter defaults (1e9), the same-run baseline for the trainer's 2e8
+        (
+            "zero3_offload_ds_defaults",
+            "deepspeed_zero3_offload.yaml",
+            args.zero_gpus,
+            ckpt + ["--zero3_max_live_parameters", "0"],
+        ),
     ]
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
@@ -312,7 +324,7 @@ def main() -> None:
     if args.precompute_gpus:
         add_encoder_weights(work / "model", full)
         for n in [int(x) for x in args.precompute_gpus.split(",")]:
-            precompute.append(run_precompute(n, work, full))
+            precompute.append(run_precompute(n, work, full, args.precompute_images))
             print(json.dumps(precompute[-1]), flush=True)
         if len(precompute) > 1 and all(p["returncode"] == 0 for p in precompute):
             for p in precompute[1:]:

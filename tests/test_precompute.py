@@ -27,6 +27,7 @@ from zimage_utils import cache as cache_lib
 from zimage_utils.buckets import plan_crop, resize_and_crop
 from zimage_utils.latents import encode_images, pil_to_tensor
 from zimage_utils.model_loading import load_vae
+from zimage_utils.precompute import ShardWriter, encode_ahead, load_shards
 
 REPO_ROOT = Path(precompute_embeddings.__file__).resolve().parent
 
@@ -327,6 +328,96 @@ def test_an_interrupted_run_keeps_its_finished_parts(tiny_model_dir, tiny_data_d
     for source, record in reference.items():
         assert resumed[source]["latents"] == record["latents"], source
         assert resumed[source]["caption_embeds"] == record["caption_embeds"], source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The encode loop overlaps the host with the accelerator without changing what is written
+
+
+def test_each_batch_is_queued_before_the_previous_one_is_turned_into_records():
+    log = []
+
+    class Queued:  # stands in for encode_batch's EncodedBatch
+        def __init__(self, name):
+            self.name = name
+
+        def records(self):
+            log.append(f"records {self.name}")
+            return [{"source": self.name}]
+
+    def encode(batch):
+        log.append(f"queue {batch['name']}")
+        return Queued(batch["name"])
+
+    batches = [
+        {"name": "a", "planned": ["a"]},
+        {"name": "b", "planned": ["b"]},
+        {"name": "only skipped files", "planned": []},
+        {"name": "c", "planned": ["c"]},
+    ]
+    for batch, records in encode_ahead(batches, encode):
+        log.append(f"write {batch['name']}: {[r['source'] for r in records]}")
+
+    assert log == [
+        "queue a",
+        "queue b",
+        "records a",
+        "write a: ['a']",
+        "records b",
+        "write b: ['b']",
+        "queue c",
+        "write only skipped files: []",
+        "records c",
+        "write c: ['c']",
+    ]
+
+
+def test_the_overlapped_loop_writes_the_same_cache_as_one_batch_at_a_time(
+    tiny_model_dir, messy_folder, tmp_path, monkeypatch
+):
+    # Small batches and parts: several parts are saved by the writer thread, and some batches hold only files that
+    # fail to decode (skipped, with no records).
+    flags = ["--batch_size", 2, "--shard_size", 3, "--cache_flipped"]
+    overlapped = precompute(tiny_model_dir, tmp_path / "overlapped", *flags, data_dir=messy_folder)
+
+    def one_at_a_time(batches, encode):
+        for batch in batches:
+            yield batch, encode(batch).records() if batch["planned"] else []
+
+    monkeypatch.setattr(precompute_embeddings, "encode_ahead", one_at_a_time)
+    reference = precompute(tiny_model_dir, tmp_path / "reference", *flags, data_dir=messy_folder)
+
+    dataset, manifest = cache_lib.load_cache(overlapped)
+    expected, expected_manifest = cache_lib.load_cache(reference)
+    assert dataset.to_list() == expected.to_list()
+    assert manifest == expected_manifest  # skipped files and conversion notes included
+
+
+def _record(i: int) -> dict:
+    return {
+        "source": f"img_{i}.png", "content_hash": f"{i:064x}", "caption": f"caption {i}",
+        "bucket_height": 64, "bucket_width": 96, "original_height": 70, "original_width": 100,
+        "crop_box": [0.5, 1.0, 99.5, 69.0],
+        "latents": bytes([i]) * 8, "latents_flipped": b"", "caption_embeds": bytes([i]) * 4,
+        "caption_length": 2, "caption_truncated": False,
+    }  # fmt: skip
+
+
+def test_the_shard_writer_saves_parts_in_order_and_finishes_them_after_a_crash(tmp_path):
+    records = [_record(i) for i in range(4)]
+    with ShardWriter(tmp_path / "cache", rank=0, shard_size=2) as writer:
+        writer.add(records[:3])  # shard_size reached: handed to the saving thread
+        writer.add(records[3:4])  # saved when the block ends
+    parts = load_shards(tmp_path / "cache")
+    assert [part.to_list() for part in parts] == [records[:3], records[3:4]]
+    assert all(part.features == cache_lib.FEATURES for part in parts)
+
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path / "crashed", rank=0, shard_size=2) as writer:
+        writer.add(records[:2])
+        writer.add(records[2:3])
+        raise KeyboardInterrupt
+    # The part handed over before the crash is on disk when the error arrives; the unfinished one is lost.
+    assert [part.to_list() for part in load_shards(tmp_path / "crashed")] == [records[:2]]
 
 
 # ----------------------------------------------------------------------------------------------------------

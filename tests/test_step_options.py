@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from zimage_utils import tiny
+from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope
 from zimage_utils.lora import add_lora
 from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -58,3 +59,20 @@ def test_compiled_blocks_give_the_eager_loss():
     assert torch.allclose(loss, reference_loss, rtol=1e-4)
     for name, g in grads.items():
         assert torch.allclose(g, reference_grads[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_real_valued_rotary_embedding_computes_what_diffusers_complex_one_does():
+    reference = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(reference)
+    transformer = lora_transformer()
+    assert use_real_rope(transformer) == 4  # every attention of the tiny model (2 + 1 + 1 blocks)
+    assert all(
+        isinstance(m.processor, RealRopeAttnProcessor) for m in transformer.modules() if hasattr(m, "processor")
+    )
+    loss, grads = loss_and_grads(transformer)
+    assert torch.allclose(loss, reference_loss, atol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    compile_blocks(transformer)  # and it compiles (complex ops would not fuse)
+    compiled_loss, _ = loss_and_grads(transformer)
+    assert torch.allclose(compiled_loss, reference_loss, rtol=1e-4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zimage_utils.text_encoding import count_tokens, encode_captions
+from zimage_utils.text_encoding import count_tokens, encode_captions, mask_to_slice
 from zimage_utils.tiny import make_tiny_pipeline
 
 CAPTIONS = [
@@ -60,3 +60,29 @@ def test_empty_list_and_no_grad(pipe):
     assert encode_captions([], pipe.tokenizer, pipe.text_encoder) == ([], [])
     embeddings, _ = encode_captions(["a red circle"], pipe.tokenizer, pipe.text_encoder)
     assert not embeddings[0].requires_grad and not embeddings[0].is_inference()
+
+
+def test_left_padded_captions_also_equal_the_pipeline_bit_for_bit(pipe):
+    # Kept tokens are cut out with a slice worked out on the host (no wait for the accelerator); with left padding
+    # the run of kept tokens ends the row instead of starting it.
+    pipe.tokenizer.padding_side = "left"
+    try:
+        ours, _ = encode_captions(CAPTIONS[:3], pipe.tokenizer, pipe.text_encoder, 64)
+        reference, _ = pipe.encode_prompt(
+            list(CAPTIONS[:3]), do_classifier_free_guidance=False, max_sequence_length=64
+        )
+    finally:
+        pipe.tokenizer.padding_side = "right"
+    for mine, theirs in zip(ours, reference):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize(
+    "mask, kept",
+    [([1, 1, 1, 0, 0], slice(0, 3)), ([0, 0, 1, 1, 1], slice(2, 5)), ([1, 1], slice(0, 2)), ([1, 0, 1], None)],
+)
+def test_mask_to_slice_gives_the_masked_rows_or_none_for_a_mask_with_holes(mask, kept):
+    assert mask_to_slice(mask) == kept
+    hidden = torch.randn(len(mask), 4)
+    if kept is not None:
+        assert torch.equal(hidden[kept], hidden[torch.tensor(mask).bool()])

@@ -19,6 +19,7 @@ from typing import Any
 
 import datasets
 import torch
+from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 1
@@ -62,6 +63,14 @@ def tensor_to_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
 def bytes_to_tensor(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `tensor_to_bytes`: a new tensor (the Arrow buffer is read-only, so it is copied)."""
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def records_to_dataset(records: list[dict[str, Any]], fingerprint: str) -> datasets.Dataset:
+    """A dataset of cache records (dicts of FEATURES), built column by column in Arrow. `Dataset.from_list` gives
+    the same table but also hashes every byte of it to make a fingerprint: ~1 s for 256 records at 1024²."""
+    columns = {name: [record[name] for record in records] for name in FEATURES}
+    table = InMemoryTable.from_pydict(columns, schema=FEATURES.arrow_schema)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=FEATURES), fingerprint=fingerprint)
 
 
 def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int, int, int]:

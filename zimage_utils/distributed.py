@@ -42,15 +42,24 @@ def deepspeed_stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, max_live_parameters: int = 0) -> None:
     """DeepSpeed needs the per-GPU micro-batch size before `prepare`; accelerate reads it from a prepared
-    DataLoader, which ours is not (our sampler shards the data itself)."""
-    if deepspeed_stage(accelerator):
-        config = accelerator.state.deepspeed_plugin.deepspeed_config
-        config["train_micro_batch_size_per_gpu"] = micro_batch_size
-        # With optimiser offload DeepSpeed insists on its own CPU Adam (a C++ op compiled on first use); the LoRA's
-        # few million parameters are handled fine by torch's AdamW on the CPU.
-        config["zero_force_ds_cpu_optimizer"] = False
+    DataLoader, which ours is not (our sampler shards the data itself).
+
+    max_live_parameters (ZeRO-3): how many gathered parameters a GPU may hold at once, also the distance within
+    which a parameter about to be reused is kept (0 = DeepSpeed's defaults, 1e9 each: 2 GiB of bf16 weights, which
+    matters on the small cards offload is for). A value set in a DeepSpeed config file wins."""
+    if not deepspeed_stage(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    # With optimiser offload DeepSpeed insists on its own CPU Adam (a C++ op compiled on first use); the LoRA's
+    # few million parameters are handled fine by torch's AdamW on the CPU.
+    config["zero_force_ds_cpu_optimizer"] = False
+    if deepspeed_stage(accelerator) == 3 and max_live_parameters > 0:
+        zero = config.setdefault("zero_optimization", {})
+        zero.setdefault("stage3_max_live_parameters", max_live_parameters)
+        zero.setdefault("stage3_max_reuse_distance", max_live_parameters)
 
 
 def optimizer_offloaded(accelerator) -> bool:
@@ -92,6 +101,14 @@ def partition_for_zero3(accelerator, model) -> None:
         if config.get(key) == "auto":
             config[key] = 1
     deepspeed.zero.Init(module=model, config_dict_or_path=config)
+
+
+def skip_frozen_in_ddp(model) -> None:
+    """Let DDP leave the frozen base alone. When it wraps the model it broadcasts every parameter from rank 0 (the
+    whole 12 GB base, or fp8/NF4 tensors it was not written for); every process loaded the same base, so only the
+    LoRA parameters need to be in sync. Harmless without DDP."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
 
 
 def check_process_group(accelerator) -> None:

@@ -213,8 +213,12 @@ def load_transformer(
     revision: str | None = None,
     local_files_only: bool | None = None,
     single_file: str | None = None,
+    quantization_config=None,
 ):
     """The `ZImageTransformer2DModel` with every base weight frozen (LoRA layers are added later), on `device`.
+
+    `quantization_config`: a diffusers quantisation config applied while loading (e.g.
+    `base_precision.nf4_config()`); the weights are then quantised straight onto `device`.
 
     `single_file`: a `.safetensors` checkpoint of the transformer alone, in the original (ComfyUI / Tongyi: fused
     `attention.qkv`, `final_layer`, optional `model.diffusion_model.` prefix) or the diffusers key layout; its
@@ -223,9 +227,12 @@ def load_transformer(
     from diffusers import ZImageTransformer2DModel
 
     offline = offline_default(local_files_only)
+    quantized = {}
+    if quantization_config is not None:
+        quantized = {"quantization_config": quantization_config, "device_map": {"": str(torch.device(device))}}
     if single_file is None:
         transformer = ZImageTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype, revision=revision, local_files_only=offline
+            path, subfolder="transformer", torch_dtype=dtype, revision=revision, local_files_only=offline, **quantized
         )
     else:
         is_url = single_file.startswith(("https://", "http://"))
@@ -243,6 +250,7 @@ def load_transformer(
                 config_revision=revision,
                 torch_dtype=dtype,
                 local_files_only=offline,
+                **quantized,
             )
         except NotImplementedError as error:
             # from_single_file builds the model on the meta device, only warns about keys it cannot place, and then
@@ -252,8 +260,9 @@ def load_transformer(
             raise
         if any(tensor.is_meta for tensor in transformer.state_dict().values()):
             raise wrong_checkpoint
-    transformer.to(device).requires_grad_(False)
-    return transformer
+    if quantization_config is None:  # a quantised model is already on `device`
+        transformer.to(device)
+    return transformer.requires_grad_(False)
 
 
 def load_scheduler(path: str, revision: str | None = None, local_files_only: bool | None = None):

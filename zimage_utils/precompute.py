@@ -1,6 +1,11 @@
 """The phases of `precompute_embeddings.py`: scan items, decode and crop them in DataLoader workers, encode batches
 on the accelerator, write per-process shards, merge them into the cache.
 
+The encode loop keeps the accelerator busy: `encode_ahead` queues batch N+1 before it turns batch N into records;
+`encode_batch` runs the text encoder on a CUDA stream of its own, beside the VAE, and copies outputs to pinned host
+memory without waiting for them; `ShardWriter` saves parts in a background thread. Records and their order are the
+same as encoding and writing one batch at a time.
+
 Determinism across process counts: items are sorted by source and split `rank::world`; anything random (random
 crop, `--latent_sampling sample`) is seeded per item from `seed` and the item's source, so a 2-process run
 writes the same records as a 1-process run: the same items, crops and noise. The VAE's float output can still differ
@@ -13,6 +18,8 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ import torch
 from PIL import ImageOps
 
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
-from .cache import FEATURES, SHARDS_DIR, tensor_to_bytes
+from .cache import FEATURES, SHARDS_DIR, records_to_dataset, tensor_to_bytes
 from .images import (
     BadImageError,
     ImageItem,
@@ -132,55 +139,159 @@ def plan_batches(planned: list[Planned], batch_size: int) -> list[list[Planned]]
     ]
 
 
+@dataclass
+class EncodedBatch:
+    """One batch's encoder outputs on their way to the host, already in the cache's storage dtypes. On a GPU the
+    copies may still be running when `encode_batch` returns; `records()` waits for them."""
+
+    planned: list[Planned]
+    latents: torch.Tensor  # [B, C, h, w] on the CPU
+    flipped: torch.Tensor | None  # [B, C, h, w] latents of the mirrored images, or None
+    embeds: torch.Tensor  # [sum(lengths), D] on the CPU: each item's kept caption tokens, one item after the other
+    lengths: list[int]  # caption tokens kept per item
+    truncated: list[bool]
+    copied: torch.cuda.Event | None  # recorded after the copies to the host; None when they were synchronous
+
+    def records(self) -> list[dict[str, Any]]:
+        """Cache records (FEATURES), one per item in the batch's order."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        embeds = self.embeds.split(self.lengths)
+        records = []
+        for i, p in enumerate(self.planned):
+            flipped = tensor_to_bytes(self.flipped[i], self.flipped.dtype) if self.flipped is not None else b""
+            records.append(
+                {
+                    "source": p.item.source,
+                    "content_hash": p.content_hash,
+                    "caption": p.caption,
+                    "bucket_height": p.bucket[0],
+                    "bucket_width": p.bucket[1],
+                    "original_height": p.original_size[0],
+                    "original_width": p.original_size[1],
+                    "crop_box": list(p.crop.to_original(*p.original_size)),
+                    "latents": tensor_to_bytes(self.latents[i], self.latents.dtype),
+                    "latents_flipped": flipped,
+                    "caption_embeds": tensor_to_bytes(embeds[i], embeds[i].dtype),
+                    "caption_length": self.lengths[i],
+                    "caption_truncated": bool(self.truncated[i]),
+                }
+            )
+        return records
+
+
 @torch.no_grad()
-def encode_batch(batch: dict[str, Any], vae, tokenizer, text_encoder, args, device, dtypes) -> list[dict[str, Any]]:
-    """VAE latents and caption embeddings for one bucket batch → cache records (FEATURES)."""
+def encode_batch(
+    batch: dict[str, Any],
+    vae,
+    tokenizer,
+    text_encoder,
+    args,
+    device,
+    dtypes,
+    text_stream: torch.cuda.Stream | None = None,
+) -> EncodedBatch:
+    """Queue caption embeddings and VAE latents of one bucket batch, and their copies to the host.
+
+    `dtypes` = (latent storage dtype, embedding storage dtype). On a GPU this returns once the work is queued;
+    `.records()` of the result waits for it. On other devices everything is done on return. `text_stream` (CUDA):
+    run the text encoder on this stream, beside the VAE on the current one; the caller makes it wait for the
+    current stream once, after loading the models.
+    """
     planned: list[Planned] = batch["planned"]
-    generators = None
-    if args.latent_sampling == "sample":
-        generators = [torch.Generator(device=device).manual_seed(item_seed(args.seed, p.item.source)) for p in planned]
-    pixels = batch["pixels"].to(device, non_blocking=True).to(vae.dtype)
-    latents = encode_images(vae, pixels, args.latent_sampling, generators)
-    flipped = None
-    if batch["flipped"] is not None:
-        flipped = encode_images(
-            vae, batch["flipped"].to(device, non_blocking=True).to(vae.dtype), args.latent_sampling, generators
-        )
-    embeds, truncated = encode_captions(
-        [p.caption for p in planned], tokenizer, text_encoder, args.max_sequence_length, device, args.text_padding
-    )
     latent_dtype, embed_dtype = dtypes
-    records = []
-    for i, p in enumerate(planned):
-        records.append(
-            {
-                "source": p.item.source,
-                "content_hash": p.content_hash,
-                "caption": p.caption,
-                "bucket_height": p.bucket[0],
-                "bucket_width": p.bucket[1],
-                "original_height": p.original_size[0],
-                "original_width": p.original_size[1],
-                "crop_box": list(p.crop.to_original(*p.original_size)),
-                "latents": tensor_to_bytes(latents[i], latent_dtype),
-                "latents_flipped": tensor_to_bytes(flipped[i], latent_dtype) if flipped is not None else b"",
-                "caption_embeds": tensor_to_bytes(embeds[i], embed_dtype),
-                "caption_length": int(embeds[i].shape[0]),
-                "caption_truncated": bool(truncated[i]),
-            }
+    on_gpu = device.type == "cuda"
+
+    def to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Cast on the device (the same rounding as on the host) and copy in one piece; from a GPU the copy lands in
+        # pinned memory without blocking the host, and the event recorded below marks when it has.
+        return tensor.to(dtype).to("cpu", non_blocking=on_gpu)
+
+    def captions() -> tuple[list[torch.Tensor], list[bool], torch.Tensor]:
+        texts = [p.caption for p in planned]
+        embeds, truncated = encode_captions(
+            texts, tokenizer, text_encoder, args.max_sequence_length, device, args.text_padding
         )
-    return records
+        return embeds, truncated, to_host(torch.cat(embeds), embed_dtype)
+
+    def images() -> tuple[torch.Tensor, torch.Tensor | None]:
+        generators = None
+        if args.latent_sampling == "sample":
+            generators = [
+                torch.Generator(device=device).manual_seed(item_seed(args.seed, p.item.source)) for p in planned
+            ]
+        latents = encode_images(vae, batch["pixels"].to(device, non_blocking=True), args.latent_sampling, generators)
+        if batch["flipped"] is None:
+            return to_host(latents, latent_dtype), None
+        flipped = encode_images(vae, batch["flipped"].to(device, non_blocking=True), args.latent_sampling, generators)
+        return to_host(latents, latent_dtype), to_host(flipped, latent_dtype)
+
+    # transformers reads the attention mask on the host (to pick SDPA's causal fast path), which waits for all the
+    # work queued before it on its stream.
+    if text_stream is None:
+        # So captions go first: the wait is then for the previous batch, not for this batch's VAE.
+        embeds, truncated, host_embeds = captions()
+        host_latents, host_flipped = images()
+    else:
+        # The wait is only for earlier captions: this batch's VAE queues behind the previous one, and the text
+        # encoder runs beside them. The current stream then waits for the captions, so that one event covers both.
+        host_latents, host_flipped = images()
+        with torch.cuda.stream(text_stream):
+            embeds, truncated, host_embeds = captions()
+        torch.cuda.current_stream(device).wait_stream(text_stream)
+    copied = torch.cuda.Event() if on_gpu else None
+    if copied is not None:
+        copied.record()
+    lengths = [int(e.shape[0]) for e in embeds]
+    return EncodedBatch(planned, host_latents, host_flipped, host_embeds, lengths, truncated, copied)
+
+
+def encode_ahead(
+    batches: Iterable[dict[str, Any]], encode: Callable[[dict[str, Any]], EncodedBatch]
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(batch, its records) for each batch, in order; a batch without items gets no `encode` call and no records.
+
+    Batch N+1 is queued on the accelerator before batch N's records are built and handed to the caller, so that
+    host work (records, writing, the next DataLoader batch) overlaps the encoders instead of idling them.
+    """
+
+    def finished(batch: dict[str, Any], queued: EncodedBatch | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return batch, queued.records() if queued is not None else []
+
+    previous = None
+    for batch in batches:
+        queued = encode(batch) if batch["planned"] else None
+        if previous is not None:
+            yield finished(*previous)
+        previous = (batch, queued)
+    if previous is not None:
+        yield finished(*previous)
 
 
 class ShardWriter:
     """Buffers records and saves every `shard_size` of them as a finished part under shards/, so a crash loses at
-    most one part's work. Parts are written to a temporary name and renamed."""
+    most one part's work. A background thread saves each part (to a temporary name, then renamed) while encoding
+    goes on, one part at a time. Use it in a `with` block: leaving it saves the rest and waits for the thread."""
 
     def __init__(self, cache_dir: str | Path, rank: int, shard_size: int):
         self.dir = Path(cache_dir) / SHARDS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.shard_size, self.buffer = rank, shard_size, []
         self.part = len(list(self.dir.glob(f"rank{rank:03d}-*")))
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._saving: Future | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+            # After an error the parts already handed over are still finished; the buffer is lost with the run.
+            self.wait()
+        finally:
+            self._saver.shutdown()
 
     def add(self, records: list[dict[str, Any]]) -> None:
         self.buffer.extend(records)
@@ -188,14 +299,26 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the buffered records to the saving thread, once it has finished the previous part."""
         if not self.buffer:
             return
+        self.wait()  # also bounds memory: at most one part saving and one filling
+        # Named here, in order: load_shards sorts parts by the time in their name.
         name = f"rank{self.rank:03d}-{self.part:05d}-{time.time_ns()}"
-        tmp = self.dir / f".{name}.tmp"
-        datasets.Dataset.from_list(self.buffer, features=FEATURES).save_to_disk(str(tmp))
-        os.replace(tmp, self.dir / name)
+        self._saving = self._saver.submit(self._save, self.buffer, name)
         self.part += 1
         self.buffer = []
+
+    def wait(self) -> None:
+        """Block until the part being saved is on disk (re-raising its error, e.g. a full disk)."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            saving.result()
+
+    def _save(self, records: list[dict[str, Any]], name: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        records_to_dataset(records, fingerprint=name).save_to_disk(str(tmp))
+        os.replace(tmp, self.dir / name)
 
 
 def load_shards(cache_dir: str | Path) -> list[datasets.Dataset]:

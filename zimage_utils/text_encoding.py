@@ -9,6 +9,8 @@ batch came out ~4e-9 off (other pad lengths happened to match: a property of the
 rely on), and a cache should hold what the pipeline itself would feed the transformer.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -46,7 +48,8 @@ def encode_captions(
 
     Returns:
         embeddings: one `[L_i, hidden]` tensor per caption (hidden = 2560 for the real model) in the encoder's
-            dtype on `device`, where L_i = min(templated tokens, max_sequence_length).
+            dtype on `device`, where L_i = min(templated tokens, max_sequence_length). They are views into the
+            batch's `[B, S, hidden]` hidden states, cut without waiting for the accelerator.
         truncated: per caption, whether its templated token count exceeded `max_sequence_length`.
     """
     if not captions:
@@ -57,11 +60,34 @@ def encode_captions(
     if padding not in ("max_length", "longest"):
         raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
     inputs = tokenizer(texts, padding=padding, max_length=max_sequence_length, truncation=True, return_tensors="pt")
-    input_ids = inputs.input_ids.to(device)
-    masks = inputs.attention_mask.to(device).bool()
+    # The kept positions are known here, on the host: slicing `hidden` with them queues a view instead of the
+    # pipeline's `hidden[i][masks[i]]`, whose output size the host would have to wait for the accelerator to learn.
+    kept = [mask_to_slice(row) for row in inputs.attention_mask.tolist()]
+    input_ids, masks = _to_device(inputs.input_ids, device), _to_device(inputs.attention_mask, device).bool()
     # no_grad rather than inference_mode: embeddings made on the fly may feed a LoRA-wrapped layer whose backward
     # needs to save them, which inference tensors forbid.
     with torch.no_grad():
         hidden = text_encoder(input_ids=input_ids, attention_mask=masks, output_hidden_states=True).hidden_states[-2]
-    embeddings = [hidden[i][masks[i]] for i in range(len(texts))]
+    embeddings = [hidden[i, k] if k is not None else hidden[i][masks[i]] for i, k in enumerate(kept)]
     return embeddings, [length > max_sequence_length for length in lengths]
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor.to(device)` without waiting for the work already queued there. A plain `.to("cuda")` waits for the
+    CUDA stream to drain; a non-blocking copy from pinned memory does not, and PyTorch's pinned-memory cache keeps
+    the buffer until the copy is done."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def mask_to_slice(mask: Sequence[int]) -> slice | None:
+    """The positions one row of an attention mask keeps, as a slice, or None when they are not one run.
+
+    Left or right padding keeps one run ([0, 0, 1, 1] -> slice(2, 4)), so `hidden[i, mask_to_slice(row)]` holds the
+    same rows as `hidden[i][row.bool()]`; a mask with holes ([1, 0, 1]) gives None and needs the boolean index.
+    """
+    ones = [i for i, m in enumerate(mask) if m]
+    if not ones or ones[-1] - ones[0] + 1 != len(ones):
+        return None
+    return slice(ones[0], ones[-1] + 1)

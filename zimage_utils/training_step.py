@@ -20,6 +20,14 @@ class StepConfig:
     flip_prob: float = 0.0  # probability of using the cached mirrored latents
 
 
+def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the transformer runs and the dtype its activations take: that of its floating-point weights that are
+    not trained (a quantised base stores int/fp8 data but computes in bf16; a LoRA parameter is fp32)."""
+    frozen = [p for p in transformer.parameters() if not p.requires_grad] or list(transformer.parameters())
+    dtypes = [p.dtype for p in frozen if p.dtype.is_floating_point and p.dtype.itemsize >= 2]
+    return frozen[0].device, max(set(dtypes), key=dtypes.count) if dtypes else torch.bfloat16
+
+
 def per_item_choices(seeds: list[int], config: StepConfig, has_flipped: bool) -> tuple[list[bool], list[bool]]:
     """Caption-dropout and flip decisions, drawn on the host from each item's seed (no device sync)."""
     drop, flip = [], []
@@ -45,13 +53,14 @@ def flow_matching_step(
     only on seeds[i]. timesteps: fixed t [B] (validation loss) instead of sampling.
     Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
     """
-    param = next(p for p in transformer.parameters())
-    device, dtype = param.device, param.dtype
-    x1 = batch["latents"].to(device, torch.float32)
+    device, dtype = compute_device_and_dtype(transformer)
+    # Non-blocking copies (the trainer's DataLoader pins its batches): the host queues the step without waiting
+    # for the previous one to finish, so the GPU never idles between steps.
+    x1 = batch["latents"].to(device, non_blocking=True).float()
     drop, flip = per_item_choices(seeds, config, batch.get("latents_flipped") is not None)
-    if any(flip):
-        flipped = batch["latents_flipped"].to(device, torch.float32)
-        x1 = torch.where(torch.tensor(flip, device=device).view(-1, 1, 1, 1), flipped, x1)
+    if any(flip):  # chosen per item on the host: indexing, not a mask tensor copied to the device
+        flipped = batch["latents_flipped"].to(device, non_blocking=True).float()
+        x1 = torch.stack([flipped[i] if f else x1[i] for i, f in enumerate(flip)])
     captions = [empty_embeds if d else e for d, e in zip(drop, batch["caption_embeds"])]
     if any(drop) and empty_embeds is None:
         raise ValueError("caption_dropout needs the cached empty-caption embedding")
@@ -83,7 +92,7 @@ def flow_matching_step(
     out = transformer(
         list(x_t.to(dtype).unsqueeze(2).unbind(0)),  # B × [C, 1, h, w]: Z-Image takes a frame axis
         t,  # fp32, as the pipeline passes it: bf16 would quantise the timestep
-        [c.to(device, dtype) for c in captions],
+        [c.to(device, non_blocking=True).to(dtype) for c in captions],
         return_dict=False,
     )[0]
     pred = torch.stack(out).squeeze(2)

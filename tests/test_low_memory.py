@@ -1,0 +1,142 @@
+"""Memory options: `--max_memory_gb` picks the fewest checkpointed blocks whose measured peak fits, and
+`--base_precision fp8` trains a LoRA over float8 base weights that loads into the ordinary pipeline. (The GPU
+figures — peaks, speeds, NF4 — are in docs/BENCHMARKS.md; NF4 needs a GPU and is not run here.)"""
+
+import math
+
+import pytest
+import torch
+from test_lora_io import fail_on_loader_warnings, transformer_output
+from test_trainer import read_log, reset_accelerate, trainer_args
+
+import train_zimage_lora
+from zimage_utils import cli, tiny
+from zimage_utils.base_precision import base_weight_gib, check_base_precision, quantize_fp8_
+from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, worst_case_batch
+from zimage_utils.training_step import StepConfig, flow_matching_step
+
+
+def linear_memory(floor: float, per_block: float, total: int, calls: list[int], card: float = math.inf):
+    """A fake `measure`: peak = floor + per_block · (un-checkpointed blocks), OOM above `card` GiB."""
+
+    def measure(k: int) -> float:
+        calls.append(k)
+        peak = floor + per_block * (total - k)
+        return math.inf if peak > card else peak
+
+    return measure
+
+
+@pytest.mark.parametrize("budget", [14.0, 18.5, 24.0, 31.0, 80.0])
+def test_chooses_the_fewest_checkpointed_blocks_that_fit(budget):
+    # Shaped like the H100 figures: 13.8 GiB with all 32 blocks recomputed, ~0.5 GiB per block kept
+    calls = []
+    cal = choose_checkpointing(linear_memory(13.8, 0.5, 32, calls), 32, budget)
+    fitting = [k for k in range(33) if 13.8 + 0.5 * (32 - k) <= budget]
+    assert cal.measured[cal.checkpointed] <= budget
+    assert cal.checkpointed == min(fitting)
+    assert len(calls) <= 4  # a few measured steps, not a sweep over 33 settings
+    assert "checkpointing" in cal.summary() and f"{cal.checkpointed} of 32" in cal.summary()
+
+
+def test_a_prediction_that_misses_is_measured_again_until_it_fits():
+    # Memory grows faster than the two probes suggest (e.g. fragmentation at large sizes): the first guess is over
+    calls = []
+
+    def measure(k):
+        calls.append(k)
+        kept = 32 - k
+        return 13.8 + 0.5 * kept + (0.15 * kept**1.5 if kept > 4 else 0)
+
+    cal = choose_checkpointing(measure, 32, 22.0)
+    assert cal.measured[cal.checkpointed] <= 22.0
+    assert len(set(calls)) >= 4  # it re-measured after the miss
+
+
+def test_an_out_of_memory_probe_falls_back_to_safe_settings():
+    calls = []
+    cal = choose_checkpointing(linear_memory(13.8, 0.5, 32, calls, card=15.0), 32, 15.0)
+    assert cal.checkpointed == 30 and cal.measured[28] == math.inf
+
+
+def test_optimiser_state_is_kept_out_of_the_budget():
+    with_reserve = choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 20.0, reserve_gib=2.0)
+    without = choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 20.0)
+    assert with_reserve.checkpointed > without.checkpointed
+    assert with_reserve.measured[with_reserve.checkpointed] <= 18.0
+
+
+def test_a_budget_below_full_checkpointing_says_what_to_do():
+    with pytest.raises(MemoryBudgetError, match="fp8/nf4.*zero3_offload") as error:
+        choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 12.0)
+    assert "13.8 GiB" in str(error.value)
+
+
+def test_calibration_batch_is_the_largest_shape_in_the_cache():
+    batch = worst_case_batch([(1024, 1024), (768, 1408), (1408, 768)], [40, 300, 90], 2, 16, 2560)
+    assert batch["latents"].shape in {(2, 16, 96, 176), (2, 16, 176, 96)}  # 768·1408 > 1024²
+    assert [c.shape for c in batch["caption_embeds"]] == [(300, 2560)] * 2
+
+
+def test_max_memory_gb_without_a_gpu_is_refused_with_a_message(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
+    reset_accelerate()
+    args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "out", max_memory_gb=20)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(train_zimage_lora.main, lambda: train_zimage_lora.parse_args(args))
+    assert exit_.value.code == 2
+    assert "--max_memory_gb measures GPU memory" in capsys.readouterr().err
+
+
+def test_nf4_and_deepspeed_combinations_are_refused_before_loading():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_base_precision("nf4", torch.device("cpu"), 0, None)
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        check_base_precision("fp8", torch.device("cuda"), 3, None)
+    with pytest.raises(ValueError, match="training_adapter"):
+        check_base_precision("nf4", torch.device("cuda"), 0, "adapter.safetensors")
+    check_base_precision("fp8", torch.device("cpu"), 0, "adapter.safetensors")  # fp8 quantises after the merge
+
+
+def test_fp8_base_stores_block_weights_in_float8_and_computes_close_to_bf16():
+    bf16 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
+    fp8 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
+    quantized = quantize_fp8_(fp8, "cpu")
+    assert quantized == 7 * 4  # attention q/k/v/out + w1/w2/w3 in each of the 4 blocks (tiny: 2 + 1 + 1)
+    assert base_weight_gib(fp8) < base_weight_gib(bf16)
+    assert type(fp8.layers[0].attention.to_q.weight).__name__ == "Float8Tensor"
+    assert fp8.layers[0].adaLN_modulation[0].weight.dtype == torch.bfloat16  # small layers stay bf16
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(1, 16, 8, 8, generator=g), "caption_embeds": [torch.randn(7, 16, generator=g)]}
+    losses = [float(flow_matching_step(m, batch, StepConfig("uniform"), [3])["loss"]) for m in (bf16, fp8)]
+    assert losses[0] == pytest.approx(losses[1], rel=0.05)  # e4m3 keeps ~2 significant digits per weight
+
+
+def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_model_dir, tiny_cache_dir, tmp_path):
+    from diffusers import ZImagePipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fp8"
+    reset_accelerate()
+    train_zimage_lora.main(
+        train_zimage_lora.parse_args(
+            trainer_args(
+                tiny_model_dir,
+                tiny_cache_dir,
+                out,
+                base_precision="fp8",
+                max_train_steps=30,
+                learning_rate=2e-3,
+                logging_steps=10,
+            )
+        )
+    )
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # every adapted layer was trained
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
+    base = transformer_output(pipe.transformer)
+    with fail_on_loader_warnings():  # every key found its layer
+        pipe.load_lora_weights(out)
+    assert (transformer_output(pipe.transformer) - base).abs().max() > 1e-3

@@ -1,0 +1,168 @@
+"""`--max_memory_gb`: the fastest gradient-checkpointing setting whose *measured* peak fits a memory budget.
+
+Fewer recomputed blocks = faster steps and more memory. Each block left un-checkpointed keeps its activations, about
+the same amount per main block, so the peak is close to linear in the number of un-checkpointed blocks. The chooser
+measures the two cheap ends it can always afford (all blocks checkpointed; a few blocks not), predicts the fewest
+checkpointed blocks that fit, then measures that setting and steps back until a measurement fits. Nothing is
+guessed from model sizes: every accepted setting was run once on the worst-case batch shape of the dataset.
+"""
+
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .step_options import checkpointable_blocks, set_gradient_checkpointing
+
+SAFETY = 0.97  # aim below the budget: later batches allocate in a different order and fragment differently
+
+
+class MemoryBudgetError(ValueError):
+    """The budget is below what the step needs even with every block checkpointed."""
+
+
+@dataclass
+class Calibration:
+    budget_gib: float
+    total_blocks: int
+    reserve_gib: float = 0.0  # of the budget, kept for what calibration cannot run (the optimiser's state)
+    checkpointed: int = -1  # the chosen number of recomputed blocks
+    measured: dict[int, float] = field(default_factory=dict)  # checkpointed blocks → peak GiB (inf: out of memory)
+
+    def summary(self) -> str:
+        tried = ", ".join(
+            f"{k}: {'OOM' if math.isinf(v) else f'{v:.2f} GiB'}" for k, v in sorted(self.measured.items())
+        )
+        return (
+            f"--max_memory_gb {self.budget_gib:g}: checkpointing {self.checkpointed} of {self.total_blocks} blocks, "
+            f"measured peak {self.measured[self.checkpointed]:.2f} GiB + {self.reserve_gib:.2f} GiB optimiser state "
+            f"(checkpointed blocks → peak: {tried})"
+        )
+
+
+def choose_checkpointing(
+    measure: Callable[[int], float],
+    total_blocks: int,
+    budget_gib: float,
+    reserve_gib: float = 0.0,
+    probe: int = 4,
+    max_tries: int = 6,
+) -> Calibration:
+    """The fewest checkpointed blocks whose measured peak is ≤ `budget_gib` − `reserve_gib`.
+
+    Args:
+        measure: runs one forward + backward with k blocks checkpointed and returns its peak GiB (inf when it ran
+            out of memory); k counts from the first block (`step_options.set_gradient_checkpointing`).
+        total_blocks: blocks that can be checkpointed.
+        budget_gib: the limit, GiB.
+        reserve_gib: memory the measured step does not show but training will use (the optimiser's state).
+        probe: blocks left un-checkpointed for the second measurement (the per-block slope).
+    """
+    cal = Calibration(budget_gib, total_blocks, reserve_gib)
+    limit = budget_gib - reserve_gib
+
+    def run(k: int) -> float:
+        if k not in cal.measured:
+            cal.measured[k] = measure(k)
+        return cal.measured[k]
+
+    floor = run(total_blocks)
+    if floor > limit:
+        raise MemoryBudgetError(
+            f"even with all {total_blocks} blocks checkpointed one step needs "
+            f"{'more than the card has' if math.isinf(floor) else f'{floor:.1f} GiB'} (+ {reserve_gib:.2f} GiB "
+            f"optimiser state), above --max_memory_gb {budget_gib:g}: lower --train_batch_size or the cache's "
+            f"resolution, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 with CPU offload "
+            f"(accelerate_configs/deepspeed_zero3_offload.yaml)"
+        )
+    probe = min(probe, total_blocks)
+    probed = run(total_blocks - probe) if probe > 0 else floor
+    per_block = (probed - floor) / probe if probe > 0 else 0.0
+    if not 0 < per_block < math.inf:
+        # The probe ran out of memory (or showed no slope): bisect between a setting that fits and one that doesn't
+        fit, fail = (total_blocks, total_blocks - probe) if probed > limit else (total_blocks - probe, -1)
+        for _ in range(max_tries):
+            if fit - fail <= 1:
+                break
+            mid = (fit + fail) // 2
+            fit, fail = (mid, fail) if run(mid) <= limit else (fit, mid)
+    else:
+        k = max(0, total_blocks - math.floor((limit * SAFETY - floor) / per_block))
+        for _ in range(max_tries):
+            peak = run(k)
+            if peak <= limit:
+                break
+            k = min(total_blocks, k + math.ceil((peak - limit) / per_block) + 1)
+        # Room left under the limit at the best fitting setting: try keeping that many more blocks (measured)
+        best = min(kk for kk, v in cal.measured.items() if v <= limit)
+        if (spare := math.floor((limit - cal.measured[best]) / per_block)) > 0 and best > 0:
+            run(max(0, best - spare))
+    # The best measured setting that fits (a fitting measurement with fewer checkpointed blocks may already exist)
+    cal.checkpointed = min(kk for kk, v in cal.measured.items() if v <= limit)
+    return cal
+
+
+def calibrate_checkpointing(
+    accelerator, model, batch: dict, loss_fn: Callable, budget_gib: float, reserve_gib: float
+) -> Calibration:
+    """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
+    `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
+    state is untouched); a setting's peak is the largest over all processes, so every process picks the same."""
+    unwrapped = accelerator.unwrap_model(model)
+
+    def measure(k: int) -> float:
+        set_gradient_checkpointing(unwrapped, k)
+
+        def run() -> None:
+            with accelerator.no_sync(model):
+                accelerator.backward(loss_fn(model, batch))
+            for p in unwrapped.parameters():
+                p.grad = None
+
+        peak = measure_peak_gib(run, accelerator.device)
+        return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
+
+    cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib)
+    set_gradient_checkpointing(unwrapped, cal.checkpointed)
+    torch.cuda.reset_peak_memory_stats(accelerator.device)
+    return cal
+
+
+def measure_peak_gib(run_step: Callable[[], None], device: torch.device) -> float:
+    """Peak GiB the CUDA caching allocator reserved while `run_step()` ran (what the process takes from the card,
+    CUDA context not included); inf if it ran out of memory."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        run_step()
+        torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        return math.inf
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return torch.cuda.max_memory_reserved(device) / 2**30
+
+
+def optimizer_state_gib(params: list[torch.nn.Parameter], optimizer_name: str) -> float:
+    """Memory the optimiser's state will take once it exists (it does not during calibration)."""
+    bytes_per_value = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}.get(optimizer_name, 8)
+    return sum(p.numel() for p in params) * bytes_per_value / 2**30
+
+
+def worst_case_batch(
+    bucket_sizes: list[tuple[int, int]], caption_lengths: list[int], batch_size: int, channels: int, cap_dim: int
+) -> dict:
+    """A batch as large as any the dataset gives: the bucket with the most pixels and the longest caption, at the
+    training batch size (values are random; memory depends only on shapes). Latents are 8× smaller than pixels."""
+    h, w = max(bucket_sizes, key=lambda hw: hw[0] * hw[1])
+    length = max(caption_lengths)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(batch_size, channels, h // 8, w // 8, generator=g),
+        "caption_embeds": [torch.randn(length, cap_dim, generator=g) for _ in range(batch_size)],
+    }
