@@ -132,6 +132,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the repeated transformer blocks (regional): faster after a one-off compile.",
     )
     p.add_argument(
+        "--activation_memory_budget",
+        type=float,
+        default=None,
+        help="With --compile: fraction (0-1) of activations each compiled block keeps, recomputing the cheapest "
+        "rest (H100, 1024²: 0.7 → 23 GiB at 0.27 s/step vs 28 GiB at 0.25 s).",
+    )
+    p.add_argument(
         "--zero3_max_live_parameters",
         type=float,
         default=2e8,
@@ -357,7 +364,7 @@ def run_training(args: argparse.Namespace) -> None:
             transformer, -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks
         )
     if args.compile:
-        compile_blocks(transformer, fullgraph=args.base_precision != "nf4")
+        compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)

@@ -231,7 +231,20 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
             pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
             s = timed(partial(encode_images, vae, pixels), repeats, device)
             row("vae compiled", bs, bs / s)
+        if args.cudnn_benchmark:  # cuDNN times its convolution algorithms per shape and keeps the fastest
+            torch.backends.cudnn.benchmark = True
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
+                row(
+                    "vae compiled cudnn.benchmark",
+                    bs,
+                    bs / timed(partial(encode_images, vae, pixels), repeats, device),
+                )
         vae.encoder = vae.encoder._orig_mod
+        if args.cudnn_benchmark:
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
+                row("vae eager cudnn.benchmark", bs, bs / timed(partial(encode_images, vae, pixels), repeats, device))
 
     # Text encoder alone, and whether padding to the longest caption changes any bit
     captions = make_captions(64)
@@ -291,6 +304,9 @@ def main() -> None:
         "run after another is warm. +one_stream: no separate CUDA stream for the text encoder. --tiny skips +compile.",
     )
     parser.add_argument("--script_batch_size", type=int, default=8, help="--batch_size of the whole-script runs.")
+    parser.add_argument(
+        "--cudnn_benchmark", action="store_true", help="Also time the VAE with cudnn.benchmark (kept on after)."
+    )
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
     runs = parse_script_runs(args.script_runs, args.tiny)

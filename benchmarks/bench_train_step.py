@@ -258,6 +258,10 @@ def main() -> None:
     parser.add_argument("--part", choices=["speed", "memory", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--act_budgets", default="0.5,0.7", help="Inductor activation-memory budgets to time.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Speed part: only compiled 1024² bs1 without checkpointing, and budgets."
+    )
     parser.add_argument("--compile_quantized", action="store_true", help="Also time compiled fp8/NF4 bases (slow).")
     parser.add_argument("--budgets", default="24,18", help="--max_memory_gb values to calibrate at 1024² bs1.")
     parser.add_argument("--out", default=None)
@@ -325,23 +329,24 @@ def main() -> None:
         # The naive baseline on the bare model, then our step on the model as the trainer prepares it (autocast)
         transformer.enable_gradient_checkpointing()
         record("naive eager ckpt", transformer, big, 1, total_blocks)
-        if not args.tiny:
+        if not args.tiny and not args.quick:
             transformer.disable_gradient_checkpointing()
             record("naive eager no-ckpt", transformer, big, 1, 0)
         use_real_rope(transformer)
         model = accelerator.prepare_model(transformer)
-        record("ours eager ckpt", model, big, 1, set_gradient_checkpointing(transformer, -1))
+        if not args.quick:
+            record("ours eager ckpt", model, big, 1, set_gradient_checkpointing(transformer, -1))
         if compile_ok:
             start = time.perf_counter()
             compile_blocks(transformer)
             result["compile_call_s"] = time.perf_counter() - start
             grid = [(big, 1, [-1, total_blocks // 2, 0]), (small, 1, [-1, 0]), (small, 8, [-1, 0]), (big, 4, [-1])]
-            for res, bs, settings in grid[:2] if args.tiny else grid:
+            for res, bs, settings in grid[:2] if args.tiny else [(big, 1, [0])] if args.quick else grid:
                 for n in settings:
                     record("ours compiled", model, res, bs, set_gradient_checkpointing(transformer, n))
 
         # --max_memory_gb: the trainer's calibration, then the chosen setting timed
-        budgets = [float(b) for b in args.budgets.split(",")] if device.type == "cuda" else []
+        budgets = [float(b) for b in args.budgets.split(",")] if device.type == "cuda" and not args.quick else []
         chosen = {}
         for budget in budgets:
             batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
@@ -369,9 +374,10 @@ def main() -> None:
         k24 = chosen.get(24.0, total_blocks // 2)
         set_gradient_checkpointing(transformer, k24)
         cpu_batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], torch.device("cpu"))
-        result["host_syncs"] = count_host_syncs(model, cpu_batch, ours([0]), device)
-        print(f"host syncs per step: {result['host_syncs']}", flush=True)
-        if device.type == "cuda":
+        if not args.quick:
+            result["host_syncs"] = count_host_syncs(model, cpu_batch, ours([0]), device)
+            print(f"host syncs per step: {result['host_syncs']}", flush=True)
+        if device.type == "cuda" and not args.quick:
             result["profile"] = profile_step(
                 model, make_batch(16, big, big, 1, cfg["cap_feat_dim"], device), ours([0]), device
             )
@@ -381,7 +387,7 @@ def main() -> None:
         # Recompiled variants: inductor's activation-memory budget (it recomputes cheap ops, not whole blocks), and
         # diffusers' own complex-valued rotary embedding (what `use_real_rope` replaces), for the same-run ratio
         if compile_ok and device.type == "cuda":
-            for mem_budget in (0.5, 0.7):
+            for mem_budget in [float(b) for b in args.act_budgets.split(",")]:
                 torch._dynamo.reset()
                 set_gradient_checkpointing(transformer, 0)
                 with torch._functorch.config.patch(activation_memory_budget=mem_budget):
@@ -392,7 +398,7 @@ def main() -> None:
                 if isinstance(getattr(module, "processor", None), RealRopeAttnProcessor):
                     module.set_processor(ZSingleStreamAttnProcessor())
             torch._dynamo.reset()
-            for k in (0, k24):
+            for k in () if args.quick else (0, k24):
                 record("ours compiled complex-rope", model, big, 1, set_gradient_checkpointing(transformer, k))
         accelerator._models.clear()
         del model, transformer

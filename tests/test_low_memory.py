@@ -140,3 +140,58 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_mod
     with fail_on_loader_warnings():  # every key found its layer
         pipe.load_lora_weights(out)
     assert (transformer_output(pipe.transformer) - base).abs().max() > 1e-3
+
+
+def fake_deepspeed_accelerator(stage: int, zero: dict):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": dict(zero)})
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_zero3_live_parameters_are_capped_unless_the_config_file_says_otherwise():
+    from zimage_utils.distributed import configure_deepspeed
+
+    ours = fake_deepspeed_accelerator(3, {"stage": 3})
+    configure_deepspeed(ours, 1, int(2e8))
+    zero = ours.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == int(2e8)
+    users = fake_deepspeed_accelerator(3, {"stage": 3, "stage3_max_live_parameters": 5e8})
+    configure_deepspeed(users, 1, int(2e8))
+    assert users.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_max_live_parameters"] == 5e8
+    for stage, limit in ((2, int(2e8)), (3, 0)):  # ZeRO-2 has no such setting; 0 keeps DeepSpeed's default
+        other = fake_deepspeed_accelerator(stage, {"stage": stage})
+        configure_deepspeed(other, 1, limit)
+        assert "stage3_max_live_parameters" not in other.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+
+
+def test_ddp_leaves_the_frozen_base_out_of_its_broadcast():
+    from zimage_utils.distributed import skip_frozen_in_ddp
+    from zimage_utils.lora import add_lora
+
+    transformer = tiny.make_tiny_pipeline(seed=0).transformer
+    add_lora(transformer, rank=4)
+    skip_frozen_in_ddp(transformer)
+    ignored = set(transformer._ddp_params_and_buffers_to_ignore)
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and not ignored & trainable
+    assert ignored | trainable == {n for n, _ in transformer.named_parameters()}
+
+
+def test_compiling_with_an_activation_memory_budget_gives_the_same_loss():
+    from test_step_options import lora_transformer, loss_and_grads
+
+    from zimage_utils.step_options import compile_blocks
+
+    reference, _ = loss_and_grads(lora_transformer())
+    transformer = lora_transformer()
+    previous = torch._functorch.config.activation_memory_budget
+    try:
+        compile_blocks(transformer, activation_memory_budget=0.5)
+        assert torch._functorch.config.activation_memory_budget == 0.5
+        loss, _ = loss_and_grads(transformer)
+    finally:
+        torch._functorch.config.activation_memory_budget = previous
+    assert torch.allclose(loss, reference, rtol=1e-4)

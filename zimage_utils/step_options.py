@@ -40,14 +40,21 @@ def raise_recompile_limit(limit: int) -> None:
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-def compile_blocks(transformer, fullgraph: bool = True, **compile_kwargs) -> float:
+def compile_blocks(
+    transformer, fullgraph: bool = True, activation_memory_budget: float | None = None, **compile_kwargs
+) -> float:
     """Regional compilation (`compile_repeated_blocks`): each ZImageTransformerBlock is compiled once and the
     compiled code reused by all 34 of them. Returns seconds spent here (the real compile cost shows on the first
     steps, which the trainer reports). fullgraph=False lets layers dynamo cannot trace (bitsandbytes NF4) break the
-    graph instead of failing."""
+    graph instead of failing. activation_memory_budget (0-1): memory/speed trade-off inside each compiled block,
+    an alternative to checkpointing whole blocks (1 = keep every activation the compiler would)."""
     start = time.perf_counter()
     # One compiled block serves 34 instances over three sequence lengths (noise refiner, caption refiner, main
     # layers), with and without checkpointing: more variants than dynamo's default recompile limit of 8.
     raise_recompile_limit(64)
+    if activation_memory_budget is not None:
+        # Read when a block is compiled (its first call): the partitioner then keeps about this fraction of the
+        # activations and recomputes the cheapest of the rest (elementwise ops first, matmuls last).
+        torch._functorch.config.activation_memory_budget = activation_memory_budget
     transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
     return time.perf_counter() - start
