@@ -21,11 +21,14 @@ class StepConfig:
 
 
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the transformer runs and the dtype its activations take: that of its floating-point weights that are
-    not trained (a quantised base stores int/fp8 data but computes in bf16; a LoRA parameter is fp32)."""
-    frozen = [p for p in transformer.parameters() if not p.requires_grad] or list(transformer.parameters())
-    dtypes = [p.dtype for p in frozen if p.dtype.is_floating_point and p.dtype.itemsize >= 2]
-    return frozen[0].device, max(set(dtypes), key=dtypes.count) if dtypes else torch.bfloat16
+    """Where the transformer runs and the dtype its activations take: that of its first frozen floating-point
+    weight (a LoRA parameter is fp32; an NF4 weight is stored as uint8 but computes in bf16, like the layers kept
+    in bf16; an fp8 weight reports bf16). Stops at the first match: this runs every step."""
+    param = next(
+        (p for p in transformer.parameters() if not p.requires_grad and p.dtype.is_floating_point),
+        next(transformer.parameters()),
+    )
+    return param.device, param.dtype
 
 
 def per_item_choices(seeds: list[int], config: StepConfig, has_flipped: bool) -> tuple[list[bool], list[bool]]:
