@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from test_lora_io import fail_on_loader_warnings, transformer_output
-from test_trainer import read_log, reset_accelerate, trainer_args
+from test_trainer import read_log, reset_accelerate, train, trainer_args
 
 import train_zimage_lora
 from zimage_utils import cli, tiny
@@ -195,3 +195,37 @@ def test_compiling_with_an_activation_memory_budget_gives_the_same_loss():
     finally:
         torch._functorch.config.activation_memory_budget = previous
     assert torch.allclose(loss, reference, rtol=1e-4)
+
+
+def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
+):
+    """The trainer's --max_memory_gb path on the CPU, with the GPU's memory reading replaced by a fake that still
+    runs each calibration step: it picks the setting the fake says fits, sets it, and the logged losses equal a run
+    given that setting directly (calibration takes no optimiser step and draws no random numbers)."""
+    import logging
+
+    import zimage_utils.memory_budget as memory_budget
+
+    settings = []  # each checkpointing setting the calibration applies, in order
+    real_set = memory_budget.set_gradient_checkpointing
+
+    def recording_set(model, k):
+        settings.append(real_set(model, k))
+        return settings[-1]
+
+    def fake_peak(run_step, device):
+        run_step()  # the real forward + backward on the worst-case batch
+        return 10.0 + 1.0 * (3 - settings[-1])  # 10 GiB + 1 GiB per block not checkpointed (the tiny model has 3)
+
+    monkeypatch.setattr(memory_budget, "measure_peak_gib", fake_peak)
+    monkeypatch.setattr(memory_budget, "set_gradient_checkpointing", recording_set)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(train_zimage_lora, "check_memory_options", lambda args, accelerator: None)
+    caplog.set_level(logging.INFO, logger="train")
+
+    calibrated = train(tiny_model_dir, tiny_cache_dir, tmp_path / "calibrated", max_memory_gb=11.5)
+    # 11.5 GiB minus a tiny optimiser-state reserve: one block may stay un-checkpointed
+    assert "checkpointing 2 of 3 blocks" in caplog.text and settings[-1] == 2
+    reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2)
+    assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]
