@@ -11,7 +11,8 @@ from test_trainer import read_log, reset_accelerate, train, trainer_args
 
 import train_zimage_lora
 from zimage_utils import cli, tiny
-from zimage_utils.base_precision import base_weight_gib, check_base_precision, quantize_fp8_
+from zimage_utils.base_precision import Fp8Linear, base_weight_gib, check_base_precision, quantize_fp8_
+from zimage_utils.lora import add_lora
 from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, worst_case_batch
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
@@ -109,6 +110,57 @@ def test_fp8_base_stores_block_weights_in_float8_and_computes_close_to_bf16():
     batch = {"latents": torch.randn(1, 16, 8, 8, generator=g), "caption_embeds": [torch.randn(7, 16, generator=g)]}
     losses = [float(flow_matching_step(m, batch, StepConfig("uniform"), [3])["loss"]) for m in (bf16, fp8)]
     assert losses[0] == pytest.approx(losses[1], rel=0.05)  # e4m3 keeps ~2 significant digits per weight
+
+
+def saved_tensor_shapes(run) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every plain tensor autograd saves for backward while `run()` builds the graph."""
+    saved = []
+
+    def pack(t):
+        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+            saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
+
+
+def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gradients():
+    # torchao's own path (the class put back to nn.Linear) against ours: same loss and LoRA gradients, bit for bit,
+    # but ours saves no dequantised copy of a block weight for backward (the copies cost ~1 GiB at full size).
+    runs = {}
+    for name in ("torchao", "ours"):
+        transformer = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
+        quantize_fp8_(transformer, "cpu")
+        if name == "torchao":
+            for module in transformer.modules():
+                if isinstance(module, Fp8Linear):
+                    module.__class__ = torch.nn.Linear
+        torch.manual_seed(0)
+        add_lora(transformer, rank=4, alpha=4, targets="attention_ffn")
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(1, 16, 8, 8, generator=g), "caption_embeds": [torch.randn(7, 16, generator=g)]}
+        out = {}
+        saved = saved_tensor_shapes(
+            lambda: out.update(flow_matching_step(transformer, batch, StepConfig("uniform"), [3]))
+        )
+        out["loss"].backward()
+        weight_shapes = {tuple(m.weight.shape) for m in transformer.modules() if isinstance(m, Fp8Linear)}
+        if name == "torchao":
+            weight_shapes = {
+                tuple(m.base_layer.weight.shape) for m in transformer.modules() if hasattr(m, "base_layer")
+            }
+        copies = [s for s, dtype in saved if s in weight_shapes and dtype == torch.bfloat16]
+        grads = {n: p.grad for n, p in transformer.named_parameters() if p.requires_grad}
+        runs[name] = (float(out["loss"]), grads, copies)
+    assert runs["ours"][0] == runs["torchao"][0]
+    assert runs["ours"][1].keys() == runs["torchao"][1].keys()
+    assert all(torch.equal(runs["ours"][1][n], g) for n, g in runs["torchao"][1].items())
+    # torchao: a bf16 copy for each quantised Linear whose input needs a gradient: all 28 but q/k/v of the first
+    # noise-refiner block and of the context refiner, whose inputs come straight from frozen embedders.
+    assert len(runs["torchao"][2]) == 7 * 4 - 2 * 3
+    assert runs["ours"][2] == []
 
 
 def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_model_dir, tiny_cache_dir, tmp_path):

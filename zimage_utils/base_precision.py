@@ -3,7 +3,9 @@
 - bf16: as released (11.5 GiB for the 6B transformer).
 - fp8: torchao `Float8WeightOnlyConfig` (e4m3 weights with per-row scales, dequantised to bf16 for each matmul), applied
   in place after loading, so it works for folders, single files and a merged training adapter alike; it can quantise
-  layer by layer on the GPU so the full bf16 model never sits there.
+  layer by layer on the GPU so the full bf16 model never sits there. The quantised Linears become `Fp8Linear`, which
+  dequantises again in backward instead of keeping each weight's bf16 copy for it (torchao's own path keeps one per
+  Linear in every block that is not checkpointed, and one block's worth during each recompute).
 - nf4: bitsandbytes 4-bit NormalFloat through diffusers' `BitsAndBytesConfig`, at load time (needs a CUDA GPU).
 
 Only the Linears inside the transformer blocks (attention and feed-forward: ~98% of the weights) change; the
@@ -53,6 +55,32 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):
     )
 
 
+class _DequantizingMatmul(torch.autograd.Function):
+    """x @ W.T with W stored quantised: dequantised for the product in forward, and again in backward, so that
+    autograd saves the quantised weight instead of a bf16 copy. Gradients equal those of F.linear on the copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        return torch.nn.functional.linear(x, weight.dequantize())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        # Only the input's gradient: the frozen base weight takes none.
+        grad_x = grad_out.matmul(weight.dequantize().to(grad_out.dtype))
+        return grad_x.to(ctx.x_dtype), None
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A frozen Linear whose weight is a torchao float8 tensor, with `_DequantizingMatmul`'s backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _DequantizingMatmul.apply(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
 def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
     """Store the block Linears' weights in float8 e4m3 (torchao weight-only), in place, each moved to `device`
     first (so quantising from host memory never needs the bf16 model on the GPU). Returns the number quantised."""
@@ -62,6 +90,9 @@ def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | Non
         raise ImportError("--base_precision fp8 needs torchao: pip install torchao") from e
     names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
     quantize_(transformer, Float8WeightOnlyConfig(), filter_fn=lambda m, name: quantizable(name, m), device=device)
+    for name in names:
+        # Same parameters, another forward; still an nn.Linear, so PEFT wraps it as a torchao layer
+        transformer.get_submodule(name).__class__ = Fp8Linear
     return len(names)
 
 
