@@ -120,6 +120,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "checkpointing in memory and speed.",
     )
     p.add_argument(
+        "--cpu_offload_checkpointing",
+        action="store_true",
+        help="Keep checkpointed blocks' inputs in pinned host memory until backward (~1 GiB less at 1024² with "
+        "every block checkpointed; see docs/BENCHMARKS.md for its cost). Needs checkpointing or --max_memory_gb.",
+    )
+    p.add_argument(
         "--max_memory_gb",
         type=float,
         default=None,
@@ -243,6 +249,12 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
 
 
 def check_memory_options(args, accelerator) -> None:
+    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
+    if args.cpu_offload_checkpointing and not checkpointing:
+        raise ValueError(
+            "--cpu_offload_checkpointing offloads what checkpointed blocks keep: add --gradient_checkpointing, "
+            "--gradient_checkpointing_blocks N or --max_memory_gb"
+        )
     if not args.max_memory_gb:
         return
     if accelerator.device.type != "cuda":
@@ -272,6 +284,7 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
         args.max_memory_gb,
         optimizer_state_gib(params, args.optimizer),
+        offload=args.cpu_offload_checkpointing,
     )
     print0(calibration.summary())
 
@@ -361,7 +374,9 @@ def run_training(args: argparse.Namespace) -> None:
     )
     if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
         set_gradient_checkpointing(
-            transformer, -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks
+            transformer,
+            -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks,
+            offload=args.cpu_offload_checkpointing,
         )
     if args.compile:
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)

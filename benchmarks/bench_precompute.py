@@ -161,11 +161,12 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
     runs = []
     for run in spec.split(","):
         padding, *options = run.split("+")
-        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream"}:
+        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream", "channels_last"}:
             raise SystemExit(
-                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream], PADDING max_length/longest"
+                f"--script_runs: {run!r} is not PADDING[+compile][+channels_last][+one_stream], PADDING "
+                "max_length/longest"
             )
-        runs.append({"padding": padding, "compile": "compile" in options, "one_stream": "one_stream" in options})
+        runs.append({"padding": padding, **{o: o in options for o in ("compile", "one_stream", "channels_last")}})
     return [r for r in runs if not (tiny and r["compile"])]
 
 
@@ -181,7 +182,7 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
         "--batch_size", str(bs),
         "--dataloader_num_workers", str(workers),
         "--text_padding", run["padding"],
-    ] + (["--compile"] if run["compile"] else [])  # fmt: skip
+    ] + (["--compile"] if run["compile"] else []) + (["--vae_channels_last"] if run["channels_last"] else [])  # fmt: skip
     encode_batch = precompute_embeddings.encode_batch
     if run["one_stream"]:
         precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
@@ -241,6 +242,22 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
                     bs / timed(partial(encode_images, vae, pixels), repeats, device),
                 )
         vae.encoder = vae.encoder._orig_mod
+        for variant in [v for v in args.vae_variants.split(",") if v]:
+            # channels_last: NHWC activations, cuDNN's native convolution layout (slower eager, see above);
+            # max_autotune: inductor times Triton templates against the library kernels for each shape.
+            layout = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+            mode = "max-autotune-no-cudagraphs" if variant == "max_autotune" else None
+            vae.to(memory_format=layout)
+            torch._dynamo.reset()
+            vae.encoder = torch.compile(vae.encoder, mode=mode)
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
+                pixels = pixels.contiguous(memory_format=layout)
+                begin = time.perf_counter()
+                s = timed(partial(encode_images, vae, pixels), repeats, device)
+                row(f"vae compiled {variant}", bs, bs / s, first_calls_s=round(time.perf_counter() - begin, 1))
+            vae.encoder = vae.encoder._orig_mod
+            vae.to(memory_format=torch.contiguous_format)
         if args.cudnn_benchmark:
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
                 pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
@@ -270,7 +287,9 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
         stats = run_script(tmp, k, resolution, bs, workers, run)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
-        label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
+        vae.to(memory_format=torch.contiguous_format)  # after a channels_last run
+        label = f"script pad={run['padding']}" + " compile" * run["compile"] + " channels_last" * run["channels_last"]
+        label += " one-stream" * run["one_stream"]
         label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
         row(
             label,
@@ -302,6 +321,11 @@ def main() -> None:
         default="max_length,longest,longest+compile,longest+compile",
         help="Whole-script runs, in order: PADDING[+compile][+one_stream] (PADDING: max_length, longest). A +compile "
         "run after another is warm. +one_stream: no separate CUDA stream for the text encoder. --tiny skips +compile.",
+    )
+    parser.add_argument(
+        "--vae_variants",
+        default="",
+        help="With --compile: also time the compiled VAE encoder as channels_last and/or max_autotune (comma list).",
     )
     parser.add_argument("--script_batch_size", type=int, default=8, help="--batch_size of the whole-script runs.")
     parser.add_argument(

@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
-from zimage_utils.base_precision import base_weight_gib, nf4_config, quantize_fp8_  # noqa: E402
+from zimage_utils.base_precision import Fp8Linear, base_weight_gib, nf4_config, quantize_fp8_  # noqa: E402
 from zimage_utils.lora import add_lora  # noqa: E402
 from zimage_utils.memory_budget import MemoryBudgetError, calibrate_checkpointing  # noqa: E402
 from zimage_utils.model_loading import load_transformer  # noqa: E402
@@ -435,6 +435,20 @@ def main() -> None:
                 record(f"ours eager {precision}", model, big, 1, set_gradient_checkpointing(transformer, -1), **info)
                 if precision == "bf16":
                     record("ours eager bf16 adamw8bit", model, big, 1, total_blocks, optimizer="adamw8bit", **info)
+                # Checkpointed blocks' inputs in host memory (--cpu_offload_checkpointing)
+                ckpt = set_gradient_checkpointing(transformer, -1, offload=True)
+                record(f"ours eager {precision} offload", model, big, 1, ckpt, **info)
+                if precision != "bf16":
+                    name = f"ours eager {precision} offload adamw8bit"
+                    record(name, model, big, 1, ckpt, optimizer="adamw8bit", **info)
+                set_gradient_checkpointing(transformer, -1)
+                if precision == "fp8":  # torchao's own backward, which keeps a bf16 copy of each weight
+                    fp8_linears = [m for m in transformer.modules() if isinstance(m, Fp8Linear)]
+                    for m in fp8_linears:
+                        m.__class__ = torch.nn.Linear
+                    record("ours eager fp8 torchao backward", model, big, 1, total_blocks, **info)
+                    for m in fp8_linears:
+                        m.__class__ = Fp8Linear
                 # Compiling the fp8 base had not finished after 4 minutes on the H100 (2026-11-26): only on request
                 if compile_ok and (precision == "bf16" or args.compile_quantized):
                     torch._dynamo.reset()

@@ -88,6 +88,17 @@ def test_max_memory_gb_without_a_gpu_is_refused_with_a_message(tiny_model_dir, t
     assert "--max_memory_gb measures GPU memory" in capsys.readouterr().err
 
 
+def test_offloading_checkpoints_without_checkpointing_is_refused_with_a_message(
+    tiny_model_dir, tiny_cache_dir, tmp_path, capsys
+):
+    reset_accelerate()
+    args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "out", cpu_offload_checkpointing=True)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(train_zimage_lora.main, lambda: train_zimage_lora.parse_args(args))
+    assert exit_.value.code == 2
+    assert "add --gradient_checkpointing" in capsys.readouterr().err
+
+
 def test_nf4_and_deepspeed_combinations_are_refused_before_loading():
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         check_base_precision("nf4", torch.device("cpu"), 0, None)
@@ -112,8 +123,8 @@ def test_fp8_base_stores_block_weights_in_float8_and_computes_close_to_bf16():
     assert losses[0] == pytest.approx(losses[1], rel=0.05)  # e4m3 keeps ~2 significant digits per weight
 
 
-def saved_tensor_shapes(run) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every plain tensor autograd saves for backward while `run()` builds the graph."""
+def saved_tensor_shapes(fn, *args) -> tuple:
+    """fn(*args), and the shape and dtype of every plain tensor autograd saves for backward while it runs."""
     saved = []
 
     def pack(t):
@@ -122,8 +133,7 @@ def saved_tensor_shapes(run) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return saved
+        return fn(*args), saved
 
 
 def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gradients():
@@ -141,10 +151,7 @@ def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gra
         add_lora(transformer, rank=4, alpha=4, targets="attention_ffn")
         g = torch.Generator().manual_seed(0)
         batch = {"latents": torch.randn(1, 16, 8, 8, generator=g), "caption_embeds": [torch.randn(7, 16, generator=g)]}
-        out = {}
-        saved = saved_tensor_shapes(
-            lambda: out.update(flow_matching_step(transformer, batch, StepConfig("uniform"), [3]))
-        )
+        out, saved = saved_tensor_shapes(flow_matching_step, transformer, batch, StepConfig("uniform"), [3])
         out["loss"].backward()
         weight_shapes = {tuple(m.weight.shape) for m in transformer.modules() if isinstance(m, Fp8Linear)}
         if name == "torchao":
@@ -176,6 +183,8 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_mod
                 tiny_cache_dir,
                 out,
                 base_precision="fp8",
+                gradient_checkpointing=True,
+                cpu_offload_checkpointing=True,  # the lowest-memory setting (a no-op on the CPU, wired all the same)
                 max_train_steps=30,
                 learning_rate=2e-3,
                 logging_steps=10,
@@ -262,8 +271,8 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     settings = []  # each checkpointing setting the calibration applies, in order
     real_set = memory_budget.set_gradient_checkpointing
 
-    def recording_set(model, k):
-        settings.append(real_set(model, k))
+    def recording_set(model, k, offload=False):
+        settings.append(real_set(model, k, offload))
         return settings[-1]
 
     def fake_peak(run_step, device):

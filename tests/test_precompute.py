@@ -562,3 +562,24 @@ def test_a_model_that_is_not_z_image_is_refused_naming_the_path(tiny_data_dir, t
     ):
         precompute(sdxl, tmp_path / "cache", data_dir=tiny_data_dir)
     assert not (tmp_path / "cache").exists()
+
+
+def test_batches_keep_one_bucket_and_group_captions_of_similar_length():
+    # The text encoder pads a batch to its longest caption: batching by length spends less work on padding.
+    from zimage_utils.buckets import CropBox
+    from zimage_utils.images import ImageItem
+    from zimage_utils.precompute import Planned, plan_batches
+
+    rng = random.Random(0)
+    crop = CropBox(64, 64, 0, 0, 64, 64)
+    planned = [
+        Planned(ImageItem(f"{i:02d}.png", path=f"/d/{i:02d}.png"), "w " * rng.randint(1, 60), "", (64, 64), b, crop)
+        for i, b in enumerate([(64, 64), (64, 128)] * 20)
+    ]
+    batches = plan_batches(planned, batch_size=4)
+    assert sorted(p.item.source for b in batches for p in b) == sorted(p.item.source for p in planned)
+    assert all(len({p.bucket for p in b}) == 1 and len(b) <= 4 for b in batches)
+    for bucket in ((64, 64), (64, 128)):
+        ranges = [[len(p.caption) for p in b] for b in batches if b[0].bucket == bucket]
+        # consecutive batches of a bucket cover consecutive, non-overlapping caption lengths
+        assert all(max(a) <= min(b) for a, b in zip(ranges, ranges[1:]))

@@ -50,6 +50,33 @@ def test_checkpointing_some_or_all_blocks_leaves_loss_and_gradients_unchanged(bl
     assert set_gradient_checkpointing(transformer, 0) == 0 and not transformer.gradient_checkpointing
 
 
+def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_gradients_unchanged(monkeypatch):
+    # On the CPU there is no host memory to move to, so each packed input is cloned instead: the test checks which
+    # tensors the hook receives and that backward recomputes from what it gives back.
+    from zimage_utils import step_options
+
+    transformer = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    packed, real_pack = [], step_options.offload_to_host
+
+    def pack_a_copy(tensor):
+        if not tensor.requires_grad:
+            return real_pack(tensor)  # left where it is
+        packed.append(tuple(tensor.shape))
+        return tensor.device, tensor.detach().clone()
+
+    monkeypatch.setattr(step_options, "offload_to_host", pack_a_copy)
+    n = set_gradient_checkpointing(transformer, -1, offload=True)
+    loss, grads = loss_and_grads(transformer)
+    assert torch.equal(loss, reference_loss)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    # Every checkpointed block but the first noise-refiner one (its input comes from the frozen embedder) hands over
+    # its hidden-state input [B, tokens, dim], and nothing else.
+    dim = transformer.config.dim
+    assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
+
+
 def test_compiled_blocks_give_the_eager_loss():
     transformer = lora_transformer()
     reference_loss, reference_grads = loss_and_grads(transformer)

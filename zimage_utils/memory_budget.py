@@ -105,15 +105,22 @@ def choose_checkpointing(
 
 
 def calibrate_checkpointing(
-    accelerator, model, batch: dict, loss_fn: Callable, budget_gib: float, reserve_gib: float
+    accelerator,
+    model,
+    batch: dict,
+    loss_fn: Callable,
+    budget_gib: float,
+    reserve_gib: float,
+    offload: bool = False,
 ) -> Calibration:
     """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
     `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
-    state is untouched); a setting's peak is the largest over all processes, so every process picks the same."""
+    state is untouched); a setting's peak is the largest over all processes, so every process picks the same.
+    offload: checkpointed blocks keep their inputs in host memory (`set_gradient_checkpointing`), measured so."""
     unwrapped = accelerator.unwrap_model(model)
 
     def measure(k: int) -> float:
-        set_gradient_checkpointing(unwrapped, k)
+        set_gradient_checkpointing(unwrapped, k, offload)
 
         def run() -> None:
             with accelerator.no_sync(model):
@@ -125,7 +132,7 @@ def calibrate_checkpointing(
         return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
 
     cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib)
-    set_gradient_checkpointing(unwrapped, cal.checkpointed)
+    set_gradient_checkpointing(unwrapped, cal.checkpointed, offload)
     torch.cuda.reset_peak_memory_stats(accelerator.device)
     return cal
 

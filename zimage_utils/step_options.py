@@ -13,9 +13,11 @@ def checkpointable_blocks(transformer) -> list[torch.nn.Module]:
     return list(transformer.noise_refiner) + list(transformer.layers)
 
 
-def set_gradient_checkpointing(transformer, num_blocks: int) -> int:
+def set_gradient_checkpointing(transformer, num_blocks: int, offload: bool = False) -> int:
     """Recompute activations in the first `num_blocks` of `checkpointable_blocks` (0 = off; -1 or more than
     exist = all). Uses diffusers' own hook (`enable_gradient_checkpointing` with a per-block function).
+    offload: keep what a checkpointed block saves (its hidden-state input, ~32 MB a block at 1024²) in pinned host
+    memory until backward recomputes the block, instead of on the GPU (`offload_to_host`).
     Returns the number of blocks checkpointed."""
     blocks = checkpointable_blocks(transformer)
     n = len(blocks) if num_blocks < 0 else min(num_blocks, len(blocks))
@@ -25,12 +27,36 @@ def set_gradient_checkpointing(transformer, num_blocks: int) -> int:
     chosen = {id(b) for b in blocks[:n]}
 
     def checkpoint_some(block, *args):
-        if id(block) in chosen:
+        if id(block) not in chosen:
+            return block(*args)
+        if not offload:
             return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        return block(*args)
+        # Non-reentrant checkpointing saves the block's inputs as autograd saved tensors before it installs its own
+        # hooks, so these hooks see exactly the inputs, and nothing of the recompute.
+        with torch.autograd.graph.saved_tensors_hooks(offload_to_host, bring_back):
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_some)
     return n
+
+
+def offload_to_host(tensor: torch.Tensor):
+    """saved_tensors_hooks pack: an accelerator tensor that needs a gradient (the hidden states; not masks, rotary
+    tables or the timestep embedding, which are small or shared) is copied to pinned host memory without blocking.
+    The copy is queued on the current stream, so the GPU memory it frees is reused only after the copy is done."""
+    if tensor.device.type == "cpu" or not tensor.requires_grad:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return tensor.device, host
+
+
+def bring_back(packed):
+    """saved_tensors_hooks unpack: the inverse of `offload_to_host`, queued on the current stream."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    return host.to(device, non_blocking=True)
 
 
 def raise_recompile_limit(limit: int) -> None:
