@@ -455,6 +455,8 @@ def main() -> None:
                     compile_blocks(transformer, fullgraph=precision != "nf4")
                     ckpt = set_gradient_checkpointing(transformer, -1)
                     record(f"ours compiled {precision}", model, big, 1, ckpt, **info)
+                    ckpt = set_gradient_checkpointing(transformer, -1, offload=True)
+                    record(f"ours compiled {precision} offload", model, big, 1, ckpt, **info)
                 accelerator._models.clear()  # the accelerator keeps every prepared model alive otherwise
                 del model, transformer
                 gc.collect()  # accelerate's autocast wrapper makes the model a reference cycle

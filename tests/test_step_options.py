@@ -57,15 +57,15 @@ def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_
 
     transformer = lora_transformer()
     reference_loss, reference_grads = loss_and_grads(transformer)
-    packed, real_pack = [], step_options.offload_to_host
+    packed, real_pack = [], step_options.HostOffload.pack
 
-    def pack_a_copy(tensor):
+    def pack_a_copy(self, tensor):
         if not tensor.requires_grad:
-            return real_pack(tensor)  # left where it is
+            return real_pack(self, tensor)  # left where it is
         packed.append(tuple(tensor.shape))
         return tensor.device, tensor.detach().clone()
 
-    monkeypatch.setattr(step_options, "offload_to_host", pack_a_copy)
+    monkeypatch.setattr(step_options.HostOffload, "pack", pack_a_copy)
     n = set_gradient_checkpointing(transformer, -1, offload=True)
     loss, grads = loss_and_grads(transformer)
     assert torch.equal(loss, reference_loss)
