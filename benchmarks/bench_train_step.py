@@ -203,8 +203,9 @@ KERNEL_KINDS = [  # first match wins; names as CUDA/Triton kernels appear in the
 ]
 
 
-def profile_step(model, batch, step_fn, device, steps: int = 3) -> dict:
-    """Where a step's GPU time goes: kernel time by kind, idle (wall − kernel time), top kernels."""
+def profile_step(model, batch, step_fn, device, steps: int = 3, cpu: bool = False) -> dict:
+    """Where a step's GPU time goes: kernel time by kind, idle (wall − kernel time), top kernels; cpu: also the
+    host-side calls that took the most time (allocations, copies, synchronisations)."""
     from torch.profiler import ProfilerActivity, profile
 
     params = lora_params(model)
@@ -214,7 +215,7 @@ def profile_step(model, batch, step_fn, device, steps: int = 3) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA] + [ProfilerActivity.CPU] * cpu) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step_fn(model, batch).backward()
@@ -235,7 +236,12 @@ def profile_step(model, batch, step_fn, device, steps: int = 3) -> dict:
     busy = sum(kernels.values())
     by_kind["idle"] = max(0.0, wall_ms - busy)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    host = {}
+    for event in prof.key_averages() if cpu else []:
+        if event.device_type.name == "CPU" and event.key.startswith(("cuda", "aten::", "Pinned", "Caching")):
+            host[event.key] = event.self_cpu_time_total / 1e3 / steps
     return {
+        "top_host_calls_ms": [[k, t] for k, t in sorted(host.items(), key=lambda kv: -kv[1])[:15]],
         "wall_ms_per_step": wall_ms,
         "ms_by_kind": by_kind,
         "pct_by_kind": {k: 100 * v / wall_ms for k, v in by_kind.items()},
@@ -264,6 +270,10 @@ def main() -> None:
     )
     parser.add_argument("--compile_quantized", action="store_true", help="Also time compiled fp8/NF4 bases (slow).")
     parser.add_argument("--budgets", default="24,18", help="--max_memory_gb values to calibrate at 1024² bs1.")
+    parser.add_argument("--precisions", default="bf16,fp8,nf4", help="Memory part: base precisions to measure.")
+    parser.add_argument(
+        "--profile_offload", action="store_true", help="Memory part: profile compiled bf16 with/without offload."
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -411,7 +421,7 @@ def main() -> None:
         # Low-precision bases, loaded by the trainer's own code path from a saved random model
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             save_random_model(cfg, Path(tmp), device)
-            for precision in ("bf16", "fp8", "nf4"):
+            for precision in args.precisions.split(","):
                 if precision == "nf4" and device.type != "cuda":
                     continue
                 transformer = load_transformer(
@@ -449,6 +459,7 @@ def main() -> None:
                     record("ours eager fp8 torchao backward", model, big, 1, total_blocks, **info)
                     for m in fp8_linears:
                         m.__class__ = Fp8Linear
+                    del fp8_linears  # or the next base is measured with these weights still on the GPU
                 # Compiling the fp8 base had not finished after 4 minutes on the H100 (2026-11-26): only on request
                 if compile_ok and (precision == "bf16" or args.compile_quantized):
                     torch._dynamo.reset()
@@ -457,6 +468,19 @@ def main() -> None:
                     record(f"ours compiled {precision}", model, big, 1, ckpt, **info)
                     ckpt = set_gradient_checkpointing(transformer, -1, offload=True)
                     record(f"ours compiled {precision} offload", model, big, 1, ckpt, **info)
+                    if args.profile_offload and device.type == "cuda":
+                        batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
+                        grads = []
+                        for offload in (False, True):
+                            set_gradient_checkpointing(transformer, -1, offload=offload)
+                            key = f"profile_compiled_{precision}_ckpt" + "_offload" * offload
+                            result[key] = profile_step(model, batch, ours([0]), device, cpu=True)
+                            print(key, json.dumps(result[key], indent=1), flush=True)
+                            ours([0])(model, batch).backward()  # offloading must not change a gradient
+                            grads.append([p.grad.clone() for p in lora_params(model)])
+                            model.zero_grad(set_to_none=True)
+                        result["offload_grads_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(*grads))
+                        print("offload grads max abs diff", result["offload_grads_max_abs_diff"], flush=True)
                 accelerator._models.clear()  # the accelerator keeps every prepared model alive otherwise
                 del model, transformer
                 gc.collect()  # accelerate's autocast wrapper makes the model a reference cycle
