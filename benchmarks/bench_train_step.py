@@ -481,6 +481,7 @@ def main() -> None:
                             model.zero_grad(set_to_none=True)
                         result["offload_grads_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(*grads))
                         print("offload grads max abs diff", result["offload_grads_max_abs_diff"], flush=True)
+                        del grads, batch  # or the next base is measured with these on the GPU
                 accelerator._models.clear()  # the accelerator keeps every prepared model alive otherwise
                 del model, transformer
                 gc.collect()  # accelerate's autocast wrapper makes the model a reference cycle
