@@ -214,6 +214,9 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
 
     def row(what: str, batch: int, items_per_s: float, **extra) -> None:
         rows.append({"what": what, "batch": batch, "items_per_s": round(items_per_s, 2), **extra})
+        print(rows[-1], flush=True)
+        if args.out:  # after every row, so a crash later keeps what was measured
+            Path(args.out).write_text(json.dumps({**results, "rows": rows}, indent=2))
 
     # VAE alone
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
@@ -258,6 +261,7 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
                 row(f"vae compiled {variant}", bs, bs / s, first_calls_s=round(time.perf_counter() - begin, 1))
             vae.encoder = vae.encoder._orig_mod
             vae.to(memory_format=torch.contiguous_format)
+            torch._dynamo.reset()  # dynamo does not guard on the weights' layout: drop code compiled for this one
         if args.cudnn_benchmark:
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
                 pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
@@ -284,6 +288,8 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
     bs, workers = args.script_batch_size, results["workers"]
     for k, run in enumerate(runs):
+        if k and run["channels_last"] != runs[k - 1]["channels_last"]:
+            torch._dynamo.reset()  # dynamo does not guard on the weights' layout: drop code compiled for the other
         stats = run_script(tmp, k, resolution, bs, workers, run)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
