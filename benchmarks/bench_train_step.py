@@ -471,16 +471,26 @@ def main() -> None:
                     if args.profile_offload and device.type == "cuda":
                         batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
                         grads = []
+                        for offload in (False, True):  # offloading must not change a gradient
+                            set_gradient_checkpointing(transformer, -1, offload=offload)
+                            ours([0])(model, batch).backward()
+                            grads.append([p.grad.clone() for p in lora_params(model)])
+                            model.zero_grad(set_to_none=True)
+                        result["offload_grads_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(*grads))
+                        # Interleaved A/B, 3 rounds: the step time with and without offloading, same conditions
+                        times = {"off": [], "on": []}
+                        for _ in range(3):
+                            for offload in (False, True):
+                                set_gradient_checkpointing(transformer, -1, offload=offload)
+                                m = measure(model, batch, ours([0]), warmup, steps, device)
+                                times["on" if offload else "off"].append(m["s_per_step"])
+                        result[f"offload_ab_compiled_{precision}_s_per_step"] = times
                         for offload in (False, True):
                             set_gradient_checkpointing(transformer, -1, offload=offload)
                             key = f"profile_compiled_{precision}_ckpt" + "_offload" * offload
                             result[key] = profile_step(model, batch, ours([0]), device, cpu=True)
-                            print(key, json.dumps(result[key], indent=1), flush=True)
-                            ours([0])(model, batch).backward()  # offloading must not change a gradient
-                            grads.append([p.grad.clone() for p in lora_params(model)])
-                            model.zero_grad(set_to_none=True)
-                        result["offload_grads_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(*grads))
                         print("offload grads max abs diff", result["offload_grads_max_abs_diff"], flush=True)
+                        print("offload A/B s/step", json.dumps(times), flush=True)
                         del grads, batch  # or the next base is measured with these on the GPU
                 accelerator._models.clear()  # the accelerator keeps every prepared model alive otherwise
                 del model, transformer
