@@ -13,6 +13,7 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -162,11 +163,15 @@ def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_siz
     lines = (proc.stdout + proc.stderr).splitlines()
     line = next((x for x in lines if "images/s over" in x), "")
     phases = next((x for x in lines if x.startswith("time: scan")), "")
+    script = re.search(r"([\d.]+) images/s over ([\d.]+) s", line)
+    encode = re.search(r"encode ([\d.]+) s \(([\d.]+) images/s\)", phases)
     return {
         "name": f"precompute_{gpus}gpu",
         "gpus": gpus,
         "returncode": proc.returncode,
-        "wall_s": wall,
+        "wall_s": wall,  # process start, imports and model loading included
+        "script_s": float(script.group(2)) if script else None,  # the script's own time, from scan to merge
+        "encode_images_per_s": float(encode.group(2)) if encode else None,  # all images / encode phase
         "summary": line.strip(),
         "phases": phases.strip(),
         "cache": str(out),
@@ -330,6 +335,11 @@ def main() -> None:
             for p in precompute[1:]:
                 p["identical_to_first"] = same_cache(precompute[0]["cache"], p["cache"])
                 p["speedup"] = precompute[0]["wall_s"] / p["wall_s"]
+                if p["script_s"] and precompute[0]["script_s"]:
+                    p["script_speedup"] = precompute[0]["script_s"] / p["script_s"]
+                if p["encode_images_per_s"] and precompute[0]["encode_images_per_s"]:
+                    # all processes' images over the encode phase: the rate a large dataset sees once loaded
+                    p["encode_speedup"] = p["encode_images_per_s"] / precompute[0]["encode_images_per_s"]
 
     # Every saved LoRA through diffusers, on one transformer loaded once
     from zimage_utils.model_loading import load_transformer
@@ -350,6 +360,7 @@ def main() -> None:
         "resolution": resolution,
         "setup_s": setup_s,
         "runs": results,
+        "precompute": precompute,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -373,7 +384,8 @@ def main() -> None:
 
     for p in precompute:
         print(
-            f"{p['name']}: rc {p['returncode']}, {p['wall_s']:.1f} s wall, x{p.get('speedup', 1.0):.2f}, "
+            f"{p['name']}: rc {p['returncode']}, {p['wall_s']:.1f} s wall, x{p.get('speedup', 1.0):.2f} "
+            f"(script x{p.get('script_speedup', 1.0):.2f}, encode loop x{p.get('encode_speedup', 1.0):.2f}), "
             f"identical: {p.get('identical_to_first', '-')}; {p['summary']}"
         )
 
