@@ -82,6 +82,32 @@ def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_
     assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies between a GPU and pinned host memory")
+def test_on_a_gpu_offloaded_inputs_go_to_pinned_host_memory_and_come_back_unchanged(monkeypatch):
+    # The real copies and streams (CI has no GPU; run on the device machine).
+    from zimage_utils import step_options
+
+    transformer = lora_transformer().cuda()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    pinned, real_pack = [], step_options.HostOffload.pack
+
+    def spy(self, tensor):
+        packed = real_pack(self, tensor)
+        if not isinstance(packed, torch.Tensor):
+            pinned.append(packed.host.is_pinned())
+        return packed
+
+    monkeypatch.setattr(step_options.HostOffload, "pack", spy)
+    n = set_gradient_checkpointing(transformer, -1, offload=True)
+    flow_matching_step(transformer, batch(), StepConfig("uniform"), seeds=[1, 2])  # a graph dropped unused
+    for _ in range(2):  # and two full steps after it
+        loss, grads = loss_and_grads(transformer)
+        assert torch.allclose(loss, reference_loss, atol=1e-6)
+        for name, g in grads.items():
+            assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    assert len(pinned) == 3 * (n - 1) and all(pinned)
+
+
 def test_compiled_blocks_give_the_eager_loss():
     transformer = lora_transformer()
     reference_loss, reference_grads = loss_and_grads(transformer)

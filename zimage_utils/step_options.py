@@ -3,6 +3,7 @@ checkpointing (a chosen number of blocks recompute their activations) and region
 blocks."""
 
 import time
+import weakref
 
 import torch
 
@@ -60,7 +61,9 @@ class HostOffload:
 
     def __init__(self):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.saved: list[_Offloaded] = []  # this forward's tensors, in the order they were saved
+        # This forward's tensors in the order they were saved, held weakly: autograd's graph owns them, so a graph
+        # dropped without a backward frees its host copies too.
+        self.saved: list[weakref.ref] = []
 
     def pack(self, tensor: torch.Tensor):
         if tensor.device.type != "cuda" or not tensor.requires_grad:
@@ -71,10 +74,12 @@ class HostOffload:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
         tensor.record_stream(stream)
-        if self.saved and self.saved[-1].host is None:  # the last backward took everything back: a new forward
+        last = self.saved[-1]() if self.saved else None
+        if last is None or last.host is None:  # backward has begun taking back the last forward's: a new forward
             self.saved = []
-        self.saved.append(_Offloaded(tensor.device, host, len(self.saved)))
-        return self.saved[-1]
+        item = _Offloaded(tensor.device, host, len(self.saved))
+        self.saved.append(weakref.ref(item))
+        return item
 
     def _prefetch(self, item: _Offloaded) -> None:
         stream = self.streams[item.device]
@@ -94,8 +99,9 @@ class HostOffload:
         current.wait_event(item.ready)
         tensor, item.back, item.host = item.back, None, None
         tensor.record_stream(current)  # allocated on the side stream, used and freed on this one
-        if item.index > 0 and self.saved[item.index - 1].back is None and self.saved[item.index - 1].host is not None:
-            self._prefetch(self.saved[item.index - 1])
+        previous = self.saved[item.index - 1]() if 0 < item.index <= len(self.saved) else None
+        if previous is not None and previous.back is None and previous.host is not None:
+            self._prefetch(previous)
         return tensor
 
 
