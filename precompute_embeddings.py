@@ -129,11 +129,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the VAE encoder: faster on large datasets (see docs/BENCHMARKS.md), after one compile "
         "per bucket size; not worth it for a few dozen images.",
     )
-    parser.add_argument(
-        "--vae_channels_last",
-        action="store_true",
-        help="With --compile: run the VAE encoder in channels_last (NHWC) memory layout (see docs/BENCHMARKS.md).",
-    )
     parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
     parser.add_argument(
         "--contact_sheet",
@@ -290,8 +285,6 @@ def main(args: argparse.Namespace) -> dict | None:
     )
     if args.compile:
         raise_recompile_limit(len(buckets) + 8)
-        if args.vae_channels_last:
-            vae.to(memory_format=torch.channels_last)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)  # compiled once per bucket size
     text_stream = None  # on a GPU the text encoder gets a CUDA stream of its own, to run beside the VAE
     if device.type == "cuda":

@@ -161,12 +161,11 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
     runs = []
     for run in spec.split(","):
         padding, *options = run.split("+")
-        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream", "channels_last"}:
+        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream"}:
             raise SystemExit(
-                f"--script_runs: {run!r} is not PADDING[+compile][+channels_last][+one_stream], PADDING "
-                "max_length/longest"
+                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream], PADDING max_length/longest"
             )
-        runs.append({"padding": padding, **{o: o in options for o in ("compile", "one_stream", "channels_last")}})
+        runs.append({"padding": padding, "compile": "compile" in options, "one_stream": "one_stream" in options})
     return [r for r in runs if not (tiny and r["compile"])]
 
 
@@ -182,7 +181,7 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
         "--batch_size", str(bs),
         "--dataloader_num_workers", str(workers),
         "--text_padding", run["padding"],
-    ] + (["--compile"] if run["compile"] else []) + (["--vae_channels_last"] if run["channels_last"] else [])  # fmt: skip
+    ] + (["--compile"] if run["compile"] else [])  # fmt: skip
     encode_batch = precompute_embeddings.encode_batch
     if run["one_stream"]:
         precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
@@ -288,14 +287,10 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
     bs, workers = args.script_batch_size, results["workers"]
     for k, run in enumerate(runs):
-        if k and run["channels_last"] != runs[k - 1]["channels_last"]:
-            torch._dynamo.reset()  # dynamo does not guard on the weights' layout: drop code compiled for the other
         stats = run_script(tmp, k, resolution, bs, workers, run)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
-        vae.to(memory_format=torch.contiguous_format)  # after a channels_last run
-        label = f"script pad={run['padding']}" + " compile" * run["compile"] + " channels_last" * run["channels_last"]
-        label += " one-stream" * run["one_stream"]
+        label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
         label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
         row(
             label,
