@@ -12,7 +12,12 @@ the ratio to the naive step; writes JSON. LoRA r32 on attention, bf16 base, fp32
 calibration (then the chosen setting timed), host syncs per step, a profile (kernel time by kind, idle, top kernels),
 and recompiled variants (inductor's activation-memory budget; diffusers' complex rotary embedding).
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
-saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), and 8-bit AdamW.
+saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
+fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
+compiled bf16: a gradient check with and without offload, an interleaved A/B of their step times, and a profile of each
+with host-side calls. `--precisions` picks the bases.
+
+    BENCH_TMP=/tmp python benchmarks/bench_train_step.py --part memory --profile_offload --out memory.json   # ~5 min
 """
 
 import argparse
