@@ -11,12 +11,14 @@ docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
 import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import datasets
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -50,6 +52,7 @@ from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions
 
 logger = logging.getLogger("precompute")
+IMPORTED_AT = time.time()  # the start-up figure: process start → here is Python and the imports above
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -214,12 +217,16 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
 
 def main(args: argparse.Namespace) -> dict | None:
     """Build or extend the cache. Returns the run's figures on the main process (None on the others): images
-    encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop."""
+    encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop, and the
+    start-up before them (Python and imports, then accelerate's process and device set-up), with the wall-clock
+    times the process started and `main` finished (for a launcher to tell its own and the exit's share)."""
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     datasets.disable_progress_bars()
+    started_at, accelerate_from = process_started_at(), time.time()
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     start = time.perf_counter()
+    startup = {"imports": IMPORTED_AT - started_at, "accelerator": time.time() - accelerate_from}
     check_process_group(accelerator)
 
     # Check the model and the cache we add to
@@ -345,24 +352,6 @@ def main(args: argparse.Namespace) -> dict | None:
         unique_notes = {(n["source"], n["reason"]): n for n in kept_notes + [n for r in reports for n in r["notes"]]}
         all_notes = sorted(unique_notes.values(), key=lambda n: n["source"])
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
-        cache_lib.write_json_atomic(
-            Path(args.output_dir) / cache_lib.MANIFEST_NAME,
-            {
-                "format_version": cache_lib.CACHE_FORMAT_VERSION,
-                "fingerprint": fingerprint,
-                "num_items": len(merged),
-                "buckets": {f"{h}x{w}": n for (h, w), n in sorted(by_bucket.items())},
-                "validation_prompts": args.validation_prompts,
-                "caption_prefix": args.caption_prefix,
-                "skipped": all_skipped,
-                "notes": all_notes,
-            },
-        )
-        if args.contact_sheet:
-            sheet, shown = write_contact_sheet(
-                merged, items, hf_dataset, Path(args.output_dir) / CONTACT_SHEET_NAME, args.contact_sheet
-            )
-            logger.info(f"contact sheet of {shown} images (what each crop kept): {sheet}")
         new = sum(r["encoded"] for r in reports)
         end = time.perf_counter()
         seconds = {
@@ -374,11 +363,34 @@ def main(args: argparse.Namespace) -> dict | None:
         }
         stats = {
             "images": new,
+            "startup_seconds": startup,
             "seconds": seconds,
+            "process_started_at": started_at,
+            "finished_at": time.time(),
             "compile_seconds": compile_s,
             "images_per_s": new / seconds["total"],
             "encode_images_per_s": new / max(seconds["encode"], 1e-9),
+            "processes": world,
         }
+        cache_lib.write_json_atomic(
+            Path(args.output_dir) / cache_lib.MANIFEST_NAME,
+            {
+                "format_version": cache_lib.CACHE_FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "num_items": len(merged),
+                "buckets": {f"{h}x{w}": n for (h, w), n in sorted(by_bucket.items())},
+                "validation_prompts": args.validation_prompts,
+                "caption_prefix": args.caption_prefix,
+                "skipped": all_skipped,
+                "notes": all_notes,
+                "last_run": stats,
+            },
+        )
+        if args.contact_sheet:
+            sheet, shown = write_contact_sheet(
+                merged, items, hf_dataset, Path(args.output_dir) / CONTACT_SHEET_NAME, args.contact_sheet
+            )
+            logger.info(f"contact sheet of {shown} images (what each crop kept): {sheet}")
         logger.info(summarise(by_bucket, all_skipped, all_notes))
         logger.info(
             f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
@@ -388,12 +400,23 @@ def main(args: argparse.Namespace) -> dict | None:
         )
         compiling = f", {compile_s:.1f} s of it compiling {len(shapes_seen)} batch shape(s)" if args.compile else ""
         logger.info(
-            f"time: scan {seconds['scan']:.1f} s, model load {seconds['load']:.1f} s, "
+            f"time: start-up {sum(startup.values()):.1f} s (Python and imports {startup['imports']:.1f}, accelerate "
+            f"{startup['accelerator']:.1f}), scan {seconds['scan']:.1f} s, model load {seconds['load']:.1f} s, "
             f"encode {seconds['encode']:.1f} s ({stats['encode_images_per_s']:.1f} images/s{compiling}), "
             f"merge and write {seconds['merge']:.1f} s"
         )
     accelerator.end_training()
     return stats
+
+
+def process_started_at() -> float:
+    """Wall-clock time this process started: from /proc on Linux (10 ms resolution), else psutil (whole seconds of
+    boot time make it ~1 s coarse)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return psutil.Process().create_time()
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:

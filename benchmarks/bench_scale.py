@@ -13,7 +13,6 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,18 +35,24 @@ from zimage_utils.model_loading import component_config_hash  # noqa: E402
 CONFIGS = ROOT / "accelerate_configs"
 
 
-def make_model(folder: Path, full: bool) -> None:
+def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
     """Transformer weights (random) plus configs only for the VAE and text encoder: the trainer never loads
-    their weights (no validation prompts in these runs)."""
-    if (folder / "model_index.json").exists():
+    their weights (no validation prompts in these runs). transformer_weights=False: its config only (precompute
+    runs alone never load it)."""
+    has_weights = any((folder / "transformer").glob("*.safetensors*"))
+    if (folder / "model_index.json").exists() and (has_weights or not transformer_weights):
         return
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config
 
     cfg = {**tiny.TINY_TRANSFORMER, **(FULL if full else {})}
-    transformer = build_transformer(cfg, "cuda" if full and torch.cuda.is_available() else "cpu", torch.bfloat16)
-    transformer.save_pretrained(folder / "transformer")
-    del transformer
+    if transformer_weights:
+        transformer = build_transformer(cfg, "cuda" if full and torch.cuda.is_available() else "cpu", torch.bfloat16)
+        transformer.save_pretrained(folder / "transformer")
+        del transformer
+    else:
+        with torch.device("meta"):
+            ZImageTransformer2DModel(**cfg).save_config(folder / "transformer")
     tokenizer = tiny.make_tokenizer()
     te = QWEN3_4B if full else {**tiny.TINY_TEXT_ENCODER, "vocab_size": len(tokenizer)}
     vae = AutoencoderKL(**(VAE_CONFIG if full else tiny.TINY_VAE))
@@ -156,22 +161,33 @@ def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_siz
         "--overwrite",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if full else {"ACCELERATE_USE_CPU": "1"})}
-    start = time.perf_counter()
+    launched_at, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, exited_at = time.perf_counter() - start, time.time()
     (work / f"log_precompute_{gpus}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
     lines = (proc.stdout + proc.stderr).splitlines()
     line = next((x for x in lines if "images/s over" in x), "")
-    phases = next((x for x in lines if x.startswith("time: scan")), "")
-    script = re.search(r"([\d.]+) images/s over ([\d.]+) s", line)
-    encode = re.search(r"encode ([\d.]+) s \(([\d.]+) images/s\)", phases)
+    phases = next((x for x in lines if x.startswith("time: ")), "")
+    run = (cache_lib.read_manifest(out) or {}).get("last_run") if proc.returncode == 0 else None
+    # Where the wall time goes, from the main process's clock readings: the launcher before the script's process
+    # existed, the script's start-up (imports, accelerate), its phases, and the exit after main returned.
+    wall_parts = None
+    if run:
+        wall_parts = {
+            "launcher": run["process_started_at"] - launched_at,
+            **{f"startup_{k}": v for k, v in run["startup_seconds"].items()},
+            **run["seconds"],
+            "exit": exited_at - run["finished_at"],
+        }
+        wall_parts.pop("total")
     return {
         "name": f"precompute_{gpus}gpu",
         "gpus": gpus,
         "returncode": proc.returncode,
         "wall_s": wall,  # process start, imports and model loading included
-        "script_s": float(script.group(2)) if script else None,  # the script's own time, from scan to merge
-        "encode_images_per_s": float(encode.group(2)) if encode else None,  # all images / encode phase
+        "script_s": run["seconds"]["total"] if run else None,  # the script's own time, from scan to merge
+        "encode_images_per_s": run["encode_images_per_s"] if run else None,  # all images / encode phase
+        "wall_parts_s": wall_parts,
         "summary": line.strip(),
         "phases": phases.strip(),
         "cache": str(out),
@@ -286,10 +302,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     full = not args.tiny
     resolution = 1024 if full else 64
-    start = time.perf_counter()
-    make_model(work / "model", full)
-    make_cache(work / "cache", work / "model", resolution, 64 if full else 8, 2560 if full else 16)
-    setup_s = time.perf_counter() - start
     ckpt = ["--gradient_checkpointing"]
     runs = [
         (f"ddp_{n}gpu", "multi_gpu.yaml" if n > 1 else "single_gpu.yaml", n, ckpt)
@@ -309,6 +321,11 @@ def main() -> None:
     ]
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
+    start = time.perf_counter()
+    make_model(work / "model", full, transformer_weights=bool(runs))
+    if runs:
+        make_cache(work / "cache", work / "model", resolution, 64 if full else 8, 2560 if full else 16)
+    setup_s = time.perf_counter() - start
     results = []
     for name, config, gpus, extra in runs:
         if full and gpus > torch.cuda.device_count():
@@ -342,12 +359,13 @@ def main() -> None:
                     p["encode_speedup"] = p["encode_images_per_s"] / precompute[0]["encode_images_per_s"]
 
     # Every saved LoRA through diffusers, on one transformer loaded once
-    from zimage_utils.model_loading import load_transformer
+    if any("lora" in r for r in results):
+        from zimage_utils.model_loading import load_transformer
 
-    transformer = load_transformer(str(work / "model"), torch.bfloat16, "cuda" if full else "cpu")
-    for r in results:
-        if "lora" in r:
-            r["lora_check"] = check_lora(r["lora"], transformer)
+        transformer = load_transformer(str(work / "model"), torch.bfloat16, "cuda" if full else "cpu")
+        for r in results:
+            if "lora" in r:
+                r["lora_check"] = check_lora(r["lora"], transformer)
     base = next((r for r in results if r["name"] == "ddp_1gpu" and "s_per_step" in r), None)
     for r in results:
         if base and "samples_per_s" in r:
@@ -388,6 +406,8 @@ def main() -> None:
             f"(script x{p.get('script_speedup', 1.0):.2f}, encode loop x{p.get('encode_speedup', 1.0):.2f}), "
             f"identical: {p.get('identical_to_first', '-')}; {p['summary']}"
         )
+        if p.get("wall_parts_s"):
+            print("  wall parts (s): " + ", ".join(f"{k} {v:.1f}" for k, v in p["wall_parts_s"].items()))
 
 
 if __name__ == "__main__":

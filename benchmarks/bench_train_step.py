@@ -263,10 +263,103 @@ def save_random_model(cfg: dict, folder: Path, device) -> None:
         torch.cuda.empty_cache()
 
 
+def outer_checkpointing(transformer) -> int:
+    """Every block checkpointed the way the trainer did before session 4: an eager checkpoint around the (compiled)
+    block, so its recomputation is the whole compiled forward run again. Kept here only to compare against."""
+    from zimage_utils.step_options import checkpointable_blocks
+
+    set_gradient_checkpointing(transformer, 0)
+    chosen = {id(b) for b in checkpointable_blocks(transformer)}
+
+    def checkpoint_some(block, *args):
+        if id(block) not in chosen:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_some)
+    return len(chosen)
+
+
+def checkpointing_variants(args, cfg, accelerator, device, big, warmup, steps, record, save) -> dict:
+    """--part ckpt: every block checkpointed, compiled, 1024² bs1, three ways: the checkpoint around the compiled
+    block (before), inside it (now: the compiler builds the recomputation into the backward), and inside it keeping
+    the attention outputs (`keep_attention`); also with offload, and some blocks. Interleaved rounds for the times,
+    LoRA gradients compared, and a profile of each way."""
+    transformer = build_transformer(cfg, device, torch.bfloat16)
+    add_lora(transformer, rank=32, alpha=32, targets="attention")
+    use_real_rope(transformer)
+    model = accelerator.prepare_model(transformer)
+    compile_blocks(transformer)
+    batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
+    total = len(transformer.noise_refiner) + len(transformer.layers)
+    ways = {
+        "outer": lambda: outer_checkpointing(transformer),
+        "inner": lambda: set_gradient_checkpointing(transformer, -1),
+        "inner keep_attention": lambda: set_gradient_checkpointing(transformer, -1, keep_attention=True),
+    }
+    out = {"grads": {}, "ab_s_per_step": {w: [] for w in ways}, "profiles": {}}
+    with torch.no_grad():  # a non-zero LoRA B, so the A gradients are compared too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    reference = None
+    for way, apply in ways.items():  # the same LoRA values and batch for each way: compare the gradients
+        apply()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+        ours([0])(model, batch).backward()  # (the first call of each way also compiles it)
+        grads = [p.grad.clone() for p in lora_params(model)]
+        model.zero_grad(set_to_none=True)
+        reference = grads if reference is None else reference
+        out["grads"][way] = max(float((a - b).abs().max()) for a, b in zip(reference, grads))
+        del grads
+    del reference, start
+    for way, apply in ways.items():
+        apply()
+        record(f"ours compiled ckpt {way}", model, big, 1, total)
+    record(
+        "ours compiled ckpt inner keep_attention offload",
+        model,
+        big,
+        1,
+        set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=True),
+    )
+    for k in (13,):
+        record("ours compiled ckpt inner", model, big, 1, set_gradient_checkpointing(transformer, k))
+        record(
+            "ours compiled ckpt inner keep_attention",
+            model,
+            big,
+            1,
+            set_gradient_checkpointing(transformer, k, keep_attention=True),
+        )
+    record("ours compiled no ckpt", model, big, 1, set_gradient_checkpointing(transformer, 0))
+    for _ in range(args.rounds):
+        for way, apply in ways.items():
+            apply()
+            out["ab_s_per_step"][way].append(measure(model, batch, ours([0]), warmup, steps, device)["s_per_step"])
+        print("A/B/C s/step", json.dumps(out["ab_s_per_step"]), flush=True)
+        save()
+    if device.type == "cuda":
+        for way, apply in ways.items():
+            apply()
+            out["profiles"][way] = profile_step(model, batch, ours([0]), device)
+            save()
+    print("LoRA gradients, max |difference| to outer:", out["grads"], flush=True)
+    for way, prof in out["profiles"].items():
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof["ms_by_kind"].items())
+        print(f"profile {way}: {prof['wall_ms_per_step']:.1f} ms/step ({kinds} ms)", flush=True)
+    accelerator._models.clear()  # the caller collects the model once this returns
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
-    parser.add_argument("--part", choices=["speed", "memory", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument("--act_budgets", default="0.5,0.7", help="Inductor activation-memory budgets to time.")
@@ -279,6 +372,7 @@ def main() -> None:
     parser.add_argument(
         "--profile_offload", action="store_true", help="Memory part: profile compiled bf16 with/without offload."
     )
+    parser.add_argument("--rounds", type=int, default=3, help="Ckpt part: interleaved rounds of the A/B/C timing.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -421,6 +515,11 @@ def main() -> None:
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    if args.part == "ckpt":
+        result["ckpt"] = checkpointing_variants(args, cfg, accelerator, device, big, warmup, steps, record, save)
+        gc.collect()
+        torch._dynamo.reset()
 
     if args.part in ("memory", "all"):
         # Low-precision bases, loaded by the trainer's own code path from a saved random model

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -160,6 +161,12 @@ def test_a_messy_folder_is_cached_with_every_bad_file_reported_by_name_and_fix(t
 
     assert set(records) == {"shape_000.png", "shape_001.png", "long_caption.png", *CONVERTED}
     assert manifest["num_items"] == len(records) == 8
+    # The run's own figures: where its time went, from the process start on (a launcher's share is before it)
+    run = manifest["last_run"]
+    assert run["images"] == 8 and run["processes"] == 1
+    assert set(run["seconds"]) == {"scan", "load", "encode", "merge", "total"}
+    assert all(v >= 0 for v in [*run["seconds"].values(), *run["startup_seconds"].values()])
+    assert run["process_started_at"] < run["finished_at"] - run["seconds"]["total"] <= time.time()
     notes = {n["source"]: n["reason"] for n in manifest["notes"]}
     for source, what in CONVERTED.items():
         assert what in notes[source]
@@ -390,6 +397,7 @@ def test_the_overlapped_loop_writes_the_same_cache_as_one_batch_at_a_time(
     dataset, manifest = cache_lib.load_cache(overlapped)
     expected, expected_manifest = cache_lib.load_cache(reference)
     assert dataset.to_list() == expected.to_list()
+    assert manifest.pop("last_run")["images"] == expected_manifest.pop("last_run")["images"]  # timings differ
     assert manifest == expected_manifest  # skipped files and conversion notes included
 
 

@@ -3,11 +3,17 @@ give the eager step's loss and gradients (the GPU timings are in docs/BENCHMARKS
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zimage_utils import tiny
 from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope
 from zimage_utils.lora import add_lora
-from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
+from zimage_utils.step_options import (
+    ATTENTION_OPS,
+    checkpointable_blocks,
+    compile_blocks,
+    set_gradient_checkpointing,
+)
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
 
@@ -61,9 +67,7 @@ def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_
     packed, real_pack = [], step_options.HostOffload.pack
 
     def pack_a_copy(self, tensor):
-        # Left where they are: tensors needing no gradient, and the empty marker some torch versions' checkpoint
-        # saves with the inputs (made on the CPU, which the real hook leaves alone; seen with torch 2.11).
-        if not tensor.requires_grad or tensor.numel() == 0:
+        if not self.moves(tensor):
             return real_pack(self, tensor)
         packed.append(tuple(tensor.shape))
         return [tensor.detach().clone()]
@@ -82,6 +86,82 @@ def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_
     # its hidden-state input [B, tokens, dim], and nothing else.
     dim = transformer.config.dim
     assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
+
+
+class AttentionCalls(TorchDispatchMode):
+    """Counts the attention kernels a step runs (forward and backward), whatever SDPA backend the device picks."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in ATTENTION_OPS:
+            self.forward += 1
+        elif "scaled_dot_product" in str(func) and "backward" in str(func):
+            self.backward += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_keeping_attention_outputs_skips_their_recomputation_and_changes_no_gradient():
+    transformer = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    calls = {}
+    for keep in (False, True):
+        n = set_gradient_checkpointing(transformer, -1, keep_attention=keep)
+        with AttentionCalls() as counted:
+            loss, grads = loss_and_grads(transformer)
+        calls[keep] = counted
+        assert torch.equal(loss, reference_loss)
+        for name, g in grads.items():
+            assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    attentions = len(transformer.noise_refiner) + len(transformer.context_refiner) + len(transformer.layers)
+    assert calls[False].backward == calls[True].backward == attentions
+    assert calls[False].forward == attentions + n  # every checkpointed block runs its attention again in backward
+    assert calls[True].forward == attentions  # kept: backward reuses the saved output
+
+
+def test_checkpointing_swaps_the_block_class_but_not_its_name_or_state_dict():
+    transformer = lora_transformer()
+    keys = list(transformer.state_dict())
+    plain = type(transformer.layers[0])
+    set_gradient_checkpointing(transformer, 1, keep_attention=True)
+    first, rest = checkpointable_blocks(transformer)[0], checkpointable_blocks(transformer)[1:]
+    assert type(first) is not plain and isinstance(first, plain) and type(first).__name__ == plain.__name__
+    assert all(type(b) is plain for b in rest)
+    assert list(transformer.state_dict()) == keys
+    set_gradient_checkpointing(transformer, 0)
+    assert all(type(b) is plain for b in checkpointable_blocks(transformer))
+
+
+def test_compiled_checkpointed_blocks_keep_loss_and_gradients_and_offload_only_hidden_states(monkeypatch):
+    # Inside a compiled block the checkpoint saves the LoRA weights too (parameters): they must stay where they are.
+    from zimage_utils import step_options
+
+    transformer = lora_transformer()
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    compile_blocks(transformer)
+    packed, real_pack = [], step_options.HostOffload.pack
+
+    def pack_a_copy(self, tensor):
+        if not self.moves(tensor):
+            return real_pack(self, tensor)
+        packed.append(tuple(tensor.shape))
+        return [tensor.detach().clone()]
+
+    monkeypatch.setattr(step_options.HostOffload, "pack", pack_a_copy)
+    monkeypatch.setattr(
+        step_options.HostOffload, "unpack", lambda self, item: item[0] if isinstance(item, list) else item
+    )
+    for keep in (False, True):
+        packed.clear()
+        n = set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=keep)
+        loss, grads = loss_and_grads(transformer)
+        assert torch.allclose(loss, reference_loss, rtol=1e-4)
+        for name, g in grads.items():
+            assert torch.allclose(g, reference_grads[name], rtol=1e-3, atol=1e-5), name
+        dim = transformer.config.dim
+        assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="copies between a GPU and pinned host memory")

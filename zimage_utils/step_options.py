@@ -14,32 +14,87 @@ def checkpointable_blocks(transformer) -> list[torch.nn.Module]:
     return list(transformer.noise_refiner) + list(transformer.layers)
 
 
-def set_gradient_checkpointing(transformer, num_blocks: int, offload: bool = False) -> int:
+def set_gradient_checkpointing(
+    transformer, num_blocks: int, offload: bool = False, keep_attention: bool = False
+) -> int:
     """Recompute activations in the first `num_blocks` of `checkpointable_blocks` (0 = off; -1 or more than
-    exist = all). Uses diffusers' own hook (`enable_gradient_checkpointing` with a per-block function).
+    exist = all). The checkpoint is taken inside each chosen block's own forward (`_checkpointing_class`), so a
+    compiled block compiles its recomputation together with its backward.
     offload: keep what a checkpointed block saves (its hidden-state input, ~32 MB a block at 1024²) in pinned host
     memory until backward recomputes the block, instead of on the GPU (`HostOffload`).
+    keep_attention: a checkpointed block also keeps its attention output (+32 MB a block at 1024²), so backward
+    recomputes the projections around it but not the attention itself (selective activation checkpointing).
     Returns the number of blocks checkpointed."""
     blocks = checkpointable_blocks(transformer)
     n = len(blocks) if num_blocks < 0 else min(num_blocks, len(blocks))
+    for i, block in enumerate(blocks):
+        plain = getattr(type(block), "_plain_class", type(block))
+        block.__class__ = _checkpointing_class(plain, keep_attention) if i < n else plain
     if n == 0:
         transformer.disable_gradient_checkpointing()
         return 0
-    chosen = {id(b) for b in blocks[:n]}
     host = HostOffload()
 
-    def checkpoint_some(block, *args):
-        if id(block) not in chosen:
+    def call_block(block, *args):
+        if not offload or not hasattr(type(block), "_plain_class"):
             return block(*args)
-        if not offload:
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        # Non-reentrant checkpointing saves the block's inputs as autograd saved tensors before it installs its own
-        # hooks, so these hooks see exactly the inputs, and nothing of the recompute.
+        # The hooks see what the checkpoint saves: the block's inputs (and the kept attention outputs, which need no
+        # gradient and so stay on the GPU), nothing of the recompute.
         with torch.autograd.graph.saved_tensors_hooks(host.pack, host.unpack):
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+            return block(*args)
 
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_some)
+    # diffusers calls this for every block while checkpointing is on: the place to wrap a block in the hooks.
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=call_block)
     return n
+
+
+ATTENTION_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+_CHECKPOINTING_CLASSES: dict[tuple[type, bool], type] = {}
+
+
+def _checkpointing_class(plain: type, keep_attention: bool) -> type:
+    """A subclass of the block class whose forward runs under `torch.utils.checkpoint`, swapped in as the block's
+    class: parameter names and the state dict stay as they were, and every block of one class shares one compiled
+    forward (regional compilation matches the class name, which the subclass keeps)."""
+    key = (plain, keep_attention)
+    if key not in _CHECKPOINTING_CLASSES:
+        context = {"context_fn": _keep_attention_context} if keep_attention else {}
+
+        class Checkpointing(plain):
+            _plain_class = plain
+
+            def forward(self, *args, **kwargs):
+                return torch.utils.checkpoint.checkpoint(
+                    super().forward, *args, use_reentrant=False, **context, **kwargs
+                )
+
+        Checkpointing.__name__, Checkpointing.__qualname__ = plain.__name__, plain.__qualname__
+        Checkpointing.__module__ = plain.__module__
+        _CHECKPOINTING_CLASSES[key] = Checkpointing
+    return _CHECKPOINTING_CLASSES[key]
 
 
 class _Offloaded:
@@ -65,8 +120,14 @@ class HostOffload:
         # dropped without a backward frees its host copies too.
         self.saved: list[weakref.ref] = []
 
+    @staticmethod
+    def moves(tensor: torch.Tensor) -> bool:
+        """Whether a saved tensor goes to the host: activations needing a gradient. Not parameters (a compiled block
+        saves the LoRA weights it multiplies by), nor the empty marker some torch versions' checkpoint saves."""
+        return tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter) and tensor.numel() > 0
+
     def pack(self, tensor: torch.Tensor):
-        if tensor.device.type != "cuda" or not tensor.requires_grad:
+        if tensor.device.type != "cuda" or not self.moves(tensor):
             return tensor
         stream = self.streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor has been computed
