@@ -50,6 +50,7 @@ from zimage_utils.precompute import (
 )
 from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions
+from zimage_utils.vae_attention import use_chunked_attention
 
 logger = logging.getLogger("precompute")
 IMPORTED_AT = time.time()  # the start-up figure: process start → here is Python and the imports above
@@ -287,6 +288,7 @@ def main(args: argparse.Namespace) -> dict | None:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     vae = load_vae(args.pretrained_model_name_or_path, dtype, device, revision=args.revision)
+    use_chunked_attention(vae)  # same arithmetic as SDPA's fallback for head dim 512, faster (vae_attention.py)
     text_encoder, tokenizer = load_text_encoder_and_tokenizer(
         args.pretrained_model_name_or_path, dtype, device, revision=args.revision
     )

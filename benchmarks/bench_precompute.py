@@ -12,7 +12,9 @@ longest), then the whole script (JPEG decode in DataLoader workers + both encode
 end to end and in its encode loop alone, with the seconds of each phase the script reports. A `+compile` run
 after another is "(warm)": dynamo traces again but inductor reuses its cached kernels, so cold minus warm is the
 cost of compiling; the script itself counts the seconds its first batch of each shape blocked on compilation.
-`+one_stream` runs the text encoder before the VAE on one CUDA stream instead of beside it on its own.
+`+one_stream` runs the text encoder before the VAE on one CUDA stream instead of beside it on its own. `+sdpa` gives
+the VAE diffusers' attention processor back (SDPA's memory-efficient kernel at head dim 512) instead of the script's
+`attention_in_chunks`. `--vae_attention` times that attention alone under each SDPA backend and in chunks.
 """
 
 import argparse
@@ -35,6 +37,7 @@ import precompute_embeddings  # noqa: E402
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.latents import encode_images  # noqa: E402
 from zimage_utils.text_encoding import encode_captions  # noqa: E402
+from zimage_utils.vae_attention import AttnProcessor2_0  # noqa: E402
 
 # The released Z-Image VAE (Flux's AutoencoderKL layout) and Qwen3-4B's text model.
 VAE_CONFIG = dict(
@@ -159,13 +162,15 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
     """--script_runs ("longest,longest+compile+one_stream") as [{padding, compile, one_stream}]; --tiny skips the
     compiled ones."""
     runs = []
-    for run in spec.split(","):
+    for run in [r for r in spec.split(",") if r]:  # "" = no whole-script runs
         padding, *options = run.split("+")
-        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream"}:
+        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream", "sdpa"}:
             raise SystemExit(
-                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream], PADDING max_length/longest"
+                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa], PADDING max_length/longest"
             )
-        runs.append({"padding": padding, "compile": "compile" in options, "one_stream": "one_stream" in options})
+        runs.append(
+            {"padding": padding, **{option: option in options for option in ("compile", "one_stream", "sdpa")}}
+        )
     return [r for r in runs if not (tiny and r["compile"])]
 
 
@@ -182,15 +187,108 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
         "--dataloader_num_workers", str(workers),
         "--text_padding", run["padding"],
     ] + (["--compile"] if run["compile"] else [])  # fmt: skip
-    encode_batch = precompute_embeddings.encode_batch
+    encode_batch, use_chunked_attention = (
+        precompute_embeddings.encode_batch,
+        precompute_embeddings.use_chunked_attention,
+    )
     if run["one_stream"]:
         precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
+    if run["sdpa"]:  # the VAE's attention through diffusers' processor (SDPA), as before vae_attention.py
+        precompute_embeddings.use_chunked_attention = lambda vae: vae.set_attn_processor(AttnProcessor2_0())
     try:
         stats = precompute_embeddings.main(precompute_embeddings.parse_args(cli))
     finally:
         precompute_embeddings.encode_batch = encode_batch
+        precompute_embeddings.use_chunked_attention = use_chunked_attention
     shutil.rmtree(out)  # 2 GB per 1000 images at 1024², twice (parts and merged data)
     return stats
+
+
+def top_kernels(fn, steps: int = 3, n: int = 10) -> list:
+    """The `n` CUDA kernels that took the most time per call of `fn`, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return []
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" and event.self_device_time_total > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e3 / steps
+    return [[k[:100], round(t, 3)] for k, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def attention_alone_rows(device, dtype, resolution: int, bs: int, row) -> None:
+    """The encoder's mid-block attention (one head of 512 channels over (res/8)² tokens) alone under each SDPA
+    backend and as `attention_in_chunks`: speed, and the largest error against fp32 arithmetic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from zimage_utils.vae_attention import attention_in_chunks
+
+    tokens = (resolution // 8) ** 2
+    q, k, v = (torch.randn(bs, 1, tokens, 512, device=device, dtype=dtype) for _ in range(3))
+    exact = attention_in_chunks(q.float(), k.float(), v.float())
+    backends = {
+        "default": None,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    for name, backend in backends.items():
+
+        def sdpa(backend=backend):
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        try:
+            s = timed(sdpa, 5, device)
+            err = float((sdpa().float() - exact).abs().max())
+        except RuntimeError as error:
+            row(f"vae attention {name}", bs, 0.0, error=str(error).splitlines()[0][:200])
+            continue
+        row(f"vae attention {name}", bs, bs / s, ms_per_image=round(s / bs * 1e3, 3), max_abs_err=err)
+    s = timed(lambda: attention_in_chunks(q, k, v), 5, device)
+    err = float((attention_in_chunks(q, k, v).float() - exact).abs().max())
+    row("vae attention in chunks", bs, bs / s, ms_per_image=round(s / bs * 1e3, 3), max_abs_err=err)
+
+
+def vae_attention_rows(vae, device, dtype, resolution: int, batch_sizes: list[int], row) -> None:
+    """The attention alone (`attention_alone_rows`), then the whole encoder with diffusers' processor and with
+    ours, eager and compiled, with the top kernels of each compiled one."""
+    from zimage_utils.vae_attention import use_chunked_attention
+
+    bs = min(batch_sizes[-1], 8)
+    attention_alone_rows(device, dtype, resolution, bs, row)
+    pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
+    latents = {}
+    for name in ("diffusers", "chunked"):
+        if name == "chunked":
+            use_chunked_attention(vae)
+        latents[name] = encode_images(vae, pixels)
+        row(f"vae eager attention={name}", bs, bs / timed(partial(encode_images, vae, pixels), 5, device))
+        torch._dynamo.reset()
+        vae.encoder = torch.compile(vae.encoder)
+        s = timed(partial(encode_images, vae, pixels), 5, device)
+        kernels = top_kernels(partial(encode_images, vae, pixels))
+        row(f"vae compiled attention={name}", bs, bs / s, top_kernels_ms=kernels)
+        vae.encoder = vae.encoder._orig_mod
+        torch._dynamo.reset()
+    row(
+        "vae latents chunked vs diffusers",
+        bs,
+        0.0,
+        max_abs_diff=float((latents["chunked"] - latents["diffusers"]).abs().max()),
+        max_abs=float(latents["diffusers"].abs().max()),
+    )
+    vae.set_attn_processor(AttnProcessor2_0())  # back to diffusers' processor for the rows after these
 
 
 def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
@@ -266,6 +364,9 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
                 pixels = torch.rand(bs, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
                 row("vae eager cudnn.benchmark", bs, bs / timed(partial(encode_images, vae, pixels), repeats, device))
 
+    if args.vae_attention and device.type == "cuda":
+        vae_attention_rows(vae, device, dtype, resolution, [int(b) for b in args.batch_sizes.split(",")], row)
+
     # Text encoder alone, and whether padding to the longest caption changes any bit
     captions = make_captions(64)
     for bs in (16, 64):
@@ -291,6 +392,7 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
         label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
+        label += " sdpa-attention" * run["sdpa"]
         label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
         row(
             label,
@@ -331,6 +433,12 @@ def main() -> None:
     parser.add_argument("--script_batch_size", type=int, default=8, help="--batch_size of the whole-script runs.")
     parser.add_argument(
         "--cudnn_benchmark", action="store_true", help="Also time the VAE with cudnn.benchmark (kept on after)."
+    )
+    parser.add_argument(
+        "--vae_attention",
+        action="store_true",
+        help="Time the VAE's mid-block attention under each SDPA backend and in chunks (zimage_utils.vae_attention), "
+        "the whole VAE with each, and profile the compiled VAE encoder (GPU).",
     )
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
