@@ -126,6 +126,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "every block checkpointed; see docs/BENCHMARKS.md for its cost). Needs checkpointing or --max_memory_gb.",
     )
     p.add_argument(
+        "--checkpoint_keep_attention",
+        action="store_true",
+        help="Checkpointed blocks keep their attention outputs, so backward does not rerun attention (~5%% faster, "
+        "+32 MB a block at 1024²; selective checkpointing). Needs checkpointing or --max_memory_gb.",
+    )
+    p.add_argument(
         "--max_memory_gb",
         type=float,
         default=None,
@@ -250,11 +256,12 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
 
 def check_memory_options(args, accelerator) -> None:
     checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
-    if args.cpu_offload_checkpointing and not checkpointing:
-        raise ValueError(
-            "--cpu_offload_checkpointing offloads what checkpointed blocks keep: add --gradient_checkpointing, "
-            "--gradient_checkpointing_blocks N or --max_memory_gb"
-        )
+    for flag in ("cpu_offload_checkpointing", "checkpoint_keep_attention"):
+        if getattr(args, flag) and not checkpointing:
+            raise ValueError(
+                f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
+                "--gradient_checkpointing_blocks N or --max_memory_gb"
+            )
     if not args.max_memory_gb:
         return
     if accelerator.device.type != "cuda":
@@ -284,7 +291,8 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
         args.max_memory_gb,
         optimizer_state_gib(params, args.optimizer),
-        offload=args.cpu_offload_checkpointing,
+        args.cpu_offload_checkpointing,
+        args.checkpoint_keep_attention,
     )
     print0(calibration.summary())
 
@@ -376,7 +384,8 @@ def run_training(args: argparse.Namespace) -> None:
         set_gradient_checkpointing(
             transformer,
             -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks,
-            offload=args.cpu_offload_checkpointing,
+            args.cpu_offload_checkpointing,
+            args.checkpoint_keep_attention,
         )
     if args.compile:
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)

@@ -88,15 +88,17 @@ def test_max_memory_gb_without_a_gpu_is_refused_with_a_message(tiny_model_dir, t
     assert "--max_memory_gb measures GPU memory" in capsys.readouterr().err
 
 
-def test_offloading_checkpoints_without_checkpointing_is_refused_with_a_message(
-    tiny_model_dir, tiny_cache_dir, tmp_path, capsys
+@pytest.mark.parametrize("flag", ["cpu_offload_checkpointing", "checkpoint_keep_attention"])
+def test_checkpointing_options_without_checkpointing_are_refused_with_a_message(
+    flag, tiny_model_dir, tiny_cache_dir, tmp_path, capsys
 ):
     reset_accelerate()
-    args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "out", cpu_offload_checkpointing=True)
+    args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "out", **{flag: True})
     with pytest.raises(SystemExit) as exit_:
         cli.run(train_zimage_lora.main, lambda: train_zimage_lora.parse_args(args))
     assert exit_.value.code == 2
-    assert "add --gradient_checkpointing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--{flag}" in err and "add --gradient_checkpointing" in err
 
 
 def test_nf4_and_deepspeed_combinations_are_refused_before_loading():
@@ -268,11 +270,12 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
 
     import zimage_utils.memory_budget as memory_budget
 
-    settings = []  # each checkpointing setting the calibration applies, in order
+    settings, options = [], []  # each checkpointing setting the calibration applies, in order, and its options
     real_set = memory_budget.set_gradient_checkpointing
 
-    def recording_set(model, k, offload=False):
-        settings.append(real_set(model, k, offload))
+    def recording_set(model, k, *how):
+        settings.append(real_set(model, k, *how))
+        options.append(how)
         return settings[-1]
 
     def fake_peak(run_step, device):
@@ -285,8 +288,10 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     monkeypatch.setattr(train_zimage_lora, "check_memory_options", lambda args, accelerator: None)
     caplog.set_level(logging.INFO, logger="train")
 
-    calibrated = train(tiny_model_dir, tiny_cache_dir, tmp_path / "calibrated", max_memory_gb=11.5)
+    keep = {"checkpoint_keep_attention": True}  # measured, and then trained, the way it was asked for
+    calibrated = train(tiny_model_dir, tiny_cache_dir, tmp_path / "calibrated", max_memory_gb=11.5, **keep)
     # 11.5 GiB minus a tiny optimiser-state reserve: one block may stay un-checkpointed
     assert "checkpointing 2 of 3 blocks" in caplog.text and settings[-1] == 2
-    reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2)
+    assert options and all(how == (False, True) for how in options)  # (offload, keep_attention)
+    reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2, **keep)
     assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]

@@ -112,15 +112,16 @@ def calibrate_checkpointing(
     budget_gib: float,
     reserve_gib: float,
     offload: bool = False,
+    keep_attention: bool = False,
 ) -> Calibration:
     """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
     `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
     state is untouched); a setting's peak is the largest over all processes, so every process picks the same.
-    offload: checkpointed blocks keep their inputs in host memory (`set_gradient_checkpointing`), measured so."""
+    offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so."""
     unwrapped = accelerator.unwrap_model(model)
 
     def measure(k: int) -> float:
-        set_gradient_checkpointing(unwrapped, k, offload)
+        set_gradient_checkpointing(unwrapped, k, offload, keep_attention)
 
         def run() -> None:
             with accelerator.no_sync(model):
@@ -132,7 +133,7 @@ def calibrate_checkpointing(
         return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
 
     cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib)
-    set_gradient_checkpointing(unwrapped, cal.checkpointed, offload)
+    set_gradient_checkpointing(unwrapped, cal.checkpointed, offload, keep_attention)
     torch.cuda.reset_peak_memory_stats(accelerator.device)
     return cal
 
