@@ -14,7 +14,7 @@ after another is "(warm)": dynamo traces again but inductor reuses its cached ke
 cost of compiling; the script itself counts the seconds its first batch of each shape blocked on compilation.
 `+one_stream` runs the text encoder before the VAE on one CUDA stream instead of beside it on its own. `+sdpa` gives
 the VAE diffusers' attention processor back (SDPA's memory-efficient kernel at head dim 512) instead of the script's
-`attention_in_chunks`. `--vae_attention` times that attention alone under each SDPA backend and in chunks.
+`attention_in_chunks`. `+text_groups` passes `--text_batch_size` (`--script_text_batch_size`, 64). `--vae_attention` times that attention alone under each SDPA backend and in chunks.
 """
 
 import argparse
@@ -164,17 +164,17 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
     runs = []
     for run in [r for r in spec.split(",") if r]:  # "" = no whole-script runs
         padding, *options = run.split("+")
-        if padding not in ("max_length", "longest") or not set(options) <= {"compile", "one_stream", "sdpa"}:
+        known = ("compile", "one_stream", "sdpa", "text_groups")
+        if padding not in ("max_length", "longest") or not set(options) <= set(known):
             raise SystemExit(
-                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa], PADDING max_length/longest"
+                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa][+text_groups], PADDING "
+                "max_length/longest"
             )
-        runs.append(
-            {"padding": padding, **{option: option in options for option in ("compile", "one_stream", "sdpa")}}
-        )
+        runs.append({"padding": padding, **{option: option in options for option in known}})
     return [r for r in runs if not (tiny and r["compile"])]
 
 
-def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict) -> dict:
+def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict, text_bs: int) -> dict:
     """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats.
     one_stream: the text encoder runs on the VAE's CUDA stream, before it, as with no GPU stream to spare."""
     out = tmp / f"cache_{k}"
@@ -186,7 +186,7 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
         "--batch_size", str(bs),
         "--dataloader_num_workers", str(workers),
         "--text_padding", run["padding"],
-    ] + (["--compile"] if run["compile"] else [])  # fmt: skip
+    ] + (["--compile"] if run["compile"] else []) + (["--text_batch_size", str(text_bs)] if run["text_groups"] else [])  # fmt: skip
     encode_batch, use_chunked_attention = (
         precompute_embeddings.encode_batch,
         precompute_embeddings.use_chunked_attention,
@@ -388,11 +388,11 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
     bs, workers = args.script_batch_size, results["workers"]
     for k, run in enumerate(runs):
-        stats = run_script(tmp, k, resolution, bs, workers, run)
+        stats = run_script(tmp, k, resolution, bs, workers, run, args.script_text_batch_size)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
         label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
-        label += " sdpa-attention" * run["sdpa"]
+        label += " sdpa-attention" * run["sdpa"] + f" text-bs{args.script_text_batch_size}" * run["text_groups"]
         label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
         row(
             label,
@@ -431,6 +431,9 @@ def main() -> None:
         help="With --compile: also time the compiled VAE encoder as channels_last and/or max_autotune (comma list).",
     )
     parser.add_argument("--script_batch_size", type=int, default=8, help="--batch_size of the whole-script runs.")
+    parser.add_argument(
+        "--script_text_batch_size", type=int, default=64, help="--text_batch_size of the +text_groups script runs."
+    )
     parser.add_argument(
         "--cudnn_benchmark", action="store_true", help="Also time the VAE with cudnn.benchmark (kept on after)."
     )

@@ -121,6 +121,7 @@ class PixelDataset(torch.utils.data.Dataset):
             if self.flip:
                 flipped.append(pil_to_tensor(ImageOps.mirror(cropped)))
         return {
+            "index": i,  # in the planned batches: which group of captions it belongs to (`CaptionGroups`)
             "planned": good,
             "pixels": torch.stack(pixels) if pixels else None,
             "flipped": torch.stack(flipped) if flipped else None,
@@ -139,6 +140,26 @@ def plan_batches(planned: list[Planned], batch_size: int) -> list[list[Planned]]
     return [
         group[i : i + batch_size] for _, group in sorted(by_bucket.items()) for i in range(0, len(group), batch_size)
     ]
+
+
+class CaptionGroups:
+    """Caption embeddings for the planned batches, made `group` batches at a time: the text encoder is far faster on
+    64 captions than on 8 (on an H100, 316 vs ~150 captions/s), while the VAE's batch is held down by its activation
+    memory. `take(index, planned)` gives the embeddings of one batch's items (those that decoded), encoding the
+    group that holds it on first use and dropping the groups before it."""
+
+    def __init__(self, batches: list[list[Planned]], group: int, encode: Callable[[list[str]], tuple[list, list]]):
+        self.batches, self.group, self.encode = batches, max(1, group), encode
+        self.ready: dict[str, tuple[torch.Tensor, bool]] = {}  # source → (embedding, truncated), this group's
+        self.current = -1
+
+    def take(self, index: int, planned: list[Planned]) -> tuple[list[torch.Tensor], list[bool]]:
+        if index // self.group != self.current:
+            self.current = index // self.group
+            members = [p for b in self.batches[self.current * self.group : (self.current + 1) * self.group] for p in b]
+            embeds, truncated = self.encode([p.caption for p in members])
+            self.ready = {p.item.source: (e, t) for p, e, t in zip(members, embeds, truncated)}
+        return [self.ready[p.item.source][0] for p in planned], [self.ready[p.item.source][1] for p in planned]
 
 
 @dataclass
@@ -192,13 +213,15 @@ def encode_batch(
     device,
     dtypes,
     text_stream: torch.cuda.Stream | None = None,
+    caption_groups: CaptionGroups | None = None,
 ) -> EncodedBatch:
     """Queue caption embeddings and VAE latents of one bucket batch, and their copies to the host.
 
     `dtypes` = (latent storage dtype, embedding storage dtype). On a GPU this returns once the work is queued;
     `.records()` of the result waits for it. On other devices everything is done on return. `text_stream` (CUDA):
     run the text encoder on this stream, beside the VAE on the current one; the caller makes it wait for the
-    current stream once, after loading the models.
+    current stream once, after loading the models. `caption_groups`: take the captions' embeddings from there
+    (encoded several batches at a time) instead of encoding this batch's alone.
     """
     planned: list[Planned] = batch["planned"]
     latent_dtype, embed_dtype = dtypes
@@ -210,10 +233,17 @@ def encode_batch(
         return tensor.to(dtype).to("cpu", non_blocking=on_gpu)
 
     def captions() -> tuple[list[torch.Tensor], list[bool], torch.Tensor]:
-        texts = [p.caption for p in planned]
-        embeds, truncated = encode_captions(
-            texts, tokenizer, text_encoder, args.max_sequence_length, device, args.text_padding
-        )
+        if caption_groups is not None:
+            embeds, truncated = caption_groups.take(batch["index"], planned)
+        else:
+            embeds, truncated = encode_captions(
+                [p.caption for p in planned],
+                tokenizer,
+                text_encoder,
+                args.max_sequence_length,
+                device,
+                args.text_padding,
+            )
         return embeds, truncated, to_host(torch.cat(embeds), embed_dtype)
 
     def images() -> tuple[torch.Tensor, torch.Tensor | None]:
