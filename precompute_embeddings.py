@@ -300,6 +300,7 @@ def main(args: argparse.Namespace) -> dict | None:
     )
     vae = load_vae(args.pretrained_model_name_or_path, dtype, device, revision=args.revision)
     use_chunked_attention(vae)  # same arithmetic as SDPA's fallback for head dim 512, faster (vae_attention.py)
+    vae_loaded = time.perf_counter()
     text_encoder, tokenizer = load_text_encoder_and_tokenizer(
         args.pretrained_model_name_or_path, dtype, device, revision=args.revision
     )
@@ -392,6 +393,7 @@ def main(args: argparse.Namespace) -> dict | None:
             "images": new,
             "startup_seconds": startup,
             "seconds": seconds,
+            "load_seconds": {"vae": vae_loaded - scanned, "text_encoder": loaded - vae_loaded},
             "process_started_at": started_at,
             "finished_at": time.time(),
             "compile_seconds": compile_s,
@@ -428,7 +430,8 @@ def main(args: argparse.Namespace) -> dict | None:
         compiling = f", {compile_s:.1f} s of it compiling {len(shapes_seen)} batch shape(s)" if args.compile else ""
         logger.info(
             f"time: start-up {sum(startup.values()):.1f} s (Python and imports {startup['imports']:.1f}, accelerate "
-            f"{startup['accelerator']:.1f}), scan {seconds['scan']:.1f} s, model load {seconds['load']:.1f} s, "
+            f"{startup['accelerator']:.1f}), scan {seconds['scan']:.1f} s, model load {seconds['load']:.1f} s (VAE and "
+            f"decode workers {stats['load_seconds']['vae']:.1f}, text encoder {stats['load_seconds']['text_encoder']:.1f}), "
             f"encode {seconds['encode']:.1f} s ({stats['encode_images_per_s']:.1f} images/s{compiling}), "
             f"merge and write {seconds['merge']:.1f} s"
         )

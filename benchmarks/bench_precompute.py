@@ -291,6 +291,49 @@ def vae_attention_rows(vae, device, dtype, resolution: int, batch_sizes: list[in
     vae.set_attn_processor(AttnProcessor2_0())  # back to diffusers' processor for the rows after these
 
 
+LOAD_ONCE = """
+import sys, time, torch
+from transformers import AutoModel
+sys.path.insert(0, sys.argv[3])
+from zimage_utils.model_loading import load_text_encoder_and_tokenizer
+way, path = sys.argv[1], sys.argv[2]
+torch.zeros(1, device="cuda")  # CUDA set up before the clock starts, as in the script
+start = time.perf_counter()
+if way == "host_then_gpu":
+    model = AutoModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.bfloat16).to("cuda")
+else:
+    model, _ = load_text_encoder_and_tokenizer(path, torch.bfloat16, "cuda")
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
+def text_encoder_load_rows(text_encoder, tokenizer, tmp: Path, row, rounds: int = 2) -> None:
+    """Seconds to load the 8 GB Qwen3-4B onto the GPU from a saved folder, in a fresh process each time (the files
+    are in the page cache after saving, as on a second run): read into host memory then moved (transformers'
+    default, the script before session 4) against `load_text_encoder_and_tokenizer` (read straight to the GPU)."""
+    import subprocess
+
+    folder = tmp / "load_model"
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    root = str(Path(__file__).resolve().parents[1])
+    for _ in range(rounds):
+        for way in ("host_then_gpu", "ours"):
+            proc = subprocess.run(
+                [sys.executable, "-c", LOAD_ONCE, way, str(folder), root], capture_output=True, text=True
+            )
+            seconds = float(proc.stdout.split()[-1]) if proc.returncode == 0 else float("nan")
+            row(
+                f"text encoder load {way}",
+                1,
+                1 / seconds,
+                seconds=round(seconds, 2),
+                error=proc.stderr[-300:] * (proc.returncode != 0),
+            )
+    shutil.rmtree(folder)
+
+
 def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     """The results JSON: encoders alone on random inputs, then each whole-script run on the JPEGs in tmp/images."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -382,6 +425,9 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     )
     results["text_tokens_mean"] = sum(e.shape[0] for e in exact) / len(exact)
 
+    if args.text_encoder_load and device.type == "cuda":
+        text_encoder_load_rows(text_encoder, tokenizer, tmp, row)
+
     # The whole script on JPEGs: decode in workers, both encoders, Arrow shards and merge
     write_config_only_model(tmp / "model", vae, text_encoder, tokenizer)
     precompute_embeddings.load_vae = lambda *a, **k: vae
@@ -442,6 +488,11 @@ def main() -> None:
         action="store_true",
         help="Time the VAE's mid-block attention under each SDPA backend and in chunks (zimage_utils.vae_attention), "
         "the whole VAE with each, and profile the compiled VAE encoder (GPU).",
+    )
+    parser.add_argument(
+        "--text_encoder_load",
+        action="store_true",
+        help="Time loading the saved text encoder onto the GPU: via host memory vs the script's way (GPU).",
     )
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = parser.parse_args()

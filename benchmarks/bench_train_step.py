@@ -362,7 +362,15 @@ def main() -> None:
     parser.add_argument("--part", choices=["speed", "memory", "ckpt", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
-    parser.add_argument("--act_budgets", default="0.5,0.7", help="Inductor activation-memory budgets to time.")
+    parser.add_argument(
+        "--act_budgets", default="0.5,0.7", help="Inductor activation-memory budgets to time ('' = none)."
+    )
+    parser.add_argument(
+        "--profile_blocks",
+        type=int,
+        default=None,
+        help="Speed part: profile with this many blocks checkpointed (default: what --max_memory_gb 24 chose).",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="Speed part: only compiled 1024² bs1 without checkpointing, and budgets."
     )
@@ -480,7 +488,7 @@ def main() -> None:
             )
 
         # Host syncs in the trainer's hot loop, and where the time of the fastest setting within 24 GiB goes
-        k24 = chosen.get(24.0, total_blocks // 2)
+        k24 = args.profile_blocks if args.profile_blocks is not None else chosen.get(24.0, total_blocks // 2)
         set_gradient_checkpointing(transformer, k24)
         cpu_batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], torch.device("cpu"))
         if not args.quick:
@@ -496,7 +504,7 @@ def main() -> None:
         # Recompiled variants: inductor's activation-memory budget (it recomputes cheap ops, not whole blocks), and
         # diffusers' own complex-valued rotary embedding (what `use_real_rope` replaces), for the same-run ratio
         if compile_ok and device.type == "cuda":
-            for mem_budget in [float(b) for b in args.act_budgets.split(",")]:
+            for mem_budget in [float(b) for b in args.act_budgets.split(",") if b]:
                 torch._dynamo.reset()
                 set_gradient_checkpointing(transformer, 0)
                 with torch._functorch.config.patch(activation_memory_budget=mem_budget):

@@ -169,7 +169,8 @@ def load_text_encoder_and_tokenizer(
     """The Qwen3 text encoder (frozen, eval mode, on `device`) and its tokenizer, as `(text_encoder, tokenizer)`.
 
     The encoder is loaded with `transformers.AutoModel`, i.e. the bare `Qwen3Model` the pipeline uses
-    (hidden size 2560 in the real model). Weights are cast to `dtype`.
+    (hidden size 2560 in the real model). Weights are cast to `dtype`. On a GPU they are read straight into its
+    memory (`device_map`), not into host memory first.
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -177,10 +178,12 @@ def load_text_encoder_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(
         path, subfolder="tokenizer", revision=revision, local_files_only=offline, trust_remote_code=trust_remote_code
     )
+    device = torch.device(device)
     text_encoder = AutoModel.from_pretrained(
         path,
         subfolder="text_encoder",
         dtype=dtype,
+        device_map={"": device} if device.type == "cuda" else None,
         revision=revision,
         local_files_only=offline,
         trust_remote_code=trust_remote_code,
