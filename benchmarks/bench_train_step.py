@@ -369,7 +369,8 @@ def main() -> None:
         "--profile_blocks",
         type=int,
         default=None,
-        help="Speed part: profile with this many blocks checkpointed (default: what --max_memory_gb 24 chose).",
+        help="Speed part: profile with this many blocks checkpointed (default: what --max_memory_gb 24 chose; with "
+        "--quick, only when given).",
     )
     parser.add_argument(
         "--quick", action="store_true", help="Speed part: only compiled 1024² bs1 without checkpointing, and budgets."
@@ -494,7 +495,7 @@ def main() -> None:
         if not args.quick:
             result["host_syncs"] = count_host_syncs(model, cpu_batch, ours([0]), device)
             print(f"host syncs per step: {result['host_syncs']}", flush=True)
-        if device.type == "cuda" and not args.quick:
+        if device.type == "cuda" and (not args.quick or args.profile_blocks is not None):
             result["profile"] = profile_step(
                 model, make_batch(16, big, big, 1, cfg["cap_feat_dim"], device), ours([0]), device
             )
