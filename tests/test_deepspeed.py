@@ -160,6 +160,24 @@ def test_zero3_validation_samples_on_every_rank_and_writes_each_image_once(runs)
         assert grid.width == 2 * 64  # one column per validation step
 
 
+def test_zero3_with_gradient_checkpointing_trains_the_same_lora_as_ddp(tiny_model_dir, tiny_cache_dir, tmp_path):
+    # The checkpoint runs inside each block's forward (step_options): under ZeRO-3 the recomputation must still see
+    # the gathered parameters, and keeping the attention outputs must not change what is trained.
+    flags = dict(max_train_steps=2, checkpointing_steps=0, validation_steps=0, save_dtype="fp32")
+    flags |= dict(gradient_checkpointing=True, checkpoint_keep_attention=True)
+    started = [
+        (start(config, tiny_model_dir, tiny_cache_dir, tmp_path / config, tmp_path / f"{config}.log", **flags), config)
+        for config in ("ddp", "zero3")
+    ]
+    for process, config in started:
+        finish(process, tmp_path / f"{config}.log")
+    assert_close_losses(losses(tmp_path / "zero3"), losses(tmp_path / "ddp"))
+    ddp, zero3 = (load_lora_file(tmp_path / config / LORA_WEIGHT_NAME)[0] for config in ("ddp", "zero3"))
+    assert ddp.keys() == zero3.keys() and all(zero3[k].numel() > 0 for k in zero3)
+    for key in ddp:
+        assert torch.allclose(zero3[key], ddp[key], atol=TOLERANCE), key
+
+
 def test_a_deepspeed_config_with_use_cpu_is_refused_rather_than_run_as_ddp(
     tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
 ):

@@ -34,11 +34,17 @@ def attention_in_chunks(
 
 
 class ChunkedAttnProcessor(AttnProcessor2_0):
-    """diffusers' `AttnProcessor2_0` for the VAE's unmasked self-attention, with `attention_in_chunks` in place of
-    `scaled_dot_product_attention`; anything else (masks, cross-attention, spatial norms) goes to the parent."""
+    """diffusers' `AttnProcessor2_0` for the VAE's unmasked self-attention over a feature map, with `attention_in_chunks`
+    in place of `scaled_dot_product_attention`; anything else (sequences, masks, cross-attention, spatial norms) goes
+    to the parent."""
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        if encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None:
+        if (
+            hidden_states.ndim != 4
+            or encoder_hidden_states is not None
+            or attention_mask is not None
+            or attn.spatial_norm is not None
+        ):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         batch, channels, height, width = hidden_states.shape
