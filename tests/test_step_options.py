@@ -57,13 +57,23 @@ def test_checkpointing_some_or_all_blocks_leaves_loss_and_gradients_unchanged(bl
 
 
 def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_gradients_unchanged(monkeypatch):
-    # On the CPU there is no host memory to move to (the streams and copies are checked on the GPU by
-    # benchmarks/bench_train_step.py --profile_offload), so each packed input is cloned instead: the test checks
-    # which tensors the hooks receive and that backward recomputes from what they give back.
-    from zimage_utils import step_options
-
     transformer = lora_transformer()
     reference_loss, reference_grads = loss_and_grads(transformer)
+    packed = fake_host_copies(monkeypatch)
+    n = set_gradient_checkpointing(transformer, -1, offload=True)
+    loss, grads = loss_and_grads(transformer)
+    assert torch.equal(loss, reference_loss)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    assert_only_hidden_states_moved(packed, n, transformer)
+
+
+def fake_host_copies(monkeypatch) -> list[tuple[int, ...]]:
+    """On the CPU there is no host memory to move to (the streams and copies are checked on the GPU by
+    benchmarks/bench_train_step.py --profile_offload), so each tensor `HostOffload` would move is cloned instead.
+    Returns the list the shapes of those tensors are appended to."""
+    from zimage_utils import step_options
+
     packed, real_pack = [], step_options.HostOffload.pack
 
     def pack_a_copy(self, tensor):
@@ -72,20 +82,16 @@ def test_offloading_checkpointed_inputs_moves_only_the_hidden_states_and_leaves_
         packed.append(tuple(tensor.shape))
         return [tensor.detach().clone()]
 
-    def unpack_the_copy(self, item):
-        return item if isinstance(item, torch.Tensor) else item[0]
-
     monkeypatch.setattr(step_options.HostOffload, "pack", pack_a_copy)
-    monkeypatch.setattr(step_options.HostOffload, "unpack", unpack_the_copy)
-    n = set_gradient_checkpointing(transformer, -1, offload=True)
-    loss, grads = loss_and_grads(transformer)
-    assert torch.equal(loss, reference_loss)
-    for name, g in grads.items():
-        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    monkeypatch.setattr(step_options.HostOffload, "unpack", lambda self, i: i[0] if isinstance(i, list) else i)
+    return packed
+
+
+def assert_only_hidden_states_moved(packed: list[tuple[int, ...]], checkpointed: int, transformer) -> None:
     # Every checkpointed block but the first noise-refiner one (its input comes from the frozen embedder) hands over
     # its hidden-state input [B, tokens, dim], and nothing else.
     dim = transformer.config.dim
-    assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
+    assert len(packed) == checkpointed - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
 
 
 class AttentionCalls(TorchDispatchMode):
@@ -136,23 +142,10 @@ def test_checkpointing_swaps_the_block_class_but_not_its_name_or_state_dict():
 
 def test_compiled_checkpointed_blocks_keep_loss_and_gradients_and_offload_only_hidden_states(monkeypatch):
     # Inside a compiled block the checkpoint saves the LoRA weights too (parameters): they must stay where they are.
-    from zimage_utils import step_options
-
     transformer = lora_transformer()
     reference_loss, reference_grads = loss_and_grads(transformer)
     compile_blocks(transformer)
-    packed, real_pack = [], step_options.HostOffload.pack
-
-    def pack_a_copy(self, tensor):
-        if not self.moves(tensor):
-            return real_pack(self, tensor)
-        packed.append(tuple(tensor.shape))
-        return [tensor.detach().clone()]
-
-    monkeypatch.setattr(step_options.HostOffload, "pack", pack_a_copy)
-    monkeypatch.setattr(
-        step_options.HostOffload, "unpack", lambda self, item: item[0] if isinstance(item, list) else item
-    )
+    packed = fake_host_copies(monkeypatch)
     for keep in (False, True):
         packed.clear()
         n = set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=keep)
@@ -160,8 +153,7 @@ def test_compiled_checkpointed_blocks_keep_loss_and_gradients_and_offload_only_h
         assert torch.allclose(loss, reference_loss, rtol=1e-4)
         for name, g in grads.items():
             assert torch.allclose(g, reference_grads[name], rtol=1e-3, atol=1e-5), name
-        dim = transformer.config.dim
-        assert len(packed) == n - 1 and all(len(s) == 3 and s[0] == 2 and s[2] == dim for s in packed)
+        assert_only_hidden_states_moved(packed, n, transformer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="copies between a GPU and pinned host memory")
