@@ -14,7 +14,8 @@ after another is "(warm)": dynamo traces again but inductor reuses its cached ke
 cost of compiling; the script itself counts the seconds its first batch of each shape blocked on compilation.
 `+one_stream` runs the text encoder before the VAE on one CUDA stream instead of beside it on its own. `+sdpa` gives
 the VAE diffusers' attention processor back (SDPA's memory-efficient kernel at head dim 512) instead of the script's
-`attention_in_chunks`. `+text_groups` passes `--text_batch_size` (`--script_text_batch_size`, 64). `--vae_attention` times that attention alone under each SDPA backend and in chunks.
+`attention_in_chunks`. `+text_groups` passes `--text_batch_size` (`--script_text_batch_size`, 64). `--vae_attention`
+times that attention alone under each SDPA backend and in chunks.
 """
 
 import argparse
@@ -216,10 +217,9 @@ def top_kernels(fn, steps: int = 3, n: int = 10) -> list:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    kernels = {}
-    for event in prof.key_averages():
-        if event.device_type.name == "CUDA" and event.self_device_time_total > 0:
-            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e3 / steps
+    from bench_train_step import kernel_ms
+
+    kernels = kernel_ms(prof, steps)
     return [[k[:100], round(t, 3)] for k, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:n]]
 
 

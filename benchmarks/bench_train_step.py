@@ -208,6 +208,16 @@ KERNEL_KINDS = [  # first match wins; names as CUDA/Triton kernels appear in the
 ]
 
 
+def kernel_ms(prof, steps: int) -> dict[str, float]:
+    """CUDA kernel name → ms per step, from a profile that ran `steps` steps."""
+    kernels = {}
+    for event in prof.key_averages():
+        t = event.self_device_time_total / 1e3 / steps
+        if t > 0 and event.device_type.name == "CUDA":
+            kernels[event.key] = kernels.get(event.key, 0.0) + t
+    return kernels
+
+
 def profile_step(model, batch, step_fn, device, steps: int = 3, cpu: bool = False) -> dict:
     """Where a step's GPU time goes: kernel time by kind, idle (wall − kernel time), top kernels; cpu: also the
     host-side calls that took the most time (allocations, copies, synchronisations)."""
@@ -228,11 +238,7 @@ def profile_step(model, batch, step_fn, device, steps: int = 3, cpu: bool = Fals
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    kernels = {}
-    for event in prof.key_averages():
-        t = event.self_device_time_total / 1e3 / steps  # ms per step
-        if t > 0 and event.device_type.name == "CUDA":
-            kernels[event.key] = kernels.get(event.key, 0.0) + t
+    kernels = kernel_ms(prof, steps)
     by_kind = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
     for name, t in kernels.items():
         low = name.lower()
