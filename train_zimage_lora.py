@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from zimage_utils import cache as cache_lib
 from zimage_utils import cli
 from zimage_utils.attention import use_real_rope
-from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_fp8_
+from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_after_loading_
 from zimage_utils.checkpoints import (
     prune_checkpoints,
     read_training_state,
@@ -160,8 +160,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--base_precision",
         choices=BASE_PRECISIONS,
         default="bf16",
-        help="Storage of the frozen base's block Linears: bf16, fp8 (torchao, ~half the memory) or nf4 "
-        "(bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
+        help="Storage of the frozen base's block Linears: bf16, fp8 (torchao, ~half the memory), fp8_matmul (fp8 "
+        "storage and fp8 tensor-core matmuls: the fastest; GPUs of compute capability 8.9+) or nf4 (bitsandbytes, "
+        "~quarter; CUDA). The LoRA stays fp32.",
     )
     # Flow matching
     p.add_argument(
@@ -349,8 +350,7 @@ def run_training(args: argparse.Namespace) -> None:
     adapter_state = None
     if args.training_adapter:
         adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
-    if args.base_precision == "fp8":  # after the merge; layer by layer onto the GPU
-        quantize_fp8_(transformer, accelerator.device)
+    quantize_after_loading_(transformer, args.base_precision, accelerator.device)  # fp8: after the merge
     use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
     if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory
         transformer.to(accelerator.device)

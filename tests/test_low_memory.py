@@ -1,5 +1,5 @@
 """Memory options: `--max_memory_gb` picks the fewest checkpointed blocks whose measured peak fits, and
-`--base_precision fp8` trains a LoRA over float8 base weights that loads into the ordinary pipeline. (The GPU
+`--base_precision fp8` / `fp8_matmul` train a LoRA over float8 base weights that loads into the ordinary pipeline. (The GPU
 figures — peaks, speeds, NF4 — are in docs/BENCHMARKS.md; NF4 needs a GPU and is not run here.)"""
 
 import math
@@ -11,7 +11,16 @@ from test_trainer import read_log, reset_accelerate, train, trainer_args
 
 import train_zimage_lora
 from zimage_utils import cli, tiny
-from zimage_utils.base_precision import Fp8Linear, base_weight_gib, check_base_precision, quantize_fp8_
+from zimage_utils.base_precision import (
+    Fp8Linear,
+    Fp8MatmulLinear,
+    _Fp8Matmul,
+    base_weight_gib,
+    check_base_precision,
+    quantize_fp8_,
+    quantize_rows,
+    use_fp8_matmul_,
+)
 from zimage_utils.lora import add_lora
 from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, worst_case_batch
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -111,6 +120,68 @@ def test_nf4_and_deepspeed_combinations_are_refused_before_loading():
     check_base_precision("fp8", torch.device("cpu"), 0, "adapter.safetensors")  # fp8 quantises after the merge
 
 
+def test_fp8_matmul_on_a_gpu_without_fp8_tensor_cores_is_refused_with_the_alternative(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="A100 has \\(8, 0\\): use --base_precision fp8"):
+        check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
+
+
+def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
+    # The product and the input gradient are exactly those of the dequantised e4m3 operands (up to the bf16 output),
+    # which shows the weight's row scales folded into the gradient's columns in backward are right.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 64, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(48, 64, generator=g) * torch.linspace(0.01, 3, 48)[:, None]  # rows of very unequal size
+    grad_out = torch.randn(2, 24, 48, generator=g).to(torch.bfloat16)
+    w_q, w_scale = quantize_rows(weight)
+    assert w_q.dtype == torch.float8_e4m3fn and w_scale.shape == (48, 1)
+    out = _Fp8Matmul.apply(x, w_q, w_scale)
+    out.backward(grad_out)
+
+    w = w_q.float() * w_scale
+    x_q, x_scale = quantize_rows(x.detach().reshape(-1, 64))
+    expected = ((x_q.float() * x_scale) @ w.t()).reshape(2, 24, 48)
+    torch.testing.assert_close(out.float(), expected, rtol=8e-3, atol=1e-3)
+    g_q, g_scale = quantize_rows(grad_out.reshape(-1, 48).float() * w_scale.t())
+    expected_grad = ((g_q.float() * g_scale) @ w_q.float()).reshape(2, 24, 64)
+    torch.testing.assert_close(x.grad.float(), expected_grad, rtol=8e-3, atol=1e-3)
+    assert x.grad.dtype == torch.bfloat16
+    # and close to the full-precision product: e4m3 keeps ~2 significant digits of each operand
+    exact = x.detach().float() @ weight.t()
+    assert (out.float() - exact).norm() / exact.norm() < 0.06
+
+
+def test_fp8_matmul_base_trains_close_to_bf16_and_survives_dtype_casts():
+    bf16 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
+    fp8 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
+    assert use_fp8_matmul_(fp8, "cpu") == 7 * 4
+    to_q = fp8.layers[0].attention.to_q
+    assert isinstance(to_q, Fp8MatmulLinear) and to_q.weight.dtype == torch.uint8
+    assert base_weight_gib(fp8) < base_weight_gib(bf16)
+    fp8.to(torch.float32).to(torch.bfloat16)  # casts of the whole model leave the e4m3 bytes alone
+    assert to_q.weight.dtype == torch.uint8 and fp8.dtype == torch.bfloat16
+    runs = []
+    for transformer in (bf16, fp8):
+        torch.manual_seed(0)
+        add_lora(transformer, rank=4, alpha=4, targets="attention")
+        assert all(p.dtype == torch.float32 for p in transformer.parameters() if p.requires_grad)
+        with torch.no_grad():
+            for name, p in transformer.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(1, 16, 8, 8, generator=g), "caption_embeds": [torch.randn(7, 16, generator=g)]}
+        loss = flow_matching_step(transformer, batch, StepConfig("uniform"), [3])["loss"]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in transformer.parameters() if p.requires_grad])
+        runs.append((float(loss), grads))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=0.05)
+    assert torch.nn.functional.cosine_similarity(runs[0][1], runs[1][1], dim=0) > 0.98
+
+
 def test_fp8_base_stores_block_weights_in_float8_and_computes_close_to_bf16():
     bf16 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
     fp8 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
@@ -172,11 +243,14 @@ def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gra
     assert runs["ours"][2] == []
 
 
-def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_model_dir, tiny_cache_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp8", "fp8_matmul"])
+def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
+    tiny_model_dir, tiny_cache_dir, tmp_path, precision
+):
     from diffusers import ZImagePipeline
     from safetensors.torch import load_file
 
-    out = tmp_path / "fp8"
+    out = tmp_path / precision
     reset_accelerate()
     train_zimage_lora.main(
         train_zimage_lora.parse_args(
@@ -184,7 +258,7 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(tiny_mod
                 tiny_model_dir,
                 tiny_cache_dir,
                 out,
-                base_precision="fp8",
+                base_precision=precision,
                 gradient_checkpointing=True,
                 cpu_offload_checkpointing=True,  # the lowest-memory setting (a no-op on the CPU, wired all the same)
                 max_train_steps=30,

@@ -6,6 +6,10 @@
   layer by layer on the GPU so the full bf16 model never sits there. The quantised Linears become `Fp8Linear`, which
   dequantises again in backward instead of keeping each weight's bf16 copy for it (torchao's own path keeps one per
   Linear in every block that is not checkpointed, and one block's worth during each recompute).
+- fp8_matmul: the same e4m3 weights with per-row scales, and the matmuls themselves on fp8 tensor cores
+  (`Fp8MatmulLinear`): each activation and output gradient is quantised per row too, and `torch._scaled_mm` multiplies.
+  No bf16 weight is ever made, and backward computes only the input's gradient (torchao's float8 training also computes
+  the frozen weight's, a third more matmul work). Needs compute capability >= 8.9 (Ada, Hopper) on a GPU.
 - nf4: bitsandbytes 4-bit NormalFloat through diffusers' `BitsAndBytesConfig`, at load time (needs a CUDA GPU).
 
 Only the Linears inside the transformer blocks (attention and feed-forward: ~98% of the weights) change; the
@@ -15,7 +19,8 @@ are small. The LoRA stays fp32 over either (PEFT wraps torchao and bitsandbytes 
 
 import torch
 
-BASE_PRECISIONS = ("bf16", "fp8", "nf4")
+BASE_PRECISIONS = ("bf16", "fp8", "fp8_matmul", "nf4")
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 KEEP_BF16 = ("x_embedder", "cap_embedder", "t_embedder", "adaLN_modulation", "final_layer")
 
 
@@ -32,6 +37,12 @@ def check_base_precision(base_precision: str, device: torch.device, deepspeed_st
         raise ValueError(
             f"--base_precision {base_precision} cannot be combined with DeepSpeed (ZeRO partitions bf16 weights): "
             f"use a DDP/single-GPU accelerate config, or DeepSpeed with --base_precision bf16"
+        )
+    if base_precision == "fp8_matmul" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"--base_precision fp8_matmul needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"this {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: use "
+            f"--base_precision fp8 (fp8 storage, bf16 matmuls)"
         )
     if base_precision == "nf4":
         if device.type != "cuda":
@@ -94,6 +105,79 @@ def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | Non
         # Same parameters, another forward; still an nn.Linear, so PEFT wraps it as a torchao layer
         transformer.get_submodule(name).__class__ = Fp8Linear
     return len(names)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) → e4m3 values (M, K) and fp32 scales (M, 1) with x ≈ values * scales: each row's largest magnitude
+    maps to e4m3's largest (448)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """x @ W.T on fp8 tensor cores, W = diag(s) Wq stored as e4m3 Wq (out, in) and fp32 s (out, 1).
+
+    forward:  y = (x quantised per row) @ Wq.T, scaled by x's row scales and s.
+    backward: dx = g @ W = (g * s.T) @ Wq: s folds into g's columns before g is quantised per row, so Wq is used
+    as stored (transposed into the column-major layout `_scaled_mm` wants for its second operand; a 39 MB copy at
+    most, for the largest Linear). No gradient for the frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.x_dtype = x.dtype
+        x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        # (row-wise scaled fp8 matmuls output bf16 only)
+        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale.t())
+        ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
+        grad_x = torch._scaled_mm(
+            g_q, weight.t().contiguous().t(), scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16
+        )
+        return grad_x.reshape(*grad_out.shape[:-1], -1).to(ctx.x_dtype), None, None
+
+
+class Fp8MatmulLinear(torch.nn.Linear):
+    """A frozen Linear computing in fp8 (`_Fp8Matmul`). Its weight is the e4m3 data viewed as uint8 and its fp32
+    row scales `weight_scale` (out, 1) are viewed as int32, so nothing that casts floating-point tensors
+    (`Module.to(dtype)`, PEFT matching its adapter to the base weight's dtype) can touch them, and the model's
+    dtype stays that of its bf16 layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, scale = self.weight.view(torch.float8_e4m3fn), self.weight_scale.view(torch.float32)
+        out = _Fp8Matmul.apply(x, weight, scale)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
+    """Quantise the block Linears' weights to e4m3 with per-row scales and make them `Fp8MatmulLinear`, in place,
+    one Linear at a time on `device` (so the bf16 model never needs to fit there). Returns the number converted."""
+    names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
+    for name in names:
+        linear = transformer.get_submodule(name)
+        values, scale = quantize_rows(linear.weight.detach().to(device or linear.weight.device))
+        linear.weight = torch.nn.Parameter(values.view(torch.uint8), requires_grad=False)
+        linear.register_buffer("weight_scale", scale.view(torch.int32))
+        if linear.bias is not None:
+            linear.bias.data = linear.bias.data.to(values.device)
+        linear.__class__ = Fp8MatmulLinear
+    return len(names)
+
+
+def quantize_after_loading_(transformer: torch.nn.Module, base_precision: str, device: torch.device) -> int:
+    """The fp8 precisions, applied to a loaded (and possibly adapter-merged) bf16 model layer by layer onto `device`;
+    bf16 stays as it is and NF4 was quantised while loading. Returns the number of Linears quantised."""
+    if base_precision == "fp8":
+        return quantize_fp8_(transformer, device)
+    if base_precision == "fp8_matmul":
+        return use_fp8_matmul_(transformer, device)
+    return 0
 
 
 def base_weight_gib(transformer: torch.nn.Module) -> float:
