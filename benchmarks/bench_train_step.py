@@ -11,6 +11,10 @@ the ratio to the naive step; writes JSON. LoRA r32 on attention, bf16 base, fp32
 --part speed: eager and compiled steps over checkpointing settings and sizes, the trainer's `--max_memory_gb`
 calibration (then the chosen setting timed), host syncs per step, a profile (kernel time by kind, idle, top kernels),
 and recompiled variants (inductor's activation-memory budget; diffusers' complex rotary embedding).
+--part fp8: `--base_precision fp8_matmul` against the bf16 base, both compiled: one Linear's fp8 and bf16 matmuls
+alone, the loss and LoRA gradients of each against the eager bf16 step on the same inputs, 1024² bs1 without
+checkpointing (the 24 GiB target) and fully checkpointed, 512², then interleaved rounds (the model not being timed
+waits in host memory, so each peak is its own) and a profile.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -39,7 +43,15 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
-from zimage_utils.base_precision import Fp8Linear, base_weight_gib, nf4_config, quantize_fp8_  # noqa: E402
+from zimage_utils.base_precision import (  # noqa: E402
+    Fp8Linear,
+    _Fp8Matmul,
+    base_weight_gib,
+    nf4_config,
+    quantize_fp8_,
+    quantize_rows,
+    use_fp8_matmul_,
+)
 from zimage_utils.lora import add_lora  # noqa: E402
 from zimage_utils.memory_budget import MemoryBudgetError, calibrate_checkpointing  # noqa: E402
 from zimage_utils.model_loading import load_transformer  # noqa: E402
@@ -362,10 +374,110 @@ def checkpointing_variants(args, cfg, accelerator, device, big, warmup, steps, r
     return out
 
 
+def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
+    """ms per forward + input gradient of one Linear, bf16 (F.linear) against `_Fp8Matmul` (quantising included),
+    at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2)."""
+    rows, fp8_matmul = [], torch.compile(_Fp8Matmul.apply)
+    for d_in, d_out in ((3840, 10240), (10240, 3840), (3840, 3840)):
+        x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) / d_in**0.5
+        grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
+        variants = {"bf16": (torch.nn.functional.linear, (weight,)), "fp8": (fp8_matmul, quantize_rows(weight))}
+        times = {}
+        for name, (fn, operands) in variants.items():
+            for i in range(25):
+                if i == 5:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                fn(x, *operands).backward(grad)
+            torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - start) / 20 * 1e3
+        rows.append({"in": d_in, "out": d_out, "bf16_ms": times["bf16"], "fp8_ms": times["fp8"]})
+        print(f"Linear {d_in}->{d_out} x{tokens} fwd+dgrad: bf16 {times['bf16']:.3f} ms, fp8 {times['fp8']:.3f} ms")
+    return rows
+
+
+def nonzero_lora(model, seed: int = 1) -> None:
+    """Set every LoRA B from a fixed generator, so two models' A gradients are compared too."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def loss_and_grads(model, batch) -> tuple[float, torch.Tensor]:
+    loss = ours([0])(model, batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in lora_params(model)])
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, steps, record, save) -> dict:
+    """--part fp8 (see the module docstring)."""
+    out = {"linears": linear_fp8_vs_bf16(device) if device.type == "cuda" else [], "vs_eager_bf16": {}}
+    batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
+    models, total = {}, cfg["n_layers"] + cfg["n_refiner_layers"]
+    reference = None
+    for precision in ("bf16", "fp8_matmul"):
+        transformer = build_transformer(cfg, device, torch.bfloat16)
+        if precision == "fp8_matmul":
+            use_fp8_matmul_(transformer, device)
+        torch.manual_seed(0)
+        add_lora(transformer, rank=32, alpha=32, targets="attention")
+        if precision == "bf16":  # the baseline of the ratios
+            transformer.enable_gradient_checkpointing()
+            record("naive eager ckpt", transformer, big, 1, total)
+            transformer.disable_gradient_checkpointing()
+        use_real_rope(transformer)
+        model = accelerator.prepare_model(transformer)
+        nonzero_lora(model)
+        eager = loss_and_grads(model, batch)
+        reference = reference or eager
+        if not args.no_compile:
+            compile_blocks(transformer)
+        compiled = loss_and_grads(model, batch)
+        for way, (loss, grads) in (("eager", eager), ("compiled", compiled)):
+            out["vs_eager_bf16"][f"{precision} {way}"] = {
+                "loss": loss,
+                "loss_rel_diff": abs(loss - reference[0]) / abs(reference[0]),
+                "grad_rel_err": float((grads - reference[1]).norm() / reference[1].norm()),
+                "grad_cosine": float(torch.nn.functional.cosine_similarity(grads, reference[1], dim=0)),
+            }
+        print(f"{precision} vs eager bf16:", json.dumps(out["vs_eager_bf16"]), flush=True)
+        del eager, compiled
+        kind = "compiled" if not args.no_compile else "eager"
+        record(f"ours {kind} {precision}", model, big, 1, set_gradient_checkpointing(transformer, 0))
+        if precision == "fp8_matmul":
+            full = set_gradient_checkpointing(transformer, -1, keep_attention=True)
+            record(f"ours {kind} {precision} keep_attention", model, big, 1, full)
+            for bs in (1, 8):
+                record(f"ours {kind} {precision}", model, small, bs, set_gradient_checkpointing(transformer, 0))
+            set_gradient_checkpointing(transformer, 0)
+        models[precision] = model.to("cpu")  # waits in host memory while the other is measured
+        save()
+    out["rounds_s_per_step"] = {p: [] for p in models}
+    for _ in range(args.rounds if device.type == "cuda" else 0):
+        for precision, model in models.items():
+            model.to(device)
+            out["rounds_s_per_step"][precision].append(
+                measure(model, batch, ours([0]), warmup, steps, device)["s_per_step"]
+            )
+            model.to("cpu")
+        print("rounds s/step", json.dumps(out["rounds_s_per_step"]), flush=True)
+        save()
+    if device.type == "cuda":
+        out["profile"] = profile_step(models["fp8_matmul"].to(device), batch, ours([0]), device)
+        out["profile"]["checkpointed_blocks"] = 0
+    accelerator._models.clear()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
-    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument(
@@ -387,7 +499,7 @@ def main() -> None:
     parser.add_argument(
         "--profile_offload", action="store_true", help="Memory part: profile compiled bf16 with/without offload."
     )
-    parser.add_argument("--rounds", type=int, default=3, help="Ckpt part: interleaved rounds of the A/B/C timing.")
+    parser.add_argument("--rounds", type=int, default=3, help="Ckpt/fp8 parts: interleaved rounds of the timing.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -536,6 +648,11 @@ def main() -> None:
         gc.collect()
         torch._dynamo.reset()
 
+    if args.part == "fp8":
+        result["fp8"] = fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, steps, record, save)
+        gc.collect()
+        torch._dynamo.reset()
+
     if args.part in ("memory", "all"):
         # Low-precision bases, loaded by the trainer's own code path from a saved random model
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -638,8 +755,14 @@ def main() -> None:
             f"{r['samples_per_s']:7.2f} {r['peak_gib']:6.1f} {r['tflops']:8.1f} {r['pct_matmul_peak']:6.1f} "
             f"{(f'{sp:.2f}' if sp else '-'):>7s} {r['first_loss']:8.4f}"
         )
-    if "profile" in result:
-        prof = result["profile"]
+    for name, diff in result.get("fp8", {}).get("vs_eager_bf16", {}).items():
+        print(
+            f"{name:24s} vs eager bf16: loss {diff['loss_rel_diff']:.2e} rel, LoRA grads {diff['grad_rel_err']:.3f} rel "
+            f"error, cosine {diff['grad_cosine']:.5f}"
+        )
+    for prof in [result[key].get("profile") for key in ("ckpt", "fp8") if key in result] + [result.get("profile")]:
+        if prof is None:
+            continue
         print(f"\nprofile, 1024² bs1 ckpt {prof['checkpointed_blocks']}: {prof['wall_ms_per_step']:.1f} ms/step")
         print("  " + ", ".join(f"{k} {v:.1f}%" for k, v in prof["pct_by_kind"].items()))
         for name, t in prof["top_kernels_ms"][:8]:
