@@ -374,6 +374,12 @@ def checkpointing_variants(args, cfg, accelerator, device, big, warmup, steps, r
     return out
 
 
+def stored_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as `Fp8MatmulLinear` keeps it: e4m3 bytes (uint8) and fp32 row scales."""
+    values, scale = quantize_rows(weight)
+    return values.view(torch.uint8), scale
+
+
 def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
     """ms per forward + input gradient of one Linear, bf16 (F.linear) against `_Fp8Matmul` (quantising included),
     at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2)."""
@@ -382,7 +388,7 @@ def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) / d_in**0.5
         grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
-        variants = {"bf16": (torch.nn.functional.linear, (weight,)), "fp8": (fp8_matmul, quantize_rows(weight))}
+        variants = {"bf16": (torch.nn.functional.linear, (weight,)), "fp8": (fp8_matmul, stored_fp8(weight))}
         times = {}
         for name, (fn, operands) in variants.items():
             for i in range(25):
@@ -452,6 +458,8 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         if precision == "fp8_matmul":
             full = set_gradient_checkpointing(transformer, -1, keep_attention=True)
             record(f"ours {kind} {precision} keep_attention", model, big, 1, full)
+            ckpt = set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=True)
+            record(f"ours {kind} {precision} keep_attention offload", model, big, 1, ckpt)
             for bs in (1, 8):
                 record(f"ours {kind} {precision}", model, small, bs, set_gradient_checkpointing(transformer, 0))
             set_gradient_checkpointing(transformer, 0)

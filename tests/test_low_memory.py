@@ -138,7 +138,7 @@ def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
     grad_out = torch.randn(2, 24, 48, generator=g).to(torch.bfloat16)
     w_q, w_scale = quantize_rows(weight)
     assert w_q.dtype == torch.float8_e4m3fn and w_scale.shape == (48, 1)
-    out = _Fp8Matmul.apply(x, w_q, w_scale)
+    out = _Fp8Matmul.apply(x, w_q.view(torch.uint8), w_scale)  # the weight as stored: its bytes
     out.backward(grad_out)
 
     w = w_q.float() * w_scale
@@ -152,6 +152,25 @@ def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
     # and close to the full-precision product: e4m3 keeps ~2 significant digits of each operand
     exact = x.detach().float() @ weight.t()
     assert (out.float() - exact).norm() / exact.norm() < 0.06
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores"
+)
+def test_compiled_fp8_matmul_gives_the_eager_gradient_on_the_gpu():
+    # Guards against inductor's fp8 transposing copy, which gave uncorrelated input gradients (torch 2.11, H200).
+    linear = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to("cuda", torch.bfloat16)
+    use_fp8_matmul_(linear)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (linear, torch.compile(linear)):
+        x_ = x.clone().requires_grad_()
+        out = fn(x_)
+        out.backward(grad_out)
+        results.append((out, x_.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
 
 
 def test_fp8_matmul_base_trains_close_to_bf16_and_survives_dtype_casts():

@@ -116,30 +116,32 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """x @ W.T on fp8 tensor cores, W = diag(s) Wq stored as e4m3 Wq (out, in) and fp32 s (out, 1).
+    """x @ W.T on fp8 tensor cores, W = diag(s) Wq stored as the bytes of e4m3 Wq (out, in; uint8) and fp32 s (out, 1).
 
     forward:  y = (x quantised per row) @ Wq.T, scaled by x's row scales and s.
     backward: dx = g @ W = (g * s.T) @ Wq: s folds into g's columns before g is quantised per row, so Wq is used
-    as stored (transposed into the column-major layout `_scaled_mm` wants for its second operand; a 39 MB copy at
-    most, for the largest Linear). No gradient for the frozen weight."""
+    as stored, transposed into the column-major layout `_scaled_mm` wants for its second operand (a 39 MB copy at
+    most, for the largest Linear). The copy moves the uint8 bytes: inductor's CUDA kernel for a transposing copy of
+    an e4m3 tensor gives wrong values (torch 2.11 on an H200; gradients uncorrelated with eager's). No gradient for
+    the frozen weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, scale)
+    def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_bytes, scale)
         ctx.x_dtype = x.dtype
         x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        weight = weight_bytes.view(torch.float8_e4m3fn)
         # (row-wise scaled fp8 matmuls output bf16 only)
         out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, scale = ctx.saved_tensors
+        weight_bytes, scale = ctx.saved_tensors
         g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale.t())
-        ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
-        grad_x = torch._scaled_mm(
-            g_q, weight.t().contiguous().t(), scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16
-        )
+        ones = torch.ones(1, weight_bytes.shape[1], device=weight_bytes.device, dtype=torch.float32)
+        weight_column_major = weight_bytes.t().contiguous().t().view(torch.float8_e4m3fn)
+        grad_x = torch._scaled_mm(g_q, weight_column_major, scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16)
         return grad_x.reshape(*grad_out.shape[:-1], -1).to(ctx.x_dtype), None, None
 
 
@@ -150,8 +152,7 @@ class Fp8MatmulLinear(torch.nn.Linear):
     dtype stays that of its bf16 layers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, scale = self.weight.view(torch.float8_e4m3fn), self.weight_scale.view(torch.float32)
-        out = _Fp8Matmul.apply(x, weight, scale)
+        out = _Fp8Matmul.apply(x, self.weight, self.weight_scale.view(torch.float32))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
