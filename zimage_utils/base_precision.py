@@ -121,9 +121,7 @@ class _Fp8Matmul(torch.autograd.Function):
     forward:  y = (x quantised per row) @ Wq.T, scaled by x's row scales and s.
     backward: dx = g @ W = (g * s.T) @ Wq: s folds into g's columns before g is quantised per row, so Wq is used
     as stored, transposed into the column-major layout `_scaled_mm` wants for its second operand (a 39 MB copy at
-    most, for the largest Linear). The copy moves the uint8 bytes: inductor's CUDA kernel for a transposing copy of
-    an e4m3 tensor gives wrong values (torch 2.11 on an H200; gradients uncorrelated with eager's). No gradient for
-    the frozen weight."""
+    most, for the largest Linear; `fp8_input_grad`). No gradient for the frozen weight."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -139,10 +137,23 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         weight_bytes, scale = ctx.saved_tensors
         g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale.t())
-        ones = torch.ones(1, weight_bytes.shape[1], device=weight_bytes.device, dtype=torch.float32)
-        weight_column_major = weight_bytes.t().contiguous().t().view(torch.float8_e4m3fn)
-        grad_x = torch._scaled_mm(g_q, weight_column_major, scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16)
+        grad_x = fp8_input_grad(g_q, g_scale, weight_bytes)
         return grad_x.reshape(*grad_out.shape[:-1], -1).to(ctx.x_dtype), None, None
+
+
+@torch.library.custom_op("zimage::fp8_input_grad", mutates_args=())
+def fp8_input_grad(g_q: torch.Tensor, g_scale: torch.Tensor, weight_bytes: torch.Tensor) -> torch.Tensor:
+    """(g_q (M, out) e4m3 · g_scale (M, 1)) @ Wq (out, in; its bytes) → (M, in) bf16. Opaque to torch.compile:
+    compiled by inductor, this transposing copy and product gave input gradients uncorrelated with eager's (torch
+    2.11, H200), so inductor runs it as one external call."""
+    weight_column_major = weight_bytes.t().contiguous().t().view(torch.float8_e4m3fn)
+    ones = torch.ones(1, weight_bytes.shape[1], device=weight_bytes.device, dtype=torch.float32)
+    return torch._scaled_mm(g_q, weight_column_major, scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16)
+
+
+@fp8_input_grad.register_fake
+def _(g_q: torch.Tensor, g_scale: torch.Tensor, weight_bytes: torch.Tensor) -> torch.Tensor:
+    return g_q.new_empty((g_q.shape[0], weight_bytes.shape[1]), dtype=torch.bfloat16)
 
 
 class Fp8MatmulLinear(torch.nn.Linear):
