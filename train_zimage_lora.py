@@ -329,7 +329,9 @@ def run_training(args: argparse.Namespace) -> None:
     check_deepspeed_active(accelerator)
     print0 = logger.info if accelerator.is_main_process else (lambda *a, **k: None)
     check_process_group(accelerator)
-    check_base_precision(args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter)
+    check_base_precision(
+        args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter, args.compile
+    )
     check_memory_options(args, accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)

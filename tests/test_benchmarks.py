@@ -32,6 +32,16 @@ def test_train_step_benchmark_compares_the_naive_step_with_ours(tmp_path):
     assert all(row["s_per_step"] > 0 and row["speedup_vs_naive_ckpt"] > 0 for row in report["rows"])
 
 
+def test_fp8_part_reports_how_far_each_step_is_from_eager_bf16(tmp_path):
+    report = run_benchmark(
+        "bench_train_step.py", "--tiny", "--no_compile", "--part", "fp8", "--out", str(tmp_path / "fp8.json")
+    )
+    agreement = report["fp8"]["vs_eager_bf16"]
+    assert agreement["bf16 eager"]["grad_cosine"] > 0.9999  # the reference against itself
+    assert 0.9 < agreement["fp8_matmul eager"]["grad_cosine"] < 1.0  # close, but quantised
+    assert {row["name"] for row in report["rows"]} >= {"ours eager bf16", "ours eager fp8_matmul"}
+
+
 def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
     report = run_benchmark(
         "bench_precompute.py", "--tiny", "--num_images", "4", "--batch_sizes", "1", "--out", str(tmp_path / "p.json")

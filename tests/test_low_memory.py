@@ -127,6 +127,32 @@ def test_fp8_matmul_on_a_gpu_without_fp8_tensor_cores_is_refused_with_the_altern
         check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
+    with pytest.raises(ValueError, match="not yet verified on a GPU: leave out --compile"):
+        check_base_precision("fp8_matmul", torch.device("cuda"), 0, None, compile=True)
+    check_base_precision("fp8_matmul", torch.device("cpu"), 0, None, compile=True)
+
+
+FP8_GPU = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores"
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=FP8_GPU)])
+def test_compiled_fp8_matmul_linear_gives_the_eager_result(device):
+    # The GPU case matters most: there inductor has its own fp8 matmul lowering, which gave zeros and wrong
+    # gradients (torch 2.11, H200) until `scaled_mm_rowwise` kept it out.
+    linear = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to(device, torch.bfloat16)
+    use_fp8_matmul_(linear)
+    x = torch.randn(300, 256, device=device, dtype=torch.bfloat16)
+    grad_out = torch.randn(300, 512, device=device, dtype=torch.bfloat16)
+    results = []
+    for fn in (linear, torch.compile(linear)):
+        x_ = x.clone().requires_grad_()
+        out = fn(x_)
+        out.backward(grad_out)
+        results.append((out, x_.grad))
+    for compiled, eager in zip(results[1], results[0]):
+        assert ((compiled.float() - eager.float()).norm() / eager.float().norm()).item() < 0.01
 
 
 def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
@@ -152,25 +178,6 @@ def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
     # and close to the full-precision product: e4m3 keeps ~2 significant digits of each operand
     exact = x.detach().float() @ weight.t()
     assert (out.float() - exact).norm() / exact.norm() < 0.06
-
-
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores"
-)
-def test_compiled_fp8_matmul_gives_the_eager_gradient_on_the_gpu():
-    # Guards against inductor's fp8 transposing copy, which gave uncorrelated input gradients (torch 2.11, H200).
-    linear = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to("cuda", torch.bfloat16)
-    use_fp8_matmul_(linear)
-    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
-    grad_out = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for fn in (linear, torch.compile(linear)):
-        x_ = x.clone().requires_grad_()
-        out = fn(x_)
-        out.backward(grad_out)
-        results.append((out, x_.grad))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1])
 
 
 def test_fp8_matmul_base_trains_close_to_bf16_and_survives_dtype_casts():
