@@ -383,7 +383,7 @@ def stored_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
     """ms per forward + input gradient of one Linear, bf16 (F.linear) against `_Fp8Matmul` (quantising included),
     at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2)."""
-    rows, fp8_matmul = [], torch.compile(_Fp8Matmul.apply)
+    rows, fp8_matmul = [], torch.compile(_Fp8Matmul.apply, dynamic=False)  # static kernels for every shape
     for d_in, d_out in ((3840, 10240), (10240, 3840), (3840, 3840)):
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) / d_in**0.5

@@ -334,13 +334,15 @@ def test_ddp_leaves_the_frozen_base_out_of_its_broadcast():
     from zimage_utils.distributed import skip_frozen_in_ddp
     from zimage_utils.lora import add_lora
 
-    transformer = tiny.make_tiny_pipeline(seed=0).transformer
+    transformer = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16)
+    use_fp8_matmul_(transformer)  # whose weight scales are buffers
     add_lora(transformer, rank=4)
     skip_frozen_in_ddp(transformer)
     ignored = set(transformer._ddp_params_and_buffers_to_ignore)
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
-    assert trainable and not ignored & trainable
-    assert ignored | trainable == {n for n, _ in transformer.named_parameters()}
+    buffers = {n for n, _ in transformer.named_buffers()}
+    assert trainable and buffers and not ignored & trainable
+    assert ignored | trainable == {n for n, _ in transformer.named_parameters()} | buffers
 
 
 def test_compiling_with_an_activation_memory_budget_gives_the_same_loss():

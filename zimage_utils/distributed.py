@@ -105,9 +105,11 @@ def partition_for_zero3(accelerator, model) -> None:
 
 def skip_frozen_in_ddp(model) -> None:
     """Let DDP leave the frozen base alone. When it wraps the model it broadcasts every parameter from rank 0 (the
-    whole 12 GB base, or fp8/NF4 tensors it was not written for); every process loaded the same base, so only the
-    LoRA parameters need to be in sync. Harmless without DDP."""
+    whole 12 GB base, or fp8/NF4 tensors it was not written for), and its buffers (fp8_matmul's weight scales)
+    before every forward; every process loaded the same base, so only the LoRA parameters need to be in sync.
+    Harmless without DDP."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in model.named_buffers()]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
 
 
