@@ -125,15 +125,31 @@ def add_encoder_weights(folder: Path, full: bool) -> None:
     torch.set_default_dtype(torch.float32)
 
 
-def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_size: int = 16) -> dict:
-    """The precompute script on `gpus` processes over the benchmark JPEGs; images/s from wall time (process start,
-    model loading and the merge included) and the main process's own phase timings."""
+def jpeg_folders(work: Path, sizes: list[int], full: bool) -> dict[int, Path]:
+    """One folder of benchmark JPEGs per dataset size: the largest made once, the others links to its first files
+    (so every size reads the same, already cached, images)."""
     from bench_precompute import make_jpegs
 
-    images = work / "jpegs"
-    if not images.exists():
-        make_jpegs(images, num_images if full else 8, 1024 if full else 64)
-    out = work / f"precompute_{gpus}gpu"
+    largest = work / f"jpegs_{max(sizes)}"
+    if not largest.exists():
+        make_jpegs(largest, max(sizes), 1024 if full else 64)
+    stems = sorted(f.stem for f in largest.glob("*.jpg"))
+    folders = {}
+    for n in sizes:
+        folder = work / f"jpegs_{n}"
+        if not folder.exists():
+            folder.mkdir()
+            for stem in stems[:n]:
+                for suffix in (".jpg", ".txt"):
+                    (folder / f"{stem}{suffix}").symlink_to(largest / f"{stem}{suffix}")
+        folders[n] = folder
+    return folders
+
+
+def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: int = 16) -> dict:
+    """The precompute script on `gpus` processes over the JPEGs in `images`; images/s from wall time (process
+    start, model loading and the merge included) and the main process's own phase timings."""
+    out = work / f"precompute_{gpus}gpu_{images.name}"
     cmd = [
         "accelerate",
         "launch",
@@ -181,8 +197,9 @@ def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_siz
         }
         wall_parts.pop("total")
     return {
-        "name": f"precompute_{gpus}gpu",
+        "name": f"precompute_{gpus}gpu_{images.name}",
         "gpus": gpus,
+        "images": sum(1 for f in images.iterdir() if f.suffix == ".jpg"),
         "returncode": proc.returncode,
         "wall_s": wall,  # process start, imports and model loading included
         "script_s": run["seconds"]["total"] if run else None,  # the script's own time, from scan to merge
@@ -191,6 +208,43 @@ def run_precompute(gpus: int, work: Path, full: bool, num_images: int, batch_siz
         "summary": line.strip(),
         "phases": phases.strip(),
         "cache": str(out),
+    }
+
+
+def compare_precompute_runs(runs: list[dict]) -> None:
+    """Speed-ups of each run against the first (same images, fewer processes), written into the runs."""
+    first = runs[0]
+    if len(runs) < 2 or any(p["returncode"] != 0 for p in runs):
+        return
+    for p in runs[1:]:
+        p["identical_to_first"] = same_cache(first["cache"], p["cache"])
+        p["speedup"] = first["wall_s"] / p["wall_s"]
+        if p["script_s"] and first["script_s"]:
+            p["script_speedup"] = first["script_s"] / p["script_s"]
+        if p["encode_images_per_s"] and first["encode_images_per_s"]:
+            # all processes' images over the encode phase: the rate a large dataset sees once loaded
+            p["encode_speedup"] = p["encode_images_per_s"] / first["encode_images_per_s"]
+
+
+def marginal_precompute_speedups(runs: list[dict], small: int, large: int) -> dict:
+    """What each further image costs in wall time, from the same process count on two dataset sizes:
+    (wall(large) - wall(small)) / (large - small). Every fixed cost (launch, imports, model loading, compiling, exit)
+    cancels, so the ratio between process counts is the end-to-end speed-up a large dataset approaches."""
+    wall = {(p["gpus"], p["images"]): p["wall_s"] for p in runs if p["returncode"] == 0}
+    per_image = {
+        gpus: (wall[(gpus, large)] - wall[(gpus, small)]) / (large - small)
+        for gpus in sorted({g for g, _ in wall})
+        if (gpus, small) in wall and (gpus, large) in wall
+    }
+    if not per_image:
+        return {}
+    first = per_image[min(per_image)]
+    fixed = {g: wall[(g, small)] - small * per_image[g] for g in per_image}
+    return {
+        "images": [small, large],
+        "wall_s_per_image": per_image,
+        "fixed_s": fixed,  # the wall time left at zero images: the costs that do not grow with the dataset
+        "speedup": {g: first / t for g, t in per_image.items()},
     }
 
 
@@ -294,7 +348,11 @@ def main() -> None:
     parser.add_argument(
         "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
     )
-    parser.add_argument("--precompute_images", type=int, default=2048, help="JPEGs for the precompute runs.")
+    parser.add_argument(
+        "--precompute_images",
+        default="2048",
+        help="JPEGs for the precompute runs; two sizes (e.g. 1024,4096) also give the marginal speed-up.",
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -342,21 +400,24 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps({"partial": True, "runs": results}, indent=2))
 
-    precompute = []
+    precompute, marginal = [], {}
     if args.precompute_gpus:
         add_encoder_weights(work / "model", full)
-        for n in [int(x) for x in args.precompute_gpus.split(",")]:
-            precompute.append(run_precompute(n, work, full, args.precompute_images))
-            print(json.dumps(precompute[-1]), flush=True)
-        if len(precompute) > 1 and all(p["returncode"] == 0 for p in precompute):
-            for p in precompute[1:]:
-                p["identical_to_first"] = same_cache(precompute[0]["cache"], p["cache"])
-                p["speedup"] = precompute[0]["wall_s"] / p["wall_s"]
-                if p["script_s"] and precompute[0]["script_s"]:
-                    p["script_speedup"] = precompute[0]["script_s"] / p["script_s"]
-                if p["encode_images_per_s"] and precompute[0]["encode_images_per_s"]:
-                    # all processes' images over the encode phase: the rate a large dataset sees once loaded
-                    p["encode_speedup"] = p["encode_images_per_s"] / precompute[0]["encode_images_per_s"]
+        sizes = [int(x) for x in args.precompute_images.split(",")]
+        folders = jpeg_folders(work, sizes + [64], full)
+        gpu_counts = [int(x) for x in args.precompute_gpus.split(",")]
+        # Untimed: the first launch pays for compiling Python bytecode and reading the model files into page cache
+        warmup = run_precompute(gpu_counts[0], work, full, folders[64])
+        print(f"warm-up run: rc {warmup['returncode']}, {warmup['wall_s']:.1f} s", flush=True)
+        for size in sizes:
+            runs_of_size = []
+            for n in gpu_counts:
+                runs_of_size.append(run_precompute(n, work, full, folders[size]))
+                print(json.dumps(runs_of_size[-1]), flush=True)
+            compare_precompute_runs(runs_of_size)
+            precompute += runs_of_size
+        if len(sizes) > 1:
+            marginal = marginal_precompute_speedups(precompute, min(sizes), max(sizes))
 
     # Every saved LoRA through diffusers, on one transformer loaded once
     if any("lora" in r for r in results):
@@ -379,6 +440,7 @@ def main() -> None:
         "setup_s": setup_s,
         "runs": results,
         "precompute": precompute,
+        "precompute_marginal": marginal,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -408,6 +470,14 @@ def main() -> None:
         )
         if p.get("wall_parts_s"):
             print("  wall parts (s): " + ", ".join(f"{k} {v:.1f}" for k, v in p["wall_parts_s"].items()))
+    if marginal:
+        print(
+            f"marginal, {marginal['images'][0]} → {marginal['images'][1]} images: "
+            + "; ".join(
+                f"{g} GPU(s) {t * 1e3:.1f} ms/image (x{marginal['speedup'][g]:.2f}), fixed {marginal['fixed_s'][g]:.1f} s"
+                for g, t in marginal["wall_s_per_image"].items()
+            )
+        )
 
 
 if __name__ == "__main__":
