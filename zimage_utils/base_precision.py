@@ -120,9 +120,10 @@ def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | Non
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) → e4m3 values (M, K) and fp32 scales (M, 1) with x ≈ values * scales: each row's largest magnitude
     maps to e4m3's largest (448)."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    # (the clamp catches rounding just past 448, which the cast would turn into NaN: e4m3fn has no infinity)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 @torch.library.custom_op("zimage::scaled_mm_rowwise", mutates_args=())
@@ -160,7 +161,7 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight_bytes, scale = ctx.saved_tensors
-        g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale.t())
+        g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]) * scale.t())  # fp32
         ones = torch.ones(1, weight_bytes.shape[1], device=weight_bytes.device, dtype=torch.float32)
         weight_column_major = weight_bytes.t().contiguous().t().view(torch.float8_e4m3fn)
         grad_x = scaled_mm_rowwise(g_q, weight_column_major, g_scale, ones)
