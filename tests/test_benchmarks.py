@@ -49,3 +49,31 @@ def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
     parts = {row["what"].split(" ")[0] for row in report["rows"]}
     assert parts == {"vae", "text", "script"}
     assert all(row["items_per_s"] > 0 for row in report["rows"])
+
+
+def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(tmp_path):
+    # Two dataset sizes on 1 and 2 processes (CPU processes here): the fixed costs cancel in the marginal speed-up
+    report = run_benchmark(
+        "bench_scale.py",
+        "--tiny",
+        "--work",
+        str(tmp_path / "work"),
+        "--only",
+        "none",
+        "--precompute_gpus",
+        "1,2",
+        "--precompute_images",
+        "8,24",
+        "--out",
+        str(tmp_path / "scale.json"),
+    )
+    runs = report["precompute"]
+    assert [(r["gpus"], r["images"]) for r in runs] == [(1, 8), (2, 8), (1, 24), (2, 24)]
+    assert all(r["returncode"] == 0 for r in runs)
+    assert [r.get("identical_to_first") for r in runs] == [None, True, None, True]
+    marginal = report["precompute_marginal"]
+    assert marginal["images"] == [8, 24] and marginal["speedup"]["1"] == 1.0
+    for gpus in ("1", "2"):  # wall = fixed + images * per-image, at both sizes
+        wall = {r["images"]: r["wall_s"] for r in runs if r["gpus"] == int(gpus)}
+        per_image, fixed = marginal["wall_s_per_image"][gpus], marginal["fixed_s"][gpus]
+        assert abs(fixed + 24 * per_image - wall[24]) < 1e-6
