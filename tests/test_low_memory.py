@@ -10,13 +10,14 @@ from test_lora_io import fail_on_loader_warnings, transformer_output
 from test_trainer import read_log, reset_accelerate, train, trainer_args
 
 import train_zimage_lora
-from zimage_utils import cli, tiny
+from zimage_utils import base_precision, cli, tiny
 from zimage_utils.base_precision import (
     Fp8Linear,
     Fp8MatmulLinear,
     _Fp8Matmul,
     base_weight_gib,
     check_base_precision,
+    cpu_has_rowwise_fp8,
     quantize_fp8_,
     quantize_rows,
     use_fp8_matmul_,
@@ -129,7 +130,14 @@ def test_fp8_matmul_on_a_gpu_without_fp8_tensor_cores_is_refused_with_the_altern
     check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
     with pytest.raises(ValueError, match="not yet verified on a GPU: leave out --compile"):
         check_base_precision("fp8_matmul", torch.device("cuda"), 0, None, compile=True)
+    monkeypatch.setattr(base_precision, "cpu_has_rowwise_fp8", lambda: True)
     check_base_precision("fp8_matmul", torch.device("cpu"), 0, None, compile=True)
+    monkeypatch.setattr(base_precision, "cpu_has_rowwise_fp8", lambda: False)  # torch 2.11's CPU fp8 matmul
+    with pytest.raises(ValueError, match="cannot multiply row-wise scaled fp8 on the CPU"):
+        check_base_precision("fp8_matmul", torch.device("cpu"), 0, None)
+
+
+CPU_FP8 = pytest.mark.skipif(not cpu_has_rowwise_fp8(), reason="this torch's CPU fp8 matmul has no row-wise scales")
 
 
 FP8_GPU = pytest.mark.skipif(
@@ -137,7 +145,7 @@ FP8_GPU = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=FP8_GPU)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU_FP8), pytest.param("cuda", marks=FP8_GPU)])
 def test_compiled_fp8_matmul_linear_gives_the_eager_result(device):
     # The GPU case matters most: there inductor has its own fp8 matmul lowering, which gave zeros and wrong
     # gradients (torch 2.11, H200) until `scaled_mm_rowwise` kept it out.
@@ -155,6 +163,7 @@ def test_compiled_fp8_matmul_linear_gives_the_eager_result(device):
         assert ((compiled.float() - eager.float()).norm() / eager.float().norm()).item() < 0.01
 
 
+@CPU_FP8
 def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
     # The product and the input gradient are exactly those of the dequantised e4m3 operands (up to the bf16 output),
     # which shows the weight's row scales folded into the gradient's columns in backward are right.
@@ -180,6 +189,7 @@ def test_fp8_matmul_multiplies_the_per_row_quantised_operands():
     assert (out.float() - exact).norm() / exact.norm() < 0.06
 
 
+@CPU_FP8
 def test_fp8_matmul_base_trains_close_to_bf16_and_survives_dtype_casts():
     bf16 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
     fp8 = tiny.make_tiny_pipeline(seed=0).transformer.to(torch.bfloat16).requires_grad_(False)
@@ -269,7 +279,7 @@ def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gra
     assert runs["ours"][2] == []
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_matmul"])
+@pytest.mark.parametrize("precision", ["fp8", pytest.param("fp8_matmul", marks=CPU_FP8)])
 def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
     tiny_model_dir, tiny_cache_dir, tmp_path, precision
 ):

@@ -47,6 +47,11 @@ def check_base_precision(
             f"this {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: use "
             f"--base_precision fp8 (fp8 storage, bf16 matmuls)"
         )
+    if base_precision == "fp8_matmul" and device.type == "cpu" and not cpu_has_rowwise_fp8():
+        raise ValueError(
+            f"--base_precision fp8_matmul: torch {torch.__version__} cannot multiply row-wise scaled fp8 on the CPU "
+            f"(torch 2.13 can); upgrade torch, or use --base_precision fp8"
+        )
     if base_precision == "fp8_matmul" and device.type == "cuda" and compile:
         # Compiled, the first version trained on wrong gradients (docs/BENCHMARKS.md, 2026-12-02); the fix
         # (`scaled_mm_rowwise`) is checked on the CPU only so far.
@@ -62,6 +67,16 @@ def check_base_precision(
                 "--training_adapter cannot be merged into an NF4 base; use --base_precision fp8 (quantised after "
                 "the merge) or bf16"
             )
+
+
+def cpu_has_rowwise_fp8() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales (torch 2.11's takes one scale per tensor only)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):
