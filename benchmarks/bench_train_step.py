@@ -454,14 +454,17 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         print(f"{precision} vs eager bf16:", json.dumps(out["vs_eager_bf16"]), flush=True)
         del eager, compiled
         kind = "compiled" if not args.no_compile else "eager"
-        record(f"ours {kind} {precision}", model, big, 1, set_gradient_checkpointing(transformer, 0))
+        # A step whose gradients are wrong has no speed worth reporting: its rows say so in their name
+        right = out["vs_eager_bf16"][f"{precision} {kind}"]["grad_cosine"] > 0.99
+        name = f"ours {kind} {precision}" + ("" if right else " WRONG GRADIENTS")
+        record(name, model, big, 1, set_gradient_checkpointing(transformer, 0))
         if precision == "fp8_matmul":
             full = set_gradient_checkpointing(transformer, -1, keep_attention=True)
-            record(f"ours {kind} {precision} keep_attention", model, big, 1, full)
+            record(f"{name} keep_attention", model, big, 1, full)
             ckpt = set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=True)
-            record(f"ours {kind} {precision} keep_attention offload", model, big, 1, ckpt)
+            record(f"{name} keep_attention offload", model, big, 1, ckpt)
             for bs in (1, 8):
-                record(f"ours {kind} {precision}", model, small, bs, set_gradient_checkpointing(transformer, 0))
+                record(name, model, small, bs, set_gradient_checkpointing(transformer, 0))
             set_gradient_checkpointing(transformer, 0)
         models[precision] = model.to("cpu")  # waits in host memory while the other is measured
         save()
