@@ -11,10 +11,11 @@ the ratio to the naive step; writes JSON. LoRA r32 on attention, bf16 base, fp32
 --part speed: eager and compiled steps over checkpointing settings and sizes, the trainer's `--max_memory_gb`
 calibration (then the chosen setting timed), host syncs per step, a profile (kernel time by kind, idle, top kernels),
 and recompiled variants (inductor's activation-memory budget; diffusers' complex rotary embedding).
---part fp8: `--base_precision fp8_matmul` against the bf16 base, both compiled: one Linear's fp8 and bf16 matmuls
-alone, the loss and LoRA gradients of each against the eager bf16 step on the same inputs, 1024² bs1 without
-checkpointing (the 24 GiB target) and fully checkpointed, 512², then interleaved rounds (the model not being timed
-waits in host memory, so each peak is its own) and a profile.
+--part fp8: `--base_precision fp8_matmul` against the bf16 base: one Linear's fp8 and bf16 matmuls alone; the loss
+and LoRA gradients of each, eager and compiled, against the eager bf16 step on the same inputs; each eager with full
+checkpointing, then compiled at 1024² bs1 without checkpointing (the 24 GiB target) and fully checkpointed, and
+512²; then interleaved rounds (the model not being timed waits in host memory, so each peak is its own) and a
+profile.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -441,6 +442,9 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         nonzero_lora(model)
         eager = loss_and_grads(model, batch)
         reference = reference or eager
+        # Eager with every block checkpointed: how a small card runs it without --compile
+        record(f"ours eager {precision}", model, big, 1, set_gradient_checkpointing(transformer, -1))
+        set_gradient_checkpointing(transformer, 0)
         if not args.no_compile:
             compile_blocks(transformer)
         compiled = loss_and_grads(model, batch)
