@@ -440,6 +440,7 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         use_real_rope(transformer)
         model = accelerator.prepare_model(transformer)
         nonzero_lora(model)
+        lora_values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         eager = loss_and_grads(model, batch)
         reference = reference or eager
         # Eager with every block checkpointed: how a small card runs it without --compile
@@ -447,6 +448,10 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         set_gradient_checkpointing(transformer, 0)
         if not args.no_compile:
             compile_blocks(transformer)
+        with torch.no_grad():  # the timed steps trained the LoRA: back to the values the eager step saw
+            for n, p in model.named_parameters():
+                if n in lora_values:
+                    p.copy_(lora_values.pop(n))
         compiled = loss_and_grads(model, batch)
         for way, (loss, grads) in (("eager", eager), ("compiled", compiled)):
             out["vs_eager_bf16"][f"{precision} {way}"] = {
