@@ -317,23 +317,15 @@ def checkpointing_variants(args, cfg, accelerator, device, big, warmup, steps, r
         "inner keep_attention": lambda: set_gradient_checkpointing(transformer, -1, keep_attention=True),
     }
     out = {"grads": {}, "ab_s_per_step": {w: [] for w in ways}, "profiles": {}}
-    with torch.no_grad():  # a non-zero LoRA B, so the A gradients are compared too
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    nonzero_lora(model)  # so the A gradients are compared too
+    start = lora_snapshot(model)
     reference = None
     for way, apply in ways.items():  # the same LoRA values and batch for each way: compare the gradients
         apply()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in start:
-                    p.copy_(start[name])
-        ours([0])(model, batch).backward()  # (the first call of each way also compiles it)
-        grads = [p.grad.clone() for p in lora_params(model)]
-        model.zero_grad(set_to_none=True)
+        restore_lora(model, start)
+        _, grads = loss_and_grads(model, batch)  # (the first call of each way also compiles it)
         reference = grads if reference is None else reference
-        out["grads"][way] = max(float((a - b).abs().max()) for a, b in zip(reference, grads))
+        out["grads"][way] = float((grads - reference).abs().max())
         del grads
     del reference, start
     for way, apply in ways.items():
@@ -413,7 +405,19 @@ def nonzero_lora(model, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def lora_snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_lora(model, snapshot: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in snapshot:
+                p.copy_(snapshot[name])
+
+
 def loss_and_grads(model, batch) -> tuple[float, torch.Tensor]:
+    """The step's loss and the LoRA gradients, flattened into one fp32 vector (then cleared)."""
     loss = ours([0])(model, batch)
     loss.backward()
     grads = torch.cat([p.grad.flatten().float() for p in lora_params(model)])
@@ -440,7 +444,7 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         use_real_rope(transformer)
         model = accelerator.prepare_model(transformer)
         nonzero_lora(model)
-        lora_values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        lora_values = lora_snapshot(model)
         eager = loss_and_grads(model, batch)
         reference = reference or eager
         # Eager with every block checkpointed: how a small card runs it without --compile
@@ -448,10 +452,7 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         set_gradient_checkpointing(transformer, 0)
         if not args.no_compile:
             compile_blocks(transformer)
-        with torch.no_grad():  # the timed steps trained the LoRA: back to the values the eager step saw
-            for n, p in model.named_parameters():
-                if n in lora_values:
-                    p.copy_(lora_values.pop(n))
+        restore_lora(model, lora_values)  # the timed steps trained the LoRA: back to what the eager step saw
         compiled = loss_and_grads(model, batch)
         for way, (loss, grads) in (("eager", eager), ("compiled", compiled)):
             out["vs_eager_bf16"][f"{precision} {way}"] = {
