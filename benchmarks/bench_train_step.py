@@ -375,7 +375,8 @@ def stored_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
     """ms per forward + input gradient of one Linear, bf16 (F.linear) against `_Fp8Matmul` (quantising included),
-    at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2)."""
+    at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2); and
+    whether the compiled fp8 Linear agrees with its eager self."""
     rows, fp8_matmul = [], torch.compile(_Fp8Matmul.apply, dynamic=False)  # static kernels for every shape
     for d_in, d_out in ((3840, 10240), (10240, 3840), (3840, 3840)):
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -391,8 +392,21 @@ def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
                 fn(x, *operands).backward(grad)
             torch.cuda.synchronize()
             times[name] = (time.perf_counter() - start) / 20 * 1e3
-        rows.append({"in": d_in, "out": d_out, "bf16_ms": times["bf16"], "fp8_ms": times["fp8"]})
-        print(f"Linear {d_in}->{d_out} x{tokens} fwd+dgrad: bf16 {times['bf16']:.3f} ms, fp8 {times['fp8']:.3f} ms")
+        # Does the compiled fp8 Linear give eager's output and input gradient? (cosine of each)
+        agreement = []
+        for fn in (_Fp8Matmul.apply, fp8_matmul):
+            x.grad = None
+            out = fn(x, *variants["fp8"][1])
+            out.backward(grad)
+            agreement.append((out.detach().float().flatten(), x.grad.float().flatten()))
+        cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(*agreement)]
+        rows.append(
+            {"in": d_in, "out": d_out, "bf16_ms": times["bf16"], "fp8_ms": times["fp8"], "compiled_cos": cosines}
+        )
+        print(
+            f"Linear {d_in}->{d_out} x{tokens} fwd+dgrad: bf16 {times['bf16']:.3f} ms, fp8 {times['fp8']:.3f} ms; "
+            f"compiled vs eager cosine: output {cosines[0]:.5f}, input gradient {cosines[1]:.5f}"
+        )
     return rows
 
 
