@@ -161,7 +161,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=BASE_PRECISIONS,
         default="bf16",
         help="Storage of the frozen base's block Linears: bf16, fp8 (torchao, ~half the memory), fp8_matmul (fp8 "
-        "storage and fp8 tensor-core matmuls: the fastest; GPUs of compute capability 8.9+) or nf4 (bitsandbytes, "
+        "storage and fp8 tensor-core matmuls; GPUs of compute capability 8.9+, not yet with --compile) or nf4 (bitsandbytes, "
         "~quarter; CUDA). The LoRA stays fp32.",
     )
     # Flow matching

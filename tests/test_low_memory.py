@@ -1,6 +1,6 @@
 """Memory options: `--max_memory_gb` picks the fewest checkpointed blocks whose measured peak fits, and
-`--base_precision fp8` / `fp8_matmul` train a LoRA over float8 base weights that loads into the ordinary pipeline. (The GPU
-figures — peaks, speeds, NF4 — are in docs/BENCHMARKS.md; NF4 needs a GPU and is not run here.)"""
+`--base_precision fp8` / `fp8_matmul` train a LoRA over float8 base weights that loads into the ordinary pipeline.
+(The GPU figures — peaks, speeds, NF4 — are in docs/BENCHMARKS.md; NF4 needs a GPU and is not run here.)"""
 
 import math
 

@@ -41,24 +41,8 @@ def check_base_precision(
             f"--base_precision {base_precision} cannot be combined with DeepSpeed (ZeRO partitions bf16 weights): "
             f"use a DDP/single-GPU accelerate config, or DeepSpeed with --base_precision bf16"
         )
-    if base_precision == "fp8_matmul" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(
-            f"--base_precision fp8_matmul needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
-            f"this {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: use "
-            f"--base_precision fp8 (fp8 storage, bf16 matmuls)"
-        )
-    if base_precision == "fp8_matmul" and device.type == "cpu" and not cpu_has_rowwise_fp8():
-        raise ValueError(
-            f"--base_precision fp8_matmul: torch {torch.__version__} cannot multiply row-wise scaled fp8 on the CPU "
-            f"(torch 2.13 can); upgrade torch, or use --base_precision fp8"
-        )
-    if base_precision == "fp8_matmul" and device.type == "cuda" and compile:
-        # Compiled, the first version trained on wrong gradients (docs/BENCHMARKS.md, 2026-12-02); the fix
-        # (`scaled_mm_rowwise`) is checked on the CPU only so far.
-        raise ValueError(
-            "--compile with --base_precision fp8_matmul is not yet verified on a GPU: leave out --compile (eager "
-            "fp8_matmul's loss is within 3e-4 of bf16's), or use --compile with --base_precision bf16 or fp8"
-        )
+    if base_precision == "fp8_matmul":
+        check_fp8_matmul(device, compile)
     if base_precision == "nf4":
         if device.type != "cuda":
             raise ValueError("--base_precision nf4 needs a CUDA GPU (bitsandbytes); use fp8 or bf16 on this device")
@@ -67,6 +51,28 @@ def check_base_precision(
                 "--training_adapter cannot be merged into an NF4 base; use --base_precision fp8 (quantised after "
                 "the merge) or bf16"
             )
+
+
+def check_fp8_matmul(device: torch.device, compile: bool) -> None:
+    """fp8 matmuls need fp8 tensor cores, or on the CPU a torch whose fp8 matmul takes row-wise scales."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"--base_precision fp8_matmul needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"this {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: use "
+            f"--base_precision fp8 (fp8 storage, bf16 matmuls)"
+        )
+    if device.type == "cuda" and compile:
+        # Compiled, the first version trained on wrong gradients (docs/BENCHMARKS.md, 2026-12-02); the fix
+        # (`scaled_mm_rowwise`) is checked on the CPU only so far.
+        raise ValueError(
+            "--compile with --base_precision fp8_matmul is not yet verified on a GPU: leave out --compile (eager "
+            "fp8_matmul's loss is within 3e-4 of bf16's), or use --compile with --base_precision bf16 or fp8"
+        )
+    if device.type == "cpu" and not cpu_has_rowwise_fp8():
+        raise ValueError(
+            f"--base_precision fp8_matmul: torch {torch.__version__} cannot multiply row-wise scaled fp8 on the CPU "
+            f"(torch 2.13 can); upgrade torch, or use --base_precision fp8"
+        )
 
 
 def cpu_has_rowwise_fp8() -> bool:
