@@ -128,10 +128,8 @@ def test_fp8_matmul_on_a_gpu_without_fp8_tensor_cores_is_refused_with_the_altern
         check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_base_precision("fp8_matmul", torch.device("cuda"), 0, None)
-    with pytest.raises(ValueError, match="not yet verified on a GPU: leave out --compile"):
-        check_base_precision("fp8_matmul", torch.device("cuda"), 0, None, compile=True)
     monkeypatch.setattr(base_precision, "cpu_has_rowwise_fp8", lambda: True)
-    check_base_precision("fp8_matmul", torch.device("cpu"), 0, None, compile=True)
+    check_base_precision("fp8_matmul", torch.device("cpu"), 0, None)
     monkeypatch.setattr(base_precision, "cpu_has_rowwise_fp8", lambda: False)  # torch 2.11's CPU fp8 matmul
     with pytest.raises(ValueError, match="cannot multiply row-wise scaled fp8 on the CPU"):
         check_base_precision("fp8_matmul", torch.device("cpu"), 0, None)
@@ -148,7 +146,7 @@ FP8_GPU = pytest.mark.skipif(
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU_FP8), pytest.param("cuda", marks=FP8_GPU)])
 def test_compiled_fp8_matmul_linear_gives_the_eager_result(device):
     # The GPU case matters most: there inductor has its own fp8 matmul lowering, which gave zeros and wrong
-    # gradients (torch 2.11, H200) until `scaled_mm_rowwise` kept it out.
+    # gradients (torch 2.11, H200) until `fp8_weight_matmul` kept it out.
     linear = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to(device, torch.bfloat16)
     use_fp8_matmul_(linear)
     x = torch.randn(300, 256, device=device, dtype=torch.bfloat16)

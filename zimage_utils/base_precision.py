@@ -29,11 +29,8 @@ def quantizable(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_BF16 + ("lora_",))
 
 
-def check_base_precision(
-    base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter, compile: bool = False
-) -> None:
-    """Refuse combinations that cannot work (or are not yet shown to), with the fix, before anything heavy is
-    loaded."""
+def check_base_precision(base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter) -> None:
+    """Refuse combinations that cannot work, with the fix, before anything heavy is loaded."""
     if base_precision == "bf16":
         return
     if deepspeed_stage:
@@ -42,7 +39,7 @@ def check_base_precision(
             f"use a DDP/single-GPU accelerate config, or DeepSpeed with --base_precision bf16"
         )
     if base_precision == "fp8_matmul":
-        check_fp8_matmul(device, compile)
+        check_fp8_matmul(device)
     if base_precision == "nf4":
         if device.type != "cuda":
             raise ValueError("--base_precision nf4 needs a CUDA GPU (bitsandbytes); use fp8 or bf16 on this device")
@@ -53,20 +50,13 @@ def check_base_precision(
             )
 
 
-def check_fp8_matmul(device: torch.device, compile: bool) -> None:
+def check_fp8_matmul(device: torch.device) -> None:
     """fp8 matmuls need fp8 tensor cores, or on the CPU a torch whose fp8 matmul takes row-wise scales."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(
             f"--base_precision fp8_matmul needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
             f"this {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: use "
             f"--base_precision fp8 (fp8 storage, bf16 matmuls)"
-        )
-    if device.type == "cuda" and compile:
-        # Compiled, the first version trained on wrong gradients (docs/BENCHMARKS.md, 2026-12-02); the fix
-        # (`scaled_mm_rowwise`) is checked on the CPU only so far.
-        raise ValueError(
-            "--compile with --base_precision fp8_matmul is not yet verified on a GPU: leave out --compile (eager "
-            "fp8_matmul's loss is within 3e-4 of bf16's), or use --compile with --base_precision bf16 or fp8"
         )
     if device.type == "cpu" and not cpu_has_rowwise_fp8():
         raise ValueError(
@@ -147,21 +137,37 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-@torch.library.custom_op("zimage::scaled_mm_rowwise", mutates_args=())
-def scaled_mm_rowwise(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """(a (M, K) e4m3 · scale_a (M, 1)) @ (b (K, N) e4m3 · scale_b (1, N)) → (M, N) bf16, by `torch._scaled_mm`
-    (row-wise scaled fp8 matmuls output bf16 only). An opaque op to torch.compile: compiled through inductor's own
-    lowering of `_scaled_mm`, the step gave zeros and gradients uncorrelated with eager's (torch 2.11, H200)."""
-    if b.stride(0) != 1:  # `_scaled_mm` takes its second operand column-major
-        b = b.t().contiguous().t()
+@torch.library.custom_op("zimage::fp8_weight_matmul", mutates_args=())
+def fp8_weight_matmul(
+    a: torch.Tensor, a_scale: torch.Tensor, weight_bytes: torch.Tensor, weight_scale: torch.Tensor, transpose: bool
+) -> torch.Tensor:
+    """(a (M, K) e4m3 · a_scale (M, 1)) times a stored weight Wq (out, in): the bytes of e4m3 values, as uint8.
+
+    transpose=True:  @ Wq.T, scaled by weight_scale (out, 1) → (M, out)   (forward)
+    transpose=False: @ Wq,   scaled by weight_scale (1, in)  → (M, in)    (input gradient)
+
+    By `torch._scaled_mm` (row-wise scaled fp8 matmuls output bf16 only), which takes its second operand
+    column-major. An opaque op to torch.compile, and the uint8 → e4m3 view and the transposing copy happen inside
+    it: compiled on an H200 (torch 2.11), inductor's own lowering of `_scaled_mm` gave zeros and wrong gradients,
+    and with only the matmul opaque, the input gradient still came out uncorrelated with eager's."""
+    if transpose:
+        b, scale_b = weight_bytes.t(), weight_scale.t()
+    else:  # copied as bytes: eager's e4m3 copy kernel took 37 ms per 1024² step, on an H200
+        b, scale_b = weight_bytes.t().contiguous().t(), weight_scale
+    b = b.view(torch.float8_e4m3fn)
     return torch._scaled_mm(
-        a.contiguous(), b, scale_a=scale_a.contiguous(), scale_b=scale_b.contiguous(), out_dtype=torch.bfloat16
+        a.contiguous(), b, scale_a=a_scale.contiguous(), scale_b=scale_b.contiguous(), out_dtype=torch.bfloat16
     )
 
 
-@scaled_mm_rowwise.register_fake
-def _(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+@fp8_weight_matmul.register_fake
+def _(a, a_scale, weight_bytes, weight_scale, transpose):
+    return a.new_empty((a.shape[0], weight_bytes.shape[0 if transpose else 1]), dtype=torch.bfloat16)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # (decided while tracing, so that a cast which does nothing never enters the compiled graph)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _Fp8Matmul(torch.autograd.Function):
@@ -169,25 +175,24 @@ class _Fp8Matmul(torch.autograd.Function):
 
     forward:  y = (x quantised per row) @ Wq.T, scaled by x's row scales and s.
     backward: dx = g @ W = (g * s.T) @ Wq: s folds into g's columns before g is quantised per row, so Wq is used
-    as stored, transposed into the column-major layout `_scaled_mm` wants for its second operand (a 39 MB copy at
-    most, for the largest Linear; made from the uint8 bytes). No gradient for the frozen weight."""
+    as stored (`fp8_weight_matmul` transposes it into the layout `_scaled_mm` wants: a 39 MB copy at most, for the
+    largest Linear). No gradient for the frozen weight."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight_bytes, scale)
         x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        out = scaled_mm_rowwise(x_q, weight_bytes.view(torch.float8_e4m3fn).t(), x_scale, scale.t())
-        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+        out = fp8_weight_matmul(x_q, x_scale, weight_bytes, scale, True)
+        return _as_dtype(out.reshape(*x.shape[:-1], -1), x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight_bytes, scale = ctx.saved_tensors
         g_q, g_scale = quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]) * scale.t())  # fp32
         ones = torch.ones(1, weight_bytes.shape[1], device=weight_bytes.device, dtype=torch.float32)
-        weight_column_major = weight_bytes.t().contiguous().t().view(torch.float8_e4m3fn)
-        grad_x = scaled_mm_rowwise(g_q, weight_column_major, g_scale, ones)
+        grad_x = fp8_weight_matmul(g_q, g_scale, weight_bytes, ones, False)
         # (x's dtype is the output's, so grad_out's: not kept on ctx, where it too changed inductor's result)
-        return grad_x.reshape(*grad_out.shape[:-1], -1).to(grad_out.dtype), None, None
+        return _as_dtype(grad_x.reshape(*grad_out.shape[:-1], -1), grad_out.dtype), None, None
 
 
 class Fp8MatmulLinear(torch.nn.Linear):
