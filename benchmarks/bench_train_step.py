@@ -15,7 +15,8 @@ and recompiled variants (inductor's activation-memory budget; diffusers' complex
 and LoRA gradients of each, eager and compiled, against the eager bf16 step on the same inputs; each eager with full
 checkpointing, then compiled at 1024² bs1 without checkpointing (the 24 GiB target) and fully checkpointed, and
 512²; then interleaved rounds (the model not being timed waits in host memory, so each peak is its own) and a
-profile.
+profile. The fp8 weight-only base (`--base_precision fp8`) gets the same agreement check and its eager and compiled
+1024² rows.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -445,10 +446,12 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
     batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
     models, total = {}, cfg["n_layers"] + cfg["n_refiner_layers"]
     reference = None
-    for precision in ("bf16", "fp8_matmul"):
+    for precision in ("bf16", "fp8_matmul", "fp8"):
         transformer = build_transformer(cfg, device, torch.bfloat16)
         if precision == "fp8_matmul":
             use_fp8_matmul_(transformer, device)
+        if precision == "fp8":
+            quantize_fp8_(transformer, device)
         torch.manual_seed(0)
         add_lora(transformer, rank=32, alpha=32, targets="attention")
         if precision == "bf16":  # the baseline of the ratios
@@ -490,7 +493,14 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
             for bs in (1, 8):
                 record(name, model, small, bs, set_gradient_checkpointing(transformer, 0))
             set_gradient_checkpointing(transformer, 0)
-        models[precision] = model.to("cpu")  # waits in host memory while the other is measured
+        if precision == "fp8":  # not in the rounds
+            accelerator._models.remove(model)
+            del model, transformer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            models[precision] = model.to("cpu")  # waits in host memory while the other is measured
         save()
     out["rounds_s_per_step"] = {p: [] for p in models}
     for _ in range(args.rounds if device.type == "cuda" else 0):

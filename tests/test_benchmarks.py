@@ -40,8 +40,9 @@ def test_fp8_part_reports_how_far_each_step_is_from_eager_bf16(tmp_path):
     assert agreement["bf16 eager"]["grad_cosine"] > 0.9999  # the reference against itself
     # (--no_compile: the second step runs eager again, after timed steps that trained the LoRA, which is put back)
     assert agreement["bf16 compiled"]["grad_cosine"] > 0.9999
-    assert 0.9 < agreement["fp8_matmul eager"]["grad_cosine"] < 1.0  # close, but quantised
-    assert {row["name"] for row in report["rows"]} >= {"ours eager bf16", "ours eager fp8_matmul"}
+    for precision in ("fp8_matmul", "fp8"):
+        assert 0.9 < agreement[f"{precision} eager"]["grad_cosine"] < 1.0  # close, but quantised
+    assert {row["name"] for row in report["rows"]} >= {"ours eager bf16", "ours eager fp8_matmul", "ours eager fp8"}
 
 
 def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
