@@ -11,11 +11,11 @@ the ratio to the naive step; writes JSON. LoRA r32 on attention, bf16 base, fp32
 --part speed: eager and compiled steps over checkpointing settings and sizes, the trainer's `--max_memory_gb`
 calibration (then the chosen setting timed), host syncs per step, a profile (kernel time by kind, idle, top kernels),
 and recompiled variants (inductor's activation-memory budget; diffusers' complex rotary embedding).
---part fp8: `--base_precision fp8_matmul` against the bf16 base: one Linear's fp8 and bf16 matmuls alone; the loss
-and LoRA gradients of each, eager and compiled, against the eager bf16 step on the same inputs; each eager with full
-checkpointing, then compiled at 1024² bs1 without checkpointing (the 24 GiB target) and fully checkpointed, and
-512²; then interleaved rounds (the model not being timed waits in host memory, so each peak is its own) and a
-profile. The fp8 weight-only base (`--base_precision fp8`) gets the same agreement check and its eager and compiled
+--part fp8: `--base_precision fp8_matmul` against the bf16 base: one Linear's fp8 and bf16 matmuls alone, and the
+transposing copy of its weight eager and compiled; the loss and LoRA gradients of each, eager and compiled, against
+the eager bf16 step on the same inputs; each eager with full checkpointing, then compiled at 1024² bs1 without
+checkpointing (the 24 GiB target) and fully checkpointed, and 512²; then interleaved rounds (the model not being
+timed waits in host memory, so each peak is its own) and a profile. The fp8 weight-only base (`--base_precision fp8`) gets the same agreement check and its eager and compiled
 1024² rows.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
@@ -374,25 +374,37 @@ def stored_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.view(torch.uint8), scale
 
 
+def forward_backward(fn, x: torch.Tensor, operands: tuple, grad: torch.Tensor) -> None:
+    fn(x, *operands).backward(grad)
+
+
+def ms_per_call(fn, *operands, calls: int = 20) -> float:
+    """GPU milliseconds per `fn(*operands)`, after 5 untimed calls."""
+    for _ in range(5):
+        fn(*operands)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*operands)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
     """ms per forward + input gradient of one Linear, bf16 (F.linear) against `_Fp8Matmul` (quantising included),
     at the block's shapes: 4096 image + 128 caption tokens, 3840 → 10240 (w1/w3) and 10240 → 3840 (w2); and
-    whether the compiled fp8 Linear agrees with its eager self."""
+    whether the compiled fp8 Linear agrees with its eager self. Also the transposing copy of the weight's bytes that
+    backward makes (37 ms of a 234 ms step in session 6), eager as now against an inductor-generated kernel."""
     rows, fp8_matmul = [], torch.compile(_Fp8Matmul.apply, dynamic=False)  # static kernels for every shape
+    transpose = torch.compile(lambda t: t.t().contiguous(), dynamic=False)
     for d_in, d_out in ((3840, 10240), (10240, 3840), (3840, 3840)):
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) / d_in**0.5
         grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
         variants = {"bf16": (torch.nn.functional.linear, (weight,)), "fp8": (fp8_matmul, stored_fp8(weight))}
-        times = {}
-        for name, (fn, operands) in variants.items():
-            for i in range(25):
-                if i == 5:
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                fn(x, *operands).backward(grad)
-            torch.cuda.synchronize()
-            times[name] = (time.perf_counter() - start) / 20 * 1e3
+        times = {
+            name: ms_per_call(forward_backward, fn, x, operands, grad) for name, (fn, operands) in variants.items()
+        }
         # Does the compiled fp8 Linear give eager's output and input gradient? (cosine of each)
         agreement = []
         for fn in (_Fp8Matmul.apply, fp8_matmul):
@@ -401,12 +413,26 @@ def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
             out.backward(grad)
             agreement.append((out.detach().float().flatten(), x.grad.float().flatten()))
         cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(*agreement)]
+        weight_bytes = variants["fp8"][1][0]
+        assert torch.equal(transpose(weight_bytes), weight_bytes.t().contiguous())
+        transpose_ms = {
+            "eager": ms_per_call(lambda t: t.t().contiguous(), weight_bytes),
+            "compiled": ms_per_call(transpose, weight_bytes),
+        }
         rows.append(
-            {"in": d_in, "out": d_out, "bf16_ms": times["bf16"], "fp8_ms": times["fp8"], "compiled_cos": cosines}
+            {
+                "in": d_in,
+                "out": d_out,
+                "bf16_ms": times["bf16"],
+                "fp8_ms": times["fp8"],
+                "compiled_cos": cosines,
+                "weight_transpose_ms": transpose_ms,
+            }
         )
         print(
             f"Linear {d_in}->{d_out} x{tokens} fwd+dgrad: bf16 {times['bf16']:.3f} ms, fp8 {times['fp8']:.3f} ms; "
-            f"compiled vs eager cosine: output {cosines[0]:.5f}, input gradient {cosines[1]:.5f}"
+            f"compiled vs eager cosine: output {cosines[0]:.5f}, input gradient {cosines[1]:.5f}; weight transpose "
+            f"eager {transpose_ms['eager']:.3f} ms, compiled {transpose_ms['compiled']:.3f} ms"
         )
     return rows
 
