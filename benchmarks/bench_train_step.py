@@ -15,8 +15,8 @@ and recompiled variants (inductor's activation-memory budget; diffusers' complex
 transposing copy of its weight eager and compiled; the loss and LoRA gradients of each, eager and compiled, against
 the eager bf16 step on the same inputs; each eager with full checkpointing, then compiled at 1024² bs1 without
 checkpointing (the 24 GiB target) and fully checkpointed, and 512²; then interleaved rounds (the model not being
-timed waits in host memory, so each peak is its own) and a profile. The fp8 weight-only base (`--base_precision fp8`) gets the same agreement check and its eager and compiled
-1024² rows.
+timed waits in host memory, so each peak is its own) and a profile. The fp8 weight-only base (`--base_precision
+fp8`) gets the same agreement check and its eager and compiled 1024² rows.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for

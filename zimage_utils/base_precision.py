@@ -152,7 +152,7 @@ def fp8_weight_matmul(
     and with only the matmul opaque, the input gradient still came out uncorrelated with eager's."""
     if transpose:
         b, scale_b = weight_bytes.t(), weight_scale.t()
-    else:  # copied as bytes: eager's e4m3 copy kernel took 37 ms per 1024² step, on an H200
+    else:  # a strided copy: 37 ms of a 234 ms 1024² step on an H200, as bytes or as e4m3 (docs/BENCHMARKS.md)
         b, scale_b = weight_bytes.t().contiguous().t(), weight_scale
     b = b.view(torch.float8_e4m3fn)
     return torch._scaled_mm(
