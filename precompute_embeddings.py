@@ -54,8 +54,20 @@ from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions
 from zimage_utils.vae_attention import use_chunked_attention
 
+
+def process_age() -> float:
+    """Seconds since this process started: on Linux from /proc against the boot clock its start time counts in
+    (10 ms resolution; no wall-clock step can make it negative), else from psutil's wall-clock start time (whole
+    seconds of boot time make it ~1 s coarse)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return max(0.0, time.time() - psutil.Process().create_time())
+
+
 logger = logging.getLogger("precompute")
-IMPORTED_AT = time.time()  # the start-up figure: process start → here is Python and the imports above
+IMPORT_SECONDS = process_age()  # the start-up figure: process start → here is Python and the imports above
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -233,11 +245,11 @@ def main(args: argparse.Namespace) -> dict | None:
     times the process started and `main` finished (for a launcher to tell its own and the exit's share)."""
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     datasets.disable_progress_bars()
-    started_at, accelerate_from = process_started_at(), time.time()
+    started_at, accelerate_from = time.time() - process_age(), time.perf_counter()
     accelerator = Accelerator()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     start = time.perf_counter()
-    startup = {"imports": IMPORTED_AT - started_at, "accelerator": time.time() - accelerate_from}
+    startup = {"imports": IMPORT_SECONDS, "accelerator": start - accelerate_from}
     check_process_group(accelerator)
 
     # Check the model and the cache we add to
@@ -437,16 +449,6 @@ def main(args: argparse.Namespace) -> dict | None:
         )
     accelerator.end_training()
     return stats
-
-
-def process_started_at() -> float:
-    """Wall-clock time this process started: from /proc on Linux (10 ms resolution), else psutil (whole seconds of
-    boot time make it ~1 s coarse)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        return psutil.Process().create_time()
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
