@@ -15,8 +15,9 @@ and recompiled variants (inductor's activation-memory budget; diffusers' complex
 transposing copy of its weight eager and compiled; the loss and LoRA gradients of each, eager and compiled, against
 the eager bf16 step on the same inputs; each eager with full checkpointing, then compiled at 1024² bs1 without
 checkpointing (the 24 GiB target) and fully checkpointed, and 512²; then interleaved rounds (the model not being
-timed waits in host memory, so each peak is its own) and a profile. The fp8 weight-only base (`--base_precision
-fp8`) gets the same agreement check and its eager and compiled 1024² rows.
+timed waits in host memory, so each peak is its own) and a profile. With `--compile_quantized`, the fp8 weight-only
+base (`--base_precision fp8`) gets the same agreement check and its eager and compiled 1024² rows (compiling it did
+not finish within 4 minutes on an H100 on 2026-11-26).
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -472,7 +473,7 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
     batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
     models, total = {}, cfg["n_layers"] + cfg["n_refiner_layers"]
     reference = None
-    for precision in ("bf16", "fp8_matmul", "fp8"):
+    for precision in ("bf16", "fp8_matmul") + (("fp8",) if args.compile_quantized else ()):
         transformer = build_transformer(cfg, device, torch.bfloat16)
         if precision == "fp8_matmul":
             use_fp8_matmul_(transformer, device)
@@ -564,7 +565,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="Speed part: only compiled 1024² bs1 without checkpointing, and budgets."
     )
-    parser.add_argument("--compile_quantized", action="store_true", help="Also time compiled fp8/NF4 bases (slow).")
+    parser.add_argument(
+        "--compile_quantized",
+        action="store_true",
+        help="Memory and fp8 parts: also time compiled fp8 (and, memory part, NF4) bases (slow).",
+    )
     parser.add_argument("--budgets", default="24,18", help="--max_memory_gb values to calibrate at 1024² bs1.")
     parser.add_argument("--precisions", default="bf16,fp8,nf4", help="Memory part: base precisions to measure.")
     parser.add_argument(
