@@ -321,6 +321,17 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
     assert (transformer_output(pipe.transformer) - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("precision", ["fp8", pytest.param("fp8_matmul", marks=CPU_FP8)])
+def test_a_run_over_an_fp8_base_resumes_to_the_same_losses(tiny_model_dir, tiny_cache_dir, tmp_path, precision):
+    # The checkpoint holds only the LoRA and the loop state; the base is quantised again from the model on resume.
+    flags = dict(base_precision=precision, max_train_steps=6, checkpointing_steps=3, learning_rate=3e-3)
+    whole = train(tiny_model_dir, tiny_cache_dir, tmp_path / "whole", **flags)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "resumed", **flags, max_train_steps_this_run=3)
+    resumed = train(tiny_model_dir, tiny_cache_dir, tmp_path / "resumed", **flags, resume_from_checkpoint="latest")
+    losses = [[r["loss"] for r in log if "loss" in r] for log in (whole, resumed)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
 def fake_deepspeed_accelerator(stage: int, zero: dict):
     from types import SimpleNamespace
 
