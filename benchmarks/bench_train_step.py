@@ -14,10 +14,11 @@ and recompiled variants (inductor's activation-memory budget; diffusers' complex
 --part fp8: `--base_precision fp8_matmul` against the bf16 base: one Linear's fp8 and bf16 matmuls alone, and the
 transposing copy of its weight eager and compiled; the loss and LoRA gradients of each, eager and compiled, against
 the eager bf16 step on the same inputs; each eager with full checkpointing, then compiled at 1024² bs1 without
-checkpointing (the 24 GiB target) and fully checkpointed, and 512²; then interleaved rounds (the model not being
-timed waits in host memory, so each peak is its own) and a profile. With `--compile_quantized`, the fp8 weight-only
-base (`--base_precision fp8`) gets the same agreement check and its eager and compiled 1024² rows (compiling it did
-not finish within 4 minutes on an H100 on 2026-11-26).
+checkpointing (the 24 GiB target; also with a candidate inductor kernel for backward's weight transpose) and fully
+checkpointed, and 512²; then interleaved rounds (the model not being timed waits in host memory, so each peak is its
+own) and a profile. With `--compile_quantized`, the fp8 weight-only base (`--base_precision fp8`) gets the same
+agreement check and its eager and compiled 1024² rows (compiling it did not finish within 4 minutes on an H100 on
+2026-11-26).
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor  # noqa: E402
 
-from zimage_utils import tiny  # noqa: E402
+from zimage_utils import base_precision, tiny  # noqa: E402
 from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
 from zimage_utils.base_precision import (  # noqa: E402
     Fp8Linear,
@@ -467,6 +468,17 @@ def loss_and_grads(model, batch) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), grads
 
 
+def against(result: tuple[float, torch.Tensor], reference: tuple[float, torch.Tensor]) -> dict:
+    """How far a step's (loss, LoRA gradients) are from the reference step's on the same inputs."""
+    (loss, grads), (ref_loss, ref_grads) = result, reference
+    return {
+        "loss": loss,
+        "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
+        "grad_rel_err": float((grads - ref_grads).norm() / ref_grads.norm()),
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0)),
+    }
+
+
 def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, steps, record, save) -> dict:
     """--part fp8 (see the module docstring)."""
     out = {"linears": linear_fp8_vs_bf16(device) if device.type == "cuda" else [], "vs_eager_bf16": {}}
@@ -498,13 +510,8 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
             compile_blocks(transformer)
         restore_lora(model, lora_values)  # the timed steps trained the LoRA: back to what the eager step saw
         compiled = loss_and_grads(model, batch)
-        for way, (loss, grads) in (("eager", eager), ("compiled", compiled)):
-            out["vs_eager_bf16"][f"{precision} {way}"] = {
-                "loss": loss,
-                "loss_rel_diff": abs(loss - reference[0]) / abs(reference[0]),
-                "grad_rel_err": float((grads - reference[1]).norm() / reference[1].norm()),
-                "grad_cosine": float(torch.nn.functional.cosine_similarity(grads, reference[1], dim=0)),
-            }
+        for way, result in (("eager", eager), ("compiled", compiled)):
+            out["vs_eager_bf16"][f"{precision} {way}"] = against(result, reference)
         print(f"{precision} vs eager bf16:", json.dumps(out["vs_eager_bf16"]), flush=True)
         del eager, compiled
         kind = "compiled" if not args.no_compile else "eager"
@@ -513,6 +520,21 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
         name = f"ours {kind} {precision}" + ("" if right else " WRONG GRADIENTS")
         record(name, model, big, 1, set_gradient_checkpointing(transformer, 0))
         if precision == "fp8_matmul":
+            # A candidate, not yet the trainer's: backward's weight transpose by an inductor kernel instead of eager's
+            # strided copy (static shapes: one kernel for each of the three weight shapes)
+            eager_transpose = base_precision.transposed_copy
+            base_precision.transposed_copy = torch.compile(eager_transpose, dynamic=False)
+            try:
+                restore_lora(model, lora_values)
+                way = f"{kind} inductor transpose"
+                out["vs_eager_bf16"][f"fp8_matmul {way}"] = against(loss_and_grads(model, batch), reference)
+                record(f"{name} inductor transpose", model, big, 1, set_gradient_checkpointing(transformer, 0))
+            except Exception as error:  # not yet tried on a GPU: report and keep measuring the rest
+                out["inductor_transpose_error"] = f"{type(error).__name__}: {error}"[:600]
+                print(f"inductor transpose candidate failed: {out['inductor_transpose_error']}", flush=True)
+                model.zero_grad(set_to_none=True)
+            finally:
+                base_precision.transposed_copy = eager_transpose
             full = set_gradient_checkpointing(transformer, -1, keep_attention=True)
             record(f"{name} keep_attention", model, big, 1, full)
             ckpt = set_gradient_checkpointing(transformer, -1, offload=True, keep_attention=True)

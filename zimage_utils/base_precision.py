@@ -137,6 +137,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+def transposed_copy(weight_bytes: torch.Tensor) -> torch.Tensor:
+    """(out, in) → its transpose (in, out), contiguous. In eager a strided copy: 37 ms of a 234 ms 1024² step on an
+    H200 for all the block weights, as bytes or as e4m3 alike (docs/BENCHMARKS.md); `bench_train_step.py --part fp8`
+    times an inductor-generated kernel in its place."""
+    return weight_bytes.t().contiguous()
+
+
 @torch.library.custom_op("zimage::fp8_weight_matmul", mutates_args=())
 def fp8_weight_matmul(
     a: torch.Tensor, a_scale: torch.Tensor, weight_bytes: torch.Tensor, weight_scale: torch.Tensor, transpose: bool
@@ -152,8 +159,8 @@ def fp8_weight_matmul(
     and with only the matmul opaque, the input gradient still came out uncorrelated with eager's."""
     if transpose:
         b, scale_b = weight_bytes.t(), weight_scale.t()
-    else:  # a strided copy: 37 ms of a 234 ms 1024² step on an H200, as bytes or as e4m3 (docs/BENCHMARKS.md)
-        b, scale_b = weight_bytes.t().contiguous().t(), weight_scale
+    else:
+        b, scale_b = transposed_copy(weight_bytes).t(), weight_scale
     b = b.view(torch.float8_e4m3fn)
     return torch._scaled_mm(
         a.contiguous(), b, scale_a=a_scale.contiguous(), scale_b=scale_b.contiguous(), out_dtype=torch.bfloat16
