@@ -106,19 +106,24 @@ def step_flops(cfg: dict, h: int, w: int, batch: int, recomputed_blocks: int) ->
     return total * batch
 
 
+def ms_per_call(fn, *operands, calls: int = 20) -> float:
+    """GPU milliseconds per `fn(*operands)`, after 5 untimed calls."""
+    for _ in range(5):
+        fn(*operands)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*operands)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def matmul_peak_tflops(device) -> float:
     if device.type != "cuda":
         return float("nan")
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+    return 2 * 8192**3 / (ms_per_call(torch.matmul, a, b, calls=10) / 1e3) / 1e12
 
 
 def make_batch(c: int, h: int, w: int, batch: int, cap_dim: int, device):
@@ -378,18 +383,6 @@ def stored_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward_backward(fn, x: torch.Tensor, operands: tuple, grad: torch.Tensor) -> None:
     fn(x, *operands).backward(grad)
-
-
-def ms_per_call(fn, *operands, calls: int = 20) -> float:
-    """GPU milliseconds per `fn(*operands)`, after 5 untimed calls."""
-    for _ in range(5):
-        fn(*operands)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn(*operands)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
 
 
 def linear_fp8_vs_bf16(device, tokens: int = 4224) -> list[dict]:
