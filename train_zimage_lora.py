@@ -564,9 +564,10 @@ def run_training(args: argparse.Namespace) -> None:
                     "steps_per_s": (global_step - last_log_step) / max(elapsed, 1e-9),
                     **meter.compute(),
                 }
-                if torch.cuda.is_available():  # the largest over all GPUs
-                    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=accelerator.device)
-                    logs["peak_mem_gib"] = float(accelerator.reduce(peak, "max"))
+                if torch.cuda.is_available():  # the largest over all GPUs; reserved is what the card must hold
+                    peaks = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+                    peaks = accelerator.reduce(torch.tensor(peaks, device=accelerator.device) / 2**30, "max")
+                    logs["peak_mem_gib"], logs["peak_reserved_gib"] = peaks.tolist()
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})

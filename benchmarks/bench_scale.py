@@ -8,6 +8,10 @@ synthetic 1024² cache (random latents, 128-token caption embeddings), then runs
 train_zimage_lora.py` for DDP on 1/2/4 GPUs and DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload, reads s/step and
 the peak GPU memory (max over ranks) from each run's train_log.jsonl, and checks that each saved LoRA has the
 expected keys, no empty tensor, and loads into the transformer through diffusers. Prints a table; writes JSON.
+
+    python benchmarks/bench_scale.py --work /tmp/scale --only compile_bf16,compile_fp8_matmul,compile_fp8_matmul_max22
+
+runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory).
 """
 
 import argparse
@@ -314,6 +318,8 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode)
         s_per_step=s_per_step,
         samples_per_s=gpus / s_per_step,
         peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
+        peak_reserved_gib=max(r.get("peak_reserved_gib", float("nan")) for r in rows),
+        flags=" ".join(extra),
         final_loss=rows[-1]["loss"],
         lora=str(out / "pytorch_lora_weights.safetensors"),
     )
@@ -377,8 +383,16 @@ def main() -> None:
             ckpt + ["--zero3_max_live_parameters", "0"],
         ),
     ]
+    # One-GPU variants, run only when named in --only: the trainer end to end with a compiled fp8_matmul base,
+    # with and without a memory budget, against compiled bf16 in the same run
+    one_gpu = [
+        ("compile_bf16", ["--compile"]),
+        ("compile_fp8_matmul", ["--compile", "--base_precision", "fp8_matmul"]),
+        ("compile_fp8_matmul_max22", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "22"]),
+    ]
     if args.only:
-        runs = [r for r in runs if r[0] in args.only.split(",")]
+        wanted = args.only.split(",")
+        runs = [r for r in runs + [(n, "single_gpu.yaml", 1, x) for n, x in one_gpu] if r[0] in wanted]
     start = time.perf_counter()
     make_model(work / "model", full, transformer_weights=bool(runs))
     if runs:
@@ -444,22 +458,21 @@ def main() -> None:
     }
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"\n{summary['device']} x{summary['gpus_visible']}, {resolution}², bs1/GPU, LoRA r32 attention")
     print(
-        f"\n{summary['device']} x{summary['gpus_visible']}, {resolution}², bs1/GPU, LoRA r32 attention, "
-        "full gradient checkpointing, eager"
-    )
-    print(
-        f"{'run':15s} {'gpus':>4s} {'s/step':>7s} {'samples/s':>9s} {'x 1gpu':>6s} {'peak GiB':>8s} {'LoRA check':>30s}"
+        f"{'run':24s} {'gpus':>4s} {'s/step':>7s} {'samples/s':>9s} {'x 1gpu':>6s} {'peak GiB':>8s} "
+        f"{'reserved':>8s} {'LoRA check':>30s}  flags"
     )
     for r in results:
         if "s_per_step" not in r:
-            print(f"{r['name']:15s} {r['gpus']:4d} failed (rc {r['returncode']}), see log_{r['name']}.txt")
+            print(f"{r['name']:24s} {r['gpus']:4d} failed (rc {r['returncode']}), see log_{r['name']}.txt")
             continue
         c = r.get("lora_check", {})
         check = f"{c.get('tensors')} tensors, {c.get('empty')} empty, {c.get('loaded_params')} loaded"
         print(
-            f"{r['name']:15s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
-            f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['peak_gib']:8.2f} {check:>30s}"
+            f"{r['name']:24s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
+            f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['peak_gib']:8.2f} {r['peak_reserved_gib']:8.2f} "
+            f"{check:>30s}  {r['flags']}"
         )
 
     for p in precompute:
