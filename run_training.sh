@@ -4,6 +4,7 @@
 #   bash run_training.sh                                   # offline demo: tiny random Z-Image + synthetic shapes
 #   MODEL=Tongyi-MAI/Z-Image-Turbo DATA=my_photos TRIGGER="sks person" RESOLUTION=1024 STEPS=2000 \
 #     bash run_training.sh                                 # a real run (any variable below can be overridden)
+#   RESOLUTION="512 1024" ...                              # several resolutions: one cache each, trained together
 #
 # Every step is an ordinary command you can also run yourself; EXTRA_PRECOMPUTE_ARGS / EXTRA_TRAIN_ARGS are
 # passed through (e.g. EXTRA_TRAIN_ARGS="--gradient_checkpointing --optimizer adamw8bit").
@@ -48,20 +49,28 @@ fi
 prefix=()
 [ -n "$TRIGGER" ] && prefix=(--caption_prefix "$TRIGGER")
 
-echo "== 1/3 precompute: $DATA -> $OUT/cache"
-"${launch[@]}" precompute_embeddings.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$DATA" \
-  --output_dir "$OUT/cache" --resolution "$RESOLUTION" --validation_prompts "$PROMPT" "${prefix[@]}" \
-  ${EXTRA_PRECOMPUTE_ARGS:-}
+read -ra resolutions <<< "$RESOLUTION"
+caches=()
+for res in "${resolutions[@]}"; do
+  cache=$OUT/cache
+  [ ${#resolutions[@]} -gt 1 ] && cache=$OUT/cache_$res
+  caches+=("$cache")
+  echo "== 1/3 precompute: $DATA -> $cache ($res px)"
+  "${launch[@]}" precompute_embeddings.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$DATA" \
+    --output_dir "$cache" --resolution "$res" --validation_prompts "$PROMPT" "${prefix[@]}" \
+    ${EXTRA_PRECOMPUTE_ARGS:-}
+done
+largest=$(printf '%s\n' "${resolutions[@]}" | sort -n | tail -1)
 
 echo "== 2/3 train: $STEPS steps -> $OUT/lora"
-"${launch[@]}" train_zimage_lora.py --pretrained_model_name_or_path "$MODEL" --precomputed_dir "$OUT/cache" \
+"${launch[@]}" train_zimage_lora.py --pretrained_model_name_or_path "$MODEL" --precomputed_dir "${caches[@]}" \
   --output_dir "$OUT/lora" --rank "$LORA_RANK" --learning_rate "$LR" --max_train_steps "$STEPS" \
   --checkpointing_steps $((STEPS / 2 > 0 ? STEPS / 2 : 1)) --checkpoints_total_limit 2 \
   --resume_from_checkpoint latest ${EXTRA_TRAIN_ARGS:-}
 
 echo "== 3/3 sample with the LoRA"
 python generate.py --pretrained_model_name_or_path "$MODEL" --lora "$OUT/lora" --prompt "$PROMPT" \
-  --height "$RESOLUTION" --width "$RESOLUTION" --output "$OUT/sample.png"
+  --height "$largest" --width "$largest" --output "$OUT/sample.png"
 
 echo
 echo "LoRA (diffusers):        $OUT/lora/pytorch_lora_weights.safetensors"

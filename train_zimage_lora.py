@@ -21,7 +21,6 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from zimage_utils import cache as cache_lib
 from zimage_utils import cli
 from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_after_loading_
@@ -55,7 +54,7 @@ from zimage_utils.model_loading import (
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
-from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
+from zimage_utils.train_data import BucketBatchSampler, collate, item_generator_seed, load_caches
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
 from zimage_utils.validation import Validator, validation_loss
@@ -69,9 +68,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
     p.add_argument("--revision", default=None)
     p.add_argument("--transformer_single_file", default=None, help="A single-file transformer checkpoint to train.")
-    p.add_argument("--precomputed_dir", required=True, help="Cache folder written by precompute_embeddings.py.")
+    p.add_argument(
+        "--precomputed_dir",
+        required=True,
+        nargs="+",
+        help="Cache folder(s) written by precompute_embeddings.py. Several mix their items, e.g. one cache per "
+        "resolution (512 and 1024) or per concept; each must be made with this model's VAE and text encoder.",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Times each --precomputed_dir's items are seen per epoch, one count per cache (default 1 each): "
+        "balances a small concept against a large one.",
+    )
     p.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
-    p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of the cache held out (0 = none).")
+    p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
     p.add_argument("--seed", type=int, default=0)
     # LoRA
     p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
@@ -207,7 +220,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
-    return p.parse_args(input_args)
+    args = p.parse_args(input_args)
+    if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
+        p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
+    return args
 
 
 def load_data(args, accelerator, transformer):
@@ -217,13 +233,9 @@ def load_data(args, accelerator, transformer):
         "embed_dim": transformer.config.cap_feat_dim,
         "latent_channels": transformer.config.in_channels,
     }
-    hf_data, manifest = cache_lib.load_cache(args.precomputed_dir, expected)
-    empty_embeds, validation_prompts = cache_lib.load_prompt_embeddings(args.precomputed_dir)
-    val_data = None
-    if args.validation_split > 0:
-        split = hf_data.train_test_split(test_size=args.validation_split, seed=args.seed)
-        hf_data, val_data = split["train"], CachedLatentsDataset(split["test"], manifest)
-    train = CachedLatentsDataset(hf_data, manifest)
+    train, val_data, caches = load_caches(
+        args.precomputed_dir, expected, args.repeats, args.validation_split, args.seed
+    )
     sampler = BucketBatchSampler(
         train.group_keys(args.group_by_caption_length),
         args.train_batch_size,
@@ -231,13 +243,12 @@ def load_data(args, accelerator, transformer):
         accelerator.process_index,
         args.seed,
     )
-    return train, val_data, sampler, manifest, empty_embeds, validation_prompts
+    return train, val_data, sampler, caches
 
 
-def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, manifest, dtype):
+def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
     gathers the LoRA from all of them), with the metadata users and tools look for."""
-    fp = manifest["fingerprint"]
     metadata = {
         "base_model": args.pretrained_model_name_or_path,
         "rank": str(args.rank),
@@ -245,8 +256,8 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         "targets": args.lora_targets,
         "target_modules": ",".join(targets),
         "steps": str(step),
-        "resolution": str(fp["resolution"]),
-        "trigger_word": manifest.get("caption_prefix") or "",
+        "resolution": ",".join(map(str, caches["resolutions"])),
+        "trigger_word": ", ".join(caches["caption_prefixes"]),
         "training_adapter": args.training_adapter or "",
     }
     model = accelerator.unwrap_model(transformer)
@@ -276,7 +287,7 @@ def check_memory_options(args, accelerator) -> None:
 def fit_memory_budget(args, accelerator, transformer, train, config, params, print0) -> None:
     """Set the fewest checkpointed blocks that fit --max_memory_gb, measured on the largest batch the cache holds."""
     model = accelerator.unwrap_model(transformer)
-    shapes = train.data.select_columns(["bucket_height", "bucket_width", "caption_length"]).to_dict()
+    shapes = train.columns(["bucket_height", "bucket_width", "caption_length"])
     batch = worst_case_batch(
         list(zip(shapes["bucket_height"], shapes["bucket_width"])),
         shapes["caption_length"],
@@ -356,7 +367,8 @@ def run_training(args: argparse.Namespace) -> None:
         transformer.to(accelerator.device)
 
     # Data
-    train, val_data, sampler, manifest, empty_embeds, validation_prompts = load_data(args, accelerator, transformer)
+    train, val_data, sampler, caches = load_data(args, accelerator, transformer)
+    empty_embeds = caches["empty_embeds"]
     if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
         empty_embeds = empty_embeds.to(accelerator.device)
     loader = torch.utils.data.DataLoader(
@@ -421,6 +433,11 @@ def run_training(args: argparse.Namespace) -> None:
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
         state = read_training_state(resume)
         global_step, epoch, start_batch = state["global_step"], state["epoch"], state["next_batch"]
+        if state.get("items", len(train)) != len(train):  # caches or --repeats changed since the checkpoint
+            print0(
+                f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {len(train)}: "
+                f"the run goes on from batch {start_batch} of a different epoch order"
+            )
         print0(f"resumed from {resume}: step {global_step}, epoch {epoch}, batch {start_batch}")
     elif args.resume_from_checkpoint:
         print0(f"no checkpoint in {output_dir} to resume from: starting a new run")
@@ -437,9 +454,11 @@ def run_training(args: argparse.Namespace) -> None:
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
     if accelerator.is_main_process:
-        accelerator.init_trackers("zimage-lora", config={k: v for k, v in vars(args).items() if v is not None})
+        # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
+        hparams = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
+        accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
     print0(
-        f"{len(train)} training items in {len(sampler.groups)} buckets; {count_trainable_parameters(transformer):,} "
+        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; {count_trainable_parameters(transformer):,} "
         f"trainable LoRA parameters ({len(targets)} modules); effective batch "
         f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; {max_steps} steps "
         f"({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
@@ -461,19 +480,21 @@ def run_training(args: argparse.Namespace) -> None:
         accelerator.save_state(
             str(path), **({"exclude_frozen_parameters": True} if deepspeed_stage(accelerator) else {})
         )
-        save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, manifest, torch.float32)
+        save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, caches, torch.float32)
         if accelerator.is_main_process:
-            write_training_state(path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch})
+            write_training_state(
+                path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
+            )
         accelerator.wait_for_everyone()
         return path
 
     validator = Validator(
         args.pretrained_model_name_or_path,
         args.revision,
-        validation_prompts,
+        caches["validation_prompts"],
         empty_embeds,
         output_dir / "samples",
-        size=args.validation_resolution or manifest["fingerprint"]["resolution"],
+        size=args.validation_resolution or caches["resolutions"][-1],
         steps=args.validation_num_inference_steps,
         guidance=args.validation_guidance_scale,
         seed=args.seed,
@@ -598,7 +619,7 @@ def run_training(args: argparse.Namespace) -> None:
     if global_step >= max_steps:
         save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.save_dtype]
         save_lora_files(
-            args, accelerator, transformer, lora_config, targets, output_dir, global_step, manifest, save_dtype
+            args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype
         )
         if not (args.validation_steps > 0 and global_step % args.validation_steps == 0):
             validate(global_step)

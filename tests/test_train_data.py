@@ -2,9 +2,17 @@
 them, and a position (epoch, batch) that resume can restart from exactly."""
 
 import pytest
+import torch
+from conftest import TINY_CACHE_VALIDATION_PROMPTS
 
 from zimage_utils.cache import load_cache
-from zimage_utils.train_data import BucketBatchSampler, CachedLatentsDataset, collate, item_generator_seed
+from zimage_utils.train_data import (
+    BucketBatchSampler,
+    CachedLatentsDataset,
+    collate,
+    item_generator_seed,
+    load_caches,
+)
 
 # 15 items in three buckets (height, width) of 7, 5 and 3 items, interleaved as a folder of mixed images would be.
 KEYS = [(64, 64), (48, 80), (80, 48)] * 3 + [(64, 64), (48, 80)] * 2 + [(64, 64), (64, 64)]
@@ -54,7 +62,7 @@ def test_item_seeds_depend_on_seed_epoch_and_item_only():
 
 def test_cached_items_collate_into_a_training_batch(tiny_cache_dir):
     data, manifest = load_cache(tiny_cache_dir)
-    dataset = CachedLatentsDataset(data, manifest)
+    dataset = CachedLatentsDataset([(data, manifest)])
     keys = dataset.group_keys(by_caption_length=False)
     indices = next(iter(BucketBatchSampler(keys, batch_size=2)))
     batch = collate([dataset[i] for i in indices])
@@ -65,3 +73,27 @@ def test_cached_items_collate_into_a_training_batch(tiny_cache_dir):
     assert [c.shape[1] for c in batch["caption_embeds"]] == [16, 16]  # a list: caption lengths may differ
     # Grouping by caption length too adds the length to each key
     assert all(len(key) == 3 for key in dataset.group_keys(by_caption_length=True))
+
+
+def test_repeated_caches_give_each_copy_its_own_index(tiny_cache_dir):
+    """A cache given twice, the second seen 3 times an epoch: 4 copies of each item, each under its own index (its
+    noise and timestep are seeded from it) and each decoding the same record."""
+    data, manifest = load_cache(tiny_cache_dir)
+    n = len(data)
+    dataset = CachedLatentsDataset([(data, manifest), (data, manifest)], repeats=[1, 3])
+    assert len(dataset) == 4 * n
+    keys = dataset.group_keys(by_caption_length=False)
+    assert keys == CachedLatentsDataset([(data, manifest)]).group_keys(by_caption_length=False) * 4
+    copies = [dataset[k * n + 5] for k in range(4)]
+    assert [c["index"] for c in copies] == [5, n + 5, 2 * n + 5, 3 * n + 5]
+    for copy in copies[1:]:
+        torch.testing.assert_close(copy["latents"], copies[0]["latents"])
+    # The memory budget sizes its worst batch from each item once, not from the copies
+    assert len(dataset.columns(["bucket_height"])["bucket_height"]) == 2 * n
+
+
+def test_several_caches_pool_their_prompts_and_hold_out_from_each(tiny_cache_dir):
+    train, held_out, info = load_caches([tiny_cache_dir, tiny_cache_dir], {}, validation_split=0.25, seed=0)
+    assert (len(train), len(held_out)) == (2 * 9, 2 * 3)  # 12 items each, a quarter of each held out
+    assert [p for p, _ in info["validation_prompts"]] == TINY_CACHE_VALIDATION_PROMPTS  # each distinct prompt once
+    assert info["resolutions"] == [64] and info["empty_embeds"].ndim == 2

@@ -53,12 +53,16 @@ DEFAULT_FLAGS = {
 
 
 def trainer_args(model_dir, cache_dir, output_dir, **flags) -> list[str]:
-    """Command-line arguments: `learning_rate=1e-3` becomes `--learning_rate 1e-3`, `flag=True` becomes `--flag`."""
-    args = ["--pretrained_model_name_or_path", str(model_dir), "--precomputed_dir", str(cache_dir)]
+    """Command-line arguments: `learning_rate=1e-3` becomes `--learning_rate 1e-3`, `flag=True` becomes `--flag`,
+    `repeats=[1, 2]` becomes `--repeats 1 2`; `cache_dir` may be a list of caches."""
+    caches = cache_dir if isinstance(cache_dir, list) else [cache_dir]
+    args = ["--pretrained_model_name_or_path", str(model_dir), "--precomputed_dir", *map(str, caches)]
     args += ["--output_dir", str(output_dir)]
     for name, value in {**DEFAULT_FLAGS, **flags}.items():
         if value is True:
             args.append(f"--{name}")
+        elif isinstance(value, list):
+            args += [f"--{name}", *map(str, value)]
         elif value is not None:
             args += [f"--{name}", str(value)]
     return args
@@ -239,6 +243,39 @@ RESUME_FLAGS = dict(
 )
 
 
+def test_caches_at_two_resolutions_train_together_with_repeats(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """One cache per resolution, the 32² one seen twice an epoch: one epoch visits every 64² item once and every
+    32² item twice (each copy with its own index, so its own noise), and the LoRA says it saw both resolutions."""
+    small_cache = precompute(tiny_model_dir, tiny_data_dir, tmp_path / "cache_32", "--resolution", "32")
+    seen, original = [], train_zimage_lora.flow_matching_step
+
+    def spy(transformer, batch, *args, **kwargs):
+        h, w = batch["latents"].shape[-2:]
+        seen.extend((int(i), h * w * 64) for i in batch["indices"])  # (index, pixels)
+        return original(transformer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_zimage_lora, "flow_matching_step", spy)
+    out = tmp_path / "run"
+    log = train(
+        tiny_model_dir, [tiny_cache_dir, small_cache], out, repeats=[1, 2], max_train_steps=36, logging_steps=12
+    )
+
+    assert sorted(i for i, _ in seen) == list(range(36))  # 12 items + 2 x 12 copies, each once
+    assert sum(pixels > 2048 for _, pixels in seen) == 12  # the 64² cache's buckets hold ~4096 pixels
+    assert sum(pixels <= 2048 for _, pixels in seen) == 24  # the 32² cache's ~1024, twice
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    _, metadata = load_lora_file(out / LORA_WEIGHT_NAME)
+    assert metadata["resolution"] == "32,64"
+
+
+def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(trainer_args(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, repeats=[2]))
+    assert "--repeats takes one count of at least 1 per --precomputed_dir (2 given)" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def interrupted_and_resumed(tiny_model_dir, flipped_cache_dir, tmp_path_factory):
     """Run A: 12 steps in one go. Run B: stopped after 6 steps (checkpoints every 3, keep 2), then resumed."""
@@ -275,6 +312,16 @@ def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tin
     caplog.set_level("INFO", logger="train")
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
     assert "no checkpoint" in caplog.text and [r["step"] for r in log] == [1, 2]
+
+
+def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
+    tiny_model_dir, tiny_cache_dir, tmp_path, caplog
+):
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)
+    caplog.set_level("INFO", logger="train")
+    log = train(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
+    assert "was trained on 12 items an epoch, the caches now give 24" in caplog.text
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # the log file holds both runs
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ choice about an item (noise, timestep, caption dropout, flip) is seeded from (se
 then does not depend on how many processes shared the work.
 """
 
+import bisect
 import hashlib
 import random
 from typing import Any
 
 import torch
 
+from . import cache as cache_lib
 from .cache import decode_record
 
 
@@ -23,23 +25,78 @@ def item_generator_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class CachedLatentsDataset(torch.utils.data.Dataset):
-    """Decoded cache records: {"index", "latents" [C,h,w], "latents_flipped" or None, "caption_embeds" [L,D]}."""
+    """Decoded records of one or more caches, each seen `repeats` times an epoch:
+    {"index", "latents" [C,h,w], "latents_flipped" or None, "caption_embeds" [L,D]}.
 
-    def __init__(self, hf_dataset, manifest: dict[str, Any]):
-        self.data, self.manifest = hf_dataset, manifest
+    Index i runs over the copies (cache 0's items `repeats[0]` times, then cache 1's, ...), and every random choice
+    about an item is seeded from its index, so each copy of a repeated image gets its own noise and timestep.
+    Caches made at different resolutions mix freely: a batch always holds one bucket.
+    """
+
+    def __init__(self, caches: list[tuple[Any, dict[str, Any]]], repeats: list[int] | None = None):
+        self.caches = caches  # [(datasets.Dataset, manifest)]
+        self.repeats = repeats or [1] * len(caches)
+        if len(self.repeats) != len(caches) or min(self.repeats) < 1:
+            raise ValueError(f"give one repeat count of at least 1 per cache (got {self.repeats} for {len(caches)})")
+        sizes = [len(data) * r for (data, _), r in zip(caches, self.repeats)]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.starts[-1]
+
+    def columns(self, names: list[str]) -> dict[str, list]:
+        """Metadata columns over every cache's items, each item once (repeats left out)."""
+        tables = [data.select_columns(names).to_dict() for data, _ in self.caches]
+        return {name: [v for table in tables for v in table[name]] for name in names}
 
     def group_keys(self, by_caption_length: bool) -> list[tuple]:
-        """Per item, the key items must share to be batched together: bucket, and caption length if asked
+        """Per index, the key items must share to be batched together: bucket, and caption length if asked
         (equal lengths let the transformer skip its attention mask and use the fastest SDPA kernels)."""
-        columns = ["bucket_height", "bucket_width"] + (["caption_length"] if by_caption_length else [])
-        table = self.data.select_columns(columns).to_dict()
-        return list(zip(*(table[c] for c in columns)))
+        names = ["bucket_height", "bucket_width"] + (["caption_length"] if by_caption_length else [])
+        keys = []
+        for (data, _), repeats in zip(self.caches, self.repeats):
+            table = data.select_columns(names).to_dict()
+            keys += list(zip(*(table[c] for c in names))) * repeats
+        return keys
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"index": index, **decode_record(self.data[index], self.manifest)}
+        which = bisect.bisect_right(self.starts, index) - 1
+        data, manifest = self.caches[which]
+        row = (index - self.starts[which]) % len(data)
+        return {"index": index, **decode_record(data[row], manifest)}
+
+
+def load_caches(
+    paths: list[str], expected: dict[str, Any], repeats: list[int] | None = None, validation_split: float = 0.0, seed=0
+) -> tuple[CachedLatentsDataset, CachedLatentsDataset | None, dict[str, Any]]:
+    """(training set, held-out set or None, what the caches hold together) over one or more caches, each checked
+    against `expected` (see `cache.load_cache`). `validation_split` holds out that fraction of every cache.
+
+    The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
+    (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
+    (each distinct prompt of any cache, once)}.
+    """
+    train, held_out, manifests, prompts = [], [], [], {}
+    empty = None
+    for path in paths:
+        data, manifest = cache_lib.load_cache(path, expected)
+        if validation_split > 0:
+            split = data.train_test_split(test_size=validation_split, seed=seed)
+            data = split["train"]
+            held_out.append((split["test"], manifest))
+        train.append((data, manifest))
+        manifests.append(manifest)
+        cache_empty, cache_prompts = cache_lib.load_prompt_embeddings(path)
+        empty = cache_empty if empty is None else empty
+        for prompt, embeds in cache_prompts:
+            prompts.setdefault(prompt, embeds)
+    info = {
+        "resolutions": sorted({m["fingerprint"]["resolution"] for m in manifests}),
+        "caption_prefixes": list(dict.fromkeys(m["caption_prefix"] for m in manifests if m.get("caption_prefix"))),
+        "empty_embeds": empty,
+        "validation_prompts": list(prompts.items()),
+    }
+    return CachedLatentsDataset(train, repeats), CachedLatentsDataset(held_out) if held_out else None, info
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
