@@ -43,7 +43,7 @@ from zimage_utils.distributed import (
     skip_frozen_in_ddp,
 )
 from zimage_utils.flow_matching import SigmaBinMeter
-from zimage_utils.lora import add_lora, count_trainable_parameters, lora_target_modules
+from zimage_utils.lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import calibrate_checkpointing, optimizer_state_gib, worst_case_batch
 from zimage_utils.model_loading import (
@@ -96,6 +96,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="attention | attention_ffn | all, or a comma-separated list of module names/suffixes.",
     )
     p.add_argument("--lora_exclude_refiners", action="store_true", help="No LoRA in the noise/context refiners.")
+    p.add_argument(
+        "--init_lora",
+        default=None,
+        help="Start from this LoRA instead of from zero (a .safetensors file or a folder of ours; diffusers, "
+        "ComfyUI/ai-toolkit or kohya keys): same --rank, and --lora_targets covering its modules.",
+    )
     p.add_argument(
         "--training_adapter",
         default=None,
@@ -259,6 +265,7 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         "resolution": ",".join(map(str, caches["resolutions"])),
         "trigger_word": ", ".join(caches["caption_prefixes"]),
         "training_adapter": args.training_adapter or "",
+        "init_lora": args.init_lora or "",
     }
     model = accelerator.unwrap_model(transformer)
     with gathered_lora(accelerator, model):
@@ -392,6 +399,12 @@ def run_training(args: argparse.Namespace) -> None:
         args.lora_targets,
         args.lora_exclude_refiners,
     )
+    if args.init_lora:
+        fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
+        print0(
+            f"LoRA starts from {args.init_lora}"
+            + (f"; {len(fresh)} targeted modules it lacks from zero" * bool(fresh))
+        )
     if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
         set_gradient_checkpointing(
             transformer,

@@ -210,6 +210,37 @@ def test_lora_metadata_tells_what_was_trained(finished_run, tiny_model_dir):
         assert (metadata["steps"], metadata["resolution"]) == (str(FINISHED_STEPS), "64")
 
 
+@pytest.mark.parametrize("weight_name", [LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])
+def test_init_lora_starts_training_from_a_saved_lora(
+    finished_run, tiny_model_dir, tiny_cache_dir, tmp_path, weight_name
+):
+    """--init_lora with a different alpha (scale 0.5 against the file's 2) and learning rate 0: the run's LoRA is
+    the file's, update for update, from either layout."""
+    flags = dict(rank=8, lora_alpha=4, lora_targets="all", learning_rate=0, max_train_steps=1, save_dtype="fp32")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, init_lora=finished_run["dir"] / weight_name, **flags)
+    original, _ = load_lora_file(finished_run["dir"] / LORA_WEIGHT_NAME)
+    started, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
+    assert metadata["init_lora"] == str(finished_run["dir"] / weight_name)
+    modules = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in original if "lora_A" in k}
+    assert len(modules) == 31
+    for module in modules:
+        torch.testing.assert_close(lora_delta(started, module), lora_delta(original, module), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(rank=4, lora_targets="all"), "has LoRA rank \\[8\\], this run 4: pass --rank 8"),
+        (dict(rank=8, lora_targets="attention"), "adapts 15 module\\(s\\) this run does not target"),
+    ],
+)
+def test_init_lora_that_does_not_fit_the_run_is_refused(
+    finished_run, tiny_model_dir, tiny_cache_dir, tmp_path, flags, message
+):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, init_lora=finished_run["dir"], **flags)
+
+
 def test_calling_main_in_process_restores_the_callers_signal_handlers(finished_run):
     before, after = finished_run["handlers"]
     assert after == before  # else Ctrl-C in a notebook or pytest would be swallowed by a finished run's handler

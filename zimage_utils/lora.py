@@ -112,6 +112,39 @@ def add_lora(
     return config
 
 
+def init_lora_from(transformer: torch.nn.Module, path: str, config: LoraConfig, targets: list[str]) -> list[str]:
+    """Start the adapter added by `add_lora` from a saved LoRA instead of from zero: each module's update equals
+    the file's at strength 1, whatever the alpha of either (lora_A is divided by this adapter's alpha / r).
+
+    Args:
+        path: anything `lora_io.read_lora` reads (ours, ComfyUI/ai-toolkit, kohya; file, folder or hub id).
+        config, targets: what `add_lora` returned, and `lora_target_modules` for the same arguments.
+
+    Returns:
+        The targeted modules the file has no weights for (they start from zero as usual). Raises ValueError,
+        naming the file and the flag to change, when the file's rank differs or it adapts modules not targeted.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    from .lora_io import DIFFUSERS_PREFIX, read_lora
+
+    state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in read_lora(path).items()}
+    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    extra = sorted(modules - set(targets))
+    if extra:
+        raise ValueError(
+            f"{path} adapts {len(extra)} module(s) this run does not target (e.g. {extra[0]}): pass --lora_targets "
+            "covering them (attention, attention_ffn, all, or module names) and drop --lora_exclude_refiners if set"
+        )
+    ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in modules}
+    if ranks != {config.r}:
+        raise ValueError(f"{path} has LoRA rank {sorted(ranks)}, this run {config.r}: pass --rank {min(ranks)}")
+    scale = config.lora_alpha / config.r  # PEFT multiplies B @ A by this
+    state = {k: v.float() / scale if k.endswith(".lora_A.weight") else v.float() for k, v in state.items()}
+    set_peft_model_state_dict(transformer, state, adapter_name="default")
+    return [m for m in targets if m not in modules]
+
+
 def count_trainable_parameters(model: torch.nn.Module) -> int:
     """Number of parameters with `requires_grad` (after `add_lora`: the LoRA weights only)."""
     # DeepSpeed ZeRO-3 leaves an empty shard in `p` and records the full size in `ds_numel`.

@@ -213,3 +213,15 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, metadata
+
+
+def read_lora(path: str) -> dict[str, torch.Tensor]:
+    """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya), as diffusers keys
+    `transformer.<module>.lora_A.weight` / `.lora_B.weight` with any alpha folded in (the update at strength 1 is
+    B @ A). `path`: a .safetensors file, a folder holding pytorch_lora_weights.safetensors, or a hub id.
+    Pickled weights are refused."""
+    from diffusers import ZImagePipeline
+
+    if Path(path).is_file() and Path(path).suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
+    return ZImagePipeline.lora_state_dict(path, use_safetensors=True)

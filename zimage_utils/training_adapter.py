@@ -6,20 +6,15 @@ from contextlib import contextmanager
 
 import torch
 
+from .lora_io import read_lora
+
 ADAPTER_NAME = "training_adapter"
-
-
-def read_training_adapter(path: str) -> dict[str, torch.Tensor]:
-    """A LoRA file in any format diffusers reads (diffusers, ComfyUI/ai-toolkit, kohya), as diffusers keys."""
-    from diffusers import ZImagePipeline
-
-    return ZImagePipeline.lora_state_dict(path)
 
 
 def merge_training_adapter(transformer, path: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Fold the adapter into the base weights at +scale (no LoRA layers remain). Call before adding the LoRA
     being trained. Returns the adapter's state dict, to apply at −scale when sampling."""
-    state_dict = read_training_adapter(path)
+    state_dict = read_lora(path)
     transformer.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=ADAPTER_NAME)
     transformer.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER_NAME])
     transformer.unload_lora()  # keeps the fused weights, removes the adapter layers
