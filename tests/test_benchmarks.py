@@ -43,9 +43,9 @@ def test_fp8_part_reports_how_far_each_step_is_from_eager_bf16(tmp_path):
     assert agreement["bf16 compiled"]["grad_cosine"] > 0.9999
     for precision in ("fp8_matmul", "fp8"):
         assert 0.9 < agreement[f"{precision} eager"]["grad_cosine"] < 1.0  # close, but quantised
-    # The candidate transposing kernel moves the same bytes: the same gradients
-    candidate = agreement["fp8_matmul eager inductor transpose"]
-    assert candidate["grad_rel_err"] == pytest.approx(agreement["fp8_matmul eager"]["grad_rel_err"], abs=1e-6)
+    # Either transposing copy moves the same bytes: the same gradients
+    eager_copy = agreement["fp8_matmul eager eager transpose"]
+    assert eager_copy["grad_rel_err"] == pytest.approx(agreement["fp8_matmul eager"]["grad_rel_err"], abs=1e-6)
     assert {row["name"] for row in report["rows"]} >= {"ours eager bf16", "ours eager fp8_matmul", "ours eager fp8"}
 
 
