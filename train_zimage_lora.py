@@ -42,6 +42,7 @@ from zimage_utils.distributed import (
     process_group_kwargs,
     skip_frozen_in_ddp,
 )
+from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
@@ -123,6 +124,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
     p.add_argument("--num_train_epochs", type=int, default=10)
+    p.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.0,
+        help="Keep an exponential moving average of the LoRA (e.g. 0.999) for the saved files and samples (0 = off).",
+    )
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
     p.add_argument(
         "--mixed_precision",
@@ -266,6 +273,7 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         "trigger_word": ", ".join(caches["caption_prefixes"]),
         "training_adapter": args.training_adapter or "",
         "init_lora": args.init_lora or "",
+        "ema_decay": str(args.ema_decay),
     }
     model = accelerator.unwrap_model(transformer)
     with gathered_lora(accelerator, model):
@@ -349,6 +357,8 @@ def run_training(args: argparse.Namespace) -> None:
     check_process_group(accelerator)
     check_base_precision(args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter)
     check_memory_options(args, accelerator)
+    if args.ema_decay and deepspeed_stage(accelerator) == 3:
+        raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
@@ -437,6 +447,8 @@ def run_training(args: argparse.Namespace) -> None:
     skip_frozen_in_ddp(transformer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_lora_state_hooks(accelerator, type(accelerator.unwrap_model(transformer)))
+    trainable = [(n, p) for n, p in accelerator.unwrap_model(transformer).named_parameters() if p.requires_grad]
+    ema = LoraEMA(trainable, args.ema_decay) if args.ema_decay else None
 
     # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
     global_step, epoch, start_batch = 0, 0, 0
@@ -445,6 +457,8 @@ def run_training(args: argparse.Namespace) -> None:
         # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
         state = read_training_state(resume)
+        if ema is not None:
+            ema.load(resume)
         global_step, epoch, start_batch = state["global_step"], state["epoch"], state["next_batch"]
         if state.get("items", len(train)) != len(train):  # caches or --repeats changed since the checkpoint
             print0(
@@ -471,8 +485,8 @@ def run_training(args: argparse.Namespace) -> None:
         hparams = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
     print0(
-        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; {count_trainable_parameters(transformer):,} "
-        f"trainable LoRA parameters ({len(targets)} modules); effective batch "
+        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
+        f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); effective batch "
         f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; {max_steps} steps "
         f"({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
@@ -493,7 +507,10 @@ def run_training(args: argparse.Namespace) -> None:
         accelerator.save_state(
             str(path), **({"exclude_frozen_parameters": True} if deepspeed_stage(accelerator) else {})
         )
-        save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, caches, torch.float32)
+        if ema is not None and accelerator.is_main_process:
+            ema.save(path)
+        with averaged_weights(ema):
+            save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, caches, torch.float32)
         if accelerator.is_main_process:
             write_training_state(
                 path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
@@ -519,16 +536,17 @@ def run_training(args: argparse.Namespace) -> None:
 
     def validate(step):
         transformer.eval()
-        logs = validation_loss(transformer, val_data, collate, args.seed) if val_data is not None else {}
-        # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
-        # the main process does.
-        if accelerator.is_main_process or zero3:
-            with training_adapter_removed(
-                accelerator.unwrap_model(transformer), None if zero3 else adapter_state, args.training_adapter_scale
-            ) as model:
-                path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)
-            if path:
-                print0(f"validation samples: {path} (prompts x steps)")
+        with averaged_weights(ema):
+            logs = validation_loss(transformer, val_data, collate, args.seed) if val_data is not None else {}
+            # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
+            # the main process does.
+            if accelerator.is_main_process or zero3:
+                adapter = None if zero3 else adapter_state
+                model = accelerator.unwrap_model(transformer)
+                with training_adapter_removed(model, adapter, args.training_adapter_scale) as model:
+                    path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)
+                if path:
+                    print0(f"validation samples: {path} (prompts x steps)")
         transformer.train()
         if logs:
             accelerator.log(logs, step=step)
@@ -568,6 +586,8 @@ def run_training(args: argparse.Namespace) -> None:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if ema is not None:
+                ema.step()
             progress.update(1)
             stop = stop_requested["flag"]
             if accelerator.num_processes > 1:
@@ -631,9 +651,10 @@ def run_training(args: argparse.Namespace) -> None:
     # Save the final LoRA (and a last validation) when the run is complete
     if global_step >= max_steps:
         save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.save_dtype]
-        save_lora_files(
-            args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype
-        )
+        with averaged_weights(ema):
+            save_lora_files(
+                args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype
+            )
         if not (args.validation_steps > 0 and global_step % args.validation_steps == 0):
             validate(global_step)
         print0(f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui)")

@@ -345,6 +345,45 @@ def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tin
     assert "no checkpoint" in caplog.text and [r["step"] for r in log] == [1, 2]
 
 
+def test_ema_lora_files_hold_the_average_of_the_weights_after_each_step(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """--ema_decay 0.5: the files written at step k (checkpoint-k and the final ones) are diffusers' EMA of the raw
+    weights after steps 1..k, starting from the initial LoRA; the checkpoint's resume state keeps the raw weights."""
+    from diffusers.training_utils import EMAModel
+
+    flags = dict(max_train_steps=4, checkpointing_steps=1, save_dtype="fp32", rank=4, validation_num_inference_steps=1)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "ema", ema_decay=0.5, **flags)
+    # The initial LoRA: the same seed with a learning rate of 0
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "init", **dict(flags, max_train_steps=1, learning_rate=0))
+    raw = [load_file(str(tmp_path / "init" / "checkpoint-1" / LORA_STATE_NAME))]
+    raw += [load_file(str(tmp_path / "ema" / f"checkpoint-{k}" / LORA_STATE_NAME)) for k in range(1, 5)]
+    names = sorted(raw[0])
+    params = [torch.nn.Parameter(raw[0][n].clone()) for n in names]
+    expected = EMAModel(params, decay=0.5)
+    for step in range(1, 5):
+        for p, n in zip(params, names):
+            p.data.copy_(raw[step][n])
+        expected.step(params)
+        saved, _ = load_lora_file(tmp_path / "ema" / f"checkpoint-{step}" / LORA_WEIGHT_NAME)  # alpha = rank
+        for n, average in zip(names, expected.shadow_params):
+            torch.testing.assert_close(saved[n], average, rtol=0, atol=1e-7, msg=f"step {step}: {n}")
+    assert not torch.equal(saved[names[1]], raw[4][names[1]])  # the average is not the raw weights
+    final, metadata = load_lora_file(tmp_path / "ema" / LORA_WEIGHT_NAME)
+    assert all(torch.equal(final[n], saved[n]) for n in names) and metadata["ema_decay"] == "0.5"
+
+
+def test_resume_with_ema_reproduces_the_uninterrupted_average(tiny_model_dir, tiny_cache_dir, tmp_path):
+    flags = dict(max_train_steps=6, checkpointing_steps=3, save_dtype="fp32", ema_decay=0.9)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, max_train_steps_this_run=3)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, resume_from_checkpoint="latest")
+    lora_a, _ = load_lora_file(tmp_path / "a" / LORA_WEIGHT_NAME)
+    lora_b, _ = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    with pytest.raises(FileNotFoundError, match="written without --ema_decay"):  # resuming a run that had none
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "init_only", max_train_steps=2, checkpointing_steps=1)
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "init_only", **flags, resume_from_checkpoint="latest")
+
+
 def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
     tiny_model_dir, tiny_cache_dir, tmp_path, caplog
 ):
