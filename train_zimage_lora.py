@@ -46,7 +46,7 @@ from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
-from zimage_utils.memory_budget import calibrate_checkpointing, optimizer_state_gib, worst_case_batch
+from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
 from zimage_utils.model_loading import (
     component_config_hash,
     load_transformer,
@@ -279,49 +279,6 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
-
-
-def check_memory_options(args, accelerator) -> None:
-    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
-    for flag in ("cpu_offload_checkpointing", "checkpoint_keep_attention"):
-        if getattr(args, flag) and not checkpointing:
-            raise ValueError(
-                f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
-                "--gradient_checkpointing_blocks N or --max_memory_gb"
-            )
-    if not args.max_memory_gb:
-        return
-    if accelerator.device.type != "cuda":
-        raise ValueError("--max_memory_gb measures GPU memory and needs a CUDA device; drop it on this device")
-    if deepspeed_stage(accelerator):
-        raise ValueError("--max_memory_gb does not work under DeepSpeed; use --gradient_checkpointing there")
-    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
-        raise ValueError("--max_memory_gb chooses the checkpointing itself: drop --gradient_checkpointing(_blocks)")
-
-
-def fit_memory_budget(args, accelerator, transformer, train, config, params, print0) -> None:
-    """Set the fewest checkpointed blocks that fit --max_memory_gb, measured on the largest batch the cache holds."""
-    model = accelerator.unwrap_model(transformer)
-    shapes = train.columns(["bucket_height", "bucket_width", "caption_length"])
-    batch = worst_case_batch(
-        list(zip(shapes["bucket_height"], shapes["bucket_width"])),
-        shapes["caption_length"],
-        args.train_batch_size,
-        model.config.in_channels,
-        model.config.cap_feat_dim,
-    )
-    seeds = list(range(args.train_batch_size))
-    calibration = calibrate_checkpointing(
-        accelerator,
-        transformer,
-        batch,
-        lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
-        args.max_memory_gb,
-        optimizer_state_gib(params, args.optimizer),
-        args.cpu_offload_checkpointing,
-        args.checkpoint_keep_attention,
-    )
-    print0(calibration.summary())
 
 
 def append_jsonl(path: Path, record: dict) -> None:

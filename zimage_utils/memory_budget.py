@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import deepspeed_stage
 from .step_options import checkpointable_blocks, set_gradient_checkpointing
+from .training_step import flow_matching_step
 
 SAFETY = 0.97  # aim below the budget: later batches allocate in a different order and fragment differently
 
@@ -174,3 +176,48 @@ def worst_case_batch(
         "latents": torch.randn(batch_size, channels, h // 8, w // 8, generator=g),
         "caption_embeds": [torch.randn(length, cap_dim, generator=g) for _ in range(batch_size)],
     }
+
+
+def check_memory_options(args, accelerator) -> None:
+    """The trainer's checkpointing flags, checked together before anything loads."""
+    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
+    for flag in ("cpu_offload_checkpointing", "checkpoint_keep_attention"):
+        if getattr(args, flag) and not checkpointing:
+            raise ValueError(
+                f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
+                "--gradient_checkpointing_blocks N or --max_memory_gb"
+            )
+    if not args.max_memory_gb:
+        return
+    if accelerator.device.type != "cuda":
+        raise ValueError("--max_memory_gb measures GPU memory and needs a CUDA device; drop it on this device")
+    if deepspeed_stage(accelerator):
+        raise ValueError("--max_memory_gb does not work under DeepSpeed; use --gradient_checkpointing there")
+    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+        raise ValueError("--max_memory_gb chooses the checkpointing itself: drop --gradient_checkpointing(_blocks)")
+
+
+def fit_memory_budget(args, accelerator, transformer, train, config, params, print0) -> None:
+    """Set the fewest checkpointed blocks that fit --max_memory_gb, measured on the largest batch the caches hold
+    (`train`: a `CachedLatentsDataset`; `config`: the run's `StepConfig`)."""
+    model = accelerator.unwrap_model(transformer)
+    shapes = train.columns(["bucket_height", "bucket_width", "caption_length"])
+    batch = worst_case_batch(
+        list(zip(shapes["bucket_height"], shapes["bucket_width"])),
+        shapes["caption_length"],
+        args.train_batch_size,
+        model.config.in_channels,
+        model.config.cap_feat_dim,
+    )
+    seeds = list(range(args.train_batch_size))
+    calibration = calibrate_checkpointing(
+        accelerator,
+        transformer,
+        batch,
+        lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
+        args.max_memory_gb,
+        optimizer_state_gib(params, args.optimizer),
+        args.cpu_offload_checkpointing,
+        args.checkpoint_keep_attention,
+    )
+    print0(calibration.summary())
