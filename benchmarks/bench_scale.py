@@ -386,9 +386,9 @@ def main() -> None:
     # One-GPU variants, run only when named in --only: the trainer end to end with a compiled fp8_matmul base,
     # with and without a memory budget, against compiled bf16 in the same run
     one_gpu = [
-        ("compile_bf16", ["--compile"]),
         ("compile_fp8_matmul", ["--compile", "--base_precision", "fp8_matmul"]),
         ("compile_fp8_matmul_max22", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "22"]),
+        ("compile_bf16", ["--compile"]),
     ]
     if args.only:
         wanted = args.only.split(",")
