@@ -316,6 +316,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode)
     s_per_step = sum(1 / r["steps_per_s"] for r in timed) / len(timed)
     result.update(
         s_per_step=s_per_step,
+        window_s_per_step=[1 / r["steps_per_s"] for r in rows],  # every logging window, the warm-up one first
         samples_per_s=gpus / s_per_step,
         peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
         peak_reserved_gib=max(r.get("peak_reserved_gib", float("nan")) for r in rows),
