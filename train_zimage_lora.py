@@ -249,6 +249,11 @@ def load_data(args, accelerator, transformer):
     train, val_data, caches = load_caches(
         args.precomputed_dir, expected, args.repeats, args.validation_split, args.seed
     )
+    if args.random_flip > 0 and caches["without_flipped_latents"]:
+        raise ValueError(
+            f"--random_flip needs mirrored latents, which {', '.join(caches['without_flipped_latents'])} does not "
+            "hold: re-run precompute_embeddings.py there with --cache_flipped, or drop --random_flip."
+        )
     sampler = BucketBatchSampler(
         train.group_keys(args.group_by_caption_length),
         args.train_batch_size,

@@ -642,6 +642,14 @@ def test_a_cache_made_for_another_model_is_refused(tiny_model_dir, tiny_cache_di
         train(other_model, tiny_cache_dir, tmp_path / "out")
 
 
+def test_random_flip_over_a_cache_without_mirrored_latents_is_refused(
+    tiny_model_dir, tiny_cache_dir, flipped_cache_dir, tmp_path
+):
+    """Else the run would train without ever flipping, and say nothing."""
+    with pytest.raises(ValueError, match=f"which {re.escape(str(tiny_cache_dir))} does not hold.*--cache_flipped"):
+        train(tiny_model_dir, [flipped_cache_dir, tiny_cache_dir], tmp_path, random_flip=0.5)
+
+
 def test_processes_launched_without_a_process_group_are_refused(tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch):
     """What `accelerate launch --multi_gpu` does on a machine without GPUs: two lone trainers on the same files."""
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -74,12 +74,14 @@ def load_caches(
 
     The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
     (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
-    (each distinct prompt of any cache, once)}.
+    (each distinct prompt of any cache, once), "without_flipped_latents": the caches made without --cache_flipped}.
     """
-    train, held_out, manifests, prompts = [], [], [], {}
+    train, held_out, manifests, prompts, unflipped = [], [], [], {}, []
     empty = None
     for path in paths:
         data, manifest = cache_lib.load_cache(path, expected)
+        if not manifest["fingerprint"].get("cache_flipped"):
+            unflipped.append(str(path))
         if validation_split > 0:
             split = data.train_test_split(test_size=validation_split, seed=seed)
             data = split["train"]
@@ -95,6 +97,7 @@ def load_caches(
         "caption_prefixes": list(dict.fromkeys(m["caption_prefix"] for m in manifests if m.get("caption_prefix"))),
         "empty_embeds": empty,
         "validation_prompts": list(prompts.items()),
+        "without_flipped_latents": unflipped,
     }
     return CachedLatentsDataset(train, repeats), CachedLatentsDataset(held_out) if held_out else None, info
 
