@@ -373,10 +373,7 @@ def run_training(args: argparse.Namespace) -> None:
     )
     if args.init_lora:
         fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
-        print0(
-            f"LoRA starts from {args.init_lora}"
-            + (f"; {len(fresh)} targeted modules it lacks from zero" * bool(fresh))
-        )
+        print0(f"LoRA starts from {args.init_lora} ({len(fresh)} targeted modules it lacks start from zero)")
     if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
         set_gradient_checkpointing(
             transformer,
@@ -448,8 +445,9 @@ def run_training(args: argparse.Namespace) -> None:
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
     print0(
         f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
-        f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); effective batch "
-        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; {max_steps} steps "
+        f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); "
+        f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
+        f"{max_steps} steps "
         f"({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
 
