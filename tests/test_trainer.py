@@ -379,9 +379,10 @@ def test_resume_with_ema_reproduces_the_uninterrupted_average(tiny_model_dir, ti
     lora_a, _ = load_lora_file(tmp_path / "a" / LORA_WEIGHT_NAME)
     lora_b, _ = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
-    with pytest.raises(FileNotFoundError, match="written without --ema_decay"):  # resuming a run that had none
-        train(tiny_model_dir, tiny_cache_dir, tmp_path / "init_only", max_train_steps=2, checkpointing_steps=1)
-        train(tiny_model_dir, tiny_cache_dir, tmp_path / "init_only", **flags, resume_from_checkpoint="latest")
+    # Resuming, with --ema_decay, a run that had none
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "no_ema", max_train_steps=2, checkpointing_steps=1)
+    with pytest.raises(FileNotFoundError, match="written without --ema_decay"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "no_ema", **flags, resume_from_checkpoint="latest")
 
 
 def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
