@@ -44,7 +44,7 @@ from zimage_utils.distributed import (
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.flow_matching import SigmaBinMeter
-from zimage_utils.lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
+from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
 from zimage_utils.model_loading import (
@@ -97,6 +97,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="attention | attention_ffn | all, or a comma-separated list of module names/suffixes.",
     )
     p.add_argument("--lora_exclude_refiners", action="store_true", help="No LoRA in the noise/context refiners.")
+    p.add_argument(
+        "--adapter",
+        default="lora",
+        choices=ADAPTERS,
+        help="lora, or lokr: Kronecker-product factors as LyCORIS/ai-toolkit train them (see --lokr_factor; --rank "
+        "of at least half a factor's side keeps that factor a full matrix).",
+    )
+    p.add_argument("--lokr_factor", type=int, default=4, help="LoKr: w1 is factor x factor (-1 = near-square).")
     p.add_argument(
         "--init_lora",
         default=None,
@@ -270,7 +278,7 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     metadata = {
         "base_model": args.pretrained_model_name_or_path,
         "rank": str(args.rank),
-        "alpha": str(lora_config.lora_alpha),
+        "alpha": str(args.lora_alpha or args.rank),
         "targets": args.lora_targets,
         "target_modules": ",".join(targets),
         "steps": str(step),
@@ -321,6 +329,8 @@ def run_training(args: argparse.Namespace) -> None:
     check_memory_options(args, accelerator)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
+    if args.adapter == "lokr" and (args.init_lora or args.base_precision == "nf4"):
+        raise ValueError("--adapter lokr works with a bf16 or fp8 base and without --init_lora (LoRA files only)")
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
@@ -370,6 +380,8 @@ def run_training(args: argparse.Namespace) -> None:
         args.lora_dropout,
         args.lora_targets,
         args.lora_exclude_refiners,
+        adapter=args.adapter,
+        lokr_factor=args.lokr_factor,
     )
     if args.init_lora:
         fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
@@ -491,8 +503,11 @@ def run_training(args: argparse.Namespace) -> None:
     )
 
     zero3 = deepspeed_stage(accelerator) == 3
-    if zero3 and adapter_state is not None:
-        print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
+    # The merged training adapter is cancelled for sampling by loading it again as a second, negative LoRA; PEFT
+    # cannot mix that with a LoKr adapter, nor gather it under ZeRO-3
+    keep_adapter_merged = zero3 or args.adapter == "lokr"
+    if keep_adapter_merged and adapter_state is not None:
+        print0("note: validation samples keep the training adapter merged here (it is not removed)")
 
     def validate(step):
         transformer.eval()
@@ -501,7 +516,7 @@ def run_training(args: argparse.Namespace) -> None:
             # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
             # the main process does.
             if accelerator.is_main_process or zero3:
-                adapter = None if zero3 else adapter_state
+                adapter = None if keep_adapter_merged else adapter_state
                 model = accelerator.unwrap_model(transformer)
                 with training_adapter_removed(model, adapter, args.training_adapter_scale) as model:
                     path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)

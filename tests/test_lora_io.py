@@ -233,3 +233,61 @@ def test_user_errors_name_the_problem(saved, tmp_path):
         load_lora_file(tmp_path / "lora.bin")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_lora_file(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoKr (--adapter lokr): the same promise, with ai-toolkit's Z-Image LoKr layout for ComfyUI
+# ---------------------------------------------------------------------------------------------------------------
+
+# (rank, alpha, factor): every w2 a full matrix (rank >= half its side) with PEFT's scale alpha / r = 0.5 to bake
+# in; every w2 rank-decomposed (w2_a @ w2_b) with scale 3.
+LOKR_CASES = [(64, 32, 4), (2, 6, 4)]
+
+
+@pytest.fixture(scope="module", params=LOKR_CASES, ids=lambda c: f"lokr-r{c[0]}-a{c[1]}-f{c[2]}")
+def saved_lokr(request, tmp_path_factory):
+    rank, alpha, factor = request.param
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=rank, alpha=alpha, targets="all", adapter="lokr", lokr_factor=factor)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lokr_w1." in name:  # zero at init; random values stand in for training
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    output_dir = tmp_path_factory.mktemp("lokr")
+    paths = save_lora(output_dir, transformer, config, METADATA)
+    output = transformer_output(transformer)
+    with torch.no_grad():  # the update is linear in w1: halving it is the adapter at strength 0.5
+        for name, param in transformer.named_parameters():
+            if ".lokr_w1." in name:
+                param.mul_(0.5)
+    return {"dir": output_dir, "paths": paths, "rank": rank, "output": output, "half": transformer_output(transformer)}
+
+
+def test_lokr_files_load_in_diffusers_and_reproduce_the_trained_output(saved_lokr, base_output):
+    diffusers_sd, metadata = load_lora_file(saved_lokr["paths"]["diffusers"])
+    decomposed = any(k.endswith(".lokr_w2_a") for k in diffusers_sd)
+    assert decomposed == (saved_lokr["rank"] == 2) and metadata["adapter"] == "lokr"
+    assert decomposed == all(k.endswith(("_a", "_b")) for k in diffusers_sd if ".lokr_w2" in k)
+    modules = {k.removeprefix("transformer.").rsplit(".lokr_", 1)[0] for k in diffusers_sd}
+    assert len(modules) == 31  # every block Linear, refiners included
+    for source in (saved_lokr["dir"], saved_lokr["paths"]["comfyui"]):
+        pipe = make_tiny_pipeline(seed=0)
+        with fail_on_loader_warnings():
+            pipe.load_lora_weights(str(source))
+        assert (saved_lokr["output"] - base_output).abs().max() > 1e-2  # the adapter really changes the output
+        torch.testing.assert_close(transformer_output(pipe.transformer), saved_lokr["output"], rtol=0, atol=1e-5)
+    pipe.set_adapters(pipe.get_list_adapters()["transformer"], [0.5])  # a strength, as generate.py --lora PATH:0.5
+    torch.testing.assert_close(transformer_output(pipe.transformer), saved_lokr["half"], rtol=0, atol=1e-5)
+
+
+def test_lokr_comfyui_file_is_ai_toolkits_layout(saved_lokr):
+    comfy_sd, _ = load_lora_file(saved_lokr["paths"]["comfyui"])
+    diffusers_sd, _ = load_lora_file(saved_lokr["paths"]["diffusers"])
+    assert {k for k in comfy_sd if not k.endswith(".alpha")} == {
+        "diffusion_model." + k.removeprefix("transformer.") for k in diffusers_sd
+    }
+    alphas = {k: v for k, v in comfy_sd.items() if k.endswith(".alpha")}
+    # An alpha only where w2 is decomposed, equal to its rank: LyCORIS loaders then scale by 1, as diffusers does
+    assert all(v.item() == saved_lokr["rank"] for v in alphas.values())
+    assert len(alphas) == (31 if saved_lokr["rank"] == 2 else 0)

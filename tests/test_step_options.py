@@ -17,12 +17,12 @@ from zimage_utils.step_options import (
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
 
-def lora_transformer():
+def lora_transformer(adapter: str = "lora"):
     transformer = tiny.make_tiny_pipeline(seed=0).transformer
-    add_lora(transformer, rank=4, alpha=4, targets="attention")
-    with torch.no_grad():  # a non-zero LoRA, so its gradients and outputs are not trivially equal
+    add_lora(transformer, rank=4, alpha=4, targets="attention", adapter=adapter)
+    with torch.no_grad():  # a non-zero adapter, so its gradients and outputs are not trivially equal
         for name, p in transformer.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lokr_w1" in name:
                 p.normal_(std=0.02)
     return transformer
 
@@ -182,8 +182,9 @@ def test_on_a_gpu_offloaded_inputs_go_to_pinned_host_memory_and_come_back_unchan
     assert len(pinned) == 3 * (n - 1) and all(pinned)
 
 
-def test_compiled_blocks_give_the_eager_loss():
-    transformer = lora_transformer()
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_compiled_blocks_give_the_eager_loss(adapter):
+    transformer = lora_transformer(adapter)
     reference_loss, reference_grads = loss_and_grads(transformer)
     compile_blocks(transformer)
     loss, grads = loss_and_grads(transformer)

@@ -241,6 +241,35 @@ def test_init_lora_that_does_not_fit_the_run_is_refused(
         train(tiny_model_dir, tiny_cache_dir, tmp_path, init_lora=finished_run["dir"], **flags)
 
 
+def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffusers(
+    tiny_model_dir, tiny_cache_dir, tmp_path
+):
+    """--adapter lokr end to end: stopped at its step-3 checkpoint and resumed, it ends where the uninterrupted run
+    does; its diffusers file and its ComfyUI-layout file both load through diffusers and compute what training left."""
+    flags = dict(adapter="lokr", rank=64, lora_alpha=32, lora_targets="all", learning_rate=1e-2, max_train_steps=6)
+    flags.update(checkpointing_steps=3, save_dtype="fp32")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, max_train_steps_this_run=3)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, resume_from_checkpoint="latest")
+    lokr_a, metadata = load_lora_file(tmp_path / "a" / LORA_WEIGHT_NAME)
+    lokr_b, _ = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
+    assert metadata["adapter"] == "lokr" and all(".lokr_w" in k for k in lokr_a)
+    assert all(torch.equal(lokr_a[k], lokr_b[k]) for k in lokr_a)
+
+    trained = load_transformer(str(tiny_model_dir), torch.float32)
+    add_lora(trained, rank=64, alpha=32, targets="all", adapter="lokr")
+    state = load_file(str(tmp_path / "a" / "checkpoint-6" / LORA_STATE_NAME))
+    set_peft_model_state_dict(trained, {k.removeprefix("transformer."): v for k, v in state.items()})
+    expected = transformer_output(trained)
+    for source in (tmp_path / "a", tmp_path / "a" / COMFYUI_WEIGHT_NAME):
+        pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
+        base = transformer_output(pipe.transformer)
+        with fail_on_loader_warnings():
+            pipe.load_lora_weights(str(source))
+        assert (expected - base).abs().max() > 1e-3  # training moved the model
+        torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
+
+
 def test_calling_main_in_process_restores_the_callers_signal_handlers(finished_run):
     before, after = finished_run["handlers"]
     assert after == before  # else Ctrl-C in a notebook or pytest would be swallowed by a finished run's handler

@@ -15,8 +15,10 @@ avoids that, at the cost of not adapting the refiners.
 
 import torch
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoKrConfig, LoraConfig
+from peft.tuners.lokr.layer import Linear as LoKrLinear
 
+ADAPTERS = ("lora", "lokr")
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FFN_TARGETS = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
@@ -78,7 +80,9 @@ def add_lora(
     targets: str | list[str] = "attention",
     exclude_refiners: bool = False,
     init_lora_weights: bool | str = "gaussian",
-) -> LoraConfig:
+    adapter: str = "lora",
+    lokr_factor: int = 4,
+) -> LoraConfig | LoKrConfig:
     """Freeze the transformer and add a trainable LoRA adapter ("default") to it, in place.
 
     The base weights keep their dtype (bf16 for training); the LoRA weights are cast to float32 so that AdamW's
@@ -92,24 +96,55 @@ def add_lora(
         targets, exclude_refiners: see `lora_target_modules`.
         init_lora_weights: PEFT's init; "gaussian" (as diffusers' training examples) or True (kaiming). Either
             way lora_B starts at zero, so the adapted model starts equal to the base.
+        adapter: "lora", or "lokr" (PEFT's LoKr, as LyCORIS and ai-toolkit train it): each update is the Kronecker
+            product w1 ⊗ w2, w1 of size f × f for `lokr_factor` f (-1: near-square) and w2 of the rest. w2 is a full
+            matrix when `rank` is at least half its larger side, else w2_a @ w2_b of that rank (scaled by
+            alpha / rank). lokr_w1 starts at zero, so the model starts equal to the base.
 
     Returns:
-        The `LoraConfig` used (the one `transformer.peft_config["default"]` holds). PEFT rewrites its
+        The `LoraConfig` (or `LoKrConfig`) used (the one `transformer.peft_config["default"]` holds). PEFT rewrites its
         `target_modules` into the shortest suffixes selecting the same modules (e.g. {"to_q", "0.adaLN_modulation.0"})
         when given many names; `lora_target_modules` gives the full list.
     """
     target_modules = lora_target_modules(transformer, targets, exclude_refiners)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank if alpha is None else alpha,
-        lora_dropout=dropout,
-        init_lora_weights=init_lora_weights,
-        target_modules=target_modules,
-    )
+    if adapter == "lokr":
+        if dropout:
+            raise ValueError("--lora_dropout is for LoRA; LoKr trains without it (set it to 0)")
+        config = LoKrConfig(
+            r=rank,
+            alpha=rank if alpha is None else alpha,
+            decompose_factor=lokr_factor,
+            init_weights=True,
+            target_modules=target_modules,
+        )
+    elif adapter == "lora":
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank if alpha is None else alpha,
+            lora_dropout=dropout,
+            init_lora_weights=init_lora_weights,
+            target_modules=target_modules,
+        )
+    else:
+        raise ValueError(f"unknown adapter {adapter!r}: choose from {ADAPTERS}")
     transformer.requires_grad_(False)
     transformer.add_adapter(config)
+    if adapter == "lokr":
+        for module in transformer.modules():
+            if type(module) is LoKrLinear:
+                module.__class__ = _LoKrLinearWithoutModuleDropout
+                module.train()  # (stays in eval mode)
     cast_training_params(transformer, dtype=torch.float32)
     return config
+
+
+class _LoKrLinearWithoutModuleDropout(LoKrLinear):
+    """PEFT's LoKr Linear, always in eval mode. In training mode its forward draws `torch.rand(1)` from the global
+    RNG to decide module dropout, even at dropout 0 (which `torch.compile(fullgraph=True)` refuses as a data-dependent
+    branch); with no dropout configured, eval mode computes the same."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
 
 
 def init_lora_from(transformer: torch.nn.Module, path: str, config: LoraConfig, targets: list[str]) -> list[str]:

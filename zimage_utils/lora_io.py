@@ -31,7 +31,7 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from peft import LoraConfig
+from peft import LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -121,6 +121,32 @@ def _diffusers_adapter_metadata(lora_config: LoraConfig, state_dict: dict[str, t
     return {DIFFUSERS_PREFIX + k: v for k, v in config.items()}
 
 
+def lokr_files(raw: dict[str, torch.Tensor], config: LoKrConfig) -> tuple[dict, dict, dict]:
+    """A LoKr adapter's (diffusers tensors, ComfyUI tensors, diffusers adapter metadata).
+
+    PEFT scales w1 ⊗ w2 by alpha / r; LyCORIS-style loaders (diffusers' converter, ComfyUI) scale by alpha / rank
+    only when a factor is rank-decomposed and by 1 otherwise. So PEFT's scale is baked into lokr_w1 here, and the
+    ComfyUI file carries `.alpha` = rank where w2 is decomposed (scale 1 there too): both files mean, at strength 1,
+    exactly the update that was trained. Keys: `transformer.` / `diffusion_model.` + `<module>.lokr_w1`, `.lokr_w2`
+    or `.lokr_w2_a` / `.lokr_w2_b` (ai-toolkit's Z-Image LoKr layout for ComfyUI)."""
+    scale = config.alpha / config.r
+    baked = {k: v.float() * scale if k.endswith((".lokr_w1", ".lokr_w1_a")) else v.float() for k, v in raw.items()}
+    comfyui = {}
+    for key, value in baked.items():
+        comfyui[COMFYUI_PREFIX + key.removeprefix(DIFFUSERS_PREFIX)] = value
+        if key.endswith(".lokr_w2_b"):
+            module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lokr_w2_b")
+            comfyui[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(value.shape[0]), dtype=torch.float32)
+    modules = sorted({k.removeprefix(DIFFUSERS_PREFIX).rsplit(".lokr_", 1)[0] for k in raw})
+    adapter = {
+        "r": config.r,
+        "alpha": config.r,
+        "decompose_factor": config.decompose_factor,
+        "target_modules": modules,
+    }
+    return baked, comfyui, {DIFFUSERS_PREFIX + k: v for k, v in adapter.items()}
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -180,6 +206,18 @@ def save_lora(
         }
 
     paths = {}
+    if isinstance(lora_config, LoKrConfig):
+        diffusers_sd, comfyui_sd, adapter = lokr_files(raw, lora_config)
+        common = {**metadata, "format": "pt", "adapter": "lokr", "lokr_scale_baked": "true"}
+        written = {
+            "diffusers": (diffusers_sd, LORA_WEIGHT_NAME, {LORA_ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2)}),
+            "comfyui": (comfyui_sd, COMFYUI_WEIGHT_NAME, {}),
+        }
+        for fmt in formats:
+            tensors, name, extra = written[fmt]
+            paths[fmt] = output_dir / name
+            _save_atomic(prepare(tensors), paths[fmt], {**common, "lora_format": fmt, **extra})
+        return paths
     if "diffusers" in formats:
         folded = fold_alpha({k: v.float() for k, v in raw.items()}, lora_config.lora_alpha, lora_config.use_rslora)
         file_metadata = {
