@@ -244,6 +244,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(input_args)
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
+    if args.adapter == "lokr" and (args.init_lora or args.base_precision == "nf4"):
+        p.error("--adapter lokr works with a bf16 or fp8 base and without --init_lora (which reads LoRA files)")
     return args
 
 
@@ -329,8 +331,6 @@ def run_training(args: argparse.Namespace) -> None:
     check_memory_options(args, accelerator)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
-    if args.adapter == "lokr" and (args.init_lora or args.base_precision == "nf4"):
-        raise ValueError("--adapter lokr works with a bf16 or fp8 base and without --init_lora (LoRA files only)")
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
