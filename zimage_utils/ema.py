@@ -1,11 +1,11 @@
 """`--ema_decay`: an exponential moving average of the LoRA weights, by diffusers' `EMAModel`.
 
-Training goes on with the raw weights; the LoRA files written (final and in each checkpoint) and the validation
-samples use the average. A checkpoint keeps both: the raw weights in accelerate's state (to resume the optimiser on)
+Training goes on with the raw weights; the LoRA files written (final and in each checkpoint), the validation
+samples and the held-out loss use the average. A checkpoint keeps both: the raw weights in accelerate's state (to resume the optimiser on)
 and the average in `ema_lora.safetensors`, so a resumed run averages on exactly as an uninterrupted one.
 
-EMAModel's decay warms up by itself: min(decay, (1 + n) / (10 + n)) after n updates, so the first steps are not
-dominated by the random initial lora_A.
+EMAModel's decay warms up by itself: min(decay, (1 + n) / (10 + n)) after n updates, so the average soon forgets
+the initial weights (zero lora_B) instead of dragging them along for ~1 / (1 - decay) steps.
 """
 
 from contextlib import contextmanager
