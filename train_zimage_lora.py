@@ -26,9 +26,8 @@ from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_after_loading_
 from zimage_utils.checkpoints import (
     prune_checkpoints,
-    read_training_state,
     register_lora_state_hooks,
-    resolve_resume_path,
+    resume_training,
     write_training_state,
 )
 from zimage_utils.distributed import (
@@ -422,23 +421,9 @@ def run_training(args: argparse.Namespace) -> None:
     ema = LoraEMA(trainable, args.ema_decay) if args.ema_decay else None
 
     # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
-    global_step, epoch, start_batch = 0, 0, 0
-    resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
-        accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
-        state = read_training_state(resume)
-        if ema is not None:
-            ema.load(resume)
-        global_step, epoch, start_batch = state["global_step"], state["epoch"], state["next_batch"]
-        if state.get("items", len(train)) != len(train):  # caches or --repeats changed since the checkpoint
-            print0(
-                f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {len(train)}: "
-                f"the run goes on from batch {start_batch} of a different epoch order"
-            )
-        print0(f"resumed from {resume}: step {global_step}, epoch {epoch}, batch {start_batch}")
-    elif args.resume_from_checkpoint:
-        print0(f"no checkpoint in {output_dir} to resume from: starting a new run")
+    global_step, epoch, start_batch = resume_training(
+        accelerator, output_dir, args.resume_from_checkpoint, len(train), ema, print0
+    )
 
     config = StepConfig(
         args.timestep_sampling,

@@ -104,3 +104,30 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume_training(accelerator, output_dir, resume_from: str | None, items: int, ema=None, log=print):
+    """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
+    scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
+    epoch, next batch) to continue from; (0, 0, 0) without a checkpoint. `items`: training items an epoch now, to warn
+    when the caches or --repeats changed since the checkpoint (the epoch order then differs)."""
+    from .distributed import deepspeed_stage
+
+    resume = resolve_resume_path(output_dir, resume_from)
+    if resume is None:
+        if resume_from:
+            log(f"no checkpoint in {output_dir} to resume from: starting a new run")
+        return 0, 0, 0
+    # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
+    accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
+    if ema is not None:
+        ema.load(resume)
+    state = read_training_state(resume)
+    position = state["global_step"], state["epoch"], state["next_batch"]
+    if state.get("items", items) != items:
+        log(
+            f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {items}: the run "
+            f"goes on from batch {position[2]} of a different epoch order"
+        )
+    log(f"resumed from {resume}: step {position[0]}, epoch {position[1]}, batch {position[2]}")
+    return position
