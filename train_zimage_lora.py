@@ -219,6 +219,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     # Checkpoints, validation, logging
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
+    p.add_argument(
+        "--checkpointing_minutes",
+        type=float,
+        default=0.0,
+        help="Also save one when M minutes passed since the last (notebooks that stop without warning; 0 = off).",
+    )
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
     p.add_argument(
@@ -473,6 +479,7 @@ def run_training(args: argparse.Namespace) -> None:
                 path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
             )
         accelerator.wait_for_everyone()
+        last_checkpoint.update(step=step, time=time.time())
         return path
 
     validator = Validator(
@@ -525,6 +532,7 @@ def run_training(args: argparse.Namespace) -> None:
     last_log, last_log_step = time.time(), global_step
     empty = empty_embeds if args.caption_dropout > 0 else None
     stop_vote = None
+    last_checkpoint = {"step": global_step, "time": time.time()}
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
@@ -550,14 +558,17 @@ def run_training(args: argparse.Namespace) -> None:
                 ema.step()
             progress.update(1)
             stop = stop_requested["flag"]
+            minutes = (time.time() - last_checkpoint["time"]) / 60
+            due = 0 < args.checkpointing_minutes <= minutes
             if accelerator.num_processes > 1:
                 # Every rank must agree before anyone saves. The vote is reduced now and read one step later: reading
                 # it waits only for the previous step, which the GPU has finished, not for the one just queued.
-                vote = torch.full((), float(stop), device=accelerator.device)
+                vote = torch.tensor([float(stop), float(due)], device=accelerator.device)
                 stop_vote, previous_vote = accelerator.reduce(vote, "max"), stop_vote
-                stop = previous_vote is not None and bool(previous_vote.item())
+                stop, due = [bool(v) for v in previous_vote.tolist()] if previous_vote is not None else (False, False)
+                due = due and last_checkpoint["step"] < global_step - 1  # (a vote cast before the last save)
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
-            checkpoint_now = args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0
+            checkpoint_now = (args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0) or due
             if log_now or checkpoint_now:
                 bad_step = int(accelerator.reduce(first_bad_step.float(), "max").item())
                 if bad_step >= 0:

@@ -368,6 +368,16 @@ def test_checkpoints_total_limit_keeps_the_newest_checkpoints(interrupted_and_re
     ]
 
 
+@pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])
+def test_checkpointing_minutes_saves_when_that_much_time_has_passed(
+    tiny_model_dir, tiny_cache_dir, tmp_path, minutes, expected
+):
+    """A nanosecond has always passed by the next step; an hour never has in this run."""
+    flags = dict(max_train_steps=4, checkpointing_steps=0, checkpointing_minutes=minutes)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
+    assert [read_training_state(p)["global_step"] for p in list_checkpoints(tmp_path)] == expected
+
+
 def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
     caplog.set_level("INFO", logger="train")
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
@@ -747,11 +757,14 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
         max_train_steps=6, learning_rate=3e-3, caption_dropout=0.3, random_flip=0.5, save_dtype="fp32", rank=8
     )
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
+    # Always due: the ranks agree through their one-step-late vote, so they save together every other step
+    checkpoint_every_chance = dict(checkpointing_steps=0, checkpointing_minutes=1e-9)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(free_port()), "train_zimage_lora.py"]
     result = subprocess.run(
-        launch + trainer_args(tiny_model_dir, flipped_cache_dir, two, **flags, train_batch_size=2),
+        launch
+        + trainer_args(tiny_model_dir, flipped_cache_dir, two, **flags, **checkpoint_every_chance, train_batch_size=2),
         cwd=REPO_ROOT,
         env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"},
         capture_output=True,
@@ -766,6 +779,9 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
         COMFYUI_WEIGHT_NAME,
         "train_log.jsonl",
         "loss_per_sigma.png",
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
     }
     assert [r["step"] for r in read_log(two)] == list(range(1, 7))
 
