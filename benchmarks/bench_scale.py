@@ -11,7 +11,8 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
 
     python benchmarks/bench_scale.py --work /tmp/scale --only compile_bf16,compile_fp8_matmul,compile_fp8_matmul_max22
 
-runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory).
+runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory);
+`compile_fp8_matmul_eager_transpose` and `compile_fp8_matmul_no_workers` vary the fp8_matmul run (see `one_gpu`).
 """
 
 import argparse
@@ -37,6 +38,7 @@ from zimage_utils import tiny  # noqa: E402
 from zimage_utils.model_loading import component_config_hash  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
+RUN_ENV = {"compile_fp8_matmul_eager_transpose": {"ZIMAGE_FP8_EAGER_TRANSPOSE": "1"}}  # environment of some runs
 
 
 def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
@@ -259,7 +261,7 @@ def same_cache(a: str, b: str) -> bool:
     return x["source"] == y["source"] and x["latents"] == y["latents"] and x["caption_embeds"] == y["caption_embeds"]
 
 
-def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode) -> dict:
+def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None) -> dict:
     out = work / f"run_{name}"
     cmd = [
         "accelerate",
@@ -299,7 +301,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode)
         "2",
         *extra,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     if tiny_mode and not config.startswith("deepspeed"):  # DeepSpeed runs on the CPU over gloo without it
         env["ACCELERATE_USE_CPU"] = "1"
     start = time.perf_counter()
@@ -320,7 +322,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode)
         samples_per_s=gpus / s_per_step,
         peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
         peak_reserved_gib=max(r.get("peak_reserved_gib", float("nan")) for r in rows),
-        flags=" ".join(extra),
+        flags=" ".join([f"{k}={v}" for k, v in (env_extra or {}).items()] + extra),
         final_loss=rows[-1]["loss"],
         lora=str(out / "pytorch_lora_weights.safetensors"),
     )
@@ -390,6 +392,13 @@ def main() -> None:
         ("compile_fp8_matmul", ["--compile", "--base_precision", "fp8_matmul"]),
         ("compile_fp8_matmul_max22", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "22"]),
         ("compile_bf16", ["--compile"]),
+        # backward's weight transpose as eager's strided copy (base_precision.COMPILED_TRANSPOSE off)
+        ("compile_fp8_matmul_eager_transpose", ["--compile", "--base_precision", "fp8_matmul"]),
+        # no dataloader worker processes (the trainer's default): less host contention
+        (
+            "compile_fp8_matmul_no_workers",
+            ["--compile", "--base_precision", "fp8_matmul", "--dataloader_num_workers", "0"],
+        ),
     ]
     if args.only:
         wanted = args.only.split(",")
@@ -405,9 +414,9 @@ def main() -> None:
             continue
         if args.tiny and config == "single_gpu.yaml":
             config = "multi_gpu.yaml"
-        r = run_trainer(
-            name, config, gpus, work, work / "model", work / "cache", args.steps if full else 4, extra, args.tiny
-        )
+        steps = args.steps if full else 4
+        env = RUN_ENV.get(name)
+        r = run_trainer(name, config, gpus, work, work / "model", work / "cache", steps, extra, args.tiny, env)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
         if "error" in r:
@@ -461,17 +470,17 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"\n{summary['device']} x{summary['gpus_visible']}, {resolution}², bs1/GPU, LoRA r32 attention")
     print(
-        f"{'run':24s} {'gpus':>4s} {'s/step':>7s} {'samples/s':>9s} {'x 1gpu':>6s} {'peak GiB':>8s} "
+        f"{'run':36s} {'gpus':>4s} {'s/step':>7s} {'samples/s':>9s} {'x 1gpu':>6s} {'peak GiB':>8s} "
         f"{'reserved':>8s} {'LoRA check':>30s}  flags"
     )
     for r in results:
         if "s_per_step" not in r:
-            print(f"{r['name']:24s} {r['gpus']:4d} failed (rc {r['returncode']}), see log_{r['name']}.txt")
+            print(f"{r['name']:36s} {r['gpus']:4d} failed (rc {r['returncode']}), see log_{r['name']}.txt")
             continue
         c = r.get("lora_check", {})
         check = f"{c.get('tensors')} tensors, {c.get('empty')} empty, {c.get('loaded_params')} loaded"
         print(
-            f"{r['name']:24s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
+            f"{r['name']:36s} {r['gpus']:4d} {r['s_per_step']:7.3f} {r['samples_per_s']:9.2f} "
             f"{r.get('speedup_vs_1gpu', float('nan')):6.2f} {r['peak_gib']:8.2f} {r['peak_reserved_gib']:8.2f} "
             f"{check:>30s}  {r['flags']}"
         )

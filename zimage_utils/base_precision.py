@@ -18,6 +18,7 @@ are small. The LoRA stays fp32 over either (PEFT wraps torchao and bitsandbytes 
 """
 
 import functools
+import os
 
 import torch
 
@@ -141,8 +142,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Backward's weight transpose on a GPU by an inductor kernel (one per weight shape) instead of eager's strided copy:
 # on an H200, 0.04-0.07 ms against 0.10-0.27 ms per weight, and a compiled 1024² step 0.204 s against 0.230 s
-# (docs/BENCHMARKS.md). False: eager, as on the CPU.
-COMPILED_TRANSPOSE = True
+# (docs/BENCHMARKS.md). False (or ZIMAGE_FP8_EAGER_TRANSPOSE=1, for benchmarks of the trainer): eager, as on the CPU.
+COMPILED_TRANSPOSE = os.environ.get("ZIMAGE_FP8_EAGER_TRANSPOSE") != "1"
 
 
 def transposed_copy(weight_bytes: torch.Tensor) -> torch.Tensor:
