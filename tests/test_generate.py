@@ -1,5 +1,6 @@
 """generate.py: a LoRA applied at a chosen strength, and fused into a standalone model that needs no LoRA file."""
 
+import pytest
 import torch
 from diffusers import ZImagePipeline
 from test_lora_io import transformer_output
@@ -9,14 +10,14 @@ from zimage_utils.lora import add_lora
 from zimage_utils.lora_io import save_lora
 
 
-def write_lora(tiny_model_dir, folder):
-    """A non-zero rank-4 LoRA for the tiny transformer (alpha 8: scale 2), as the trainer saves it."""
+def write_lora(tiny_model_dir, folder, adapter="lora"):
+    """A non-zero rank-4 LoRA (or LoKr) for the tiny transformer (alpha 8: scale 2), as the trainer saves it."""
     transformer = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
-    config = add_lora(transformer, rank=4, alpha=8, targets="attention")
+    config = add_lora(transformer, rank=4, alpha=8, targets="attention", adapter=adapter)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
-            if ".lora_B." in name:
+            if ".lora_B." in name or ".lokr_w1." in name:  # the factors that start at zero
                 param.copy_(torch.randn(param.shape, generator=g) * 0.3)
     save_lora(folder, transformer, config, {"base_model": str(tiny_model_dir)})
     return transformer_output(transformer)
@@ -28,8 +29,9 @@ def test_strength_parsing_keeps_paths_and_reads_weights():
     assert generate.split_strength("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
 
 
-def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir, tmp_path):
-    with_lora = write_lora(tiny_model_dir, tmp_path / "lora")
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir, tmp_path, adapter):
+    with_lora = write_lora(tiny_model_dir, tmp_path / "lora", adapter)
     fused_dir = tmp_path / "fused"
     generate.main(
         generate.parse_args(
@@ -44,7 +46,7 @@ def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir,
         )
     )
     fused = ZImagePipeline.from_pretrained(fused_dir).transformer
-    assert not any("lora" in name for name, _ in fused.named_parameters())
+    assert not any("lora" in name or "lokr" in name for name, _ in fused.named_parameters())
     base = transformer_output(ZImagePipeline.from_pretrained(tiny_model_dir).transformer)
     assert not torch.allclose(with_lora, base, atol=1e-3)  # the LoRA does change the output
     assert torch.allclose(transformer_output(fused), with_lora, atol=1e-5)
