@@ -13,6 +13,9 @@ Two files per save, both safetensors:
   `diffusion_model.<module>.alpha` (float32 scalar); the loader scales by alpha / rank. diffusers converts this
   layout on load too (`_convert_non_diffusers_z_image_lora_to_diffusers` folds alpha into lora_A).
 
+A LoKr adapter (`add_lora(..., adapter="lokr")`) is written to the same two names, with `.lokr_w1` / `.lokr_w2`
+(or `.lokr_w2_a` / `.lokr_w2_b`) keys instead; see `lokr_files`.
+
 Weights are saved as float32 by default: lossless, so a file loaded back (to resume, merge or compare) is the
 trained adapter, and small next to the model (rank 32 on attention ≈ 130 MB). Pass `dtype=torch.bfloat16` to
 halve it for sharing; inference runs the base in bf16 anyway.
@@ -50,8 +53,8 @@ def get_lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -
         adapter_name: the PEFT adapter to export.
 
     Returns:
-        {"transformer.<module>.lora_A.weight": [r, in], "transformer.<module>.lora_B.weight": [out, r], ...},
-        detached, on the model's device and dtype.
+        {"transformer.<module>.lora_A.weight": [r, in], "transformer.<module>.lora_B.weight": [out, r], ...}
+        (a LoKr adapter: "transformer.<module>.lokr_w1", ...), detached, on the model's device and dtype.
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if adapter_name not in getattr(model, "peft_config", {}):
