@@ -107,8 +107,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init_lora",
         default=None,
-        help="Start from this LoRA instead of from zero (a .safetensors file or a folder of ours; diffusers, "
-        "ComfyUI/ai-toolkit or kohya keys): same --rank, and --lora_targets covering its modules.",
+        help="Start from this LoRA (or LoKr) instead of from zero (a .safetensors file or a folder of ours; "
+        "diffusers, ComfyUI/ai-toolkit or kohya keys): same --rank, and --lora_targets covering its modules.",
     )
     p.add_argument(
         "--training_adapter",
@@ -249,8 +249,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(input_args)
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
-    if args.adapter == "lokr" and (args.init_lora or args.base_precision == "nf4"):
-        p.error("--adapter lokr works with a bf16 or fp8 base and without --init_lora (which reads LoRA files)")
+    if args.adapter == "lokr" and args.base_precision == "nf4":
+        p.error("--adapter lokr works with a bf16 or fp8 base, not nf4")
     return args
 
 

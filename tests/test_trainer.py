@@ -270,6 +270,50 @@ def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffus
         torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def lokr_run(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> Path:
+    """A LoKr trained 3 steps: w2 rank-decomposed (rank 2, alpha 6, so PEFT's scale 3 is baked into w1)."""
+    out = tmp_path_factory.mktemp("lokr_run")
+    flags = dict(adapter="lokr", rank=2, lora_alpha=6, lora_targets="attention", save_dtype="fp32")
+    train(tiny_model_dir, tiny_cache_dir, out, **flags, learning_rate=1e-2, max_train_steps=3)
+    return out
+
+
+@pytest.mark.parametrize("weight_name", [LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])
+def test_init_lora_continues_a_lokr(lokr_run, tiny_model_dir, tiny_cache_dir, tmp_path, weight_name):
+    """--init_lora with a LoKr file, another alpha (scale 1) and learning rate 0: the run saves the same LoKr."""
+    flags = dict(adapter="lokr", rank=2, lora_alpha=2, lora_targets="attention", save_dtype="fp32")
+    train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path,
+        **flags,
+        learning_rate=0,
+        max_train_steps=1,
+        init_lora=lokr_run / weight_name,
+    )
+    first, _ = load_lora_file(lokr_run / LORA_WEIGHT_NAME)
+    second, _ = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
+    assert set(second) == set(first) and any(k.endswith(".lokr_w2_a") for k in first)
+    assert max(v.abs().max() for k, v in first.items() if k.endswith(".lokr_w1")) > 0  # trained, not the zero init
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(adapter="lokr", rank=2, lokr_factor=8), "has LoKr factors this run does not.*pass the --lokr_factor"),
+        (dict(adapter="lora", rank=2), "does not hold a LoRA: train with --adapter lokr"),
+    ],
+)
+def test_init_lora_of_another_shape_or_kind_is_refused(
+    lokr_run, tiny_model_dir, tiny_cache_dir, tmp_path, flags, message
+):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, lora_targets="attention", init_lora=lokr_run, **flags)
+
+
 def test_calling_main_in_process_restores_the_callers_signal_handlers(finished_run):
     before, after = finished_run["handlers"]
     assert after == before  # else Ctrl-C in a notebook or pytest would be swallowed by a finished run's handler

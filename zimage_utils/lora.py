@@ -147,35 +147,56 @@ class _LoKrLinearWithoutModuleDropout(LoKrLinear):
         return super().train(False)
 
 
-def init_lora_from(transformer: torch.nn.Module, path: str, config: LoraConfig, targets: list[str]) -> list[str]:
-    """Start the adapter added by `add_lora` from a saved LoRA instead of from zero: each module's update equals
-    the file's at strength 1, whatever the alpha of either (lora_A is divided by this adapter's alpha / r).
+def init_lora_from(
+    transformer: torch.nn.Module, path: str, config: LoraConfig | LoKrConfig, targets: list[str]
+) -> list[str]:
+    """Start the adapter added by `add_lora` from a saved one instead of from zero: each module's update equals
+    the file's at strength 1, whatever the alpha of either (lora_A, or LoKr's w1, is divided by this adapter's
+    alpha / r).
 
     Args:
-        path: anything `lora_io.read_lora` reads (ours, ComfyUI/ai-toolkit, kohya; file, folder or hub id).
+        path: anything `lora_io.read_lora` reads (ours, ComfyUI/ai-toolkit, kohya; file, folder or hub id), holding
+            a LoRA for a LoRA adapter or a LoKr for a LoKr one.
         config, targets: what `add_lora` returned, and `lora_target_modules` for the same arguments.
 
     Returns:
         The targeted modules the file has no weights for (they start from zero as usual). Raises ValueError,
-        naming the file and the flag to change, when the file's rank differs or it adapts modules not targeted.
+        naming the file and the flag to change, when the file is of the other kind, adapts modules not targeted, or
+        its rank (LoKr: its factor shapes) differs.
     """
     from peft.utils import set_peft_model_state_dict
 
     from .lora_io import DIFFUSERS_PREFIX, read_lora
 
+    lokr = isinstance(config, LoKrConfig)
+    marker, kind, other = (".lokr_", "LoKr", "lora") if lokr else (".lora_", "LoRA", "lokr")
     state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in read_lora(path).items()}
-    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    if not all(marker in k for k in state):
+        raise ValueError(f"{path} does not hold a {kind}: train with --adapter {other} to start from it")
+    modules = {k.rsplit(marker, 1)[0] for k in state}
     extra = sorted(modules - set(targets))
     if extra:
         raise ValueError(
             f"{path} adapts {len(extra)} module(s) this run does not target (e.g. {extra[0]}): pass --lora_targets "
             "covering them (attention, attention_ffn, all, or module names) and drop --lora_exclude_refiners if set"
         )
-    ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in modules}
-    if ranks != {config.r}:
-        raise ValueError(f"{path} has LoRA rank {sorted(ranks)}, this run {config.r}: pass --rank {min(ranks)}")
-    scale = config.lora_alpha / config.r  # PEFT multiplies B @ A by this
-    state = {k: v.float() / scale if k.endswith(".lora_A.weight") else v.float() for k, v in state.items()}
+    if lokr:
+        own = {n.removesuffix(".default"): tuple(p.shape) for n, p in transformer.named_parameters() if marker in n}
+        different = [k for k in state if own.get(k) != tuple(state[k].shape)]
+        if different:
+            k = different[0]
+            raise ValueError(
+                f"{path} has LoKr factors this run does not (e.g. {k}: {tuple(state[k].shape)}, here "
+                f"{own.get(k)}): pass the --lokr_factor and --rank it was trained with"
+            )
+        scale, first_factor = config.alpha / config.r, (".lokr_w1", ".lokr_w1_a")
+    else:
+        ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in modules}
+        if ranks != {config.r}:
+            raise ValueError(f"{path} has LoRA rank {sorted(ranks)}, this run {config.r}: pass --rank {min(ranks)}")
+        scale, first_factor = config.lora_alpha / config.r, (".lora_A.weight",)
+    # PEFT multiplies the update by `scale`
+    state = {k: v.float() / scale if k.endswith(first_factor) else v.float() for k, v in state.items()}
     set_peft_model_state_dict(transformer, state, adapter_name="default")
     return [m for m in targets if m not in modules]
 
