@@ -495,11 +495,8 @@ def run_training(args: argparse.Namespace) -> None:
     )
 
     zero3 = deepspeed_stage(accelerator) == 3
-    # The merged training adapter is cancelled for sampling by loading it again as a second, negative LoRA; PEFT
-    # cannot mix that with a LoKr adapter, nor gather it under ZeRO-3
-    keep_adapter_merged = zero3 or args.adapter == "lokr"
-    if keep_adapter_merged and adapter_state is not None:
-        print0("note: validation samples keep the training adapter merged here (it is not removed)")
+    if zero3 and adapter_state is not None:
+        print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
 
     def validate(step):
         transformer.eval()
@@ -508,7 +505,7 @@ def run_training(args: argparse.Namespace) -> None:
             # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
             # the main process does.
             if accelerator.is_main_process or zero3:
-                adapter = None if keep_adapter_merged else adapter_state
+                adapter = None if zero3 else adapter_state
                 model = accelerator.unwrap_model(transformer)
                 with training_adapter_removed(model, adapter, args.training_adapter_scale) as model:
                     path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)

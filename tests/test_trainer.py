@@ -642,11 +642,14 @@ def randomise_trained_lora(transformer, seed=3) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
-            if ".default." in name:
+            if ".default." in name or name.endswith(
+                ".default"
+            ):  # LoRA's lora_A.default.weight, LoKr's lokr_w1.default
                 param.copy_(torch.randn(param.shape, generator=g) * 0.3)
 
 
-def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny_model_dir, adapter_file):
+@pytest.mark.parametrize("adapter", ["lora", "lokr"])
+def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny_model_dir, adapter_file, adapter):
     base = load_transformer(str(tiny_model_dir), torch.float32)
     base_output = transformer_output(base)
 
@@ -655,22 +658,23 @@ def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny
     merged_output = transformer_output(model)
     assert (merged_output - base_output).abs().max() > 1e-2  # the base now computes base + adapter
     assert not any("lora" in name for name, _ in model.named_modules())  # fused: no adapter layers remain
-    add_lora(model, rank=4, targets="attention")  # what the trainer does next
+    add_lora(model, rank=4, targets="attention", adapter=adapter)  # what the trainer does next
     randomise_trained_lora(model)
 
     # base + trained LoRA, no adapter anywhere: what a user gets loading our file into the real base
     reference = load_transformer(str(tiny_model_dir), torch.float32)
-    add_lora(reference, rank=4, targets="attention")
+    add_lora(reference, rank=4, targets="attention", adapter=adapter)
     randomise_trained_lora(reference)
     expected = transformer_output(reference)
 
     trained_with_adapter = transformer_output(model)
+    assert (expected - base_output).abs().max() > 1e-2  # the trained adapter changes the output
     with training_adapter_removed(model, adapter_state, scale=1.0) as sampling_model:
         # fp32: cancelling W + BA with -BA leaves rounding of ~1e-7 on outputs of magnitude ~1
         torch.testing.assert_close(transformer_output(sampling_model), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(transformer_output(model), trained_with_adapter, rtol=0, atol=0)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_" in name and ".default." in name for name in trainable)
+    assert trainable and all(f".{adapter}_" in name and ".default" in name for name in trainable)
     assert len(trainable) == 2 * len(lora_target_modules(base, "attention"))
     assert not any("training_adapter" in name for name, _ in model.named_parameters())
 
