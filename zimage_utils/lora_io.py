@@ -259,8 +259,8 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 def read_lora(path: str) -> dict[str, torch.Tensor]:
     """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya), as diffusers keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight` with any alpha folded in (the update at strength 1 is
-    B @ A). `path`: a .safetensors file, a folder holding pytorch_lora_weights.safetensors, or a hub id.
-    Pickled weights are refused."""
+    B @ A); a LoKr as `transformer.<module>.lokr_w1`, ... with its alpha baked in likewise. `path`: a .safetensors
+    file, a folder holding pytorch_lora_weights.safetensors, or a hub id. Pickled weights are refused."""
     from diffusers import ZImagePipeline
 
     if Path(path).is_file() and Path(path).suffix != ".safetensors":
