@@ -20,6 +20,8 @@ checkpointed, and 512²; then interleaved rounds (the model not being timed wait
 own) and a profile. With `--compile_quantized`, the fp8 weight-only base (`--base_precision fp8`) gets the same
 agreement check and its eager and compiled 1024² rows (compiling it did not finish within 4 minutes on an H100 on
 2026-11-26).
+--part lokr: `--adapter lokr` (factor 4, on attention), our LoKr layer against PEFT's forward: same gradients, and
+their compiled 1024² steps.
 --part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
 saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
 fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
@@ -558,10 +560,60 @@ def fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, step
     return out
 
 
+def lokr_variants(args, cfg, accelerator, device, big, record) -> dict:
+    """--part lokr: LoKr (factor 4) on attention at each of --lokr_ranks, our LoKr Linear (w1 · x · w2ᵀ) against
+    PEFT's own forward (which builds w1 ⊗ w2, out × in, on every call), compiled without checkpointing at 1024² bs1,
+    after a check that both give the same loss and gradients."""
+    from peft.tuners.lokr.layer import Linear as PeftLoKrLinear
+
+    from zimage_utils.lora import _LoKrLinearWithoutModuleDropout as OurLoKrLinear
+
+    class PeftForward(OurLoKrLinear):  # PEFT's arithmetic, still without the module-dropout draw
+        _get_delta_activations = PeftLoKrLinear._get_delta_activations
+
+    out = {}
+    batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
+    for rank in [int(r) for r in args.lokr_ranks.split(",")]:
+        transformer = build_transformer(cfg, device, torch.bfloat16)
+        add_lora(transformer, rank=rank, targets="attention", adapter="lokr", lokr_factor=4)
+        use_real_rope(transformer)
+        model = accelerator.prepare_model(transformer)
+        with torch.no_grad():  # w1 starts at zero: give it values, so that every gradient is compared
+            for name, p in model.named_parameters():
+                if ".lokr_w1" in name:
+                    p.normal_(std=0.02)
+        layers = [m for m in transformer.modules() if isinstance(m, OurLoKrLinear)]
+        grads = {}
+        for impl, cls in (("ours", OurLoKrLinear), ("peft", PeftForward)):
+            for layer in layers:
+                layer.__class__ = cls
+            loss, grads[impl] = loss_and_grads(model, batch)
+            out[f"rank {rank} {impl} loss"] = loss
+        out[f"rank {rank} grad_cosine"] = float(
+            torch.nn.functional.cosine_similarity(grads["ours"], grads["peft"], dim=0)
+        )
+        del grads
+        for impl, cls in (("ours", OurLoKrLinear), ("peft", PeftForward)):
+            for layer in layers:
+                layer.__class__ = cls
+            torch._dynamo.reset()
+            if not args.no_compile:
+                compile_blocks(transformer)
+            kind = "eager" if args.no_compile else "compiled"
+            record(f"lokr r{rank} {impl} {kind}", model, big, 1, set_gradient_checkpointing(transformer, 0))
+        print(json.dumps({k: v for k, v in out.items() if k.startswith(f"rank {rank}")}), flush=True)
+        accelerator._models.remove(model)
+        del model, transformer, layers
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
-    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "lokr", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument(
@@ -588,6 +640,7 @@ def main() -> None:
         "--profile_offload", action="store_true", help="Memory part: profile compiled bf16 with/without offload."
     )
     parser.add_argument("--rounds", type=int, default=3, help="Ckpt/fp8 parts: interleaved rounds of the timing.")
+    parser.add_argument("--lokr_ranks", default="100000", help="LoKr part: ranks (100000: w2 a full matrix).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -738,6 +791,11 @@ def main() -> None:
 
     if args.part == "fp8":
         result["fp8"] = fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, steps, record, save)
+        gc.collect()
+        torch._dynamo.reset()
+
+    if args.part == "lokr":
+        result["lokr"] = lokr_variants(args, cfg, accelerator, device, big, record)
         gc.collect()
         torch._dynamo.reset()
 

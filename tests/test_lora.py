@@ -98,3 +98,32 @@ def test_exclude_refiners_leaves_refiners_untouched(transformer):
     add_lora(transformer, rank=2, alpha=2, targets="attention", exclude_refiners=True)
     lora_params = [n for n, _ in transformer.named_parameters() if ".lora_" in n]
     assert lora_params and not any("refiner" in n for n in lora_params)
+
+
+@pytest.mark.parametrize("rank", [64, 2], ids=["w2-full", "w2-decomposed"])
+def test_lokr_layers_compute_what_peft_computes_without_building_the_kronecker_product(transformer, rank):
+    """Our LoKr Linear applies w1 · x · w2ᵀ per block of x; PEFT's builds w1 ⊗ w2 and multiplies by it. On a
+    non-square Linear (the feed-forward's w1), scale alpha / r = 3: the same output and gradients."""
+    from peft.tuners.lokr.layer import Linear as PeftLoKrLinear
+
+    add_lora(transformer, rank=rank, alpha=3 * rank, targets=["layers.0.feed_forward.w1"], adapter="lokr")
+    layer = transformer.get_submodule("layers.0.feed_forward.w1")
+    assert isinstance(layer, PeftLoKrLinear) and type(layer) is not PeftLoKrLinear
+    assert layer.in_features != layer.out_features
+    assert ("default" in layer.lokr_w2) == (rank == 64)  # a full w2, or w2_a · w2_b
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 7, layer.in_features, generator=g)
+
+    def output_and_grads(delta):
+        out = layer.base_layer(x) + delta(layer, "default", x)
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    ours = output_and_grads(type(layer)._get_delta_activations)
+    peft = output_and_grads(PeftLoKrLinear._get_delta_activations)
+    torch.testing.assert_close(ours[0], peft[0], rtol=1e-5, atol=1e-4)
+    for a, b in zip(ours[1], peft[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
