@@ -278,11 +278,17 @@ def test_fp8_linears_keep_no_bf16_weight_copy_for_backward_and_give_the_same_gra
 
 
 @pytest.mark.parametrize(
-    "precision, compile",
-    [("fp8", None), pytest.param("fp8_matmul", None, marks=CPU_FP8), pytest.param("fp8_matmul", True, marks=CPU_FP8)],
+    "precision, compile, adapter",
+    [
+        ("fp8", None, "lora"),
+        pytest.param("fp8_matmul", None, "lora", marks=CPU_FP8),
+        pytest.param("fp8_matmul", True, "lora", marks=CPU_FP8),
+        ("fp8", None, "lokr"),
+        pytest.param("fp8_matmul", None, "lokr", marks=CPU_FP8),
+    ],
 )
 def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
-    tiny_model_dir, tiny_cache_dir, tmp_path, precision, compile
+    tiny_model_dir, tiny_cache_dir, tmp_path, precision, compile, adapter
 ):
     from diffusers import ZImagePipeline
     from safetensors.torch import load_file
@@ -300,6 +306,7 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
                 tiny_cache_dir,
                 out,
                 base_precision=precision,
+                adapter=adapter,
                 compile=compile,
                 gradient_checkpointing=lowest_memory,
                 cpu_offload_checkpointing=lowest_memory,
@@ -312,8 +319,8 @@ def test_training_over_an_fp8_base_saves_a_lora_the_bf16_pipeline_loads(
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    lora_b = [v for k, v in state.items() if "lora_B" in k]
-    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # every adapted layer was trained
+    trained = [v for k, v in state.items() if "lora_B" in k or "lokr_w1" in k]  # the factors that start at zero
+    assert trained and all(v.abs().max() > 0 for v in trained)  # every adapted layer was trained
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
     base = transformer_output(pipe.transformer)
     with fail_on_loader_warnings():  # every key found its layer
