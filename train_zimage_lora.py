@@ -249,8 +249,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(input_args)
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
-    if args.adapter == "lokr" and args.base_precision == "nf4":
-        p.error("--adapter lokr works with a bf16 or fp8 base, not nf4")
+    if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
+        p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
     return args
 
 
