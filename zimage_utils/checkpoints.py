@@ -68,10 +68,10 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     """Make `accelerator.save_state` store only the LoRA (unfolded, fp32, exact) instead of the 12 GB base, and
     `load_state` put it back. Same idiom as diffusers' training examples."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .distributed import deepspeed_stage, gathered_lora
-    from .lora_io import DIFFUSERS_PREFIX, get_lora_state_dict
+    from .lora_io import DIFFUSERS_PREFIX, get_lora_state_dict, save_safetensors_atomic
 
     def is_transformer(model) -> bool:
         return isinstance(accelerator.unwrap_model(model), transformer_class)
@@ -84,9 +84,7 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
                     if accelerator.is_main_process:
                         state = get_lora_state_dict(model)
                         tensors = {k: v.to("cpu", copy=True).float().contiguous() for k, v in state.items()}
-                        tmp = Path(output_dir) / f".{LORA_STATE_NAME}.tmp"
-                        save_file(tensors, str(tmp))
-                        os.replace(tmp, Path(output_dir) / LORA_STATE_NAME)
+                        save_safetensors_atomic(tensors, Path(output_dir) / LORA_STATE_NAME)
                 if weights:
                     weights.pop(i)
 

@@ -45,15 +45,13 @@ class LoraEMA:
             self.ema.restore(self.params)
 
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from .lora_io import save_safetensors_atomic
 
         tensors = {
             n: s.detach().to("cpu", torch.float32).contiguous() for n, s in zip(self.names, self.ema.shadow_params)
         }
-        path = Path(directory) / EMA_STATE_NAME
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"updates": str(self.ema.optimization_step)})
-        tmp.replace(path)
+        metadata = {"updates": str(self.ema.optimization_step)}
+        save_safetensors_atomic(tensors, Path(directory) / EMA_STATE_NAME, metadata)
 
     def load(self, directory: str | Path) -> None:
         from safetensors import safe_open

@@ -150,7 +150,10 @@ def lokr_files(raw: dict[str, torch.Tensor], config: LoKrConfig) -> tuple[dict, 
     return baked, comfyui, {DIFFUSERS_PREFIX + k: v for k, v in adapter.items()}
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors to a temporary name in the same folder, flushed to disk, then renamed: never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
@@ -219,7 +222,7 @@ def save_lora(
         for fmt in formats:
             tensors, name, extra = written[fmt]
             paths[fmt] = output_dir / name
-            _save_atomic(prepare(tensors), paths[fmt], {**common, "lora_format": fmt, **extra})
+            save_safetensors_atomic(prepare(tensors), paths[fmt], {**common, "lora_format": fmt, **extra})
         return paths
     if "diffusers" in formats:
         folded = fold_alpha({k: v.float() for k, v in raw.items()}, lora_config.lora_alpha, lora_config.use_rslora)
@@ -233,13 +236,13 @@ def save_lora(
             ),
         }
         paths["diffusers"] = output_dir / LORA_WEIGHT_NAME
-        _save_atomic(prepare(folded), paths["diffusers"], file_metadata)
+        save_safetensors_atomic(prepare(folded), paths["diffusers"], file_metadata)
     if "comfyui" in formats:
         if lora_config.use_rslora:
             raise NotImplementedError("ComfyUI scales by alpha / rank; an rsLoRA adapter has no such alpha")
         file_metadata = {**metadata, "format": "pt", "lora_format": "comfyui", "lora_alpha_folded": "false"}
         paths["comfyui"] = output_dir / COMFYUI_WEIGHT_NAME
-        _save_atomic(prepare(to_comfyui(raw, lora_config.lora_alpha)), paths["comfyui"], file_metadata)
+        save_safetensors_atomic(prepare(to_comfyui(raw, lora_config.lora_alpha)), paths["comfyui"], file_metadata)
     return paths
 
 
