@@ -12,7 +12,7 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
     python benchmarks/bench_scale.py --work /tmp/scale --only compile_bf16,compile_fp8_matmul,compile_fp8_matmul_max22
 
 runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory);
-`compile_fp8_matmul_eager_transpose` and `compile_fp8_matmul_no_workers` vary the fp8_matmul run (see `one_gpu`).
+`one_gpu` in `main` lists the other one-GPU runs (eager weight transpose, no workers, bf16 at 22 GB, EMA, LoKr).
 """
 
 import argparse
@@ -337,12 +337,13 @@ def check_lora(path: str, transformer) -> dict:
     raw = load_file(path)
     state = ZImagePipeline.lora_state_dict(path)
     transformer.load_lora_adapter(state, prefix="transformer", adapter_name="check")
-    loaded = sum(1 for n, _ in transformer.named_parameters() if ".check." in n)
+    loaded = sum(1 for n, _ in transformer.named_parameters() if ".check." in n or n.endswith(".check"))  # (LoKr)
     transformer.delete_adapters("check")
     return {
         "tensors": len(raw),
         "empty": sum(1 for v in raw.values() if v.numel() == 0),
-        "nonzero_B": sum(1 for k, v in raw.items() if "lora_B" in k and bool(v.abs().sum() > 0)),
+        # the factors that start at zero: LoRA's B, LoKr's w1
+        "nonzero_B": sum(1 for k, v in raw.items() if k.endswith(("lora_B.weight", "lokr_w1")) and bool(v.any())),
         "loaded_params": loaded,
     }
 
@@ -386,8 +387,8 @@ def main() -> None:
             ckpt + ["--zero3_max_live_parameters", "0"],
         ),
     ]
-    # One-GPU variants, run only when named in --only: the trainer end to end with a compiled fp8_matmul base,
-    # with and without a memory budget, against compiled bf16 in the same run
+    # One-GPU variants, run only when named in --only: the trainer end to end, compiled, with an fp8_matmul or bf16
+    # base, with and without a memory budget, and with an EMA or a LoKr adapter
     one_gpu = [
         ("compile_fp8_matmul", ["--compile", "--base_precision", "fp8_matmul"]),
         ("compile_fp8_matmul_max22", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "22"]),
@@ -399,6 +400,13 @@ def main() -> None:
             "compile_fp8_matmul_no_workers",
             ["--compile", "--base_precision", "fp8_matmul", "--dataloader_num_workers", "0"],
         ),
+        # bf16 under the 24 GB budget, against fp8_matmul_max22
+        ("compile_bf16_max22", ["--compile", "--max_memory_gb", "22"]),
+        # the averaged LoRA's cost (one fp32 copy, one lerp per step)
+        ("compile_bf16_ema", ["--compile", "--ema_decay", "0.999"]),
+        # LoKr at factor 4: w2 as w2_a · w2_b of rank 32, and w2 a full matrix (a rank above half its side)
+        ("compile_lokr", ["--compile", "--adapter", "lokr", "--lokr_factor", "4"]),
+        ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),
     ]
     if args.only:
         wanted = args.only.split(",")
