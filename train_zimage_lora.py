@@ -8,7 +8,6 @@ OUTPUT/pytorch_lora_weights_comfyui.safetensors (ComfyUI / ai-toolkit keys), the
 """
 
 import argparse
-import json
 import logging
 import math
 import signal
@@ -42,7 +41,6 @@ from zimage_utils.distributed import (
     skip_frozen_in_ddp,
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
-from zimage_utils.flow_matching import SigmaBinMeter
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
@@ -55,6 +53,7 @@ from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
 from zimage_utils.train_data import BucketBatchSampler, collate, item_generator_seed, load_caches
+from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
 from zimage_utils.validation import Validator, validation_loss
@@ -301,13 +300,6 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """One line per logging step (and one per validation with a held-out loss): the loss curves users can plot
-    (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def main(args: argparse.Namespace) -> None:
     """Train, then give the caller back its SIGTERM/SIGINT handlers (tests and notebooks call this in-process; a
     stale handler would swallow their Ctrl-C)."""
@@ -521,12 +513,9 @@ def run_training(args: argparse.Namespace) -> None:
 
     # Train
     transformer.train()
-    meter = SigmaBinMeter(num_bins=5, device=accelerator.device)
-    window_loss, window_batches = torch.zeros((), device=accelerator.device), 0  # mean over the logging window
-    first_bad_step = torch.full((), -1, device=accelerator.device)
+    window = LogWindow(accelerator.device, global_step)
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    last_log, last_log_step = time.time(), global_step
     empty = empty_embeds if args.caption_dropout > 0 else None
     stop_vote = None
     last_checkpoint = {"step": global_step, "time": time.time()}
@@ -542,12 +531,7 @@ def run_training(args: argparse.Namespace) -> None:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            meter.update(out["sigma"], out["per_sample"])
-            window_loss += out["loss"].detach()
-            window_batches += 1
-            # Recorded on the device, read at logging time: no host sync per step
-            bad = ~torch.isfinite(out["loss"].detach())
-            first_bad_step = torch.where(bad & (first_bad_step < 0), global_step + 1, first_bad_step)
+            window.add(out, global_step + 1)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -567,47 +551,23 @@ def run_training(args: argparse.Namespace) -> None:
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
             checkpoint_now = (args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0) or due
             if log_now or checkpoint_now:
-                bad_step = int(accelerator.reduce(first_bad_step.float(), "max").item())
-                if bad_step >= 0:
-                    raise FloatingPointError(
-                        f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
-                        f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {output_dir}."
-                    )
-                # Every micro-batch of the window on every process, not just the main process's last one
-                loss = float(accelerator.reduce(window_loss / window_batches, "mean"))
-                meter.sums, meter.counts = (
-                    accelerator.reduce(meter.sums, "sum"),
-                    accelerator.reduce(meter.counts, "sum"),
-                )
-                elapsed = time.time() - last_log
-                logs = {
-                    "loss": loss,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": (global_step - last_log_step) / max(elapsed, 1e-9),
-                    **meter.compute(),
-                }
-                if torch.cuda.is_available():  # the largest over all GPUs; reserved is what the card must hold
-                    peaks = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
-                    peaks = accelerator.reduce(torch.tensor(peaks, device=accelerator.device) / 2**30, "max")
-                    logs["peak_mem_gib"], logs["peak_reserved_gib"] = peaks.tolist()
+                logs = {"lr": lr_scheduler.get_last_lr()[0], **window.read(accelerator, global_step, output_dir)}
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
-                last_log, last_log_step = time.time(), global_step
-                meter.reset()  # per-sigma losses describe this logging window, as "loss" does
-                window_loss.zero_()
-                window_batches = 0
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
             if checkpoint_now or stop:
-                path = save_checkpoint(global_step, *next_position)
+                with window.paused():
+                    path = save_checkpoint(global_step, *next_position)
                 print0(f"saved {path}")
             if stop:
                 print0(f"stopped by signal at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
             if args.validation_steps > 0 and global_step % args.validation_steps == 0:
-                validate(global_step)
+                with window.paused():
+                    validate(global_step)
             if global_step >= stop_at:
                 break
         else:

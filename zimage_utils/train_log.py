@@ -1,0 +1,84 @@
+"""What the trainer logs every --logging_steps, and OUTPUT/train_log.jsonl.
+
+The loss of each micro-batch stays on the device until a logging step reads the whole window at once, so training
+never waits on a host sync per step. A non-finite loss is recorded there too, with the step it first appeared at,
+and reported at the next read, before any checkpoint could save the broken LoRA.
+"""
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .flow_matching import SigmaBinMeter
+
+
+class LogWindow:
+    """The losses since the last logging step, on `device`, reduced over processes by `read`.
+
+    Every process calls `add` for each micro-batch and `read` at the same logging steps (it is collective)."""
+
+    def __init__(self, device: torch.device | str, start_step: int, num_bins: int = 5):
+        self.meter = SigmaBinMeter(num_bins, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = 0
+        self.first_bad_step = torch.full((), -1, device=device)  # -1: every loss so far was finite
+        self.start_time, self.start_step = time.time(), start_step
+
+    def add(self, out: dict[str, torch.Tensor], step: int) -> None:
+        """One micro-batch's `flow_matching_step` output; `step`: the optimiser step it belongs to (1-based)."""
+        loss = out["loss"].detach()
+        self.meter.update(out["sigma"], out["per_sample"])
+        self.loss_sum += loss
+        self.batches += 1
+        bad = ~torch.isfinite(loss)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (a checkpoint, validation) does not count against steps_per_s."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.start_time += time.time() - start
+
+    def read(self, accelerator, step: int, resume_from: Path) -> dict[str, float]:
+        """The window's logs, over every micro-batch of every process: "loss" (mean), "steps_per_s" and the mean loss
+        per sigma bin ("loss/sigma_0.0-0.2", ...); on CUDA also the largest "peak_mem_gib" (allocated) and
+        "peak_reserved_gib" (what the card must hold) over all GPUs. Starts the next window.
+
+        Raises FloatingPointError naming the first step whose loss was not finite (on any process)."""
+        bad_step = int(accelerator.reduce(self.first_bad_step.float(), "max").item())
+        if bad_step >= 0:
+            raise FloatingPointError(
+                f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
+                f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {resume_from}."
+            )
+        loss = float(accelerator.reduce(self.loss_sum / max(self.batches, 1), "mean"))
+        self.meter.sums = accelerator.reduce(self.meter.sums, "sum")
+        self.meter.counts = accelerator.reduce(self.meter.counts, "sum")
+        now = time.time()
+        logs = {
+            "loss": loss,
+            "steps_per_s": (step - self.start_step) / max(now - self.start_time, 1e-9),
+            **self.meter.compute(),
+        }
+        if torch.cuda.is_available():
+            peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]) / 2**30
+            peaks = accelerator.reduce(peaks.to(accelerator.device), "max")
+            logs["peak_mem_gib"], logs["peak_reserved_gib"] = peaks.tolist()
+        self.meter.reset()
+        self.loss_sum.zero_()
+        self.batches = 0
+        self.start_time, self.start_step = now, step
+        return logs
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One line per logging step (and one per validation with a held-out loss): the loss curves users can plot
+    (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
