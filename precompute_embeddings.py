@@ -99,6 +99,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Caption for images without one (default: such images are skipped and reported).",
     )
     parser.add_argument(
+        "--mask_dir",
+        default=None,
+        help="Loss masks: a folder mirroring --train_data_dir with a grayscale image per image, same name, any image "
+        "extension (white = learn, black = ignore, e.g. the background). Images without one are trained whole.",
+    )
+    parser.add_argument(
+        "--alpha_mask",
+        action="store_true",
+        help="Use each transparent image's alpha channel as its loss mask (opaque = learn).",
+    )
+    parser.add_argument(
         "--validation_prompts",
         nargs="*",
         default=[],
@@ -169,6 +180,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("pass exactly one of --train_data_dir or --dataset_name")
+    if args.mask_dir and (args.alpha_mask or args.dataset_name):
+        parser.error("--mask_dir goes with --train_data_dir and without --alpha_mask (masks come from one place)")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        parser.error(f"--mask_dir {args.mask_dir} is not a folder: point it at the folder holding the masks")
     return args
 
 
@@ -200,6 +215,7 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
         "vae_downsample": 2 ** (len(vae_config["block_out_channels"]) - 1),
         "embed_dim": text_config["hidden_size"],
         "seed": args.seed,
+        "masks": "mask_dir" if args.mask_dir else "alpha" if args.alpha_mask else "none",
     }
 
 
@@ -300,7 +316,13 @@ def main(args: argparse.Namespace) -> dict | None:
     # Load the encoders, while DataLoader workers start decoding the first batches
     planned_batches = plan_batches(planned, args.batch_size)
     pixels = torch.utils.data.DataLoader(
-        PixelDataset(planned_batches, args.cache_flipped, hf_dataset),
+        PixelDataset(
+            planned_batches,
+            args.cache_flipped,
+            hf_dataset,
+            masks="dir" if args.mask_dir else "alpha" if args.alpha_mask else None,
+            downsample=fingerprint["vae_downsample"],
+        ),
         batch_size=None,
         num_workers=args.dataloader_num_workers,
         collate_fn=keep_as_is,
@@ -413,12 +435,14 @@ def main(args: argparse.Namespace) -> dict | None:
             "encode_images_per_s": new / max(seconds["encode"], 1e-9),
             "processes": world,
         }
+        num_masked = cache_lib.count_masked(merged)
         cache_lib.write_json_atomic(
             Path(args.output_dir) / cache_lib.MANIFEST_NAME,
             {
                 "format_version": cache_lib.CACHE_FORMAT_VERSION,
                 "fingerprint": fingerprint,
                 "num_items": len(merged),
+                "num_masked": num_masked,
                 "buckets": {f"{h}x{w}": n for (h, w), n in sorted(by_bucket.items())},
                 "validation_prompts": args.validation_prompts,
                 "caption_prefix": args.caption_prefix,
@@ -436,7 +460,7 @@ def main(args: argparse.Namespace) -> dict | None:
         logger.info(
             f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
             f"{len(all_skipped)} skipped, {sum(r['truncated'] for r in reports)} captions truncated to "
-            f"{args.max_sequence_length} tokens; {stats['images_per_s']:.1f} images/s over {seconds['total']:.1f} s "
+            f"{args.max_sequence_length} tokens, {num_masked} with a loss mask; {stats['images_per_s']:.1f} images/s over {seconds['total']:.1f} s "
             f"on {world} process(es)"
         )
         compiling = f", {compile_s:.1f} s of it compiling {len(shapes_seen)} batch shape(s)" if args.compile else ""

@@ -212,6 +212,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Probability of the mirrored latents (needs a cache made with --cache_flipped).",
     )
     p.add_argument(
+        "--mask_floor",
+        type=float,
+        default=0.0,
+        help="Loss weight of black pixels of the cache's loss masks (precompute --mask_dir/--alpha_mask): 0 = not "
+        "learned at all, e.g. 0.1 = a little background; 1 = masks ignored.",
+    )
+    p.add_argument(
         "--group_by_caption_length",
         action="store_true",
         help="Batch only equal caption lengths (no attention mask; needs enough same-length items).",
@@ -248,6 +255,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(input_args)
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
+    if not 0 <= args.mask_floor <= 1:
+        p.error("--mask_floor is a loss weight between 0 and 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
     return args
@@ -431,6 +440,7 @@ def run_training(args: argparse.Namespace) -> None:
         args.loss_weighting,
         args.caption_dropout,
         args.random_flip,
+        args.mask_floor,
     )
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
@@ -442,8 +452,8 @@ def run_training(args: argparse.Namespace) -> None:
         f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
         f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); "
         f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
-        f"{max_steps} steps "
-        f"({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+        + (f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else "")
     )
 
     # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit

@@ -436,7 +436,7 @@ def _record(i: int) -> dict:
         "bucket_height": 64, "bucket_width": 96, "original_height": 70, "original_width": 100,
         "crop_box": [0.5, 1.0, 99.5, 69.0],
         "latents": bytes([i]) * 8, "latents_flipped": b"", "caption_embeds": bytes([i]) * 4,
-        "caption_length": 2, "caption_truncated": False,
+        "caption_length": 2, "caption_truncated": False, "mask": b"",
     }  # fmt: skip
 
 

@@ -22,7 +22,8 @@ import torch
 from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # the trainer still reads version 1 (no "mask" column: no loss masks)
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
@@ -47,6 +48,7 @@ FEATURES = datasets.Features(
         "caption_embeds": datasets.Value("binary"),  # [caption_length, embed_dim]
         "caption_length": datasets.Value("int32"),  # tokens kept (mask == 1), <= max_sequence_length
         "caption_truncated": datasets.Value("bool"),
+        "mask": datasets.Value("binary"),  # uint8 [bucket_height/8, bucket_width/8], 255 = trained; b"" when none
     }
 )
 
@@ -81,17 +83,28 @@ def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int,
 
 def decode_record(record: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """Tensors of one cache record, in the stored dtypes: `latents` [C, h, w], `latents_flipped` [C, h, w] or None
-    when the cache has no mirrored latents, and `caption_embeds` [L, D]."""
+    when the cache has no mirrored latents, `caption_embeds` [L, D], and `mask` uint8 [1, h, w] (the loss weight of
+    each latent pixel, 0-255) or None when the item has no loss mask."""
     fp = manifest["fingerprint"]
     dtype, shape = DTYPES[fp["latent_dtype"]], latent_shape(record, manifest)
-    flipped = record["latents_flipped"]
+    flipped, mask = record["latents_flipped"], record.get("mask")  # (version 1 has no mask column)
     return {
+        "mask": bytes_to_tensor(mask, torch.uint8, (1, *shape[1:])) if mask else None,
         "latents": bytes_to_tensor(record["latents"], dtype, shape),
         "latents_flipped": bytes_to_tensor(flipped, dtype, shape) if flipped else None,
         "caption_embeds": bytes_to_tensor(
             record["caption_embeds"], DTYPES[fp["embedding_dtype"]], (record["caption_length"], fp["embed_dim"])
         ),
     }
+
+
+def count_masked(dataset: datasets.Dataset) -> int:
+    """Records holding a loss mask, counted in Arrow (without reading the masks into Python)."""
+    if "mask" not in dataset.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.greater(pc.binary_length(dataset.data.column("mask")), 0)).as_py() or 0)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -136,10 +149,10 @@ def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | Non
             f"{cache_dir} is not a finished embedding cache (no {MANIFEST_NAME} or {DATA_DIR}/): "
             "run precompute_embeddings.py with --output_dir pointing there first."
         )
-    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise CacheError(
-            f"{cache_dir} has cache format {manifest.get('format_version')}, this code reads {CACHE_FORMAT_VERSION}: "
-            "re-run precompute_embeddings.py with --overwrite."
+            f"{cache_dir} has cache format {manifest.get('format_version')}, this code reads "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}: re-run precompute_embeddings.py with --overwrite."
         )
     if expected_fingerprint is not None:
         found = {k: manifest["fingerprint"].get(k) for k in expected_fingerprint}

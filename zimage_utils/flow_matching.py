@@ -137,7 +137,7 @@ def loss_weighting(sigma: torch.Tensor, scheme: str = "none") -> torch.Tensor:
 
 
 def flow_matching_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-squared error between the transformer output and the velocity target, computed in float32.
 
@@ -145,6 +145,9 @@ def flow_matching_loss(
         pred: raw transformer output [B, C, (F,) H, W], any dtype (bf16 under mixed precision).
         target: `velocity_target(x1, x0)`, same shape.
         weights: optional per-sample weights [B] (see `loss_weighting`).
+        mask: optional loss mask [B, 1, (F,) H, W], each latent pixel's weight in [0, 1]: a sample's MSE is then
+            its weighted mean, sum(mask · err²) / (C · sum(mask)), so a masked image weighs as much as a whole one.
+            A sample whose mask is all zero contributes 0.
 
     Returns:
         (loss, per_sample): loss is the scalar mean over the batch of weights·MSE, the one to backpropagate;
@@ -152,7 +155,12 @@ def flow_matching_loss(
         across weighting schemes).
     """
     # bf16 has 8 bits of mantissa: squaring and summing thousands of latent values in it loses the loss signal.
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # [B]
+    squared = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_sample = squared.flatten(1).mean(dim=1)  # [B]
+    else:
+        mask = mask.float()
+        per_sample = (squared * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * squared.shape[1]).clamp_min(1e-8)
     weighted = per_sample if weights is None else per_sample * weights.float()
     return weighted.mean(), per_sample.detach()
 

@@ -35,6 +35,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 DATASET_IMAGE_COLUMN = "image"
 # Key in `Image.info` where `load_image` records what it changed; read it with `conversion_note`.
 CONVERSION_INFO_KEY = "zimage_conversion"
+# Key in `Image.info` where `load_image` keeps the alpha channel it composited away; read it with `alpha_channel`.
+ALPHA_INFO_KEY = "zimage_alpha"
 
 # PIL decoders raise many exception types on damaged files (struct.error from TIFF/EXIF parsing,
 # SyntaxError from some plugins, OSError for truncation); all of them mean "this file is bad".
@@ -356,6 +358,43 @@ def conversion_note(image: Image.Image) -> str | None:
     return image.info.get(CONVERSION_INFO_KEY)
 
 
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The alpha channel (mode "L", 0 = transparent) of a transparent image `load_image` composited onto white, or
+    None when the image had no transparency."""
+    return image.info.get(ALPHA_INFO_KEY)
+
+
+def find_mask(source: str, mask_dir: str | os.PathLike) -> Path | None:
+    """The loss mask of the image `source` (relative to the image folder): the file in `mask_dir` with the same
+    relative path and name, any image extension (``cats/01.jpg`` → ``MASKS/cats/01.png``), or None."""
+    stem = Path(mask_dir) / PurePosixPath(source).with_suffix("")
+    if not stem.parent.is_dir():
+        return None
+    found = sorted(p for p in stem.parent.iterdir() if p.stem == stem.name and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return found[0] if found else None
+
+
+def load_mask(path: str | os.PathLike, source: str, size: tuple[int, int]) -> Image.Image:
+    """A loss mask as upright 8-bit grayscale (mode "L": white = trained on, black = ignored, grey = in between),
+    checked to be the image's `size` (width, height) after EXIF orientation. Raises `BadImageError` for `source`,
+    naming the mask file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mask = ImageOps.exif_transpose(image).convert("L")
+    except FileNotFoundError as e:
+        raise BadImageError(source, f"its mask {path} was moved or deleted after the data was listed") from e
+    except (Image.UnidentifiedImageError, *_DECODE_ERRORS) as e:
+        raise BadImageError(source, f"cannot decode its mask {path}: re-export it as a grayscale PNG") from e
+    if mask.size != tuple(size):
+        raise BadImageError(
+            source,
+            f"its mask {path} is {mask.size[0]}x{mask.size[1]}, the image {size[0]}x{size[1]}: save the mask at the "
+            "image's size",
+        )
+    return mask
+
+
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     """(RGB image, note on what was converted or None)."""
     mode = image.mode
@@ -365,6 +404,7 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        rgb.info[ALPHA_INFO_KEY] = rgba.getchannel("A")
         has_holes = rgba.getchannel("A").getextrema()[0] < 255
         return rgb, f"{mode} → RGB" + (" (transparent pixels composited onto white)" if has_holes else "")
     if mode.startswith("I") or mode == "F":

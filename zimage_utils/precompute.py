@@ -26,16 +26,19 @@ from typing import Any
 
 import datasets
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
 from .cache import FEATURES, SHARDS_DIR, records_to_dataset, tensor_to_bytes
 from .images import (
     BadImageError,
     ImageItem,
+    alpha_channel,
     content_hash,
     conversion_note,
+    find_mask,
     load_image,
+    load_mask,
     read_image_size,
     resolve_caption,
 )
@@ -58,6 +61,7 @@ class Planned:
     original_size: tuple[int, int]  # (h, w) pixels after EXIF orientation
     bucket: tuple[int, int]  # (h, w) pixels
     crop: CropBox
+    mask: str | None = None  # its loss-mask file (--mask_dir)
 
 
 class ScanDataset(torch.utils.data.Dataset):
@@ -81,8 +85,14 @@ class ScanDataset(torch.utils.data.Dataset):
         try:
             digest = content_hash(item, self.hf_dataset)
             height, width = read_image_size(item, self.hf_dataset)
+            mask = find_mask(item.source, args.mask_dir) if args.mask_dir else None
+            if mask is not None:  # a changed mask re-encodes the item on the next run, as a changed image does
+                mask_digest = content_hash(ImageItem(item.source, path=str(mask)))
+                digest = hashlib.sha256(f"{digest} {mask_digest}".encode()).hexdigest()
         except BadImageError as e:
             return {"source": item.source, "skipped": e.reason, "notes": []}
+        if args.mask_dir and mask is None:
+            notes.append(f"no mask for it in {args.mask_dir}: trained on the whole image")
         bucket = assign_bucket(height, width, self.buckets)
         factor = upscale_factor(height, width, bucket)
         if factor > args.max_upscale:
@@ -93,23 +103,43 @@ class ScanDataset(torch.utils.data.Dataset):
             return {"source": item.source, "skipped": reason, "notes": []}
         rng = random.Random(item_seed(args.seed, item.source))
         crop = plan_crop(height, width, bucket, args.crop, rng)
-        return {"planned": Planned(item, caption, digest, (height, width), bucket, crop), "notes": notes}
+        planned = Planned(item, caption, digest, (height, width), bucket, crop, str(mask) if mask else None)
+        return {"planned": planned, "notes": notes}
+
+
+def mask_to_latent_grid(mask: Image.Image, crop: CropBox, downsample: int) -> bytes:
+    """A loss mask (the image's size) over the image's crop, averaged over the area each latent pixel covers:
+    uint8 [bucket_h / downsample, bucket_w / downsample] as raw bytes (the cache's `mask` column). Area averaging in
+    one step, not the image's LANCZOS resize, which rings at a mask's hard edges (255 → 254 beside a black region)."""
+    box = crop.to_original(mask.height, mask.width)
+    grid = mask.resize((crop.width // downsample, crop.height // downsample), Image.Resampling.BOX, box=box)
+    return grid.tobytes()
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Decodes, converts, resizes and crops one batch (a list of Planned of one bucket) in a DataLoader worker."""
+    """Decodes, converts, resizes and crops one batch (a list of Planned of one bucket) in a DataLoader worker.
 
-    def __init__(self, batches: list[list[Planned]], flip: bool, hf_dataset=None):
+    `masks`: None, "dir" (each Planned's mask file) or "alpha" (the image's alpha channel); with either, each item
+    also gets its loss mask on the latent grid (`mask_to_latent_grid`, latent pixels `downsample`² image pixels),
+    b"" for an item without one."""
+
+    def __init__(
+        self, batches: list[list[Planned]], flip: bool, hf_dataset=None, masks: str | None = None, downsample: int = 8
+    ):
         self.batches, self.flip, self.hf_dataset = batches, flip, hf_dataset
+        self.masks, self.downsample = masks, downsample
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        good, pixels, flipped, skipped, notes = [], [], [], [], []
+        good, pixels, flipped, masks, skipped, notes = [], [], [], [], [], []
         for planned in self.batches[i]:
             try:
                 image = load_image(planned.item, self.hf_dataset)
+                mask = alpha_channel(image) if self.masks == "alpha" else None
+                if self.masks == "dir" and planned.mask is not None:
+                    mask = load_mask(planned.mask, planned.item.source, image.size)
             except BadImageError as e:
                 skipped.append((planned.item.source, e.reason))
                 continue
@@ -117,6 +147,7 @@ class PixelDataset(torch.utils.data.Dataset):
                 notes.append((planned.item.source, note))
             cropped = resize_and_crop(image, planned.crop)
             good.append(planned)
+            masks.append(mask_to_latent_grid(mask, planned.crop, self.downsample) if mask is not None else b"")
             pixels.append(pil_to_tensor(cropped))
             if self.flip:
                 flipped.append(pil_to_tensor(ImageOps.mirror(cropped)))
@@ -125,6 +156,7 @@ class PixelDataset(torch.utils.data.Dataset):
             "planned": good,
             "pixels": torch.stack(pixels) if pixels else None,
             "flipped": torch.stack(flipped) if flipped else None,
+            "masks": masks,  # bytes per good item (b"": none)
             "skipped": skipped,
             "notes": notes,
         }
@@ -174,6 +206,7 @@ class EncodedBatch:
     lengths: list[int]  # caption tokens kept per item
     truncated: list[bool]
     copied: torch.cuda.Event | None  # recorded after the copies to the host; None when they were synchronous
+    masks: list[bytes] | None = None  # the `mask` column per item (see `PixelDataset`); None: no masks
 
     def records(self) -> list[dict[str, Any]]:
         """Cache records (FEATURES), one per item in the batch's order."""
@@ -198,6 +231,7 @@ class EncodedBatch:
                     "caption_embeds": tensor_to_bytes(embeds[i], embeds[i].dtype),
                     "caption_length": self.lengths[i],
                     "caption_truncated": bool(self.truncated[i]),
+                    "mask": self.masks[i] if self.masks else b"",
                 }
             )
         return records
@@ -275,7 +309,9 @@ def encode_batch(
     if copied is not None:
         copied.record()
     lengths = [int(e.shape[0]) for e in embeds]
-    return EncodedBatch(planned, host_latents, host_flipped, host_embeds, lengths, truncated, copied)
+    return EncodedBatch(
+        planned, host_latents, host_flipped, host_embeds, lengths, truncated, copied, batch.get("masks")
+    )
 
 
 def encode_ahead(

@@ -74,7 +74,8 @@ def load_caches(
 
     The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
     (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
-    (each distinct prompt of any cache, once), "without_flipped_latents": the caches made without --cache_flipped}.
+    (each distinct prompt of any cache, once), "without_flipped_latents": the caches made without --cache_flipped,
+    "num_masked": items with a loss mask}.
     """
     train, held_out, manifests, prompts, unflipped = [], [], [], {}, []
     empty = None
@@ -98,6 +99,7 @@ def load_caches(
         "empty_embeds": empty,
         "validation_prompts": list(prompts.items()),
         "without_flipped_latents": unflipped,
+        "num_masked": sum(m.get("num_masked", 0) for m in manifests),
     }
     return CachedLatentsDataset(train, repeats), CachedLatentsDataset(held_out) if held_out else None, info
 
@@ -163,8 +165,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latents [B,C,h,w] (one bucket per batch, so equal shapes); keep caption embeddings as a list of
-    [L_i, D], which is what the transformer takes."""
+    [L_i, D], which is what the transformer takes. "masks": uint8 [B,1,h,w] when any item has a loss mask (255
+    everywhere for those without), else None."""
+    masks = None
+    if any(it.get("mask") is not None for it in items):
+        whole = torch.full((1, *items[0]["latents"].shape[1:]), 255, dtype=torch.uint8)
+        masks = torch.stack([it["mask"] if it.get("mask") is not None else whole for it in items])
     return {
+        "masks": masks,
         "indices": torch.tensor([it["index"] for it in items]),
         "latents": torch.stack([it["latents"] for it in items]),
         "latents_flipped": torch.stack([it["latents_flipped"] for it in items])

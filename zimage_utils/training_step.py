@@ -18,6 +18,7 @@ class StepConfig:
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
     caption_dropout: float = 0.0  # probability of training an item on the empty caption
     flip_prob: float = 0.0  # probability of using the cached mirrored latents
+    mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
 
 
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -52,7 +53,7 @@ def flow_matching_step(
     """Loss of `transformer` on one batch.
 
     batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
-    "latents_flipped" [B, C, h, w]. seeds: one int per item; noise, timestep, dropout and flip of item i depend
+    "latents_flipped" [B, C, h, w] and "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight). seeds: one int per item; noise, timestep, dropout and flip of item i depend
     only on seeds[i]. timesteps: fixed t [B] (validation loss) instead of sampling.
     Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
     """
@@ -64,6 +65,12 @@ def flow_matching_step(
     if any(flip):  # chosen per item on the host: indexing, not a mask tensor copied to the device
         flipped = batch["latents_flipped"].to(device, non_blocking=True).float()
         x1 = torch.stack([flipped[i] if f else x1[i] for i, f in enumerate(flip)])
+    mask = batch.get("masks")
+    if mask is not None:  # black weighs mask_floor, white 1; a mirrored item takes its mask mirrored too
+        mask = mask.to(device, non_blocking=True).float() / 255
+        if any(flip):
+            mask = torch.stack([m.flip(-1) if f else m for m, f in zip(mask, flip)])
+        mask = config.mask_floor + (1 - config.mask_floor) * mask
     captions = [empty_embeds if d else e for d, e in zip(drop, batch["caption_embeds"])]
     if any(drop) and empty_embeds is None:
         raise ValueError("caption_dropout needs the cached empty-caption embedding")
@@ -101,5 +108,5 @@ def flow_matching_step(
     pred = torch.stack(out).squeeze(2)
     sigma = 1.0 - t
     weights = None if config.loss_weighting == "none" else fm.loss_weighting(sigma, config.loss_weighting)
-    loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights)
+    loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
     return {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}

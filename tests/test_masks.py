@@ -1,0 +1,183 @@
+"""Loss masks: precompute_embeddings.py --mask_dir / --alpha_mask caches one per image on the latent grid, and the
+trainer learns only where it is white (black weighs --mask_floor).
+
+Runs call the scripts in-process on the tiny model, as tests/test_precompute.py and tests/test_trainer.py do.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_trainer import train
+
+import precompute_embeddings
+from zimage_utils import cache as cache_lib
+from zimage_utils import flow_matching as fm
+from zimage_utils.train_data import collate
+from zimage_utils.training_step import StepConfig, flow_matching_step
+
+
+def precompute(model_dir, data_dir, output_dir, *extra):
+    args = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--train_data_dir", str(data_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    precompute_embeddings.main(precompute_embeddings.parse_args(args + [str(a) for a in extra]))
+    dataset, manifest = cache_lib.load_cache(output_dir)
+    return {r["source"]: r for r in dataset}, manifest
+
+
+def half_mask(width: int, height: int) -> Image.Image:
+    """Black left half, white right half."""
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[:, width // 2 :] = 255
+    return Image.fromarray(pixels, "L")
+
+
+def grid(record, manifest) -> torch.Tensor | None:
+    mask = cache_lib.decode_record(record, manifest)["mask"]
+    return None if mask is None else mask[0]
+
+
+def test_mask_files_are_cached_on_the_latent_grid_and_missing_or_misfit_ones_reported(
+    tiny_model_dir, tmp_path, caplog
+):
+    data, masks = tmp_path / "images", tmp_path / "masks"
+    (data / "sub").mkdir(parents=True)
+    (masks / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg", "c.png", "d.png"):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(data / name)
+        (data / name).with_suffix(".txt").write_text(f"a red square {name}")
+    half_mask(64, 64).save(masks / "a.webp")  # any image extension
+    half_mask(64, 64).convert("RGB").save(masks / "sub" / "b.png")  # RGB masks are read as grayscale
+    half_mask(32, 32).save(masks / "c.png")  # not the image's size
+    # d.png has no mask
+
+    caplog.set_level(logging.INFO, logger="precompute")
+    records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks)
+
+    assert manifest["fingerprint"]["masks"] == "mask_dir" and manifest["num_masked"] == 2
+    f = manifest["fingerprint"]["vae_downsample"]
+    for source in ("a.png", "sub/b.jpg"):
+        mask = grid(records[source], manifest)
+        assert mask.shape == (64 // f, 64 // f) and mask.dtype == torch.uint8
+        assert (mask[:, : 32 // f] == 0).all() and (mask[:, 32 // f :] == 255).all()  # the halves, on the latent grid
+    assert grid(records["d.png"], manifest) is None
+    assert {n["source"]: n["reason"] for n in manifest["notes"]}["d.png"].startswith("no mask for it in")
+    skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert "c.png" not in records and f"its mask {masks / 'c.png'} is 32x32, the image 64x64" in skipped["c.png"]
+    assert "2 with a loss mask" in caplog.text
+
+    # A mask edited afterwards re-encodes its image on the next run (and only that one)
+    half_mask(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(masks / "a.webp")
+    caplog.clear()
+    records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks)
+    assert "(1 new, 2 kept)" in caplog.text
+    assert (grid(records["a.png"], manifest)[:, : 32 // f] == 255).all()
+
+
+def test_the_alpha_channel_of_a_transparent_image_is_its_mask(tiny_model_dir, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    rgba = np.full((64, 96, 4), 255, dtype=np.uint8)
+    rgba[:, :48, 3] = 0  # transparent left half
+    Image.fromarray(rgba, "RGBA").save(data / "cut_out.png")
+    Image.new("RGB", (96, 64), (0, 0, 255)).save(data / "opaque.png")
+    for name in ("cut_out", "opaque"):
+        (data / f"{name}.txt").write_text("a thing")
+
+    records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--alpha_mask")
+    f = manifest["fingerprint"]["vae_downsample"]
+    mask = grid(records["cut_out.png"], manifest)
+    bucket = records["cut_out.png"]["bucket_height"], records["cut_out.png"]["bucket_width"]
+    assert mask.shape == (bucket[0] // f, bucket[1] // f) and bucket[1] // f % 2 == 0  # the whole width is kept
+    half = mask.shape[1] // 2
+    assert (mask[:, :half] == 0).all() and (mask[:, half:] == 255).all()
+    assert grid(records["opaque.png"], manifest) is None and manifest["num_masked"] == 1
+
+
+def test_mask_dir_is_refused_with_a_dataset_or_when_missing(tmp_path, capsys):
+    for extra in (["--dataset_name", "x", "--mask_dir", str(tmp_path)], ["--train_data_dir", "x", "--mask_dir", "no"]):
+        with pytest.raises(SystemExit):
+            precompute_embeddings.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", *extra])
+    assert "--mask_dir no is not a folder" in capsys.readouterr().err
+
+
+def test_the_masked_loss_is_the_mean_squared_error_over_the_weighted_latent_pixels():
+    pred, target = torch.randn(2, 16, 4, 6), torch.randn(2, 16, 4, 6)
+    whole = torch.ones(2, 1, 4, 6)
+    torch.testing.assert_close(fm.flow_matching_loss(pred, target, mask=whole), fm.flow_matching_loss(pred, target))
+
+    right = whole.clone()
+    right[..., :3] = 0
+    loss, per_sample = fm.flow_matching_loss(pred, target, mask=right)
+    expected = (pred[..., 3:] - target[..., 3:]).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per_sample, expected)
+    torch.testing.assert_close(loss, expected.mean())
+
+    # Grey weighs in between; an all-black mask contributes nothing
+    grey = torch.full_like(whole, 0.25)
+    torch.testing.assert_close(
+        fm.flow_matching_loss(pred, target, mask=grey)[1], fm.flow_matching_loss(pred, target)[1]
+    )
+    assert fm.flow_matching_loss(pred, target, mask=torch.zeros_like(whole))[1].eq(0).all()
+
+
+class ZeroPrediction(torch.nn.Module):
+    """Predicts a zero velocity: the loss is then the (masked) mean of (x1 − x0)²."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x, t, captions, return_dict=False):
+        return ([torch.zeros_like(item) for item in x],)
+
+
+def test_a_mirrored_item_is_masked_by_its_mirrored_mask_and_mask_floor_one_ignores_masks():
+    mask = torch.zeros(1, 1, 4, 6, dtype=torch.uint8)
+    mask[..., :3] = 255  # the left half is learned
+    latents = torch.zeros(1, 16, 4, 6)
+    batch = {"latents": latents, "latents_flipped": latents, "caption_embeds": [torch.zeros(3, 8)], "masks": mask}
+    x0 = torch.randn(16, 4, 6, generator=torch.Generator().manual_seed(7))  # the step's noise for seed 7
+
+    def loss(**config):
+        return flow_matching_step(ZeroPrediction(), batch, StepConfig(**config), [7])["per_sample"]
+
+    torch.testing.assert_close(loss(), x0[..., :3].pow(2).mean().reshape(1))
+    torch.testing.assert_close(loss(flip_prob=1.0), x0[..., 3:].pow(2).mean().reshape(1))
+    torch.testing.assert_close(loss(mask_floor=1.0), x0.pow(2).mean().reshape(1))
+
+
+def test_collate_gives_unmasked_items_a_white_mask_and_no_masks_stay_none():
+    item = {"index": 0, "latents": torch.zeros(16, 4, 6), "latents_flipped": None, "caption_embeds": torch.zeros(3, 8)}
+    masked = {**item, "index": 1, "mask": torch.zeros(1, 4, 6, dtype=torch.uint8)}
+    assert collate([{**item, "mask": None}])["masks"] is None
+    masks = collate([{**item, "mask": None}, masked])["masks"]
+    assert masks.shape == (2, 1, 4, 6) and masks[0].eq(255).all() and masks[1].eq(0).all()
+
+
+def test_an_all_black_mask_teaches_the_lora_nothing(tiny_model_dir, tiny_data_dir, tmp_path):
+    masks = tmp_path / "masks"
+    for image in tiny_data_dir.glob("*.png"):
+        masks.mkdir(exist_ok=True)
+        with Image.open(image) as opened:
+            Image.new("L", opened.size, 0).save(masks / image.name)
+    precompute(tiny_model_dir, tiny_data_dir, tmp_path / "cache", "--mask_dir", masks)
+
+    def lora_b(output_dir, **flags):
+        log = train(tiny_model_dir, tmp_path / "cache", output_dir, max_train_steps=3, **flags)
+        state = load_file(str(Path(output_dir) / "pytorch_lora_weights.safetensors"))
+        return [r["loss"] for r in log if "loss" in r], [v for k, v in state.items() if "lora_B" in k]
+
+    losses, black = lora_b(tmp_path / "black")
+    assert losses == [0.0] * 3 and all(b.eq(0).all() for b in black)  # zero loss: lora_B keeps its zero init
+    losses, floor = lora_b(tmp_path / "floor", mask_floor=0.5)  # black now weighs 0.5
+    assert min(losses) > 0 and any(b.abs().max() > 0 for b in floor)
