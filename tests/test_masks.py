@@ -4,9 +4,12 @@ trainer learns only where it is white (black weighs --mask_floor).
 Runs call the scripts in-process on the tiny model, as tests/test_precompute.py and tests/test_trainer.py do.
 """
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -17,7 +20,7 @@ from test_trainer import train
 import precompute_embeddings
 from zimage_utils import cache as cache_lib
 from zimage_utils import flow_matching as fm
-from zimage_utils.train_data import collate
+from zimage_utils.train_data import collate, load_caches
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
 
@@ -181,3 +184,17 @@ def test_an_all_black_mask_teaches_the_lora_nothing(tiny_model_dir, tiny_data_di
     assert losses == [0.0] * 3 and all(b.eq(0).all() for b in black)  # zero loss: lora_B keeps its zero init
     losses, floor = lora_b(tmp_path / "floor", mask_floor=0.5)  # black now weighs 0.5
     assert min(losses) > 0 and any(b.abs().max() > 0 for b in floor)
+
+
+def test_a_cache_made_before_masks_still_trains_unmasked(tiny_cache_dir, tmp_path):
+    old = shutil.copytree(tiny_cache_dir, tmp_path / "v1")
+    datasets.load_from_disk(str(old / "data")).remove_columns("mask").save_to_disk(str(tmp_path / "data"))
+    shutil.rmtree(old / "data")
+    shutil.move(tmp_path / "data", old / "data")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["num_masked"], manifest["fingerprint"]["masks"]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+
+    train, _, info = load_caches([str(old)], expected={})
+    assert train[0]["mask"] is None and info["num_masked"] == 0
+    assert collate([train[0]])["masks"] is None
