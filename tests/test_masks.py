@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_trainer import precompute as run_precompute
 from test_trainer import train
 
 import precompute_embeddings
@@ -25,15 +26,8 @@ from zimage_utils.training_step import StepConfig, flow_matching_step
 
 
 def precompute(model_dir, data_dir, output_dir, *extra):
-    args = [
-        "--pretrained_model_name_or_path", str(model_dir),
-        "--train_data_dir", str(data_dir),
-        "--output_dir", str(output_dir),
-        "--resolution", "64",
-        "--dataloader_num_workers", "0",
-    ]  # fmt: skip
-    precompute_embeddings.main(precompute_embeddings.parse_args(args + [str(a) for a in extra]))
-    dataset, manifest = cache_lib.load_cache(output_dir)
+    """({source: record}, manifest) of a fresh cache of `data_dir` (test_trainer's run at resolution 64)."""
+    dataset, manifest = cache_lib.load_cache(run_precompute(model_dir, data_dir, output_dir, *map(str, extra)))
     return {r["source"]: r for r in dataset}, manifest
 
 
