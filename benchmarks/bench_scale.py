@@ -92,6 +92,7 @@ def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed
             "caption_embeds": cache_lib.tensor_to_bytes(torch.randn(128, embed_dim, generator=g), torch.bfloat16),
             "caption_length": 128,
             "caption_truncated": False,
+            "mask": b"",
         }
         for i in range(num_items)
     ]
