@@ -84,3 +84,20 @@ def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(t
         wall = {r["images"]: r["wall_s"] for r in runs if r["gpus"] == int(gpus)}
         per_image, fixed = marginal["wall_s_per_image"][gpus], marginal["fixed_s"][gpus]
         assert abs(fixed + 24 * per_image - wall[24]) < 1e-6
+
+
+def test_scale_benchmark_trains_on_its_synthetic_cache_and_checks_the_lora(tmp_path):
+    report = run_benchmark(
+        "bench_scale.py",
+        "--tiny",
+        "--work",
+        str(tmp_path / "work"),
+        "--only",
+        "ddp_1gpu",
+        "--out",
+        str(tmp_path / "s.json"),
+    )
+    (run,) = report["runs"]
+    assert run["returncode"] == 0 and run["s_per_step"] > 0
+    check = run["lora_check"]
+    assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
