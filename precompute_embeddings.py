@@ -99,6 +99,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Caption for images without one (default: such images are skipped and reported).",
     )
     parser.add_argument(
+        "--caption_variants",
+        action="store_true",
+        help="Each line of a caption is a variant (a list in metadata.jsonl or a dataset column gives one per item): "
+        "all are cached, and training draws one per item per epoch.",
+    )
+    parser.add_argument(
         "--mask_dir",
         default=None,
         help="Loss masks: a folder mirroring --train_data_dir with a grayscale image per image, same name, any image "
@@ -216,6 +222,7 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
         "embed_dim": text_config["hidden_size"],
         "seed": args.seed,
         "masks": "mask_dir" if args.mask_dir else "alpha" if args.alpha_mask else "none",
+        "caption_variants": args.caption_variants,
     }
 
 
@@ -275,12 +282,12 @@ def main(args: argparse.Namespace) -> dict | None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         existing = prepare_output_dir_readonly(args.output_dir)
-    # An item is re-encoded when its image bytes or its final caption (edited .txt, new --caption_prefix) changed.
+    # An item is re-encoded when its image bytes or its final captions (edited .txt, new --caption_prefix) changed.
     done = {
-        (r["source"], r["content_hash"], r["caption"])
+        (r["source"], r["content_hash"], r["caption"], *r["caption_variants"])
         for part in [existing, *load_shards(args.output_dir)]
         if part is not None
-        for r in part.select_columns(["source", "content_hash", "caption"])
+        for r in part.select_columns(["source", "content_hash", "caption", "caption_variants"])
     }
 
     # Find items; this process takes every world-th one
@@ -308,7 +315,7 @@ def main(args: argparse.Namespace) -> dict | None:
         ]
         if "skipped" in result:
             skipped.append({"source": result["source"], "reason": result["skipped"]})
-        elif (result["planned"].item.source, result["planned"].content_hash, result["planned"].caption) not in done:
+        elif (result["planned"].item.source, result["planned"].content_hash, *result["planned"].texts) not in done:
             planned.append(result["planned"])
 
     scanned = time.perf_counter()

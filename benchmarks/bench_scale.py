@@ -93,6 +93,9 @@ def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed
             "caption_length": 128,
             "caption_truncated": False,
             "mask": b"",
+            "caption_variants": [],
+            "variant_embeds": b"",
+            "variant_lengths": [],
         }
         for i in range(num_items)
     ]

@@ -180,15 +180,16 @@ def test_an_all_black_mask_teaches_the_lora_nothing(tiny_model_dir, tiny_data_di
     assert min(losses) > 0 and any(b.abs().max() > 0 for b in floor)
 
 
-def test_a_cache_made_before_masks_still_trains_unmasked(tiny_cache_dir, tmp_path):
+def test_a_cache_made_before_masks_and_variants_still_trains(tiny_cache_dir, tmp_path):
     old = shutil.copytree(tiny_cache_dir, tmp_path / "v1")
-    datasets.load_from_disk(str(old / "data")).remove_columns("mask").save_to_disk(str(tmp_path / "data"))
+    new_columns = ["mask", "caption_variants", "variant_embeds", "variant_lengths"]
+    datasets.load_from_disk(str(old / "data")).remove_columns(new_columns).save_to_disk(str(tmp_path / "data"))
     shutil.rmtree(old / "data")
     shutil.move(tmp_path / "data", old / "data")
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["num_masked"], manifest["fingerprint"]["masks"]
+    del manifest["num_masked"], manifest["fingerprint"]["masks"], manifest["fingerprint"]["caption_variants"]
     (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
 
     train, _, info = load_caches([str(old)], expected={})
-    assert train[0]["mask"] is None and info["num_masked"] == 0
-    assert collate([train[0]])["masks"] is None
+    assert train[0]["mask"] is None and info["num_masked"] == 0 and train[0]["caption_variants"] == []
+    assert collate([train[0]])["masks"] is None and collate([train[0]])["caption_variants"] is None

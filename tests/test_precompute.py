@@ -437,6 +437,7 @@ def _record(i: int) -> dict:
         "crop_box": [0.5, 1.0, 99.5, 69.0],
         "latents": bytes([i]) * 8, "latents_flipped": b"", "caption_embeds": bytes([i]) * 4,
         "caption_length": 2, "caption_truncated": False, "mask": b"",
+        "caption_variants": [], "variant_embeds": b"", "variant_lengths": [],
     }  # fmt: skip
 
 

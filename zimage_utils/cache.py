@@ -37,7 +37,7 @@ FEATURES = datasets.Features(
     {
         "source": datasets.Value("string"),  # path relative to the data root, or "dataset[row]"
         "content_hash": datasets.Value("string"),  # sha256 of the image file's bytes
-        "caption": datasets.Value("string"),  # after prefix / default caption
+        "caption": datasets.Value("string"),  # after prefix / default caption (the first variant)
         "bucket_height": datasets.Value("int32"),  # pixels
         "bucket_width": datasets.Value("int32"),
         "original_height": datasets.Value("int32"),  # pixels, after EXIF orientation
@@ -49,6 +49,9 @@ FEATURES = datasets.Features(
         "caption_length": datasets.Value("int32"),  # tokens kept (mask == 1), <= max_sequence_length
         "caption_truncated": datasets.Value("bool"),
         "mask": datasets.Value("binary"),  # uint8 [bucket_height/8, bucket_width/8], 255 = trained; b"" when none
+        "caption_variants": datasets.Sequence(datasets.Value("string")),  # the other captions (--caption_variants)
+        "variant_embeds": datasets.Value("binary"),  # [sum(variant_lengths), embed_dim], one variant after the other
+        "variant_lengths": datasets.Sequence(datasets.Value("int32")),  # tokens kept per variant
     }
 )
 
@@ -84,11 +87,19 @@ def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int,
 def decode_record(record: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """Tensors of one cache record, in the stored dtypes: `latents` [C, h, w], `latents_flipped` [C, h, w] or None
     when the cache has no mirrored latents, `caption_embeds` [L, D], and `mask` uint8 [1, h, w] (the loss weight of
-    each latent pixel, 0-255) or None when the item has no loss mask."""
+    each latent pixel, 0-255) or None when the item has no loss mask, and `caption_variants`: the [L_i, D] embeddings
+    of the item's other captions ([] when it has none)."""
     fp = manifest["fingerprint"]
     dtype, shape = DTYPES[fp["latent_dtype"]], latent_shape(record, manifest)
     flipped, mask = record["latents_flipped"], record.get("mask")  # (version 1 has no mask column)
+    lengths, variants = record.get("variant_lengths") or [], []  # (nor variants)
+    if lengths:
+        embed_shape = (sum(lengths), fp["embed_dim"])
+        variants = list(
+            bytes_to_tensor(record["variant_embeds"], DTYPES[fp["embedding_dtype"]], embed_shape).split(lengths)
+        )
     return {
+        "caption_variants": variants,
         "mask": bytes_to_tensor(mask, torch.uint8, (1, *shape[1:])) if mask else None,
         "latents": bytes_to_tensor(record["latents"], dtype, shape),
         "latents_flipped": bytes_to_tensor(flipped, dtype, shape) if flipped else None,

@@ -181,9 +181,15 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | N
     for row in rows:
         # Normalise "./a.png" and Windows "sub\\a.png" to the POSIX relative paths used as item sources.
         name = PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix()
-        caption = row.get(caption_column)
-        captions[name] = None if caption is None else str(caption)
+        captions[name] = _caption_text(row.get(caption_column))
     return captions
+
+
+def _caption_text(value: Any) -> str | None:
+    """A caption cell as text: a list of captions (variants) becomes one per line."""
+    if isinstance(value, list | tuple):
+        return "\n".join(str(v) for v in value)
+    return None if value is None else str(value)
 
 
 def items_from_dataset(
@@ -237,8 +243,7 @@ def items_from_dataset(
     # Reading just the caption column never touches the (possibly large) image bytes.
     captions = dataset.select_columns([caption_column])[caption_column]
     items = [
-        ImageItem(source=f"{name_or_path}[{row}]", caption=None if c is None else str(c), row=row)
-        for row, c in enumerate(captions)
+        ImageItem(source=f"{name_or_path}[{row}]", caption=_caption_text(c), row=row) for row, c in enumerate(captions)
     ]
 
     images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))

@@ -62,6 +62,12 @@ class Planned:
     bucket: tuple[int, int]  # (h, w) pixels
     crop: CropBox
     mask: str | None = None  # its loss-mask file (--mask_dir)
+    variants: tuple[str, ...] = ()  # its other captions (--caption_variants)
+
+    @property
+    def texts(self) -> list[str]:
+        """Every caption to encode for this item, the first one first."""
+        return [self.caption, *self.variants]
 
 
 class ScanDataset(torch.utils.data.Dataset):
@@ -77,11 +83,13 @@ class ScanDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item, args = self.items[i], self.args
         notes = []
-        caption, note = resolve_caption(item.caption, args.caption_prefix, args.default_caption)
+        lines = [line for line in (item.caption or "").splitlines() if line.strip()] if args.caption_variants else []
+        caption, note = resolve_caption(lines[0] if lines else item.caption, args.caption_prefix, args.default_caption)
         if note:
             notes.append(note)
         if caption is None:
             return {"source": item.source, "skipped": note, "notes": []}
+        variants = tuple(resolve_caption(line, args.caption_prefix, None)[0] for line in lines[1:])
         try:
             digest = content_hash(item, self.hf_dataset)
             height, width = read_image_size(item, self.hf_dataset)
@@ -103,7 +111,7 @@ class ScanDataset(torch.utils.data.Dataset):
             return {"source": item.source, "skipped": reason, "notes": []}
         rng = random.Random(item_seed(args.seed, item.source))
         crop = plan_crop(height, width, bucket, args.crop, rng)
-        planned = Planned(item, caption, digest, (height, width), bucket, crop, str(mask) if mask else None)
+        planned = Planned(item, caption, digest, (height, width), bucket, crop, str(mask) if mask else None, variants)
         return {"planned": planned, "notes": notes}
 
 
@@ -177,21 +185,25 @@ def plan_batches(planned: list[Planned], batch_size: int) -> list[list[Planned]]
 class CaptionGroups:
     """Caption embeddings for the planned batches, made `group` batches at a time: the text encoder is far faster on
     64 captions than on 8 (on an H100, 316 vs ~150 captions/s), while the VAE's batch is held down by its activation
-    memory. `take(index, planned)` gives the embeddings of one batch's items (those that decoded), encoding the
-    group that holds it on first use and dropping the groups before it."""
+    memory. `take(index, planned)` gives the embeddings of one batch's items (those that decoded), each item's
+    `texts` in order, encoding the group that holds it on first use and dropping the groups before it."""
 
     def __init__(self, batches: list[list[Planned]], group: int, encode: Callable[[list[str]], tuple[list, list]]):
         self.batches, self.group, self.encode = batches, max(1, group), encode
-        self.ready: dict[str, tuple[torch.Tensor, bool]] = {}  # source → (embedding, truncated), this group's
+        self.ready: dict[
+            tuple[str, int], tuple[torch.Tensor, bool]
+        ] = {}  # (source, text index) → (embedding, truncated)
         self.current = -1
 
     def take(self, index: int, planned: list[Planned]) -> tuple[list[torch.Tensor], list[bool]]:
         if index // self.group != self.current:
             self.current = index // self.group
             members = [p for b in self.batches[self.current * self.group : (self.current + 1) * self.group] for p in b]
-            embeds, truncated = self.encode([p.caption for p in members])
-            self.ready = {p.item.source: (e, t) for p, e, t in zip(members, embeds, truncated)}
-        return [self.ready[p.item.source][0] for p in planned], [self.ready[p.item.source][1] for p in planned]
+            keys = [(p.item.source, i) for p in members for i in range(len(p.texts))]
+            embeds, truncated = self.encode([text for p in members for text in p.texts])
+            self.ready = {key: (e, t) for key, e, t in zip(keys, embeds, truncated)}
+        keys = [(p.item.source, i) for p in planned for i in range(len(p.texts))]
+        return [self.ready[key][0] for key in keys], [self.ready[key][1] for key in keys]
 
 
 @dataclass
@@ -202,9 +214,9 @@ class EncodedBatch:
     planned: list[Planned]
     latents: torch.Tensor  # [B, C, h, w] on the CPU
     flipped: torch.Tensor | None  # [B, C, h, w] latents of the mirrored images, or None
-    embeds: torch.Tensor  # [sum(lengths), D] on the CPU: each item's kept caption tokens, one item after the other
-    lengths: list[int]  # caption tokens kept per item
-    truncated: list[bool]
+    embeds: torch.Tensor  # [sum(lengths), D] on the CPU: the kept tokens of each item's `texts`, one after the other
+    lengths: list[int]  # caption tokens kept per text
+    truncated: list[bool]  # per text
     copied: torch.cuda.Event | None  # recorded after the copies to the host; None when they were synchronous
     masks: list[bytes] | None = None  # the `mask` column per item (see `PixelDataset`); None: no masks
 
@@ -212,10 +224,14 @@ class EncodedBatch:
         """Cache records (FEATURES), one per item in the batch's order."""
         if self.copied is not None:
             self.copied.synchronize()
-        embeds = self.embeds.split(self.lengths)
+        embeds, lengths, truncated = list(self.embeds.split(self.lengths)), list(self.lengths), list(self.truncated)
         records = []
         for i, p in enumerate(self.planned):
             flipped = tensor_to_bytes(self.flipped[i], self.flipped.dtype) if self.flipped is not None else b""
+            n = len(p.texts)  # this item's captions: the first, then its variants
+            mine, embeds = embeds[:n], embeds[n:]
+            mine_lengths, lengths = lengths[:n], lengths[n:]
+            mine_truncated, truncated = truncated[:n], truncated[n:]
             records.append(
                 {
                     "source": p.item.source,
@@ -228,10 +244,13 @@ class EncodedBatch:
                     "crop_box": list(p.crop.to_original(*p.original_size)),
                     "latents": tensor_to_bytes(self.latents[i], self.latents.dtype),
                     "latents_flipped": flipped,
-                    "caption_embeds": tensor_to_bytes(embeds[i], embeds[i].dtype),
-                    "caption_length": self.lengths[i],
-                    "caption_truncated": bool(self.truncated[i]),
+                    "caption_embeds": tensor_to_bytes(mine[0], mine[0].dtype),
+                    "caption_length": mine_lengths[0],
+                    "caption_truncated": any(mine_truncated),
                     "mask": self.masks[i] if self.masks else b"",
+                    "caption_variants": list(p.variants),
+                    "variant_embeds": b"".join(tensor_to_bytes(e, e.dtype) for e in mine[1:]),
+                    "variant_lengths": mine_lengths[1:],
                 }
             )
         return records
@@ -271,7 +290,7 @@ def encode_batch(
             embeds, truncated = caption_groups.take(batch["index"], planned)
         else:
             embeds, truncated = encode_captions(
-                [p.caption for p in planned],
+                [text for p in planned for text in p.texts],
                 tokenizer,
                 text_encoder,
                 args.max_sequence_length,

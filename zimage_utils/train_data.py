@@ -166,13 +166,16 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latents [B,C,h,w] (one bucket per batch, so equal shapes); keep caption embeddings as a list of
     [L_i, D], which is what the transformer takes. "masks": uint8 [B,1,h,w] when any item has a loss mask (255
-    everywhere for those without), else None."""
+    everywhere for those without), else None. "caption_variants": per item, the list of its other captions'
+    embeddings, when any item has one, else None."""
     masks = None
     if any(it.get("mask") is not None for it in items):
         whole = torch.full((1, *items[0]["latents"].shape[1:]), 255, dtype=torch.uint8)
         masks = torch.stack([it["mask"] if it.get("mask") is not None else whole for it in items])
+    variants = [it.get("caption_variants") or [] for it in items]
     return {
         "masks": masks,
+        "caption_variants": variants if any(variants) else None,
         "indices": torch.tensor([it["index"] for it in items]),
         "latents": torch.stack([it["latents"] for it in items]),
         "latents_flipped": torch.stack([it["latents_flipped"] for it in items])

@@ -42,6 +42,12 @@ def per_item_choices(seeds: list[int], config: StepConfig, has_flipped: bool) ->
     return drop, flip
 
 
+def variant_choices(seeds: list[int], counts: list[int]) -> list[int]:
+    """Which caption each item trains on: 0 = its first, k = its k-th variant, drawn from the item's seed (so a new one
+    each epoch) on a stream of its own, which leaves the dropout and flip draws as they are without variants."""
+    return [random.Random(f"variant:{seed}").randrange(n + 1) if n else 0 for seed, n in zip(seeds, counts)]
+
+
 def flow_matching_step(
     transformer: torch.nn.Module,
     batch: dict,
@@ -53,7 +59,8 @@ def flow_matching_step(
     """Loss of `transformer` on one batch.
 
     batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
-    "latents_flipped" [B, C, h, w] and "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight). seeds: one int per item; noise, timestep, dropout and flip of item i depend
+    "latents_flipped" [B, C, h, w], "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight) and
+    "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn). seeds: one int per item; noise, timestep, dropout and flip of item i depend
     only on seeds[i]. timesteps: fixed t [B] (validation loss) instead of sampling.
     Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
     """
@@ -71,7 +78,11 @@ def flow_matching_step(
         if any(flip):
             mask = torch.stack([m.flip(-1) if f else m for m, f in zip(mask, flip)])
         mask = config.mask_floor + (1 - config.mask_floor) * mask
-    captions = [empty_embeds if d else e for d, e in zip(drop, batch["caption_embeds"])]
+    captions = batch["caption_embeds"]
+    if batch.get("caption_variants"):
+        chosen = variant_choices(seeds, [len(v) for v in batch["caption_variants"]])
+        captions = [e if k == 0 else v[k - 1] for e, v, k in zip(captions, batch["caption_variants"], chosen)]
+    captions = [empty_embeds if d else e for d, e in zip(drop, captions)]
     if any(drop) and empty_embeds is None:
         raise ValueError("caption_dropout needs the cached empty-caption embedding")
 

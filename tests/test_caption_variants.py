@@ -1,0 +1,140 @@
+"""Caption variants: precompute_embeddings.py --caption_variants caches every line of a caption (or every caption of a
+metadata list) as the pipeline would encode it, and the trainer draws one of them per item per epoch."""
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from test_masks import precompute
+from test_trainer import train
+
+from zimage_utils import cache as cache_lib
+from zimage_utils.train_data import collate
+from zimage_utils.training_step import StepConfig, flow_matching_step, variant_choices
+
+
+@pytest.fixture
+def folder(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data / f"{name}.png")
+    (data / "a.txt").write_text("a blue square\n\n  a square, blue, on its own  \nsks style\n")
+    (data / "b.txt").write_text("one caption only\n")
+    (data / "c.txt").write_text("a green square\nsquare\n")
+    return data
+
+
+def test_each_line_is_a_variant_encoded_as_the_pipeline_encodes_a_prompt(tiny_model_dir, folder, tmp_path):
+    from diffusers import ZImagePipeline
+
+    flags = ["--caption_variants", "--caption_prefix", "sks", "--cache_dtype", "fp32"]
+    records, manifest = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)
+    a = records["a.png"]
+    assert a["caption"] == "sks, a blue square"  # the first line; blank lines dropped, the prefix on every variant
+    assert a["caption_variants"] == ["sks, a square, blue, on its own", "sks style"]
+    assert records["b.png"]["caption_variants"] == [] and manifest["fingerprint"]["caption_variants"]
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    tensors = cache_lib.decode_record(a, manifest)
+    for text, embeds in zip(
+        [a["caption"], *a["caption_variants"]], [tensors["caption_embeds"], *tensors["caption_variants"]]
+    ):
+        reference, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False)
+        assert torch.equal(embeds, reference[0])
+
+
+def test_without_the_flag_a_multi_line_caption_stays_one_caption(tiny_model_dir, folder, tmp_path):
+    records, _ = precompute(tiny_model_dir, folder, tmp_path / "cache")
+    assert records["c.png"]["caption"] == "a green square\nsquare" and records["c.png"]["caption_variants"] == []
+
+
+def test_a_metadata_list_gives_the_variants_and_an_edited_variant_is_re_encoded(
+    tiny_model_dir, folder, tmp_path, caplog
+):
+    rows = [
+        {"file_name": "a.png", "text": ["first", "second"]},
+        {"file_name": "b.png", "text": "only one"},
+        {"file_name": "c.png", "text": ["third"]},
+    ]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    caplog.set_level(logging.INFO, logger="precompute")
+    records, _ = precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    assert [(r["caption"], r["caption_variants"]) for r in records.values()] == [
+        ("first", ["second"]),
+        ("only one", []),
+        ("third", []),
+    ]
+
+    rows[0]["text"][1] = "a better second"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    caplog.clear()
+    records, _ = precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    assert "(1 new, 2 kept)" in caplog.text and records["a.png"]["caption_variants"] == ["a better second"]
+
+
+def test_every_variant_is_drawn_from_the_items_seed():
+    seeds = list(range(600))
+    chosen = variant_choices(seeds, [2] * 600)
+    assert chosen == variant_choices(seeds, [2] * 600)  # the same seed, the same caption
+    assert 150 < min(chosen.count(k) for k in range(3))  # each of the three about a third of the time
+    assert variant_choices(seeds, [0] * 600) == [0] * 600
+
+
+class CaptionRecorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.seen = []
+
+    def forward(self, x, t, captions, return_dict=False):
+        self.seen.append(captions)
+        return ([torch.zeros_like(item) for item in x],)
+
+
+def test_the_step_trains_each_item_on_its_drawn_caption_and_dropout_still_applies():
+    first = [torch.full((3, 8), 1.0), torch.full((2, 8), 2.0)]
+    variants = [[torch.full((4, 8), 10.0), torch.full((5, 8), 11.0)], []]
+    items = [
+        {"index": i, "latents": torch.zeros(16, 4, 4), "latents_flipped": None, "caption_embeds": first[i]}
+        for i in range(2)
+    ]
+    batch = collate([{**it, "caption_variants": v} for it, v in zip(items, variants)])
+    assert collate(items)["caption_variants"] is None
+
+    model, empty = CaptionRecorder(), torch.zeros(1, 8)
+    for seed in range(20):
+        flow_matching_step(model, batch, StepConfig(), [seed, seed + 100])
+        k = variant_choices([seed], [2])[0]
+        expected = first[0] if k == 0 else variants[0][k - 1]
+        assert torch.equal(model.seen[-1][0], expected) and torch.equal(model.seen[-1][1], first[1])
+    assert {float(c[0][0, 0]) for c in model.seen} == {1.0, 10.0, 11.0}
+
+    flow_matching_step(model, batch, StepConfig(caption_dropout=1.0), [3, 4], empty_embeds=empty)
+    assert all(torch.equal(c, empty) for c in model.seen[-1])
+
+
+def test_the_trainer_trains_on_a_cache_with_variants(tiny_model_dir, folder, tmp_path):
+    precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    log = train(tiny_model_dir, tmp_path / "cache", tmp_path / "out", max_train_steps=4, caption_dropout=0.2)
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+
+
+def test_variants_encoded_several_batches_at_a_time_give_the_same_cache(tiny_model_dir, folder, tmp_path):
+    # --text_batch_size 3 with image batches of 1: one text-encoder call holds three items' captions and variants
+    flags = ["--caption_variants", "--cache_dtype", "fp32", "--batch_size", "1"]
+    grouped, _ = precompute(tiny_model_dir, folder, tmp_path / "grouped", *flags, "--text_batch_size", "3")
+    alone, manifest = precompute(tiny_model_dir, folder, tmp_path / "alone", *flags)
+    assert grouped.keys() == alone.keys()
+    for source, record in alone.items():
+        assert grouped[source]["caption_variants"] == record["caption_variants"]
+        assert grouped[source]["variant_lengths"] == record["variant_lengths"]
+        ours, theirs = (cache_lib.decode_record(r, manifest) for r in (grouped[source], record))
+        for a, b in zip(
+            [ours["caption_embeds"], *ours["caption_variants"]],
+            [theirs["caption_embeds"], *theirs["caption_variants"]],
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
