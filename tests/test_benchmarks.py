@@ -58,22 +58,15 @@ def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
     assert all(row["items_per_s"] > 0 for row in report["rows"])
 
 
+def run_tiny_scale(tmp_path, *args: str) -> dict:
+    return run_benchmark(
+        "bench_scale.py", "--tiny", "--work", str(tmp_path / "work"), *args, "--out", str(tmp_path / "s.json")
+    )
+
+
 def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(tmp_path):
     # Two dataset sizes on 1 and 2 processes (CPU processes here): the fixed costs cancel in the marginal speed-up
-    report = run_benchmark(
-        "bench_scale.py",
-        "--tiny",
-        "--work",
-        str(tmp_path / "work"),
-        "--only",
-        "none",
-        "--precompute_gpus",
-        "1,2",
-        "--precompute_images",
-        "8,24",
-        "--out",
-        str(tmp_path / "scale.json"),
-    )
+    report = run_tiny_scale(tmp_path, "--only", "none", "--precompute_gpus", "1,2", "--precompute_images", "8,24")
     runs = report["precompute"]
     assert [(r["gpus"], r["images"]) for r in runs] == [(1, 8), (2, 8), (1, 24), (2, 24)]
     assert all(r["returncode"] == 0 for r in runs)
@@ -87,16 +80,7 @@ def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(t
 
 
 def test_scale_benchmark_trains_on_its_synthetic_cache_and_checks_the_lora(tmp_path):
-    report = run_benchmark(
-        "bench_scale.py",
-        "--tiny",
-        "--work",
-        str(tmp_path / "work"),
-        "--only",
-        "ddp_1gpu",
-        "--out",
-        str(tmp_path / "s.json"),
-    )
+    report = run_tiny_scale(tmp_path, "--only", "ddp_1gpu")
     (run,) = report["runs"]
     assert run["returncode"] == 0 and run["s_per_step"] > 0
     check = run["lora_check"]
