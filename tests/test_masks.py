@@ -86,7 +86,7 @@ def test_the_alpha_channel_of_a_transparent_image_is_its_mask(tiny_model_dir, tm
     rgba = np.full((64, 96, 4), 255, dtype=np.uint8)
     rgba[:, :48, 3] = 0  # transparent left half
     Image.fromarray(rgba, "RGBA").save(data / "cut_out.png")
-    Image.new("RGB", (96, 64), (0, 0, 255)).save(data / "opaque.png")
+    Image.new("RGBA", (96, 64), (0, 0, 255, 255)).save(data / "opaque.png")  # an alpha channel, all opaque
     for name in ("cut_out", "opaque"):
         (data / f"{name}.txt").write_text("a thing")
 

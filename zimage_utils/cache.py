@@ -23,7 +23,7 @@ from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # the trainer still reads version 1 (no "mask" column: no loss masks)
+READABLE_FORMAT_VERSIONS = (1, 2)  # the trainer still reads version 1 (no loss masks, no caption variants)
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
@@ -36,7 +36,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FEATURES = datasets.Features(
     {
         "source": datasets.Value("string"),  # path relative to the data root, or "dataset[row]"
-        "content_hash": datasets.Value("string"),  # sha256 of the image file's bytes
+        "content_hash": datasets.Value("string"),  # sha256 of the image file's bytes (and its mask file's)
         "caption": datasets.Value("string"),  # after prefix / default caption (the first variant)
         "bucket_height": datasets.Value("int32"),  # pixels
         "bucket_width": datasets.Value("int32"),
@@ -48,7 +48,7 @@ FEATURES = datasets.Features(
         "caption_embeds": datasets.Value("binary"),  # [caption_length, embed_dim]
         "caption_length": datasets.Value("int32"),  # tokens kept (mask == 1), <= max_sequence_length
         "caption_truncated": datasets.Value("bool"),
-        "mask": datasets.Value("binary"),  # uint8 [bucket_height/8, bucket_width/8], 255 = trained; b"" when none
+        "mask": datasets.Value("binary"),  # uint8 [bucket_height/f, bucket_width/f], 255 = trained; b"" when none
         "caption_variants": datasets.Sequence(datasets.Value("string")),  # the other captions (--caption_variants)
         "variant_embeds": datasets.Value("binary"),  # [sum(variant_lengths), embed_dim], one variant after the other
         "variant_lengths": datasets.Sequence(datasets.Value("int32")),  # tokens kept per variant

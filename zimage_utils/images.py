@@ -409,8 +409,9 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         rgb = Image.alpha_composite(white, rgba).convert("RGB")
-        rgb.info[ALPHA_INFO_KEY] = rgba.getchannel("A")
         has_holes = rgba.getchannel("A").getextrema()[0] < 255
+        if has_holes:
+            rgb.info[ALPHA_INFO_KEY] = rgba.getchannel("A")
         return rgb, f"{mode} → RGB" + (" (transparent pixels composited onto white)" if has_holes else "")
     if mode.startswith("I") or mode == "F":
         # convert("RGB") would clip 16-bit values at 255 (an all-white image), so rescale to 8 bits first.

@@ -190,9 +190,8 @@ class CaptionGroups:
 
     def __init__(self, batches: list[list[Planned]], group: int, encode: Callable[[list[str]], tuple[list, list]]):
         self.batches, self.group, self.encode = batches, max(1, group), encode
-        self.ready: dict[
-            tuple[str, int], tuple[torch.Tensor, bool]
-        ] = {}  # (source, text index) → (embedding, truncated)
+        # (source, index in its texts) → (embedding, truncated), for the current group
+        self.ready: dict[tuple[str, int], tuple[torch.Tensor, bool]] = {}
         self.current = -1
 
     def take(self, index: int, planned: list[Planned]) -> tuple[list[torch.Tensor], list[bool]]:
