@@ -60,8 +60,9 @@ def flow_matching_step(
 
     batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
     "latents_flipped" [B, C, h, w], "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight) and
-    "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn). seeds: one int per item; noise, timestep, dropout and flip of item i depend
-    only on seeds[i]. timesteps: fixed t [B] (validation loss) instead of sampling.
+    "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn). seeds: one int
+    per item; noise, timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B]
+    (validation loss) instead of sampling.
     Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
     """
     device, dtype = compute_device_and_dtype(transformer)
