@@ -20,6 +20,7 @@ from test_trainer import train
 
 import precompute_embeddings
 from zimage_utils import cache as cache_lib
+from zimage_utils import contact_sheet
 from zimage_utils import flow_matching as fm
 from zimage_utils.train_data import collate, load_caches
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -193,3 +194,23 @@ def test_a_cache_made_before_masks_and_variants_still_trains(tiny_cache_dir, tmp
     train, _, info = load_caches([str(old)], expected={})
     assert train[0]["mask"] is None and info["num_masked"] == 0 and train[0]["caption_variants"] == []
     assert collate([train[0]])["masks"] is None and collate([train[0]])["caption_variants"] is None
+
+
+def test_the_contact_sheet_dims_what_a_mask_leaves_out(tiny_model_dir, tmp_path):
+    data, masks = tmp_path / "images", tmp_path / "masks"
+    data.mkdir()
+    masks.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "red.png")
+    (data / "red.txt").write_text("a red square")
+    half_mask(64, 64).save(masks / "red.png")
+    precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks, "--contact_sheet")
+
+    with Image.open(tmp_path / "cache" / contact_sheet.CONTACT_SHEET_NAME) as sheet:
+        sheet = sheet.convert("RGB")
+    # The one tile's crop thumbnail: THUMB x THUMB, right of the original, under the bucket's header
+    left, top = 2 * contact_sheet.PAD + contact_sheet.THUMB, contact_sheet.TEXT_H + 3 * contact_sheet.PAD
+    middle = top + contact_sheet.THUMB // 2
+    learned = sheet.getpixel((left + 3 * contact_sheet.THUMB // 4, middle))
+    ignored = sheet.getpixel((left + contact_sheet.THUMB // 4, middle))
+    assert learned == (200, 30, 30)  # as encoded
+    assert all(abs(i - 0.45 * c) <= 1 for i, c in zip(ignored, learned))  # dimmed, as the original outside the crop

@@ -1,7 +1,8 @@
 """CACHE/contact_sheet.png: what the precompute did to each image, for a user to check at a glance.
 
 One tile per image, grouped under a header per bucket: on the left the original with the kept area outlined (the
-rest dimmed), on the right the crop that was encoded, below the item's source. The originals are decoded again from
+rest dimmed), on the right the crop that was encoded (with a loss mask, what the mask leaves out dimmed the same
+way), below the item's source. The originals are decoded again from
 the cache records' `source` and `crop_box`, so the sheet costs nothing during encoding. The PNG's text chunk
 "sources" lists the sources shown, in tile order (the names under the tiles are shortened to fit).
 """
@@ -52,7 +53,8 @@ def write_contact_sheet(
     returned, to find each source's image; a source no longer there gets a grey tile.
     Returns (path, number of images shown)."""
     if hasattr(cache_data, "select_columns"):  # a datasets.Dataset: leave the latents on disk
-        cache_data = cache_data.select_columns(["source", "bucket_height", "bucket_width", "crop_box"]).to_list()
+        columns = ["source", "bucket_height", "bucket_width", "crop_box"]
+        cache_data = cache_data.select_columns(columns + ["mask"] * ("mask" in cache_data.column_names)).to_list()
     totals = Counter(_bucket(r) for r in cache_data)
     picked = pick_records(list(cache_data), limit)
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -112,6 +114,10 @@ def _thumbnails(record: dict[str, Any], item: ImageItem | None, hf_dataset: Any)
     dimmed = Image.blend(thumb, Image.new("RGB", thumb.size), 0.55)
     dimmed.paste(thumb.crop(box), box[:2])
     ImageDraw.Draw(dimmed).rectangle(box, outline=CROP_COLOUR, width=2)
+    if record.get("mask"):  # stored on the latent grid: its side is the bucket's over the VAE's downsampling
+        f = round(math.sqrt(bh * bw / len(record["mask"])))
+        mask = Image.frombytes("L", (bw // f, bh // f), record["mask"]).resize(crop_size, Image.Resampling.BILINEAR)
+        crop = Image.composite(crop, Image.blend(crop, Image.new("RGB", crop_size), 0.55), mask)
     return dimmed, crop
 
 
