@@ -293,7 +293,7 @@ def main(args: argparse.Namespace) -> dict | None:
     # Find items; this process takes every world-th one
     hf_dataset = None
     if args.train_data_dir:
-        items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension)
+        items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension, exclude=args.mask_dir)
     else:
         hf_dataset, items = items_from_dataset(
             args.dataset_name, args.image_column, args.caption_column, args.dataset_split

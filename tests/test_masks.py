@@ -81,6 +81,17 @@ def test_mask_files_are_cached_on_the_latent_grid_and_missing_or_misfit_ones_rep
     assert (grid(records["a.png"], manifest)[:, : 32 // f] == 255).all()
 
 
+def test_masks_kept_inside_the_image_folder_are_not_trained_as_images(tiny_model_dir, tmp_path):
+    data = tmp_path / "images"
+    (data / "masks").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "red.png")
+    half_mask(64, 64).save(data / "masks" / "red.png")
+    records, manifest = precompute(
+        tiny_model_dir, data, tmp_path / "cache", "--mask_dir", data / "masks", "--default_caption", "a red square"
+    )
+    assert list(records) == ["red.png"] and manifest["num_masked"] == 1
+
+
 def test_the_alpha_channel_of_a_transparent_image_is_its_mask(tiny_model_dir, tmp_path):
     data = tmp_path / "images"
     data.mkdir()
