@@ -11,7 +11,8 @@ from test_masks import precompute
 from test_trainer import train
 
 from zimage_utils import cache as cache_lib
-from zimage_utils.train_data import collate
+from zimage_utils.memory_budget import item_shapes
+from zimage_utils.train_data import collate, load_caches
 from zimage_utils.training_step import StepConfig, flow_matching_step, variant_choices
 
 
@@ -36,6 +37,7 @@ def test_each_line_is_a_variant_encoded_as_the_pipeline_encodes_a_prompt(tiny_mo
     assert a["caption"] == "sks, a blue square"  # the first line; blank lines dropped, the prefix on every variant
     assert a["caption_variants"] == ["sks, a square, blue, on its own", "sks style"]
     assert records["b.png"]["caption_variants"] == [] and manifest["fingerprint"]["caption_variants"]
+    assert a["variant_lengths"] == [len(e) for e in cache_lib.decode_record(a, manifest)["caption_variants"]]
 
     pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
     tensors = cache_lib.decode_record(a, manifest)
@@ -117,7 +119,13 @@ def test_the_step_trains_each_item_on_its_drawn_caption_and_dropout_still_applie
 
 
 def test_the_trainer_trains_on_a_cache_with_variants(tiny_model_dir, folder, tmp_path):
-    precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    records, _ = precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    # --max_memory_gb measures a batch with the longest caption of any variant
+    items, _, _ = load_caches([str(tmp_path / "cache")], expected={})
+    buckets, lengths = item_shapes(items)
+    assert buckets == [(64, 64)] * 3
+    assert lengths == [max([r["caption_length"], *r["variant_lengths"]]) for r in records.values()]
+    assert lengths != [r["caption_length"] for r in records.values()]  # a variant is the longest somewhere
     log = train(tiny_model_dir, tmp_path / "cache", tmp_path / "out", max_train_steps=4, caption_dropout=0.2)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)

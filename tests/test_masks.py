@@ -205,6 +205,10 @@ def test_a_cache_made_before_masks_and_variants_still_trains(tiny_cache_dir, tmp
     train, _, info = load_caches([str(old)], expected={})
     assert train[0]["mask"] is None and info["num_masked"] == 0 and train[0]["caption_variants"] == []
     assert collate([train[0]])["masks"] is None and collate([train[0]])["caption_variants"] is None
+    lengths = train.columns(
+        ["caption_length", "variant_lengths"], defaults={"variant_lengths": []}
+    )  # (--max_memory_gb)
+    assert lengths["variant_lengths"] == [[]] * len(train) and min(lengths["caption_length"]) > 0
 
 
 def test_the_contact_sheet_dims_what_a_mask_leaves_out(tiny_model_dir, tmp_path):

@@ -197,14 +197,22 @@ def check_memory_options(args, accelerator) -> None:
         raise ValueError("--max_memory_gb chooses the checkpointing itself: drop --gradient_checkpointing(_blocks)")
 
 
+def item_shapes(train) -> tuple[list[tuple[int, int]], list[int]]:
+    """(bucket (h, w), longest caption in tokens: the first or any variant) of every item of `train`, a
+    `CachedLatentsDataset`."""
+    shapes = train.columns(
+        ["bucket_height", "bucket_width", "caption_length", "variant_lengths"], defaults={"variant_lengths": []}
+    )
+    lengths = [max([first, *variants]) for first, variants in zip(shapes["caption_length"], shapes["variant_lengths"])]
+    return list(zip(shapes["bucket_height"], shapes["bucket_width"])), lengths
+
+
 def fit_memory_budget(args, accelerator, transformer, train, config, params, print0) -> None:
     """Set the fewest checkpointed blocks that fit --max_memory_gb, measured on the largest batch the caches hold
     (`train`: a `CachedLatentsDataset`; `config`: the run's `StepConfig`)."""
     model = accelerator.unwrap_model(transformer)
-    shapes = train.columns(["bucket_height", "bucket_width", "caption_length"])
     batch = worst_case_batch(
-        list(zip(shapes["bucket_height"], shapes["bucket_width"])),
-        shapes["caption_length"],
+        *item_shapes(train),
         args.train_batch_size,
         model.config.in_channels,
         model.config.cap_feat_dim,

@@ -44,10 +44,15 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def columns(self, names: list[str]) -> dict[str, list]:
-        """Metadata columns over every cache's items, each item once (repeats left out)."""
-        tables = [data.select_columns(names).to_dict() for data, _ in self.caches]
-        return {name: [v for table in tables for v in table[name]] for name in names}
+    def columns(self, names: list[str], defaults: dict[str, Any] | None = None) -> dict[str, list]:
+        """Metadata columns over every cache's items, each item once (repeats left out). A column that a cache of
+        an older format lacks takes `defaults[name]` for each of its items."""
+        defaults, out = defaults or {}, {name: [] for name in names}
+        for data, _ in self.caches:
+            table = data.select_columns([n for n in names if n in data.column_names]).to_dict()
+            for name in names:
+                out[name] += table[name] if name in table else [defaults[name]] * len(data)
+        return out
 
     def group_keys(self, by_caption_length: bool) -> list[tuple]:
         """Per index, the key items must share to be batched together: bucket, and caption length if asked
