@@ -82,6 +82,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Times each --precomputed_dir's items are seen per epoch, one count per cache (default 1 each): "
         "balances a small concept against a large one.",
     )
+    p.add_argument(
+        "--loss_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Loss weight of each --precomputed_dir's items (default 1 each), e.g. 1 0.5 for a regularisation set "
+        "(kohya's prior_loss_weight).",
+    )
     p.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
     p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
     p.add_argument("--seed", type=int, default=0)
@@ -255,6 +263,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(input_args)
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
+    if args.loss_weights and (len(args.loss_weights) != len(args.precomputed_dir) or min(args.loss_weights) < 0):
+        p.error(
+            f"--loss_weights takes one weight of at least 0 per --precomputed_dir ({len(args.precomputed_dir)} given)"
+        )
     if not 0 <= args.mask_floor <= 1:
         p.error("--mask_floor is a loss weight between 0 and 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
@@ -270,7 +282,7 @@ def load_data(args, accelerator, transformer):
         "latent_channels": transformer.config.in_channels,
     }
     train, val_data, caches = load_caches(
-        args.precomputed_dir, expected, args.repeats, args.validation_split, args.seed
+        args.precomputed_dir, expected, args.repeats, args.validation_split, args.seed, args.loss_weights
     )
     if args.random_flip > 0 and caches["without_flipped_latents"]:
         raise ValueError(

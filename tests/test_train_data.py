@@ -97,3 +97,23 @@ def test_several_caches_pool_their_prompts_and_hold_out_from_each(tiny_cache_dir
     assert (len(train), len(held_out)) == (2 * 9, 2 * 3)  # 12 items each, a quarter of each held out
     assert [p for p, _ in info["validation_prompts"]] == TINY_CACHE_VALIDATION_PROMPTS  # each distinct prompt once
     assert info["resolutions"] == [64] and info["empty_embeds"].ndim == 2
+
+
+def test_each_caches_loss_weight_reaches_the_batch_and_weighs_its_items_in_the_loss(tiny_cache_dir):
+    from test_masks import ZeroPrediction
+
+    from zimage_utils.training_step import StepConfig, flow_matching_step
+
+    train, held_out, _ = load_caches([tiny_cache_dir] * 2, {}, loss_weights=[1.0, 0.25], validation_split=0.25)
+    n = len(train) // 2
+    assert [train[i]["loss_weight"] for i in (0, n - 1, n, 2 * n - 1)] == [1.0, 1.0, 0.25, 0.25]
+    assert held_out[0]["loss_weight"] == 1.0  # the held-out loss stays a plain measurement
+    same_bucket = [j for j in range(2 * n) if train[j]["latents"].shape == train[0]["latents"].shape]
+    assert collate([train[0], train[same_bucket[1]]])["loss_weights"] is None  # all 1: the step is unchanged
+
+    batch = collate([train[0], train[next(j for j in same_bucket if j >= n)]])  # one item of each cache
+    torch.testing.assert_close(batch["loss_weights"], torch.tensor([1.0, 0.25]))
+    out = flow_matching_step(ZeroPrediction(), batch, StepConfig(), [3, 4])
+    torch.testing.assert_close(out["loss"], (out["per_sample"] * torch.tensor([1.0, 0.25])).mean())
+    with pytest.raises(ValueError, match="one loss weight of at least 0 per cache"):
+        load_caches([tiny_cache_dir], {}, loss_weights=[1.0, 2.0])

@@ -378,6 +378,18 @@ def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, 
     with pytest.raises(SystemExit):
         train_zimage_lora.parse_args(trainer_args(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, repeats=[2]))
     assert "--repeats takes one count of at least 1 per --precomputed_dir (2 given)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, loss_weights=[1, 2]))
+    assert "--loss_weights takes one weight of at least 0 per --precomputed_dir (1 given)" in capsys.readouterr().err
+
+
+def test_caches_weighted_zero_teach_the_lora_nothing(tiny_model_dir, tiny_cache_dir, tmp_path):
+    log = train(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, loss_weights=[0, 0], max_train_steps=3)
+    state = load_file(str(tmp_path / LORA_WEIGHT_NAME))
+    rows = [r for r in log if "loss" in r]
+    assert [r["loss"] for r in rows] == [0.0] * 3  # "loss" is what is optimised: weighted
+    assert all(v > 0 for r in rows for k, v in r.items() if k.startswith("loss/sigma"))  # the per-σ losses are not
+    assert all(v.eq(0).all() for k, v in state.items() if "lora_B" in k)  # no gradient: lora_B keeps its zero init
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,29 @@ def item_generator_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class CachedLatentsDataset(torch.utils.data.Dataset):
-    """Decoded records of one or more caches, each seen `repeats` times an epoch:
-    {"index", "latents" [C,h,w], "latents_flipped" or None, "caption_embeds" [L,D]}.
+    """Decoded records of one or more caches, each seen `repeats` times an epoch, its items' losses weighted by
+    `loss_weights` (default 1 each): {"index", "loss_weight", and `cache.decode_record`'s tensors}.
 
     Index i runs over the copies (cache 0's items `repeats[0]` times, then cache 1's, ...), and every random choice
     about an item is seeded from its index, so each copy of a repeated image gets its own noise and timestep.
     Caches made at different resolutions mix freely: a batch always holds one bucket.
     """
 
-    def __init__(self, caches: list[tuple[Any, dict[str, Any]]], repeats: list[int] | None = None):
+    def __init__(
+        self,
+        caches: list[tuple[Any, dict[str, Any]]],
+        repeats: list[int] | None = None,
+        loss_weights: list[float] | None = None,
+    ):
         self.caches = caches  # [(datasets.Dataset, manifest)]
         self.repeats = repeats or [1] * len(caches)
+        self.loss_weights = loss_weights or [1.0] * len(caches)
         if len(self.repeats) != len(caches) or min(self.repeats) < 1:
             raise ValueError(f"give one repeat count of at least 1 per cache (got {self.repeats} for {len(caches)})")
+        if len(self.loss_weights) != len(caches) or min(self.loss_weights) < 0:
+            raise ValueError(
+                f"give one loss weight of at least 0 per cache (got {self.loss_weights} for {len(caches)})"
+            )
         sizes = [len(data) * r for (data, _), r in zip(caches, self.repeats)]
         self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
@@ -68,14 +78,20 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         which = bisect.bisect_right(self.starts, index) - 1
         data, manifest = self.caches[which]
         row = (index - self.starts[which]) % len(data)
-        return {"index": index, **decode_record(data[row], manifest)}
+        return {"index": index, "loss_weight": self.loss_weights[which], **decode_record(data[row], manifest)}
 
 
 def load_caches(
-    paths: list[str], expected: dict[str, Any], repeats: list[int] | None = None, validation_split: float = 0.0, seed=0
+    paths: list[str],
+    expected: dict[str, Any],
+    repeats: list[int] | None = None,
+    validation_split: float = 0.0,
+    seed=0,
+    loss_weights: list[float] | None = None,
 ) -> tuple[CachedLatentsDataset, CachedLatentsDataset | None, dict[str, Any]]:
     """(training set, held-out set or None, what the caches hold together) over one or more caches, each checked
-    against `expected` (see `cache.load_cache`). `validation_split` holds out that fraction of every cache.
+    against `expected` (see `cache.load_cache`). `validation_split` holds out that fraction of every cache; the
+    held-out loss is not weighted by `loss_weights`.
 
     The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
     (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
@@ -106,7 +122,8 @@ def load_caches(
         "without_flipped_latents": unflipped,
         "num_masked": sum(m.get("num_masked", 0) for m in manifests),
     }
-    return CachedLatentsDataset(train, repeats), CachedLatentsDataset(held_out) if held_out else None, info
+    held_out_set = CachedLatentsDataset(held_out) if held_out else None
+    return CachedLatentsDataset(train, repeats, loss_weights), held_out_set, info
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -172,13 +189,15 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latents [B,C,h,w] (one bucket per batch, so equal shapes); keep caption embeddings as a list of
     [L_i, D], which is what the transformer takes. "masks": uint8 [B,1,h,w] when any item has a loss mask (255
     everywhere for those without), else None. "caption_variants": per item, the list of its other captions'
-    embeddings, when any item has one, else None."""
+    embeddings, when any item has one, else None. "loss_weights": [B] float when any item's is not 1, else None."""
     masks = None
     if any(it.get("mask") is not None for it in items):
         whole = torch.full((1, *items[0]["latents"].shape[1:]), 255, dtype=torch.uint8)
         masks = torch.stack([it["mask"] if it.get("mask") is not None else whole for it in items])
     variants = [it.get("caption_variants") or [] for it in items]
+    weights = [it.get("loss_weight", 1.0) for it in items]
     return {
+        "loss_weights": torch.tensor(weights) if any(w != 1.0 for w in weights) else None,
         "masks": masks,
         "caption_variants": variants if any(variants) else None,
         "indices": torch.tensor([it["index"] for it in items]),

@@ -60,7 +60,8 @@ def flow_matching_step(
 
     batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
     "latents_flipped" [B, C, h, w], "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight) and
-    "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn). seeds: one int
+    "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn), "loss_weights" [B]
+    (each item's weight in the batch's loss, e.g. a regularisation set's). seeds: one int
     per item; noise, timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B]
     (validation loss) instead of sampling.
     Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
@@ -120,5 +121,8 @@ def flow_matching_step(
     pred = torch.stack(out).squeeze(2)
     sigma = 1.0 - t
     weights = None if config.loss_weighting == "none" else fm.loss_weighting(sigma, config.loss_weighting)
+    if batch.get("loss_weights") is not None:
+        item_weights = batch["loss_weights"].to(device, non_blocking=True).float()
+        weights = item_weights if weights is None else weights * item_weights
     loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
     return {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
