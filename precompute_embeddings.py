@@ -199,6 +199,11 @@ def keep_as_is(item):
     return item
 
 
+def mask_source(args: argparse.Namespace) -> str | None:
+    """Where loss masks come from: "mask_dir", "alpha" (the images' alpha channels) or None."""
+    return "mask_dir" if args.mask_dir else "alpha" if args.alpha_mask else None
+
+
 def make_fingerprint(args: argparse.Namespace) -> dict:
     """Everything that changes what the cache holds; a trainer or a re-run compares against it."""
     vae_config = read_component_config(args.pretrained_model_name_or_path, "vae", args.revision)
@@ -221,7 +226,7 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
         "vae_downsample": 2 ** (len(vae_config["block_out_channels"]) - 1),
         "embed_dim": text_config["hidden_size"],
         "seed": args.seed,
-        "masks": "mask_dir" if args.mask_dir else "alpha" if args.alpha_mask else "none",
+        "masks": mask_source(args) or "none",
         "caption_variants": args.caption_variants,
     }
 
@@ -327,7 +332,7 @@ def main(args: argparse.Namespace) -> dict | None:
             planned_batches,
             args.cache_flipped,
             hf_dataset,
-            masks="dir" if args.mask_dir else "alpha" if args.alpha_mask else None,
+            masks=mask_source(args),
             downsample=fingerprint["vae_downsample"],
         ),
         batch_size=None,
@@ -467,7 +472,8 @@ def main(args: argparse.Namespace) -> dict | None:
         logger.info(
             f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
             f"{len(all_skipped)} skipped, {sum(r['truncated'] for r in reports)} captions truncated to "
-            f"{args.max_sequence_length} tokens, {num_masked} with a loss mask; {stats['images_per_s']:.1f} images/s over {seconds['total']:.1f} s "
+            f"{args.max_sequence_length} tokens, {num_masked} with a loss mask; {stats['images_per_s']:.1f} images/s "
+            f"over {seconds['total']:.1f} s "
             f"on {world} process(es)"
         )
         compiling = f", {compile_s:.1f} s of it compiling {len(shapes_seen)} batch shape(s)" if args.compile else ""

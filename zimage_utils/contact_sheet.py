@@ -2,9 +2,9 @@
 
 One tile per image, grouped under a header per bucket: on the left the original with the kept area outlined (the
 rest dimmed), on the right the crop that was encoded (with a loss mask, what the mask leaves out dimmed the same
-way), below the item's source. The originals are decoded again from
-the cache records' `source` and `crop_box`, so the sheet costs nothing during encoding. The PNG's text chunk
-"sources" lists the sources shown, in tile order (the names under the tiles are shortened to fit).
+way), below the item's source. The originals are decoded again from the cache records' `source` and `crop_box`, so
+the sheet costs nothing during encoding. The PNG's text chunk "sources" lists the sources shown, in tile order (the
+names under the tiles are shortened to fit).
 """
 
 import json

@@ -127,7 +127,7 @@ def mask_to_latent_grid(mask: Image.Image, crop: CropBox, downsample: int) -> by
 class PixelDataset(torch.utils.data.Dataset):
     """Decodes, converts, resizes and crops one batch (a list of Planned of one bucket) in a DataLoader worker.
 
-    `masks`: None, "dir" (each Planned's mask file) or "alpha" (the image's alpha channel); with either, each item
+    `masks`: None, "mask_dir" (each Planned's mask file) or "alpha" (the image's alpha channel); with either, each item
     also gets its loss mask on the latent grid (`mask_to_latent_grid`, latent pixels `downsample`² image pixels),
     b"" for an item without one."""
 
@@ -146,7 +146,7 @@ class PixelDataset(torch.utils.data.Dataset):
             try:
                 image = load_image(planned.item, self.hf_dataset)
                 mask = alpha_channel(image) if self.masks == "alpha" else None
-                if self.masks == "dir" and planned.mask is not None:
+                if self.masks == "mask_dir" and planned.mask is not None:
                     mask = load_mask(planned.mask, planned.item.source, image.size)
             except BadImageError as e:
                 skipped.append((planned.item.source, e.reason))
