@@ -11,7 +11,6 @@ import argparse
 import logging
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from zimage_utils import cli
 from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_after_loading_
 from zimage_utils.checkpoints import (
+    SaveTriggers,
     prune_checkpoints,
     register_lora_state_hooks,
     resume_training,
@@ -469,13 +469,7 @@ def run_training(args: argparse.Namespace) -> None:
     )
 
     # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit
-    stop_requested = {"flag": False}
-
-    def request_stop(signum, frame):
-        stop_requested["flag"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    triggers = SaveTriggers(accelerator, args.checkpointing_minutes, global_step)
 
     def save_checkpoint(step, next_epoch, next_batch):
         path = output_dir / f"checkpoint-{step}"
@@ -493,7 +487,7 @@ def run_training(args: argparse.Namespace) -> None:
                 path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
             )
         accelerator.wait_for_everyone()
-        last_checkpoint.update(step=step, time=time.time())
+        triggers.saved(step)
         return path
 
     validator = Validator(
@@ -539,8 +533,6 @@ def run_training(args: argparse.Namespace) -> None:
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     empty = empty_embeds if args.caption_dropout > 0 else None
-    stop_vote = None
-    last_checkpoint = {"step": global_step, "time": time.time()}
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
@@ -560,16 +552,7 @@ def run_training(args: argparse.Namespace) -> None:
             if ema is not None:
                 ema.step()
             progress.update(1)
-            stop = stop_requested["flag"]
-            minutes = (time.time() - last_checkpoint["time"]) / 60
-            due = 0 < args.checkpointing_minutes <= minutes
-            if accelerator.num_processes > 1:
-                # Every rank must agree before anyone saves. The vote is reduced now and read one step later: reading
-                # it waits only for the previous step, which the GPU has finished, not for the one just queued.
-                vote = torch.tensor([float(stop), float(due)], device=accelerator.device)
-                stop_vote, previous_vote = accelerator.reduce(vote, "max"), stop_vote
-                stop, due = [bool(v) for v in previous_vote.tolist()] if previous_vote is not None else (False, False)
-                due = due and last_checkpoint["step"] < global_step - 1  # (a vote cast before the last save)
+            stop, due = triggers.poll(global_step)
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
             checkpoint_now = (args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0) or due
             if log_now or checkpoint_now:

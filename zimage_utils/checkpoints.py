@@ -1,12 +1,17 @@
-"""`checkpoint-{step}` folders: finding the latest, pruning to a limit, and the loop position stored beside
-accelerate's state (optimiser, scheduler, RNG), so resume continues on the exact next batch."""
+"""`checkpoint-{step}` folders: finding the latest, pruning to a limit, the loop position stored beside
+accelerate's state (optimiser, scheduler, RNG), so resume continues on the exact next batch, and when to save
+besides every --checkpointing_steps (`SaveTriggers`)."""
 
 import json
 import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
@@ -129,3 +134,36 @@ def resume_training(accelerator, output_dir, resume_from: str | None, items: int
         )
     log(f"resumed from {resume}: step {position[0]}, epoch {position[1]}, batch {position[2]}")
     return position
+
+
+class SaveTriggers:
+    """Saves besides --checkpointing_steps: SIGTERM/SIGINT (preemption sends SIGTERM) let the current step finish,
+    then save and stop; --checkpointing_minutes saves when that much time has passed since the last save.
+
+    Installs the signal handlers (the caller restores its own afterwards). With several processes every rank must
+    agree before anyone saves: the flags are reduced at each step and read one step later, which waits only for the
+    previous step (finished on the GPU by then), not for the one just queued."""
+
+    def __init__(self, accelerator, minutes: float, step: int):
+        self.accelerator, self.minutes = accelerator, minutes
+        self.signalled, self.vote = False, None
+        self.saved(step)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.signalled = True
+
+    def saved(self, step: int) -> None:
+        """A checkpoint of optimiser step `step` was just written."""
+        self.last_step, self.last_time = step, time.time()
+
+    def poll(self, step: int) -> tuple[bool, bool]:
+        """(stop, save now) after optimiser step `step`, the same on every process (a collective call then)."""
+        stop, due = self.signalled, 0 < self.minutes <= (time.time() - self.last_time) / 60
+        if self.accelerator.num_processes > 1:
+            vote = torch.tensor([float(stop), float(due)], device=self.accelerator.device)
+            self.vote, previous = self.accelerator.reduce(vote, "max"), self.vote
+            stop, due = [bool(v) for v in previous.tolist()] if previous is not None else (False, False)
+            due = due and self.last_step < step - 1  # (a vote cast before the last save)
+        return stop, due
