@@ -510,10 +510,21 @@ def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir
     # choose their algorithm by batch size) and one thread per process, as `--num_cpu_threads_per_process 1` gives
     # the two processes below.
     flags = ["--batch_size", 1, "--crop", crop, "--latent_sampling", sampling, "--seed", 7]
+    data = tiny_data_dir
+    if crop == "random":  # loss masks and caption variants too: each mask is cropped as its image's seeded crop
+        data, masks = shutil.copytree(tiny_data_dir, tmp_path / "data"), tmp_path / "masks"
+        masks.mkdir()
+        for image in sorted(data.glob("*.png")):
+            with Image.open(image) as opened:
+                gradient = np.linspace(0, 255, opened.width, dtype=np.uint8)[None].repeat(opened.height, 0)
+            Image.fromarray(gradient, "L").save(masks / image.name)
+            caption = image.with_suffix(".txt")
+            caption.write_text(caption.read_text() + f"\nanother caption of {image.stem}")
+        flags += ["--mask_dir", masks, "--caption_variants"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = precompute(tiny_model_dir, tmp_path / "one", *flags, data_dir=tiny_data_dir)
+        one = precompute(tiny_model_dir, tmp_path / "one", *flags, data_dir=data)
     finally:
         torch.set_num_threads(threads)
 
@@ -525,7 +536,7 @@ def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
         "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "precompute_embeddings.py",
-        "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir),
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(data),
         "--output_dir", str(two), "--resolution", "64", "--dataloader_num_workers", "0", *map(str, flags),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
@@ -538,8 +549,20 @@ def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir
     assert manifest_two["fingerprint"] == {**manifest_one["fingerprint"], "model": str(tiny_model_dir)}
     assert list(records_two) == list(records_one)
     for source, record in records_one.items():
-        for column in ("crop_box", "latents", "caption_embeds"):
+        for column in ("crop_box", "latents", "caption_embeds", "mask", "caption_variants", "variant_embeds"):
             assert records_two[source][column] == record[column], (source, column)
+    assert manifest_one["num_masked"] == (12 if crop == "random" else 0)
+    assert all(len(r["caption_variants"]) == (crop == "random") for r in records_one.values())
+    if crop == "random":  # the mask (255 · x / width) was cut to each image's crop: it spans the crop's x range
+        cut_left = 0
+        for record in records_one.values():
+            grid = cache_lib.decode_record(record, manifest_one)["mask"][0].float()
+            left, _, right, _ = record["crop_box"]
+            width = record["original_width"]
+            assert grid.diff(dim=1).ge(0).all() and grid.std(dim=0).max() == 0  # rising left to right, rows equal
+            assert 255 * left / width - 1 <= grid[0, 0] and grid[0, -1] <= 255 * right / width + 1
+            cut_left += left > 1
+        assert cut_left > 0  # some crops did not start at the left edge
 
 
 def test_a_multi_process_launch_that_accelerate_did_not_connect_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
