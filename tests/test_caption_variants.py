@@ -146,3 +146,26 @@ def test_variants_encoded_several_batches_at_a_time_give_the_same_cache(tiny_mod
             [theirs["caption_embeds"], *theirs["caption_variants"]],
         ):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_text_encoder_gets_no_more_texts_per_call_than_without_variants(
+    tiny_model_dir, folder, tmp_path, monkeypatch
+):
+    import precompute_embeddings
+
+    calls = []
+    real = precompute_embeddings.encode_captions
+
+    def counting(captions, *args, **kwargs):
+        calls.append(len(captions))
+        return real(captions, *args, **kwargs)
+
+    monkeypatch.setattr("zimage_utils.precompute.encode_captions", counting)  # one image batch at a time
+    records, _ = precompute(tiny_model_dir, folder, tmp_path / "alone", "--caption_variants", "--batch_size", "2")
+    assert max(calls) <= 2 and sum(calls) == 6  # 3 + 1 + 2 texts, two at most a call
+    monkeypatch.setattr(precompute_embeddings, "encode_captions", counting)  # captions of several batches at once
+    calls.clear()
+    flags = ["--caption_variants", "--batch_size", "1", "--text_batch_size", "2"]
+    grouped, _ = precompute(tiny_model_dir, folder, tmp_path / "grouped", *flags)
+    assert max(calls) <= 2 and sum(calls) == 6 + 1  # (+ the empty caption, for caption dropout)
+    assert [r["variant_lengths"] for r in grouped.values()] == [r["variant_lengths"] for r in records.values()]
