@@ -55,29 +55,32 @@ def test_mask_files_are_cached_on_the_latent_grid_and_missing_or_misfit_ones_rep
         (data / name).with_suffix(".txt").write_text(f"a red square {name}")
     half_mask(64, 64).save(masks / "a.webp")  # any image extension
     half_mask(64, 64).convert("RGB").save(masks / "sub" / "b.png")  # RGB masks are read as grayscale
-    half_mask(32, 32).save(masks / "c.png")  # not the image's size
+    half_mask(32, 32).save(masks / "c.png")  # half the image's size: resized to it
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "e.png")
+    (data / "e.txt").write_text("a red square e.png")
+    half_mask(64, 32).save(masks / "e.png")  # another aspect ratio: refused
     # d.png has no mask
 
     caplog.set_level(logging.INFO, logger="precompute")
     records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks)
 
-    assert manifest["fingerprint"]["masks"] == "mask_dir" and manifest["num_masked"] == 2
+    assert manifest["fingerprint"]["masks"] == "mask_dir" and manifest["num_masked"] == 3
     f = manifest["fingerprint"]["vae_downsample"]
-    for source in ("a.png", "sub/b.jpg"):
+    for source, blur in (("a.png", 0), ("sub/b.jpg", 0), ("c.png", 1)):  # (c's mask was upscaled: a soft edge)
         mask = grid(records[source], manifest)
         assert mask.shape == (64 // f, 64 // f) and mask.dtype == torch.uint8
-        assert (mask[:, : 32 // f] == 0).all() and (mask[:, 32 // f :] == 255).all()  # the halves, on the latent grid
+        assert (mask[:, : 32 // f - blur] == 0).all() and (mask[:, 32 // f + blur :] == 255).all()  # the halves
     assert grid(records["d.png"], manifest) is None
     assert {n["source"]: n["reason"] for n in manifest["notes"]}["d.png"].startswith("no mask for it in")
     skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
-    assert "c.png" not in records and f"its mask {masks / 'c.png'} is 32x32, the image 64x64" in skipped["c.png"]
-    assert "2 with a loss mask" in caplog.text
+    assert "e.png" not in records and f"its mask {masks / 'e.png'} is 64x32, the image 64x64" in skipped["e.png"]
+    assert "3 with a loss mask" in caplog.text
 
     # A mask edited afterwards re-encodes its image on the next run (and only that one)
     half_mask(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(masks / "a.webp")
     caplog.clear()
     records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks)
-    assert "(1 new, 2 kept)" in caplog.text
+    assert "(1 new, 3 kept)" in caplog.text
     assert (grid(records["a.png"], manifest)[:, : 32 // f] == 255).all()
 
 

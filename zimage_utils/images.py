@@ -387,9 +387,9 @@ def find_mask(source: str, mask_dir: str | os.PathLike) -> Path | None:
 
 
 def load_mask(path: str | os.PathLike, source: str, size: tuple[int, int]) -> Image.Image:
-    """A loss mask as upright 8-bit grayscale (mode "L": white = trained on, black = ignored, grey = in between),
-    checked to be the image's `size` (width, height) after EXIF orientation. Raises `BadImageError` for `source`,
-    naming the mask file."""
+    """A loss mask as upright 8-bit grayscale (mode "L": white = trained on, black = ignored, grey = in between) at
+    the image's `size` (width, height) after EXIF orientation: a mask of another size but the same aspect ratio
+    (within 1%) is resized to it. Raises `BadImageError` for `source`, naming the mask file, for any other."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -398,11 +398,13 @@ def load_mask(path: str | os.PathLike, source: str, size: tuple[int, int]) -> Im
         raise BadImageError(source, f"its mask {path} was moved or deleted after the data was listed") from e
     except (Image.UnidentifiedImageError, *_DECODE_ERRORS) as e:
         raise BadImageError(source, f"cannot decode its mask {path}: re-export it as a grayscale PNG") from e
+    if mask.size != tuple(size) and abs(mask.width * size[1] / (mask.height * size[0]) - 1) <= 0.01:
+        mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
     if mask.size != tuple(size):
         raise BadImageError(
             source,
             f"its mask {path} is {mask.size[0]}x{mask.size[1]}, the image {size[0]}x{size[1]}: save the mask at the "
-            "image's size",
+            "image's size (or its aspect ratio)",
         )
     return mask
 
