@@ -111,6 +111,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "extension (white = learn, black = ignore, e.g. the background). Images without one are trained whole.",
     )
     parser.add_argument(
+        "--mask_column",
+        default=None,
+        help="With --dataset_name: the Image column holding each row's loss mask (an empty cell: trained whole).",
+    )
+    parser.add_argument(
         "--alpha_mask",
         action="store_true",
         help="Use each transparent image's alpha channel as its loss mask (opaque = learn).",
@@ -188,6 +193,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass exactly one of --train_data_dir or --dataset_name")
     if args.mask_dir and (args.alpha_mask or args.dataset_name):
         parser.error("--mask_dir goes with --train_data_dir and without --alpha_mask (masks come from one place)")
+    if args.mask_column and (args.alpha_mask or args.train_data_dir):
+        parser.error("--mask_column goes with --dataset_name and without --alpha_mask (masks come from one place)")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         parser.error(f"--mask_dir {args.mask_dir} is not a folder: point it at the folder holding the masks")
     return args
@@ -197,11 +204,6 @@ def keep_as_is(item):
     """DataLoader collate for datasets that already return whole batches (a module-level function, so workers
     started with spawn can pickle it)."""
     return item
-
-
-def mask_source(args: argparse.Namespace) -> str | None:
-    """Where loss masks come from: "mask_dir", "alpha" (the images' alpha channels) or None."""
-    return "mask_dir" if args.mask_dir else "alpha" if args.alpha_mask else None
 
 
 def make_fingerprint(args: argparse.Namespace) -> dict:
@@ -226,7 +228,8 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
         "vae_downsample": 2 ** (len(vae_config["block_out_channels"]) - 1),
         "embed_dim": text_config["hidden_size"],
         "seed": args.seed,
-        "masks": mask_source(args) or "none",
+        # where loss masks come from: the flag that gave them
+        "masks": next((flag for flag in ("mask_dir", "mask_column", "alpha_mask") if getattr(args, flag)), "none"),
         "caption_variants": args.caption_variants,
     }
 
@@ -301,7 +304,7 @@ def main(args: argparse.Namespace) -> dict | None:
         items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension, exclude=args.mask_dir)
     else:
         hf_dataset, items = items_from_dataset(
-            args.dataset_name, args.image_column, args.caption_column, args.dataset_split
+            args.dataset_name, args.image_column, args.caption_column, args.dataset_split, args.mask_column
         )
     mine = items[rank::world]
 
@@ -332,7 +335,7 @@ def main(args: argparse.Namespace) -> dict | None:
             planned_batches,
             args.cache_flipped,
             hf_dataset,
-            masks=mask_source(args),
+            alpha_masks=args.alpha_mask,
             downsample=fingerprint["vae_downsample"],
         ),
         batch_size=None,

@@ -95,6 +95,39 @@ def test_masks_kept_inside_the_image_folder_are_not_trained_as_images(tiny_model
     assert list(records) == ["red.png"] and manifest["num_masked"] == 1
 
 
+def test_a_datasets_mask_column_gives_the_masks(tiny_model_dir, tmp_path):
+    features = datasets.Features(
+        {"picture": datasets.Image(), "text": datasets.Value("string"), "matte": datasets.Image()}
+    )
+    red = Image.new("RGB", (64, 64), (200, 30, 30))
+    rows = {
+        "picture": [red] * 3,
+        "text": ["one", "two", "three"],
+        "matte": [half_mask(64, 64), None, half_mask(64, 32)],
+    }
+    saved = tmp_path / "dataset"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(saved))
+    flags = ["--dataset_name", saved, "--image_column", "picture", "--mask_column", "matte"]
+    precompute_embeddings.main(
+        precompute_embeddings.parse_args(
+            ["--pretrained_model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "cache")]
+            + ["--resolution", "64", "--dataloader_num_workers", "0", *map(str, flags)]
+        )
+    )
+    data, manifest = cache_lib.load_cache(tmp_path / "cache")
+    records = {r["source"]: r for r in data}
+    f = manifest["fingerprint"]["vae_downsample"]
+    mask = grid(records[f"{saved}[0]"], manifest)
+    assert (mask[:, : 32 // f] == 0).all() and (mask[:, 32 // f :] == 255).all()
+    assert grid(records[f"{saved}[1]"], manifest) is None and manifest["fingerprint"]["masks"] == "mask_column"
+    skipped = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert skipped[f"{saved}[2]"].startswith(f"its mask {saved}[2][matte] is 64x32, the image 64x64")
+    with pytest.raises(SystemExit):
+        precompute_embeddings.parse_args(
+            ["--pretrained_model_name_or_path", "m", "--output_dir", "o", *map(str, flags), "--alpha_mask"]
+        )
+
+
 def test_the_alpha_channel_of_a_transparent_image_is_its_mask(tiny_model_dir, tmp_path):
     data = tmp_path / "images"
     data.mkdir()

@@ -33,6 +33,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # `items_from_dataset` returns a dataset holding only this column, so the loaders know where to look.
 DATASET_IMAGE_COLUMN = "image"
+DATASET_MASK_COLUMN = "mask"  # and the loss masks' column, with `mask_column`
 # Key in `Image.info` where `load_image` records what it changed; read it with `conversion_note`.
 CONVERSION_INFO_KEY = "zimage_conversion"
 # Key in `Image.info` where `load_image` keeps the alpha channel it composited away; read it with `alpha_channel`.
@@ -204,12 +205,13 @@ def items_from_dataset(
     image_column: str = "image",
     caption_column: str = "text",
     split: str = "train",
+    mask_column: str | None = None,
 ) -> tuple[Any, list[ImageItem]]:
     """Items for a Hugging Face `datasets` dataset: a folder written by `save_to_disk`, or anything
     `datasets.load_dataset` accepts (a hub name honours HF_HUB_OFFLINE / the local cache).
 
     Returns `(dataset, items)`. The returned dataset holds only the image column, renamed to
-    `DATASET_IMAGE_COLUMN` and left undecoded, so reading a row is cheap and a corrupt image fails inside
+    `DATASET_IMAGE_COLUMN` (and `mask_column`, a column of loss masks, as `DATASET_MASK_COLUMN`), left undecoded, so reading a row is cheap and a corrupt image fails inside
     `load_image` (as a `BadImageError`) rather than inside `datasets`. Pass it to `read_image_size`,
     `load_image` and `content_hash` along with an item. Item sources are ``"{name_or_path}[{row}]"``.
     """
@@ -236,16 +238,18 @@ def items_from_dataset(
             ) from e
 
     columns = list(dataset.column_names)
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in columns:
+    named = [("--image_column", image_column), ("--caption_column", caption_column), ("--mask_column", mask_column)]
+    for flag, column in named:
+        if column is not None and column not in columns:
             raise ValueError(
                 f"dataset {name_or_path} has no column {column!r} (columns: {columns}): pass {flag} with one of these"
             )
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        raise ValueError(
-            f"column {image_column!r} of dataset {name_or_path} holds {dataset.features[image_column]}, not images: "
-            "pass --image_column naming an Image column, or cast it with datasets.Image()"
-        )
+    for flag, column in (named[0], named[2]):
+        if column is not None and not isinstance(dataset.features[column], datasets.Image):
+            raise ValueError(
+                f"column {column!r} of dataset {name_or_path} holds {dataset.features[column]}, not images: "
+                f"pass {flag} naming an Image column, or cast it with datasets.Image()"
+            )
 
     # Reading just the caption column never touches the (possibly large) image bytes.
     captions = dataset.select_columns([caption_column])[caption_column]
@@ -253,10 +257,11 @@ def items_from_dataset(
         ImageItem(source=f"{name_or_path}[{row}]", caption=_caption_text(c), row=row) for row, c in enumerate(captions)
     ]
 
-    images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    if image_column != DATASET_IMAGE_COLUMN:
-        images = images.rename_column(image_column, DATASET_IMAGE_COLUMN)
-    return images, items
+    kept = {image_column: DATASET_IMAGE_COLUMN, **({mask_column: DATASET_MASK_COLUMN} if mask_column else {})}
+    images = dataset.select_columns(list(kept))
+    for column in kept:
+        images = images.cast_column(column, datasets.Image(decode=False))
+    return images.rename_columns({k: v for k, v in kept.items() if k != v}), items
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,14 +300,15 @@ def _starts_with_word(text: str, word: str) -> bool:
 # Reading images
 
 
-def _open(item: ImageItem, dataset: Any = None) -> Image.Image:
-    """Lazily open an item's image (only the header is read). Raises BadImageError."""
+def _open(item: ImageItem, dataset: Any = None, column: str = DATASET_IMAGE_COLUMN) -> Image.Image:
+    """Lazily open an item's image (only the header is read); `column`: the dataset column it is in. Raises
+    BadImageError."""
     if item.path is not None:
         file: str | io.BytesIO = item.path
     else:
         if dataset is None:
             raise ValueError(f"{item.source} is a dataset row: pass the dataset returned by items_from_dataset")
-        value = dataset[item.row][DATASET_IMAGE_COLUMN]
+        value = dataset[item.row][column]
         if isinstance(value, Image.Image):  # a decoding dataset was passed: nothing left to open
             return value
         if value is None:
@@ -386,17 +392,20 @@ def find_mask(source: str, mask_dir: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
-def load_mask(path: str | os.PathLike, source: str, size: tuple[int, int]) -> Image.Image:
-    """A loss mask as upright 8-bit grayscale (mode "L": white = trained on, black = ignored, grey = in between) at
-    the image's `size` (width, height) after EXIF orientation: a mask of another size but the same aspect ratio
-    (within 1%) is resized to it. Raises `BadImageError` for `source`, naming the mask file, for any other."""
+def load_mask(mask_item: ImageItem, source: str, size: tuple[int, int], dataset: Any = None) -> Image.Image:
+    """A loss mask (a file, or a cell of the dataset's DATASET_MASK_COLUMN; `mask_item.source` names it) as upright 8-bit
+    grayscale (mode "L": white = trained on, black = ignored, grey = in between) at the image's `size` (width,
+    height) after EXIF orientation: a mask of another size but the same aspect ratio (within 1%) is resized to it.
+    Raises `BadImageError` for the image `source`, naming the mask, for any other."""
+    path = mask_item.source
     try:
-        with Image.open(path) as image:
-            image.load()
-            mask = ImageOps.exif_transpose(image).convert("L")
-    except FileNotFoundError as e:
-        raise BadImageError(source, f"its mask {path} was moved or deleted after the data was listed") from e
-    except (Image.UnidentifiedImageError, *_DECODE_ERRORS) as e:
+        opened = _open(mask_item, dataset, DATASET_MASK_COLUMN)
+        with opened:
+            opened.load()
+            mask = ImageOps.exif_transpose(opened).convert("L")
+    except BadImageError as e:
+        raise BadImageError(source, f"its mask {path}: {e.reason}") from e
+    except _DECODE_ERRORS as e:
         raise BadImageError(source, f"cannot decode its mask {path}: re-export it as a grayscale PNG") from e
     if mask.size != tuple(size) and abs(mask.width * size[1] / (mask.height * size[0]) - 1) <= 0.01:
         mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
@@ -434,9 +443,10 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode} → RGB"
 
 
-def content_hash(item: ImageItem, dataset: Any = None) -> str:
-    """sha256 hex digest of the image's encoded bytes (file or dataset cell), e.g. to detect duplicates or
-    changed files in a cache. Falls back to hashing mode, size and pixels when only a decoded image exists."""
+def content_hash(item: ImageItem, dataset: Any = None, column: str = DATASET_IMAGE_COLUMN) -> str:
+    """sha256 hex digest of the image's encoded bytes (file or dataset cell; `column`: the dataset column), e.g. to
+    detect duplicates or changed files in a cache. Falls back to hashing mode, size and pixels when only a decoded
+    image exists."""
     digest = hashlib.sha256()
     if item.path is not None:
         try:
@@ -451,13 +461,13 @@ def content_hash(item: ImageItem, dataset: Any = None) -> str:
 
     if dataset is None:
         raise ValueError(f"{item.source} is a dataset row: pass the dataset returned by items_from_dataset")
-    value = dataset[item.row][DATASET_IMAGE_COLUMN]
+    value = dataset[item.row][column]
     if isinstance(value, dict) and value.get("bytes") is not None:
         digest.update(value["bytes"])
     elif isinstance(value, dict) and value.get("path"):
         return content_hash(ImageItem(source=item.source, path=value["path"]))
     else:
-        image = load_image(item, dataset)
+        image = load_image(item, dataset) if column == DATASET_IMAGE_COLUMN else _open(item, dataset, column)
         digest.update(f"{image.mode} {image.size}".encode())
         digest.update(image.tobytes())
     return digest.hexdigest()

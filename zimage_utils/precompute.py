@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
 from .cache import FEATURES, SHARDS_DIR, records_to_dataset, tensor_to_bytes
 from .images import (
+    DATASET_MASK_COLUMN,
     BadImageError,
     ImageItem,
     alpha_channel,
@@ -61,7 +62,7 @@ class Planned:
     original_size: tuple[int, int]  # (h, w) pixels after EXIF orientation
     bucket: tuple[int, int]  # (h, w) pixels
     crop: CropBox
-    mask: str | None = None  # its loss-mask file (--mask_dir)
+    mask: ImageItem | None = None  # its loss mask: a file (--mask_dir) or a dataset cell (--mask_column)
     variants: tuple[str, ...] = ()  # its other captions (--caption_variants)
 
     @property
@@ -93,14 +94,14 @@ class ScanDataset(torch.utils.data.Dataset):
         try:
             digest = content_hash(item, self.hf_dataset)
             height, width = read_image_size(item, self.hf_dataset)
-            mask = find_mask(item.source, args.mask_dir) if args.mask_dir else None
+            mask = self.find_mask(item)
             if mask is not None:  # a changed mask re-encodes the item on the next run, as a changed image does
-                mask_digest = content_hash(ImageItem(item.source, path=str(mask)))
+                mask_digest = content_hash(mask, self.hf_dataset, DATASET_MASK_COLUMN)
                 digest = hashlib.sha256(f"{digest} {mask_digest}".encode()).hexdigest()
         except BadImageError as e:
             return {"source": item.source, "skipped": e.reason, "notes": []}
-        if args.mask_dir and mask is None:
-            notes.append(f"no mask for it in {args.mask_dir}: trained on the whole image")
+        if mask is None and (args.mask_dir or args.mask_column):
+            notes.append(f"no mask for it in {args.mask_dir or args.mask_column}: trained on the whole image")
         bucket = assign_bucket(height, width, self.buckets)
         factor = upscale_factor(height, width, bucket)
         if factor > args.max_upscale:
@@ -111,8 +112,17 @@ class ScanDataset(torch.utils.data.Dataset):
             return {"source": item.source, "skipped": reason, "notes": []}
         rng = random.Random(item_seed(args.seed, item.source))
         crop = plan_crop(height, width, bucket, args.crop, rng)
-        planned = Planned(item, caption, digest, (height, width), bucket, crop, str(mask) if mask else None, variants)
+        planned = Planned(item, caption, digest, (height, width), bucket, crop, mask, variants)
         return {"planned": planned, "notes": notes}
+
+    def find_mask(self, item: ImageItem) -> ImageItem | None:
+        """The item's loss mask, named for messages: a file in --mask_dir, or its cell of --mask_column."""
+        if self.args.mask_dir:
+            path = find_mask(item.source, self.args.mask_dir)
+            return ImageItem(str(path), path=str(path)) if path is not None else None
+        if self.args.mask_column and self.hf_dataset[item.row][DATASET_MASK_COLUMN] is not None:
+            return ImageItem(f"{item.source}[{self.args.mask_column}]", row=item.row)
+        return None
 
 
 def mask_to_latent_grid(mask: Image.Image, crop: CropBox, downsample: int) -> bytes:
@@ -127,15 +137,14 @@ def mask_to_latent_grid(mask: Image.Image, crop: CropBox, downsample: int) -> by
 class PixelDataset(torch.utils.data.Dataset):
     """Decodes, converts, resizes and crops one batch (a list of Planned of one bucket) in a DataLoader worker.
 
-    `masks`: None, "mask_dir" (each Planned's mask file) or "alpha" (the image's alpha channel); with either, each item
-    also gets its loss mask on the latent grid (`mask_to_latent_grid`, latent pixels `downsample`² image pixels),
-    b"" for an item without one."""
+    Each item gets its loss mask on the latent grid (`mask_to_latent_grid`, latent pixels `downsample`² image
+    pixels): its Planned's mask, or with `alpha_masks` the image's alpha channel; b"" for an item without one."""
 
     def __init__(
-        self, batches: list[list[Planned]], flip: bool, hf_dataset=None, masks: str | None = None, downsample: int = 8
+        self, batches: list[list[Planned]], flip: bool, hf_dataset=None, alpha_masks: bool = False, downsample: int = 8
     ):
         self.batches, self.flip, self.hf_dataset = batches, flip, hf_dataset
-        self.masks, self.downsample = masks, downsample
+        self.alpha_masks, self.downsample = alpha_masks, downsample
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -145,9 +154,9 @@ class PixelDataset(torch.utils.data.Dataset):
         for planned in self.batches[i]:
             try:
                 image = load_image(planned.item, self.hf_dataset)
-                mask = alpha_channel(image) if self.masks == "alpha" else None
-                if self.masks == "mask_dir" and planned.mask is not None:
-                    mask = load_mask(planned.mask, planned.item.source, image.size)
+                mask = alpha_channel(image) if self.alpha_masks else None
+                if planned.mask is not None:
+                    mask = load_mask(planned.mask, planned.item.source, image.size, self.hf_dataset)
             except BadImageError as e:
                 skipped.append((planned.item.source, e.reason))
                 continue
