@@ -57,3 +57,20 @@ def tiny_cache_dir(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     ]  # fmt: skip
     precompute_embeddings.main(precompute_embeddings.parse_args(args))
     return output_dir
+
+
+@pytest.fixture
+def text_encoder_calls(monkeypatch) -> list[int]:
+    """How many captions each text-encoder call of the precompute got (grouped or per batch), in order."""
+    import precompute_embeddings
+
+    calls = []
+    real = precompute_embeddings.encode_captions
+
+    def counting(captions, *args, **kwargs):
+        calls.append(len(captions))
+        return real(captions, *args, **kwargs)
+
+    monkeypatch.setattr(precompute_embeddings, "encode_captions", counting)
+    monkeypatch.setattr("zimage_utils.precompute.encode_captions", counting)
+    return calls

@@ -149,23 +149,13 @@ def test_variants_encoded_several_batches_at_a_time_give_the_same_cache(tiny_mod
 
 
 def test_the_text_encoder_gets_no_more_texts_per_call_than_without_variants(
-    tiny_model_dir, folder, tmp_path, monkeypatch
+    tiny_model_dir, folder, tmp_path, text_encoder_calls
 ):
-    import precompute_embeddings
-
-    calls = []
-    real = precompute_embeddings.encode_captions
-
-    def counting(captions, *args, **kwargs):
-        calls.append(len(captions))
-        return real(captions, *args, **kwargs)
-
-    monkeypatch.setattr("zimage_utils.precompute.encode_captions", counting)  # one image batch at a time
     records, _ = precompute(tiny_model_dir, folder, tmp_path / "alone", "--caption_variants", "--batch_size", "2")
-    assert max(calls) <= 2 and sum(calls) == 6  # 3 + 1 + 2 texts, two at most a call
-    monkeypatch.setattr(precompute_embeddings, "encode_captions", counting)  # captions of several batches at once
-    calls.clear()
-    flags = ["--caption_variants", "--batch_size", "1", "--text_batch_size", "2"]
+    # 3 + 1 + 2 texts, two at most a call (+ the empty caption, for caption dropout)
+    assert max(text_encoder_calls) <= 2 and sum(text_encoder_calls) == 6 + 1
+    text_encoder_calls.clear()
+    flags = ["--caption_variants", "--batch_size", "1", "--text_batch_size", "2"]  # captions of 2 batches at once
     grouped, _ = precompute(tiny_model_dir, folder, tmp_path / "grouped", *flags)
-    assert max(calls) <= 2 and sum(calls) == 6 + 1  # (+ the empty caption, for caption dropout)
+    assert max(text_encoder_calls) <= 2 and sum(text_encoder_calls) == 6 + 1
     assert [r["variant_lengths"] for r in grouped.values()] == [r["variant_lengths"] for r in records.values()]

@@ -402,22 +402,14 @@ def test_the_overlapped_loop_writes_the_same_cache_as_one_batch_at_a_time(
 
 
 def test_captions_encoded_several_batches_at_a_time_give_the_same_cache(
-    tiny_model_dir, messy_folder, tmp_path, monkeypatch
+    tiny_model_dir, messy_folder, tmp_path, text_encoder_calls
 ):
     # --text_batch_size 6 with image batches of 2: the text encoder sees three batches' captions at once (fewer,
     # larger calls), including captions of images that then fail to decode and are skipped.
-    calls = []
-    real_encode = precompute_embeddings.encode_captions
-
-    def counting(captions, *args, **kwargs):
-        calls.append(len(captions))
-        return real_encode(captions, *args, **kwargs)
-
-    monkeypatch.setattr(precompute_embeddings, "encode_captions", counting)
+    calls = text_encoder_calls
     flags = ["--batch_size", 2, "--cache_dtype", "fp32"]  # fp32: compare embeddings before any storage rounding
     grouped = precompute(tiny_model_dir, tmp_path / "grouped", *flags, "--text_batch_size", 6, data_dir=messy_folder)
     grouped_calls, calls[:] = list(calls), []
-    monkeypatch.setattr("zimage_utils.precompute.encode_captions", counting)
     reference = precompute(tiny_model_dir, tmp_path / "reference", *flags, data_dir=messy_folder)
 
     assert max(grouped_calls) > 2 and len(grouped_calls) < len(calls)  # more than one batch per call, fewer calls
