@@ -210,10 +210,11 @@ def items_from_dataset(
     """Items for a Hugging Face `datasets` dataset: a folder written by `save_to_disk`, or anything
     `datasets.load_dataset` accepts (a hub name honours HF_HUB_OFFLINE / the local cache).
 
-    Returns `(dataset, items)`. The returned dataset holds only the image column, renamed to
-    `DATASET_IMAGE_COLUMN` (and `mask_column`, a column of loss masks, as `DATASET_MASK_COLUMN`), left undecoded, so reading a row is cheap and a corrupt image fails inside
-    `load_image` (as a `BadImageError`) rather than inside `datasets`. Pass it to `read_image_size`,
-    `load_image` and `content_hash` along with an item. Item sources are ``"{name_or_path}[{row}]"``.
+    Returns `(dataset, items)`. The returned dataset holds only the image column, renamed to `DATASET_IMAGE_COLUMN`
+    (and `mask_column`, a column of loss masks, as `DATASET_MASK_COLUMN`), left undecoded, so reading a row is cheap
+    and a corrupt image fails inside `load_image` (as a `BadImageError`) rather than inside `datasets`. Pass it to
+    `read_image_size`, `load_image` and `content_hash` along with an item. Item sources are
+    ``"{name_or_path}[{row}]"``.
     """
     import datasets  # imported here: it is slow to import and folder-only runs never need it
 
@@ -393,8 +394,8 @@ def find_mask(source: str, mask_dir: str | os.PathLike) -> Path | None:
 
 
 def load_mask(mask_item: ImageItem, source: str, size: tuple[int, int], dataset: Any = None) -> Image.Image:
-    """A loss mask (a file, or a cell of the dataset's DATASET_MASK_COLUMN; `mask_item.source` names it) as upright 8-bit
-    grayscale (mode "L": white = trained on, black = ignored, grey = in between) at the image's `size` (width,
+    """A loss mask (a file, or a cell of the dataset's DATASET_MASK_COLUMN; `mask_item.source` names it) as upright
+    8-bit grayscale (mode "L": white = trained on, black = ignored, grey = in between) at the image's `size` (width,
     height) after EXIF orientation: a mask of another size but the same aspect ratio (within 1%) is resized to it.
     Raises `BadImageError` for the image `source`, naming the mask, for any other."""
     path = mask_item.source
