@@ -12,7 +12,8 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
     python benchmarks/bench_scale.py --work /tmp/scale --only compile_bf16,compile_fp8_matmul,compile_fp8_matmul_max22
 
 runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory);
-`one_gpu` in `main` lists the other one-GPU runs (eager weight transpose, no workers, bf16 at 22 GB, EMA, LoKr).
+`one_gpu` in `main` lists the other one-GPU runs (eager weight transpose, no workers, bf16 at 22 GB, EMA, LoKr, a
+cache with masks and caption variants).
 """
 
 import argparse
@@ -69,14 +70,22 @@ def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> No
     )
 
 
-def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed_dim: int) -> None:
-    """A cache in our format with random tensors: one bucket, equal 128-token captions."""
+def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed_dim: int, masked=False) -> None:
+    """A cache in our format with random tensors: one bucket, equal 128-token captions. `masked`: each item also
+    has a loss mask (its left half black) and two caption variants (96 and 160 tokens)."""
     if (folder / cache_lib.MANIFEST_NAME).exists():
         return
     import datasets
 
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
+    mask = torch.full((side, side), 255, dtype=torch.uint8)
+    mask[:, : side // 2] = 0
+    extra = {
+        "mask": mask.numpy().tobytes() if masked else b"",
+        "caption_variants": ["synthetic, shorter", "synthetic, longer"] if masked else [],
+        "variant_lengths": [96, 160] if masked else [],
+    }
     records = [
         {
             "source": f"synthetic_{i:04d}.png",
@@ -92,10 +101,10 @@ def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed
             "caption_embeds": cache_lib.tensor_to_bytes(torch.randn(128, embed_dim, generator=g), torch.bfloat16),
             "caption_length": 128,
             "caption_truncated": False,
-            "mask": b"",
-            "caption_variants": [],
-            "variant_embeds": b"",
-            "variant_lengths": [],
+            **extra,
+            "variant_embeds": cache_lib.tensor_to_bytes(
+                torch.randn(sum(extra["variant_lengths"]), embed_dim, generator=g), torch.bfloat16
+            ),
         }
         for i in range(num_items)
     ]
@@ -107,6 +116,7 @@ def make_cache(folder: Path, model: Path, resolution: int, num_items: int, embed
         {
             "format_version": cache_lib.CACHE_FORMAT_VERSION,
             "num_items": num_items,
+            "num_masked": num_items if masked else 0,
             "fingerprint": {
                 "component_config_hash": component_config_hash(str(model)),
                 "resolution": resolution,
@@ -411,14 +421,19 @@ def main() -> None:
         # LoKr at factor 4: w2 as w2_a · w2_b of rank 32, and w2 a full matrix (a rank above half its side)
         ("compile_lokr", ["--compile", "--adapter", "lokr", "--lokr_factor", "4"]),
         ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),
+        # a cache with a loss mask and two caption variants per item (against compile_bf16)
+        ("compile_bf16_masked", ["--compile"]),
     ]
     if args.only:
         wanted = args.only.split(",")
         runs = [r for r in runs + [(n, "single_gpu.yaml", 1, x) for n, x in one_gpu] if r[0] in wanted]
     start = time.perf_counter()
     make_model(work / "model", full, transformer_weights=bool(runs))
+    cache_args = (work / "model", resolution, 64 if full else 8, 2560 if full else 16)
     if runs:
-        make_cache(work / "cache", work / "model", resolution, 64 if full else 8, 2560 if full else 16)
+        make_cache(work / "cache", *cache_args)
+    if any(name.endswith("_masked") for name, *_ in runs):
+        make_cache(work / "cache_masked", *cache_args, masked=True)
     setup_s = time.perf_counter() - start
     results = []
     for name, config, gpus, extra in runs:
@@ -428,7 +443,8 @@ def main() -> None:
             config = "multi_gpu.yaml"
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
-        r = run_trainer(name, config, gpus, work, work / "model", work / "cache", steps, extra, args.tiny, env)
+        cache = work / ("cache_masked" if name.endswith("_masked") else "cache")
+        r = run_trainer(name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
         if "error" in r:

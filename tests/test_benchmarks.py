@@ -79,9 +79,13 @@ def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(t
         assert abs(fixed + 24 * per_image - wall[24]) < 1e-6
 
 
-def test_scale_benchmark_trains_on_its_synthetic_cache_and_checks_the_lora(tmp_path):
-    report = run_tiny_scale(tmp_path, "--only", "ddp_1gpu")
-    (run,) = report["runs"]
-    assert run["returncode"] == 0 and run["s_per_step"] > 0
-    check = run["lora_check"]
-    assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
+def test_scale_benchmark_trains_on_its_synthetic_caches_and_checks_the_loras(tmp_path):
+    # the plain cache, and one with loss masks and caption variants
+    report = run_tiny_scale(tmp_path, "--only", "ddp_1gpu,compile_bf16_masked")
+    assert [run["name"] for run in report["runs"]] == ["ddp_1gpu", "compile_bf16_masked"]
+    for run in report["runs"]:
+        assert run["returncode"] == 0 and run["s_per_step"] > 0
+        check = run["lora_check"]
+        assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
+    log = (tmp_path / "work" / "log_compile_bf16_masked.txt").read_text()
+    assert "8 items with a loss mask" in log
