@@ -460,12 +460,15 @@ def run_training(args: argparse.Namespace) -> None:
         # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
         hparams = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
+    masks = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
+    if args.mask_floor and not caches["num_masked"]:
+        masks = "; no loss masks in the cache(s), so --mask_floor does nothing"
     print0(
         f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
         f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); "
         f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
         f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
-        + (f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else "")
+        + masks
     )
 
     # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit

@@ -265,3 +265,9 @@ def test_the_contact_sheet_dims_what_a_mask_leaves_out(tiny_model_dir, tmp_path)
     ignored = sheet.getpixel((left + contact_sheet.THUMB // 4, middle))
     assert learned == (200, 30, 30)  # as encoded
     assert all(abs(i - 0.45 * c) <= 1 for i, c in zip(ignored, learned))  # dimmed, as the original outside the crop
+
+
+def test_mask_floor_on_a_cache_without_masks_says_it_does_nothing(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="train")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1, mask_floor=0.5)
+    assert "no loss masks in the cache(s), so --mask_floor does nothing" in caplog.text
