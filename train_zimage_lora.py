@@ -4,7 +4,8 @@
         --precomputed_dir my_cache --output_dir my_lora --rank 32 --max_train_steps 2000
 
 Writes OUTPUT/pytorch_lora_weights.safetensors (diffusers: `ZImagePipeline.load_lora_weights(OUTPUT)`) and
-OUTPUT/pytorch_lora_weights_comfyui.safetensors (ComfyUI / ai-toolkit keys), the same in every checkpoint-N.
+OUTPUT/pytorch_lora_weights_comfyui.safetensors (ComfyUI / ai-toolkit keys), the same in every checkpoint-N, and
+at the end OUTPUT/README.md, a model card for the hub.
 """
 
 import argparse
@@ -44,6 +45,7 @@ from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
+from zimage_utils.model_card import write_model_card
 from zimage_utils.model_loading import (
     component_config_hash,
     load_transformer,
@@ -299,11 +301,12 @@ def load_data(args, accelerator, transformer):
     return train, val_data, sampler, caches
 
 
-def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype):
+def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype, card=False):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
-    gathers the LoRA from all of them), with the metadata users and tools look for."""
+    gathers the LoRA from all of them), with the metadata users and tools look for; `card`: and a README.md."""
     metadata = {
         "base_model": args.pretrained_model_name_or_path,
+        "adapter": args.adapter,
         "rank": str(args.rank),
         "alpha": str(args.lora_alpha or args.rank),
         "targets": args.lora_targets,
@@ -319,6 +322,8 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
+            if card:
+                write_model_card(directory, metadata, [prompt for prompt, _ in caches["validation_prompts"]])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -589,11 +594,13 @@ def run_training(args: argparse.Namespace) -> None:
         save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.save_dtype]
         with averaged_weights(ema):
             save_lora_files(
-                args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype
+                args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype, True
             )
         if not (args.validation_steps > 0 and global_step % args.validation_steps == 0):
             validate(global_step)
-        print0(f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui)")
+        print0(
+            f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui, and README.md, its model card)"
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -165,6 +165,7 @@ def test_a_finished_run_writes_both_lora_files_a_checkpoint_and_validation_sampl
         "samples",
         "train_log.jsonl",
         "loss_per_sigma.png",
+        "README.md",  # the model card (tests/test_model_card.py)
     }
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["grid.png", f"step_{FINISHED_STEPS:06d}.png"]
     assert read_training_state(out / f"checkpoint-{FINISHED_STEPS}")["global_step"] == FINISHED_STEPS
@@ -837,6 +838,7 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     assert {p.name for p in two.iterdir()} == {
         LORA_WEIGHT_NAME,
         COMFYUI_WEIGHT_NAME,
+        "README.md",
         "train_log.jsonl",
         "loss_per_sigma.png",
         "checkpoint-2",

@@ -1,0 +1,81 @@
+"""OUTPUT/README.md: a Hugging Face model card for the trained LoRA, what the hub shows when the output folder is
+uploaded (`huggingface-cli upload`): how to load it in diffusers and ComfyUI, its trigger words, the validation
+samples, and the settings it was trained with. The YAML header (base model, tags, instance prompt, widget) is what
+the hub indexes; diffusers' `populate_model_card` adds its tags.
+"""
+
+import os
+from pathlib import Path
+
+from .validation import SAMPLING_DEFAULTS, model_variant
+
+CARD_NAME = "README.md"
+
+
+def _is_hub_id(name: str) -> bool:
+    # The hub rejects a local path as base_model; "org/name" that is not a folder here is taken for a hub id.
+    return name.count("/") == 1 and not Path(name).exists()
+
+
+def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: list[str]) -> Path:
+    """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path.
+
+    Args:
+        output_dir: the run's output folder, holding the LoRA files (and samples/grid.png when there are prompts).
+        metadata: the LoRA files' safetensors metadata (`base_model`, `rank`, `steps`, `trigger_word`, ...).
+        prompts: the validation prompts the samples were drawn with (may be empty).
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    base, trigger = metadata["base_model"], metadata.get("trigger_word", "")
+    sampling = SAMPLING_DEFAULTS[model_variant(base)]
+    prompt = prompts[0] if prompts else (trigger or "a photo")
+    adapter = "LoKr" if metadata.get("adapter") == "lokr" else "LoRA"
+    data = ModelCardData(
+        library_name="diffusers",
+        base_model=base if _is_hub_id(base) else None,
+        instance_prompt=trigger or None,
+        widget=[{"text": p, "output": {"url": "samples/grid.png"}} for p in prompts[:1]] or None,
+    )
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in metadata.items() if v and k != "target_modules")
+    samples = (
+        "\n## Validation samples\n\n![validation samples, prompts × steps](samples/grid.png)\n" if prompts else ""
+    )
+    body = f"""
+# {output_dir.name}
+
+A Z-Image {adapter} for `{base}`, trained for {metadata.get("steps", "?")} steps at {metadata.get("resolution", "?")} px.
+{f"Trigger words: `{trigger}` (start the prompt with them)." if trigger else "No trigger word."}
+
+## Use it
+
+diffusers:
+
+```python
+import torch
+from diffusers import ZImagePipeline
+
+pipe = ZImagePipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")  # or its hub id
+image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale={sampling["guidance"]}).images[0]
+```
+
+ComfyUI: copy `pytorch_lora_weights_comfyui.safetensors` to `ComfyUI/models/loras/` and load it with a
+*LoraLoaderModelOnly* node on the Z-Image model.
+{samples}
+## Training settings
+
+| setting | value |
+|---|---|
+{rows}
+"""
+    card = populate_model_card(
+        ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"), tags=["z-image", "lora", "text-to-image"]
+    )
+    path = output_dir / CARD_NAME
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    card.save(tmp)
+    os.replace(tmp, path)
+    return path
