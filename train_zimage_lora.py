@@ -322,8 +322,8 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
-            if card:
-                write_model_card(directory, metadata, [prompt for prompt, _ in caches["validation_prompts"]])
+            if card and not write_model_card(directory, metadata, [p for p, _ in caches["validation_prompts"]]):
+                logger.info(f"{directory}/README.md is not a model card of ours: left as it is (no card written)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -30,3 +30,13 @@ def test_a_local_base_model_and_no_prompts_give_a_card_without_hub_fields(tmp_pa
     assert card.data.base_model is None and "widget" not in card.data.to_dict()  # the hub takes only hub ids there
     assert "num_inference_steps=50, guidance_scale=4.0" in card.text and "No trigger word." in card.text
     assert "![validation samples" not in card.text
+
+
+def test_a_readme_the_user_wrote_is_never_replaced(tmp_path):
+    (tmp_path / "README.md").write_text("# my notes\n")
+    assert write_model_card(tmp_path, METADATA, []) is None
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"
+    (tmp_path / "README.md").unlink()
+    first = write_model_card(tmp_path, METADATA, [])
+    assert write_model_card(tmp_path, {**METADATA, "steps": "3000"}, []) == first  # ours: rewritten by the next run
+    assert "trained for 3000 steps" in first.read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 from .validation import SAMPLING_DEFAULTS, model_variant
 
 CARD_NAME = "README.md"
+MARKER = "<!-- written by train_zimage_lora.py: it rewrites this file after each run -->"
 
 
 def _is_hub_id(name: str) -> bool:
@@ -17,8 +18,9 @@ def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists()
 
 
-def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: list[str]) -> Path:
-    """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path.
+def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: list[str]) -> Path | None:
+    """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path; None, writing nothing, when a
+    README.md that this function did not write is already there (the user's own is never replaced).
 
     Args:
         output_dir: the run's output folder, holding the LoRA files (and samples/grid.png when there are prompts).
@@ -29,6 +31,9 @@ def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: 
     from huggingface_hub import ModelCard, ModelCardData
 
     output_dir = Path(output_dir)
+    path = output_dir / CARD_NAME
+    if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        return None
     base, trigger = metadata["base_model"], metadata.get("trigger_word", "")
     sampling = SAMPLING_DEFAULTS[model_variant(base)]
     prompt = prompts[0] if prompts else (trigger or "a photo")
@@ -43,7 +48,8 @@ def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: 
     samples = (
         "\n## Validation samples\n\n![validation samples, prompts × steps](samples/grid.png)\n" if prompts else ""
     )
-    body = f"""
+    body = f"""{MARKER}
+
 # {output_dir.name}
 
 A Z-Image {adapter} for `{base}`, trained for {metadata.get("steps", "?")} steps at {metadata.get("resolution", "?")} px.
@@ -74,7 +80,6 @@ ComfyUI: copy `pytorch_lora_weights_comfyui.safetensors` to `ComfyUI/models/lora
     card = populate_model_card(
         ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"), tags=["z-image", "lora", "text-to-image"]
     )
-    path = output_dir / CARD_NAME
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     card.save(tmp)
     os.replace(tmp, path)
