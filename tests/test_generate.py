@@ -3,7 +3,7 @@
 import pytest
 import torch
 from diffusers import ZImagePipeline
-from test_lora_io import transformer_output
+from test_lora_io import stand_in_for_training, transformer_output
 
 import generate
 from zimage_utils.lora import add_lora
@@ -14,11 +14,7 @@ def write_lora(tiny_model_dir, folder, adapter="lora"):
     """A non-zero rank-4 LoRA (or LoKr) for the tiny transformer (alpha 8: scale 2), as the trainer saves it."""
     transformer = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
     config = add_lora(transformer, rank=4, alpha=8, targets="attention", adapter=adapter)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if ".lora_B." in name or ".lokr_w1." in name:  # the factors that start at zero
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    stand_in_for_training(transformer, seed=0)
     save_lora(folder, transformer, config, {"base_model": str(tiny_model_dir)})
     return transformer_output(transformer)
 

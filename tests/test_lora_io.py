@@ -67,6 +67,16 @@ def fail_on_loader_warnings():
     assert not messages, f"loading the LoRA logged: {messages}"
 
 
+def stand_in_for_training(transformer: torch.nn.Module, seed: int) -> None:
+    """Random values (× 0.3) in the adapter factors that start at zero (LoRA's B, LoKr's w1), as training would
+    leave them, so that the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name or ".lokr_w1." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+
+
 def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
     """The transformer on fixed inputs: 2 latents [16, 1, 4, 4], captions of different lengths (masking on)."""
     g = torch.Generator().manual_seed(123)
@@ -94,11 +104,7 @@ def saved(request, tmp_path_factory):
     rank, alpha, targets, exclude_refiners = request.param
     transformer = make_tiny_pipeline(seed=0).transformer
     config = add_lora(transformer, rank=rank, alpha=alpha, targets=targets, exclude_refiners=exclude_refiners)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if ".lora_B." in name:  # zero at init; random values stand in for training
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    stand_in_for_training(transformer, seed=1)
     output_dir = tmp_path_factory.mktemp("lora")
     paths = save_lora(output_dir, transformer, config, METADATA)
     return {
@@ -249,11 +255,7 @@ def saved_lokr(request, tmp_path_factory):
     rank, alpha, factor = request.param
     transformer = make_tiny_pipeline(seed=0).transformer
     config = add_lora(transformer, rank=rank, alpha=alpha, targets="all", adapter="lokr", lokr_factor=factor)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if ".lokr_w1." in name:  # zero at init; random values stand in for training
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    stand_in_for_training(transformer, seed=1)
     output_dir = tmp_path_factory.mktemp("lokr")
     paths = save_lora(output_dir, transformer, config, METADATA)
     output = transformer_output(transformer)
