@@ -131,6 +131,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
     p.add_argument(
+        "--loraplus_lr_ratio",
+        type=float,
+        default=0.0,
+        help="LoRA+: the B factors learn this many times faster than --learning_rate (kohya's loraplus_lr_ratio; "
+        "the paper suggests 16 with a 2x lower --learning_rate; 0 = off). --adapter lora only.",
+    )
+    p.add_argument(
         "--lr_scheduler",
         default="constant",
         help="diffusers schedule: constant, constant_with_warmup, linear, cosine, polynomial, ...",
@@ -273,6 +280,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--mask_floor is a loss weight between 0 and 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
+    if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
+        p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     return args
 
 
@@ -317,6 +326,9 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         "training_adapter": args.training_adapter or "",
         "init_lora": args.init_lora or "",
         "ema_decay": str(args.ema_decay),
+        "optimizer": args.optimizer,
+        "learning_rate": str(args.learning_rate),
+        "loraplus_lr_ratio": str(args.loraplus_lr_ratio),
     }
     model = accelerator.unwrap_model(transformer)
     with gathered_lora(accelerator, model):
@@ -427,6 +439,8 @@ def run_training(args: argparse.Namespace) -> None:
         args.learning_rate,
         args.adam_weight_decay,
         fused=False if optimizer_offloaded(accelerator) else None,
+        loraplus_lr_ratio=args.loraplus_lr_ratio,
+        model=transformer,
     )
     steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -445,8 +459,9 @@ def run_training(args: argparse.Namespace) -> None:
     ema = LoraEMA(trainable, args.ema_decay) if args.ema_decay else None
 
     # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
+    optimizer_flags = {"optimizer": args.optimizer, "loraplus_lr_ratio": args.loraplus_lr_ratio}
     global_step, epoch, start_batch = resume_training(
-        accelerator, output_dir, args.resume_from_checkpoint, len(train), ema, print0
+        accelerator, output_dir, args.resume_from_checkpoint, len(train), ema, print0, optimizer_flags
     )
 
     config = StepConfig(
@@ -492,7 +507,9 @@ def run_training(args: argparse.Namespace) -> None:
             save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, caches, torch.float32)
         if accelerator.is_main_process:
             write_training_state(
-                path, {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
+                path,
+                {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
+                | optimizer_flags,
             )
         accelerator.wait_for_everyone()
         triggers.saved(step)

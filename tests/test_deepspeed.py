@@ -21,7 +21,16 @@ import torch
 from diffusers import ZImagePipeline
 from PIL import Image
 from test_lora_io import fail_on_loader_warnings
-from test_trainer import REPO_ROOT, free_port, read_log, reset_accelerate, subprocess_env, train, trainer_args
+from test_trainer import (
+    DEFAULT_FLAGS,
+    REPO_ROOT,
+    free_port,
+    read_log,
+    reset_accelerate,
+    subprocess_env,
+    train,
+    trainer_args,
+)
 
 from zimage_utils.checkpoints import list_checkpoints
 from zimage_utils.lora_io import LORA_WEIGHT_NAME, load_lora_file
@@ -71,8 +80,10 @@ def finish(process: subprocess.Popen, log_path) -> str:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> dict:
     """Four-step runs of the same training: DDP, ZeRO-2, ZeRO-3, and ZeRO-3 stopped after its checkpoint at step 2
-    then resumed with --resume_from_checkpoint latest. Two runs at a time (4 processes on CI's 2 cores: ~1.5 GB)."""
-    out = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "zero2", "zero3", "zero3_resumed")}
+    then resumed with --resume_from_checkpoint latest; beside the resume, one ZeRO-2 step with LoRA+. Two runs at a
+    time (4 processes on CI's 2 cores: ~1.5 GB)."""
+    names = ("ddp", "zero2", "zero3", "zero3_resumed", "zero2_loraplus")
+    out = {name: tmp_path_factory.mktemp(name) for name in names}
     logs = tmp_path_factory.mktemp("launch_logs")
 
     def run_together(*runs: tuple[str, Path, dict]) -> list[str]:
@@ -86,7 +97,11 @@ def runs(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> dict:
     run_together(("ddp", out["ddp"], {}), ("zero2", out["zero2"], {}))
     run_together(("zero3", out["zero3"], {}), ("zero3", out["zero3_resumed"], {"max_train_steps_this_run": 2}))
     out["checkpoints_at_stop"] = [p.name for p in list_checkpoints(out["zero3_resumed"])]
-    (out["resume_log"],) = run_together(("zero3", out["zero3_resumed"], {"resume_from_checkpoint": "latest"}))
+    loraplus = {"loraplus_lr_ratio": 4, "max_train_steps": 1, "checkpointing_steps": 1}
+    out["resume_log"], _ = run_together(
+        ("zero3", out["zero3_resumed"], {"resume_from_checkpoint": "latest"}),
+        ("zero2", out["zero2_loraplus"], loraplus),
+    )
     return out
 
 
@@ -146,6 +161,14 @@ def test_zero3_resume_reproduces_the_uninterrupted_run_exactly(runs):
     lora, _ = load_lora_file(runs["zero3_resumed"] / LORA_WEIGHT_NAME)
     reference, _ = load_lora_file(runs["zero3"] / LORA_WEIGHT_NAME)
     assert set(lora) == set(reference) and all(torch.equal(lora[k], reference[k]) for k in reference)
+
+
+def test_loraplus_under_zero2_moves_the_b_factors_ratio_times_the_learning_rate(runs):
+    """Adam's first step moves each B entry by lr · ratio where its gradient is not tiny (A gets none: B starts at
+    zero). Without the LoRA+ groups reaching DeepSpeed's optimiser, the largest move would be lr."""
+    lora, _ = load_lora_file(runs["zero2_loraplus"] / "checkpoint-1" / LORA_WEIGHT_NAME)
+    largest = max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k)
+    assert largest == pytest.approx(4 * DEFAULT_FLAGS["learning_rate"], rel=1e-3)
 
 
 def test_zero3_validation_samples_on_every_rank_and_writes_each_image_once(runs):

@@ -109,11 +109,15 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def resume_training(accelerator, output_dir, resume_from: str | None, items: int, ema=None, log=print):
+def resume_training(
+    accelerator, output_dir, resume_from: str | None, items: int, ema=None, log=print, settings: dict | None = None
+):
     """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
     scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
     epoch, next batch) to continue from; (0, 0, 0) without a checkpoint. `items`: training items an epoch now, to warn
-    when the caches or --repeats changed since the checkpoint (the epoch order then differs)."""
+    when the caches or --repeats changed since the checkpoint (the epoch order then differs). `settings`: flags
+    (name → value, as written into training_state.json) the optimiser state depends on; a checkpoint saved with
+    others is refused before anything is loaded (absent from older checkpoints: not checked)."""
     from .distributed import deepspeed_stage
 
     resume = resolve_resume_path(output_dir, resume_from)
@@ -121,11 +125,19 @@ def resume_training(accelerator, output_dir, resume_from: str | None, items: int
         if resume_from:
             log(f"no checkpoint in {output_dir} to resume from: starting a new run")
         return 0, 0, 0
+    state = read_training_state(resume)
+    changed = {k: (state[k], v) for k, v in (settings or {}).items() if k in state and state[k] != v}
+    if changed:
+        was = " ".join(f"--{k} {old}" for k, (old, _) in changed.items())
+        now = " ".join(f"--{k} {new}" for k, (_, new) in changed.items())
+        raise ValueError(
+            f"{resume} was saved with {was}, this run has {now}: its optimiser state does not fit. Resume with "
+            "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
+        )
     # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
     accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
     if ema is not None:
         ema.load(resume)
-    state = read_training_state(resume)
     position = state["global_step"], state["epoch"], state["next_batch"]
     if state.get("items", items) != items:
         log(

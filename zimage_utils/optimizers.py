@@ -5,6 +5,32 @@ import torch
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 
 
+def _optimizer_class(name: str, params: list[torch.nn.Parameter], fused: bool | None, betas, eps) -> tuple[type, dict]:
+    """(class, keyword arguments other than lr and weight_decay) for `name`."""
+    if name == "adamw":
+        if fused is None:  # one kernel for all parameters instead of a loop over them
+            fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW, {"betas": betas, "eps": eps, "fused": fused or None}
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit, {"betas": betas, "eps": eps}
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as e:
+            raise ImportError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from e
+        return Prodigy, {"betas": betas, "safeguard_warmup": True, "use_bias_correction": True}
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # the given lr rather than Adafactor's relative-step schedule
+        return Adafactor, {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter],
     name: str,
@@ -13,33 +39,24 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    loraplus_lr_ratio: float = 0.0,
+    model: torch.nn.Module | None = None,
 ) -> torch.optim.Optimizer:
     """`adamw` (torch, fused on CUDA), `adamw8bit` (bitsandbytes), `prodigy` (prodigyopt; lr ≈ 1.0),
     `adafactor` (transformers, with the given lr rather than its relative-step schedule).
     fused: AdamW's single-kernel step (default: when every parameter is on CUDA; pass False when DeepSpeed
-    will move the optimiser state to the CPU)."""
-    if name == "adamw":
-        if fused is None:  # one kernel for all parameters instead of a loop over them
-            fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as e:
-            raise ImportError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from e
-        return Prodigy(
-            params, lr=lr, betas=betas, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True
-        )
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+    will move the optimiser state to the CPU).
+    loraplus_lr_ratio: LoRA+ (PEFT's `create_loraplus_optimizer`): the LoRA B factors of `model`'s trainable
+    parameters (which must be `params`) learn at lr × ratio, the A factors at lr (0 = off)."""
+    cls, kwargs = _optimizer_class(name, params, fused, betas, eps)
+    if not loraplus_lr_ratio:
+        return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    from peft.optimizers import create_loraplus_optimizer
 
-        return Adafactor(
-            params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
-        )
-    raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    grouped = create_loraplus_optimizer(
+        model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay, **kwargs
+    )
+    if sum(len(g["params"]) for g in grouped.param_groups) != len(params):
+        raise ValueError("LoRA+ grouped other parameters than the trainable ones it was given")
+    # PEFT keeps a group for embedding LoRAs even when empty; DeepSpeed (ZeRO-2 and -3) fails on an empty one
+    return cls([g for g in grouped.param_groups if g["params"]], lr=lr, **kwargs)

@@ -1,0 +1,89 @@
+"""The optimiser flags of train_zimage_lora.py on the tiny model (CPU): LoRA+ (`--loraplus_lr_ratio`, through PEFT's
+`create_loraplus_optimizer`) and what resuming under other optimiser flags does.
+
+LoRA+ is checked on the first step, where it is exact: lora_B starts at zero, so lora_A gets no gradient, and Adam's
+first update moves each parameter by lr · g / (|g| + eps), i.e. by lr wherever the gradient is not tiny. With ratio R,
+the B factors must come out R times what they are without LoRA+, and the A factors unchanged.
+"""
+
+import pytest
+import torch
+from test_trainer import train
+
+import train_zimage_lora
+from zimage_utils.checkpoints import LORA_STATE_NAME
+from zimage_utils.lora_io import LORA_WEIGHT_NAME, load_lora_file
+from zimage_utils.optimizers import make_optimizer
+
+LR = 1e-3
+
+
+def first_step(model_dir, cache_dir, output_dir, **flags) -> dict[str, torch.Tensor]:
+    """The fp32 LoRA after one optimiser step (the resume state of checkpoint-1)."""
+    from safetensors.torch import load_file
+
+    train(model_dir, cache_dir, output_dir, max_train_steps=1, checkpointing_steps=1, learning_rate=LR, **flags)
+    return load_file(str(output_dir / "checkpoint-1" / LORA_STATE_NAME))
+
+
+def test_loraplus_moves_the_b_factors_ratio_times_further_and_leaves_a_alone(tiny_model_dir, tiny_cache_dir, tmp_path):
+    plain = first_step(tiny_model_dir, tiny_cache_dir, tmp_path / "plain")
+    plus = first_step(tiny_model_dir, tiny_cache_dir, tmp_path / "plus", loraplus_lr_ratio=4)
+    b_keys = [k for k in plain if "lora_B" in k]
+    assert b_keys and len(b_keys) * 2 == len(plain)
+    assert max(plain[k].abs().max().item() for k in b_keys) == pytest.approx(LR, rel=1e-3)  # Adam's first step
+    for key in plain:
+        expected = plain[key] * 4 if "lora_B" in key else plain[key]
+        torch.testing.assert_close(plus[key], expected, rtol=1e-5, atol=0, msg=key)
+    _, metadata = load_lora_file(tmp_path / "plus" / LORA_WEIGHT_NAME)
+    assert metadata["loraplus_lr_ratio"] == "4.0" and metadata["learning_rate"] == str(LR)
+
+
+def test_loraplus_keeps_the_schedule_ratio_between_its_groups():
+    """A cosine decay scales both groups alike: B stays at ratio × A's rate all along."""
+    from diffusers.optimization import get_scheduler
+
+    model = torch.nn.ModuleDict(
+        {"lora_A": torch.nn.Linear(4, 2, bias=False), "lora_B": torch.nn.Linear(2, 4, bias=False)}
+    )
+    params = list(model.parameters())
+    optimizer = make_optimizer(params, "adamw", LR, loraplus_lr_ratio=16, model=model)
+    schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    lr_a, lr_b = schedule.get_last_lr()
+    assert 0 < lr_a < LR and lr_b == pytest.approx(16 * lr_a)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]  # no empty group (DeepSpeed fails on one)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adapter", "lokr", "--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio is for --adapter lora"),
+        (["--loraplus_lr_ratio", "0.5"], "and at least 1"),
+    ],
+)
+def test_loraplus_outside_lora_or_below_one_is_refused(tiny_model_dir, tiny_cache_dir, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(
+            ["--pretrained_model_name_or_path", str(tiny_model_dir), "--precomputed_dir", str(tiny_cache_dir), *flags]
+        )
+    assert message in capsys.readouterr().err
+
+
+def test_resuming_with_other_optimiser_flags_is_refused_before_loading(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """The checkpoint's optimiser state (one parameter group) cannot serve LoRA+'s two: say so, and how to go on."""
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)
+    with pytest.raises(ValueError) as refused:
+        train(
+            tiny_model_dir,
+            tiny_cache_dir,
+            tmp_path,
+            max_train_steps=4,
+            resume_from_checkpoint="latest",
+            loraplus_lr_ratio=4,
+        )
+    message = str(refused.value)
+    assert "checkpoint-2 was saved with --loraplus_lr_ratio 0.0, this run has --loraplus_lr_ratio 4.0" in message
+    assert "--init_lora" in message
