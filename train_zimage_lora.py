@@ -541,7 +541,9 @@ def run_training(args: argparse.Namespace) -> None:
                 adapter = None if zero3 else adapter_state
                 model = accelerator.unwrap_model(transformer)
                 with training_adapter_removed(model, adapter, args.training_adapter_scale) as model:
-                    path = validator.sample_grid(model, step, accelerator.device, save=accelerator.is_main_process)
+                    path = validator.sample_grid(
+                        model, step, accelerator.device, accelerator.is_main_process, accelerator.trackers
+                    )
                 if path:
                     print0(f"validation samples: {path} (prompts x steps)")
         transformer.train()

@@ -3,6 +3,7 @@
 (how each image was cropped into its bucket).
 """
 
+import io
 import json
 import math
 import shutil
@@ -26,9 +27,10 @@ SAMPLE = 64  # validation images are sampled at the cache's resolution
 @pytest.fixture(scope="module")
 def resumed_run(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> Path:
     """4 steps validating every 2 with a held-out quarter of the cache, stopped after step 2 and resumed, so the
-    second validation rebuilds the grid from the first one's file."""
+    second validation rebuilds the grid from the first one's file; logged to TensorBoard."""
     out = tmp_path_factory.mktemp("pictures_run")
     flags = dict(max_train_steps=4, validation_steps=2, checkpointing_steps=2, validation_split=0.25)
+    flags |= dict(report_to="tensorboard")
     train(tiny_model_dir, tiny_cache_dir, out, **flags, max_train_steps_this_run=2)
     with Image.open(out / "samples" / "grid.png") as grid:
         assert grid.width == SAMPLE  # one column after the first validation
@@ -53,6 +55,23 @@ def test_the_sample_grid_has_a_row_per_prompt_and_a_column_per_validation_step(r
             assert np.array_equal(np.asarray(cell), np.asarray(row.crop((i * SAMPLE, 0, (i + 1) * SAMPLE, SAMPLE))))
     labels = np.asarray(grid.crop((0, 0, 2 * SAMPLE, label)).convert("L"))
     assert labels.min() < 128 < labels.max()  # the step numbers are written on white
+
+
+def test_tensorboard_shows_each_validations_samples(resumed_run):
+    """Under "validation", one picture per validation step (TensorBoard tiles the prompts' samples into it), from
+    both halves of the resumed run; its first tile is the first prompt's sample, pixel for pixel."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(resumed_run / "logs" / "zimage-lora"), size_guidance={"images": 0})  # 0: all
+    events.Reload()
+    logged = events.Images("validation")
+    assert [e.step for e in logged] == [2, 4]
+    for event in logged:
+        with Image.open(io.BytesIO(event.encoded_image_string)) as picture:
+            first = np.asarray(picture.convert("RGB").crop((0, 0, SAMPLE, SAMPLE)))
+        with Image.open(resumed_run / "samples" / f"step_{event.step:06d}.png") as row:
+            expected = np.asarray(row.convert("RGB").crop((0, 0, SAMPLE, SAMPLE)))
+        assert np.array_equal(first, expected), f"step {event.step}"
 
 
 def test_the_loss_plot_is_drawn_with_the_held_out_loss_per_sigma(resumed_run):

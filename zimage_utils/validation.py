@@ -7,6 +7,7 @@ from those files each time, with one row per prompt and one column per validatio
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
@@ -161,9 +162,10 @@ class Validator:
         self.guidance = defaults["guidance"] if guidance is None else guidance
         self.vae = self.scheduler = None
 
-    def sample_grid(self, transformer, step: int, device, save: bool = True) -> Path | None:
-        """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png
-        and show a progress bar. Returns the grid's path, or None when nothing was written."""
+    def sample_grid(self, transformer, step: int, device, save: bool = True, trackers=()) -> Path | None:
+        """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png,
+        show a progress bar and log the images to `trackers` (accelerate's). Returns the grid's path, or None when
+        nothing was written."""
         if not self.prompts:
             return None
         from .model_loading import load_scheduler, load_vae
@@ -187,4 +189,18 @@ class Validator:
         if not save:
             return None
         save_grid(images, self.out_dir / f"step_{step:06d}.png")
+        log_samples(trackers, images, [p for p, _ in self.prompts], step)
         return rebuild_sample_grid(self.out_dir, len(images), up_to_step=step)
+
+
+def log_samples(trackers, images: list[Image.Image], prompts: list[str], step: int) -> None:
+    """A validation's samples to the run's trackers under "validation": TensorBoard gets them as one image batch
+    (accelerate's `log_images`), Weights & Biases one image per prompt, captioned with it. Others get none."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image.convert("RGB")) for image in images])  # [N, H, W, 3] uint8
+            tracker.log_images({"validation": batch}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=step)
