@@ -402,7 +402,7 @@ def main() -> None:
         ),
     ]
     # One-GPU variants, run only when named in --only: the trainer end to end, compiled, with an fp8_matmul or bf16
-    # base, with and without a memory budget, and with an EMA or a LoKr adapter
+    # base, with and without a memory budget, and with an EMA, a LoKr adapter, masks or LoRA+
     one_gpu = [
         ("compile_fp8_matmul", ["--compile", "--base_precision", "fp8_matmul"]),
         ("compile_fp8_matmul_max22", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "22"]),
@@ -423,6 +423,9 @@ def main() -> None:
         ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),
         # a cache with a loss mask and two caption variants per item (against compile_bf16)
         ("compile_bf16_masked", ["--compile"]),
+        # LoRA+ (two parameter groups in the fused AdamW), and the weight-only fp8 base (torchao) compiled
+        ("compile_bf16_loraplus", ["--compile", "--loraplus_lr_ratio", "16"]),
+        ("compile_fp8", ["--compile", "--base_precision", "fp8"]),
     ]
     if args.only:
         wanted = args.only.split(",")
