@@ -160,6 +160,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # Run
     parser.add_argument("--output_dir", required=True, help="Cache folder (created; re-runs add to it).")
     parser.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it.")
+    parser.add_argument(
+        "--keep_missing",
+        action="store_true",
+        help="Keep cached items whose image is gone from the folder or dataset, or unreadable now (default: a re-run "
+        "drops them, listing them, so that the cache holds what the data holds).",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Images per VAE batch.")
     parser.add_argument(
         "--text_batch_size",
@@ -418,14 +424,21 @@ def main(args: argparse.Namespace) -> dict | None:
         )
         cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, args.validation_prompts, store)
         parts = load_shards(args.output_dir)
-        merged = merge(existing, parts)
-        # Conversion notes come from decoding, so kept items carry theirs over from the previous manifest.
-        fresh = {source for part in parts for source in part["source"]}
+        all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
+        current = {i.source for i in items} - {s["source"] for s in all_skipped}
+        merged, dropped = merge(existing, parts, None if args.keep_missing else current)
+        if dropped:
+            logger.info(
+                f"dropped {len(dropped)} cached item(s) whose image is gone or now skipped (--keep_missing keeps "
+                f"them): {', '.join(dropped[:10])}{' …' if len(dropped) > 10 else ''}"
+            )
+        # Conversion notes come from decoding, so kept items carry theirs over from the previous manifest (and
+        # dropped ones lose theirs).
+        fresh = {source for part in parts for source in part["source"]} | set(dropped)
         previous = cache_lib.read_manifest(args.output_dir) or {}
         kept_notes = [n for n in previous.get("notes", []) if n["source"] not in fresh]
         cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
         shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
-        all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
         unique_notes = {(n["source"], n["reason"]): n for n in kept_notes + [n for r in reports for n in r["notes"]]}
         all_notes = sorted(unique_notes.values(), key=lambda n: n["source"])
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
@@ -440,6 +453,7 @@ def main(args: argparse.Namespace) -> dict | None:
         }
         stats = {
             "images": new,
+            "dropped": dropped,
             "startup_seconds": startup,
             "seconds": seconds,
             "load_seconds": {"vae": vae_loaded - scanned, "text_encoder": loaded - vae_loaded},

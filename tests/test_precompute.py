@@ -295,6 +295,30 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     assert records["shape_007.png"]["caption"] == "a better caption"
 
 
+def test_a_rerun_drops_images_deleted_or_broken_since_unless_told_to_keep_them(
+    tiny_model_dir, tiny_data_dir, tmp_path, summary
+):
+    """The cache follows the folder: a photo the user deleted (or that no longer opens) is not trained on."""
+    data = shutil.copytree(tiny_data_dir, tmp_path / "data")
+    out = precompute(tiny_model_dir, tmp_path / "cache", data_dir=data)
+    (data / "shape_001.png").unlink()
+    (data / "shape_001.txt").unlink()
+    (data / "shape_002.png").write_bytes(b"not a PNG any more")
+
+    precompute(tiny_model_dir, out, "--keep_missing", data_dir=data)
+    dataset, manifest = cache_lib.load_cache(out)
+    assert len(dataset) == 12 and manifest["last_run"]["dropped"] == []
+    assert [s["source"] for s in manifest["skipped"]] == ["shape_002.png"]
+
+    precompute(tiny_model_dir, out, data_dir=data)
+    dataset, manifest = cache_lib.load_cache(out)
+    assert manifest["last_run"]["dropped"] == ["shape_001.png", "shape_002.png"]
+    assert "dropped 2 cached item(s) whose image is gone or now skipped" in summary.text
+    assert len(dataset) == manifest["num_items"] == 10
+    assert "shape_001.png" not in dataset["source"] and "shape_002.png" not in dataset["source"]
+    assert sum(manifest["buckets"].values()) == 10
+
+
 def test_an_interrupted_run_keeps_its_finished_parts(tiny_model_dir, tiny_data_dir, tmp_path, summary, monkeypatch):
     # batch_size 1: the resumed run batches differently, and the VAE's last bits depend on the batch size.
     flags = ["--batch_size", 1, "--shard_size", 2]

@@ -438,15 +438,20 @@ def load_shards(cache_dir: str | Path) -> list[datasets.Dataset]:
     return [datasets.load_from_disk(str(p)) for p in parts]
 
 
-def merge(existing: datasets.Dataset | None, parts: list[datasets.Dataset]) -> datasets.Dataset:
-    """One dataset sorted by source; a newer record of a source (re-encoded after its file changed) wins."""
+def merge(
+    existing: datasets.Dataset | None, parts: list[datasets.Dataset], current: set[str] | None = None
+) -> tuple[datasets.Dataset, list[str]]:
+    """One dataset sorted by source; a newer record of a source (re-encoded after its file changed) wins. With
+    `current` (the sources the dataset holds now, less those skipped this run), records of other sources are
+    dropped. Returns (dataset, the dropped sources, sorted)."""
     pieces = ([existing] if existing is not None else []) + parts
     merged = datasets.concatenate_datasets(pieces) if pieces else datasets.Dataset.from_list([], features=FEATURES)
     last: dict[str, int] = {}
     for i, source in enumerate(merged["source"]):
         last[source] = i
-    keep = [last[s] for s in sorted(last)]
-    return merged.select(keep)
+    dropped = sorted(s for s in last if current is not None and s not in current)
+    keep = [last[s] for s in sorted(last) if current is None or s in current]
+    return merged.select(keep), dropped
 
 
 def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:
