@@ -19,6 +19,7 @@ cache with masks and caption variants).
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -275,7 +276,7 @@ def same_cache(a: str, b: str) -> bool:
     return x["source"] == y["source"] and x["latents"] == y["latents"] and x["caption_embeds"] == y["caption_embeds"]
 
 
-def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None) -> dict:
+def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None, timeout=0) -> dict:
     out = work / f"run_{name}"
     cmd = [
         "accelerate",
@@ -319,13 +320,22 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode,
     if tiny_mode and not config.startswith("deepspeed"):  # DeepSpeed runs on the CPU over gloo without it
         env["ACCELERATE_USE_CPU"] = "1"
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # Its own process group, so that a timed-out launch is killed with its workers
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += f"\nkilled after --run_timeout {timeout:g} s"
     wall = time.perf_counter() - start
-    (work / f"log_{name}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+    (work / f"log_{name}.txt").write_text(stdout[-20000:] + "\n" + stderr[-20000:])
     result = {"name": name, "config": config, "gpus": gpus, "returncode": proc.returncode, "wall_s": wall}
     log = out / "train_log.jsonl"
     if proc.returncode != 0 or not log.exists():
-        result["error"] = (proc.stderr or proc.stdout)[-1500:]
+        result["error"] = (stderr or stdout)[-1500:]
         return result
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     timed = rows[1:] or rows  # the first window holds the warm-up
@@ -369,6 +379,13 @@ def main() -> None:
     parser.add_argument("--zero_gpus", type=int, default=2, help="Processes for the DeepSpeed runs.")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--only", default=None, help="Comma-separated run names to run (default: all).")
+    parser.add_argument(
+        "--run_timeout",
+        type=float,
+        default=0,
+        help="Seconds a training run may take before it is killed and recorded as timed out (0 = no limit): one "
+        "stuck variant then leaves the rest of a device call to the others.",
+    )
     parser.add_argument(
         "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
     )
@@ -447,7 +464,9 @@ def main() -> None:
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
         cache = work / ("cache_masked" if name.endswith("_masked") else "cache")
-        r = run_trainer(name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env)
+        r = run_trainer(
+            name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env, args.run_timeout
+        )
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
         if "error" in r:

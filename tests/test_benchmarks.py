@@ -89,3 +89,12 @@ def test_scale_benchmark_trains_on_its_synthetic_caches_and_checks_the_loras(tmp
         assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
     log = (tmp_path / "work" / "log_compile_bf16_masked.txt").read_text()
     assert "8 items with a loss mask" in log
+
+
+def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
+    # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
+    report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
+    assert [run["name"] for run in report["runs"]] == ["compile_bf16", "compile_bf16_masked"]
+    for run in report["runs"]:
+        assert run["returncode"] != 0 and "killed after --run_timeout 0.1 s" in run["error"]
+        assert run["wall_s"] < 30  # not left to finish
