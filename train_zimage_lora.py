@@ -9,6 +9,7 @@ at the end OUTPUT/README.md, a model card for the hub.
 """
 
 import argparse
+import gc
 import logging
 import math
 import signal
@@ -53,7 +54,7 @@ from zimage_utils.model_loading import (
 )
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
-from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
+from zimage_utils.step_options import compile_blocks, freeze_gc, set_gradient_checkpointing
 from zimage_utils.train_data import BucketBatchSampler, collate, item_generator_seed, load_caches
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
@@ -345,6 +346,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         run_training(args)
     finally:
+        gc.unfreeze()  # what freeze_gc exempted is the caller's to collect again
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
@@ -556,7 +558,7 @@ def run_training(args: argparse.Namespace) -> None:
 
     # Train
     transformer.train()
-    window = LogWindow(accelerator.device, global_step)
+    window, first_step = LogWindow(accelerator.device, global_step), global_step
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     empty = empty_embeds if args.caption_dropout > 0 else None
@@ -576,6 +578,8 @@ def run_training(args: argparse.Namespace) -> None:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if global_step == first_step + 1:
+                freeze_gc()  # after compiling: no full collection scans the model and its graphs mid-run
             if ema is not None:
                 ema.step()
             progress.update(1)

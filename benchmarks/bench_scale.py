@@ -40,7 +40,11 @@ from zimage_utils import tiny  # noqa: E402
 from zimage_utils.model_loading import component_config_hash  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
-RUN_ENV = {"compile_fp8_matmul_eager_transpose": {"ZIMAGE_FP8_EAGER_TRANSPOSE": "1"}}  # environment of some runs
+# environment of some runs
+RUN_ENV = {
+    "compile_fp8_matmul_eager_transpose": {"ZIMAGE_FP8_EAGER_TRANSPOSE": "1"},
+    "compile_bf16_ema_gc": {"ZIMAGE_GC_FREEZE": "0"},
+}
 
 
 def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
@@ -435,6 +439,8 @@ def main() -> None:
         ("compile_bf16_max22", ["--compile", "--max_memory_gb", "22"]),
         # the averaged LoRA's cost (one fp32 copy, one lerp per step)
         ("compile_bf16_ema", ["--compile", "--ema_decay", "0.999"]),
+        # the same with Python's garbage collector free to scan the model and compiled graphs mid-run (freeze_gc off)
+        ("compile_bf16_ema_gc", ["--compile", "--ema_decay", "0.999"]),
         # LoKr at factor 4: w2 as w2_a · w2_b of rank 32, and w2 a full matrix (a rank above half its side)
         ("compile_lokr", ["--compile", "--adapter", "lokr", "--lokr_factor", "4"]),
         ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),

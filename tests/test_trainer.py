@@ -6,6 +6,7 @@ signal or a second process is the point. Every run logs one JSON line per loggin
 tests read losses from there, as a user plotting the curve would.
 """
 
+import gc
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from test_lora_io import fail_on_loader_warnings, lora_delta, transformer_output
 import precompute_embeddings
 import train_zimage_lora
 from zimage_utils import cache as cache_lib
-from zimage_utils import flow_matching
+from zimage_utils import flow_matching, step_options
 from zimage_utils.checkpoints import LORA_STATE_NAME, list_checkpoints, read_training_state
 from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, save_lora
@@ -318,6 +319,23 @@ def test_init_lora_of_another_shape_or_kind_is_refused(
 def test_calling_main_in_process_restores_the_callers_signal_handlers(finished_run):
     before, after = finished_run["handlers"]
     assert after == before  # else Ctrl-C in a notebook or pytest would be swallowed by a finished run's handler
+
+
+def test_a_run_keeps_its_objects_from_the_garbage_collector_and_hands_them_back(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """After the first step (when compiling has made its graphs) the objects alive are frozen, so that no full
+    collection scans them mid-run; when main returns, the caller's collector sees them again."""
+    frozen, real_freeze = [], gc.freeze
+
+    def freeze():
+        real_freeze()
+        frozen.append((len(read_log(tmp_path)), gc.get_freeze_count()))
+
+    monkeypatch.setattr(step_options.gc, "freeze", freeze)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=3)
+    assert len(frozen) == 1 and frozen[0][0] == 0 and frozen[0][1] > 10_000  # once, before step 1 was logged
+    assert gc.get_freeze_count() == 0
 
 
 def test_per_sigma_losses_describe_each_logging_window(tiny_model_dir, tiny_cache_dir, tmp_path):
