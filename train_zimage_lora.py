@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from zimage_utils import cli
 from zimage_utils.attention import use_real_rope
-from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision, nf4_config, quantize_after_loading_
+from zimage_utils.base_precision import (
+    BASE_PRECISIONS,
+    FP8_COMPILE_NOTE,
+    check_base_precision,
+    nf4_config,
+    quantize_after_loading_,
+)
 from zimage_utils.checkpoints import (
     SaveTriggers,
     prune_checkpoints,
@@ -431,6 +437,8 @@ def run_training(args: argparse.Namespace) -> None:
             args.checkpoint_keep_attention,
         )
     if args.compile:
+        if args.base_precision == "fp8" and accelerator.device.type == "cuda":
+            print0(FP8_COMPILE_NOTE)
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
     params = [p for p in transformer.parameters() if p.requires_grad]
 

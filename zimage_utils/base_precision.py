@@ -32,6 +32,14 @@ def quantizable(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_BF16 + ("lora_",))
 
 
+# Measured twice on an H100/H200 (docs/BENCHMARKS.md, sessions 2 and 9): never seen to finish, cause not found.
+FP8_COMPILE_NOTE = (
+    "note: compiling over --base_precision fp8 (torchao weight-only) had not finished after 2-5 minutes in our GPU "
+    "runs (docs/BENCHMARKS.md); if the first step does not come, drop --compile (eager fp8 works), or use "
+    "--base_precision fp8_matmul on an Ada/Hopper GPU"
+)
+
+
 def check_base_precision(base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter) -> None:
     """Refuse combinations that cannot work, with the fix, before anything heavy is loaded."""
     if base_precision == "bf16":
