@@ -11,6 +11,7 @@ compiler and the ninja package), then reuses it from ~/.cache/torch_extensions.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import torch
 from diffusers import ZImagePipeline
 from PIL import Image
 from test_lora_io import fail_on_loader_warnings
+from test_masks import half_mask
 from test_trainer import (
     DEFAULT_FLAGS,
     REPO_ROOT,
     free_port,
+    precompute,
     read_log,
     reset_accelerate,
     subprocess_env,
@@ -77,13 +80,26 @@ def finish(process: subprocess.Popen, log_path) -> str:
     return log
 
 
+def masked_cache_with_variants(model_dir, data_dir, folder: Path) -> Path:
+    """`tiny_data_dir` cached with a half-black loss mask per image and two caption variants per caption."""
+    data, masks = shutil.copytree(data_dir, folder / "data"), folder / "masks"
+    masks.mkdir()
+    for image in data.glob("*.png"):
+        with Image.open(image) as picture:
+            half_mask(*picture.size).save(masks / image.name)
+        caption = image.with_suffix(".txt")
+        caption.write_text(f"{caption.read_text()}\nanother way to say it")
+    return precompute(model_dir, data, folder / "cache", "--mask_dir", str(masks), "--caption_variants")
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> dict:
+def runs(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> dict:
     """Four-step runs of the same training: DDP, ZeRO-2, ZeRO-3, and ZeRO-3 stopped after its checkpoint at step 2
-    then resumed with --resume_from_checkpoint latest; beside the resume, one ZeRO-2 step with LoRA+. Two runs at a
-    time (4 processes on CI's 2 cores: ~1.5 GB)."""
+    then resumed with --resume_from_checkpoint latest; beside the resume, one ZeRO-2 step with LoRA+ on a cache with
+    loss masks and caption variants. Two runs at a time (4 processes on CI's 2 cores: ~1.5 GB)."""
     names = ("ddp", "zero2", "zero3", "zero3_resumed", "zero2_loraplus")
     out = {name: tmp_path_factory.mktemp(name) for name in names}
+    masked_cache = masked_cache_with_variants(tiny_model_dir, tiny_data_dir, tmp_path_factory.mktemp("masked"))
     logs = tmp_path_factory.mktemp("launch_logs")
 
     def run_together(*runs: tuple[str, Path, dict]) -> list[str]:
@@ -91,14 +107,15 @@ def runs(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> dict:
         started = []
         for config, output_dir, flags in runs:
             log_path = logs / f"{output_dir.name}_{len(list(logs.iterdir()))}.log"
-            started.append((start(config, tiny_model_dir, tiny_cache_dir, output_dir, log_path, **flags), log_path))
+            cache = masked_cache if output_dir == out["zero2_loraplus"] else tiny_cache_dir
+            started.append((start(config, tiny_model_dir, cache, output_dir, log_path, **flags), log_path))
         return [finish(process, log_path) for process, log_path in started]
 
     run_together(("ddp", out["ddp"], {}), ("zero2", out["zero2"], {}))
     run_together(("zero3", out["zero3"], {}), ("zero3", out["zero3_resumed"], {"max_train_steps_this_run": 2}))
     out["checkpoints_at_stop"] = [p.name for p in list_checkpoints(out["zero3_resumed"])]
     loraplus = {"loraplus_lr_ratio": 4, "max_train_steps": 1, "checkpointing_steps": 1}
-    out["resume_log"], _ = run_together(
+    out["resume_log"], out["loraplus_log"] = run_together(
         ("zero3", out["zero3_resumed"], {"resume_from_checkpoint": "latest"}),
         ("zero2", out["zero2_loraplus"], loraplus),
     )
@@ -166,6 +183,7 @@ def test_zero3_resume_reproduces_the_uninterrupted_run_exactly(runs):
 def test_loraplus_under_zero2_moves_the_b_factors_ratio_times_the_learning_rate(runs):
     """Adam's first step moves each B entry by lr · ratio where its gradient is not tiny (A gets none: B starts at
     zero). Without the LoRA+ groups reaching DeepSpeed's optimiser, the largest move would be lr."""
+    assert "12 items with a loss mask" in runs["loraplus_log"]  # masks and caption variants under ZeRO-2 too
     lora, _ = load_lora_file(runs["zero2_loraplus"] / "checkpoint-1" / LORA_WEIGHT_NAME)
     largest = max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k)
     assert largest == pytest.approx(4 * DEFAULT_FLAGS["learning_rate"], rel=1e-3)
