@@ -52,7 +52,7 @@ from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
-from zimage_utils.model_card import write_model_card
+from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import (
     component_config_hash,
     load_transformer,
@@ -320,23 +320,7 @@ def load_data(args, accelerator, transformer):
 def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype, card=False):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
     gathers the LoRA from all of them), with the metadata users and tools look for; `card`: and a README.md."""
-    metadata = {
-        "base_model": args.pretrained_model_name_or_path,
-        "adapter": args.adapter,
-        "rank": str(args.rank),
-        "alpha": str(args.lora_alpha or args.rank),
-        "targets": args.lora_targets,
-        "target_modules": ",".join(targets),
-        "steps": str(step),
-        "resolution": ",".join(map(str, caches["resolutions"])),
-        "trigger_word": ", ".join(caches["caption_prefixes"]),
-        "training_adapter": args.training_adapter or "",
-        "init_lora": args.init_lora or "",
-        "ema_decay": str(args.ema_decay),
-        "optimizer": args.optimizer,
-        "learning_rate": str(args.learning_rate),
-        "loraplus_lr_ratio": str(args.loraplus_lr_ratio),
-    }
+    metadata = training_metadata(args, targets, step, caches)
     model = accelerator.unwrap_model(transformer)
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:

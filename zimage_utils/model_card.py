@@ -18,6 +18,28 @@ def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists()
 
 
+def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict[str, str]:
+    """The LoRA files' safetensors metadata (str → str): what was trained, on what and how, for users' tools and the
+    model card. `args`: the trainer's flags; `targets`: the adapted module names; `caches`: `load_caches`' summary."""
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "adapter": args.adapter,
+        "rank": str(args.rank),
+        "alpha": str(args.lora_alpha or args.rank),
+        "targets": args.lora_targets,
+        "target_modules": ",".join(targets),
+        "steps": str(step),
+        "resolution": ",".join(map(str, caches["resolutions"])),
+        "trigger_word": ", ".join(caches["caption_prefixes"]),
+        "training_adapter": args.training_adapter or "",
+        "init_lora": args.init_lora or "",
+        "ema_decay": str(args.ema_decay),
+        "optimizer": args.optimizer,
+        "learning_rate": str(args.learning_rate),
+        "loraplus_lr_ratio": str(args.loraplus_lr_ratio),
+    }
+
+
 def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: list[str]) -> Path | None:
     """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path; None, writing nothing, when a
     README.md that this function did not write is already there (the user's own is never replaced).
