@@ -227,6 +227,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logit_mean", type=float, default=0.0)
     p.add_argument("--logit_std", type=float, default=1.0)
     p.add_argument("--timestep_shift", type=float, default=3.0, help="sigma shift for --timestep_sampling shift.")
+    p.add_argument(
+        "--sigma_range",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("LO", "HI"),
+        help="Train only noise levels sigma in [LO, HI] (0 = clean, 1 = pure noise; kohya/musubi's --min_timestep "
+        "and --max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
+    )
     p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
     p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")
     p.add_argument(
@@ -285,6 +294,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if not 0 <= args.mask_floor <= 1:
         p.error("--mask_floor is a loss weight between 0 and 1")
+    if not 0 <= args.sigma_range[0] < args.sigma_range[1] <= 1:
+        p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
@@ -467,6 +478,7 @@ def run_training(args: argparse.Namespace) -> None:
         args.caption_dropout,
         args.random_flip,
         args.mask_floor,
+        tuple(args.sigma_range),
     )
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)

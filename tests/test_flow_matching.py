@@ -101,6 +101,17 @@ def test_logit_normal_median_is_sigmoid_of_mean():
     assert (1 - t).median().item() == pytest.approx(1 / (1 + math.exp(-0.8)), abs=0.01)
 
 
+@pytest.mark.parametrize("method", TIMESTEP_SAMPLING_METHODS)
+def test_a_sigma_range_keeps_every_draw_inside_it_and_the_methods_shape(method):
+    """(0.6, 0.8): each sigma is the full-range draw mapped linearly into the range, from the same random numbers."""
+    draw = dict(generator=torch.Generator().manual_seed(0), image_seq_len=4096)
+    full = 1 - sample_timesteps(20_000, method, **draw)
+    draw["generator"].manual_seed(0)
+    ranged = 1 - sample_timesteps(20_000, method, sigma_range=(0.6, 0.8), **draw)
+    assert ranged.min() >= 0.6 and ranged.max() <= 0.8
+    torch.testing.assert_close(ranged, 0.6 + 0.2 * full, rtol=0, atol=1e-5)
+
+
 def test_generator_makes_sampling_reproducible():
     a = sample_timesteps(8, "logit_normal", generator=torch.Generator().manual_seed(42))
     b = sample_timesteps(8, "logit_normal", generator=torch.Generator().manual_seed(42))

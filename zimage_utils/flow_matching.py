@@ -79,6 +79,7 @@ def sample_timesteps(
     logit_std: float = 1.0,
     shift: float = 3.0,
     image_seq_len: int | None = None,
+    sigma_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Draw one transformer time per sample.
 
@@ -101,6 +102,9 @@ def sample_timesteps(
         logit_mean, logit_std: parameters of `logit_normal`.
         shift: s of `shift`.
         image_seq_len: image tokens per sample, required by `flux_shift` (see `flux_shift_mu`).
+        sigma_range: (lo, hi): the drawn sigma is mapped linearly from [0, 1] into [lo, hi], keeping the method's
+            shape within it (musubi-tuner's min/max timestep): e.g. (0, 0.4) trains only the detail-forming noise
+            levels.
 
     Returns:
         t [B] float32, strictly inside (0, 1).
@@ -122,6 +126,9 @@ def sample_timesteps(
         exp_mu = math.exp(flux_shift_mu(image_seq_len))
         sigma = sigma.clamp(_SIGMA_EPS, 1 - _SIGMA_EPS)  # 1/sigma below must stay finite
         sigma = exp_mu / (exp_mu + (1 / sigma - 1))
+    lo, hi = sigma_range
+    if (lo, hi) != (0.0, 1.0):
+        sigma = lo + (hi - lo) * sigma
     sigma = sigma.clamp(_SIGMA_EPS, 1 - _SIGMA_EPS)
     return 1 - sigma
 

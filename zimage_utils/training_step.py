@@ -19,6 +19,7 @@ class StepConfig:
     caption_dropout: float = 0.0  # probability of training an item on the empty caption
     flip_prob: float = 0.0  # probability of using the cached mirrored latents
     mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
+    sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
 
 
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -104,6 +105,7 @@ def flow_matching_step(
                     logit_std=config.logit_std,
                     shift=config.timestep_shift,
                     image_seq_len=image_seq_len,
+                    sigma_range=config.sigma_range,
                 )
                 for g in generators
             ]
