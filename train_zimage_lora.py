@@ -233,8 +233,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         nargs=2,
         default=[0.0, 1.0],
         metavar=("LO", "HI"),
-        help="Train only noise levels sigma in [LO, HI] (0 = clean, 1 = pure noise; kohya/musubi's --min_timestep "
-        "and --max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
+        help="Train only noise levels sigma in [LO, HI] (0 = clean, 1 = pure noise; kohya/musubi's min_timestep "
+        "and max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
     )
     p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
     p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")

@@ -230,6 +230,8 @@ def default_matches(documented: str, actual) -> bool:
         return actual in (False, None, 0)
     if documented in ("–", "-") or documented.startswith("="):
         return actual is None
+    if isinstance(actual, list):  # nargs: "0 1" for [0.0, 1.0]
+        return [float(x) for x in documented.split()] == [float(x) for x in actual]
     try:
         return float(documented) == float(actual)
     except (TypeError, ValueError):
