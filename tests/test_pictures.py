@@ -137,3 +137,25 @@ def test_a_capped_contact_sheet_shows_every_bucket_first(tiny_model_dir, tiny_da
     cap = len(manifest["buckets"])  # 3 buckets of 12 images
     _, sources = contact_sheet_of(tiny_model_dir, tiny_data_dir, cache, "--contact_sheet", str(cap))
     assert len(sources) == cap and len({bucket_of[s] for s in sources}) == cap
+
+
+def test_weights_and_biases_gets_each_sample_captioned_with_its_prompt(monkeypatch):
+    """wandb is not installed here: a stand-in module records what `log_samples` hands it."""
+    import sys
+    import types
+
+    from zimage_utils.validation import log_samples
+
+    class WandbImage:
+        def __init__(self, image, caption=None):
+            self.image, self.caption = image, caption
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=WandbImage))
+    logged = []
+    tracker = types.SimpleNamespace(name="wandb", log=lambda values, step: logged.append((values, step)))
+    other = types.SimpleNamespace(name="comet_ml", log=lambda *a, **k: pytest.fail("images sent to another tracker"))
+    images = [Image.new("RGB", (SAMPLE, SAMPLE), c) for c in ("red", "blue")]
+    log_samples([tracker, other], images, TINY_CACHE_VALIDATION_PROMPTS, step=7)
+    ((values, step),) = logged
+    assert step == 7 and list(values) == ["validation"]
+    assert [(w.image, w.caption) for w in values["validation"]] == list(zip(images, TINY_CACHE_VALIDATION_PROMPTS))
