@@ -32,6 +32,7 @@ from zimage_utils.base_precision import (
 )
 from zimage_utils.checkpoints import (
     SaveTriggers,
+    mark_unfinished,
     prune_checkpoints,
     register_lora_state_hooks,
     resume_training,
@@ -504,6 +505,7 @@ def run_training(args: argparse.Namespace) -> None:
         path = output_dir / f"checkpoint-{step}"
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, args.checkpoints_total_limit)
+            mark_unfinished(path)
         accelerator.save_state(
             str(path), **({"exclude_frozen_parameters": True} if deepspeed_stage(accelerator) else {})
         )

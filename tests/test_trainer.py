@@ -451,6 +451,30 @@ def test_checkpoints_total_limit_keeps_the_newest_checkpoints(interrupted_and_re
     ]
 
 
+def test_a_checkpoint_being_rewritten_is_not_finished_until_its_save_completes(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """Resumed from checkpoint-2 while an abandoned run's checkpoint-4 is there: if the process dies while saving
+    step 4 again, "latest" must not pick the half-overwritten checkpoint-4."""
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, checkpointing_steps=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+    def killed(self, output_dir, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(train_zimage_lora.Accelerator, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            tiny_model_dir,
+            tiny_cache_dir,
+            tmp_path,
+            max_train_steps=4,
+            checkpointing_steps=2,
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2"),
+        )
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
 @pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])
 def test_checkpointing_minutes_saves_when_that_much_time_has_passed(
     tiny_model_dir, tiny_cache_dir, tmp_path, minutes, expected

@@ -54,6 +54,12 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None, keep_room
     return removed
 
 
+def mark_unfinished(checkpoint_dir: str | Path) -> None:
+    """Before a checkpoint is (re)written: one of the same step left by an abandoned run (resumed from before it)
+    loses its finished mark, so that a save cut short is never taken for a finished checkpoint."""
+    (Path(checkpoint_dir) / TRAINING_STATE_NAME).unlink(missing_ok=True)
+
+
 def write_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> None:
     """Written last: its presence marks the checkpoint as finished."""
     path = Path(checkpoint_dir) / TRAINING_STATE_NAME
