@@ -92,7 +92,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
-    parser.add_argument("--caption_prefix", default=None, help='Trigger word prepended to every caption: "sks, ...".')
+    parser.add_argument(
+        "--caption_prefix",
+        default=None,
+        help='Trigger word: prepended to captions that do not hold it ("sks, ..."), and put in place of [trigger].',
+    )
     parser.add_argument(
         "--default_caption",
         default=None,

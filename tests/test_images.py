@@ -174,8 +174,20 @@ def test_empty_caption_falls_back_to_the_default():
 def test_trigger_word_is_prepended_once():
     assert resolve_caption("a dog", "sks", None) == ("sks, a dog", None)
     assert resolve_caption("sks dog on grass", "sks", None) == ("sks dog on grass", None)
+    assert resolve_caption("a photo of sks dog", "sks", None) == ("a photo of sks dog", None)  # already there
     assert resolve_caption("sksdog", "sks", None) == ("sks, sksdog", None)  # a different word
+    assert resolve_caption("a photo of sks person", "sks person", None)[0] == "a photo of sks person"
     assert resolve_caption("", "sks", "a photo")[0] == "sks, a photo"
+
+
+def test_trigger_placeholder_takes_the_trigger_word_where_the_caption_puts_it():
+    """ai-toolkit's "[trigger]": replaced, not prepended; without --caption_prefix it stays, with a note."""
+    assert resolve_caption("[trigger] on a beach, [trigger] smiling", "sks person", None) == (
+        "sks person on a beach, sks person smiling",
+        None,
+    )
+    caption, note = resolve_caption("[trigger] on a beach", None, None)
+    assert caption == "[trigger] on a beach" and "pass --caption_prefix" in note
 
 
 # ----------------------------------------------------------------------------------------------------------

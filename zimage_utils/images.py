@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -269,12 +270,16 @@ def items_from_dataset(
 # Captions
 
 
+TRIGGER_PLACEHOLDER = "[trigger]"
+
+
 def resolve_caption(raw: str | None, prefix: str | None, default_caption: str | None) -> tuple[str | None, str | None]:
     """The caption to train on, and a note for the report (None when there is nothing to say).
 
     Whitespace is stripped. An empty or missing caption becomes `default_caption` when one is given;
-    otherwise the caption is None and the caller should skip the item. A `prefix` (trigger word) is
-    prepended as ``"prefix, caption"`` unless the caption already starts with it as a whole word.
+    otherwise the caption is None and the caller should skip the item. A `prefix` (trigger word) takes the place
+    of every ``[trigger]`` in the caption (ai-toolkit's placeholder); a caption without one gets it prepended as
+    ``"prefix, caption"`` unless the trigger already appears in it as whole words ("a photo of sks person").
     """
     caption = raw.strip() if raw is not None else None
     default_caption = (default_caption or "").strip() or None
@@ -287,14 +292,16 @@ def resolve_caption(raw: str | None, prefix: str | None, default_caption: str | 
         caption, note = default_caption, f"{what}, used --default_caption"
 
     prefix = (prefix or "").strip()
-    if prefix and not _starts_with_word(caption, prefix):
+    if TRIGGER_PLACEHOLDER in caption:
+        if prefix:
+            caption = caption.replace(TRIGGER_PLACEHOLDER, prefix)
+        else:
+            missing = f"{TRIGGER_PLACEHOLDER} left as it is: pass --caption_prefix to put a trigger word there"
+            note = f"{note}; {missing}" if note else missing
+    elif prefix and not re.search(rf"(?<!\w){re.escape(prefix)}(?!\w)", caption):
+        # "sks dog" and "a photo of sks dog" hold the trigger "sks"; "sksdog" does not
         caption = f"{prefix}, {caption}"
     return caption, note
-
-
-def _starts_with_word(text: str, word: str) -> bool:
-    # "sks dog" starts with the trigger "sks"; "sksdog" does not.
-    return text.startswith(word) and (len(text) == len(word) or not text[len(word)].isalnum())
 
 
 # ----------------------------------------------------------------------------------------------------------
