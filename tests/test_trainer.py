@@ -349,6 +349,7 @@ def test_per_sigma_losses_describe_each_logging_window(tiny_model_dir, tiny_cach
 def test_a_sigma_range_trains_only_those_noise_levels(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=6, sigma_range=[0.6, 0.8])
     assert {k for r in log for k in r if k.startswith("loss/sigma_")} == {"loss/sigma_0.6-0.8"}
+    assert load_lora_file(tmp_path / LORA_WEIGHT_NAME)[1]["sigma_range"] == "0.6,0.8"  # said in the file
     with pytest.raises(SystemExit):
         train_zimage_lora.parse_args(trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, sigma_range=[0.5, 0.5]))
     assert "--sigma_range takes LO HI with 0 <= LO < HI <= 1" in capsys.readouterr().err
