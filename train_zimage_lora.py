@@ -470,17 +470,7 @@ def run_training(args: argparse.Namespace) -> None:
         accelerator, output_dir, args.resume_from_checkpoint, len(train), ema, print0, optimizer_flags
     )
 
-    config = StepConfig(
-        args.timestep_sampling,
-        args.logit_mean,
-        args.logit_std,
-        args.timestep_shift,
-        args.loss_weighting,
-        args.caption_dropout,
-        args.random_flip,
-        args.mask_floor,
-        tuple(args.sigma_range),
-    )
+    config = StepConfig.from_flags(args)
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
     if accelerator.is_main_process:

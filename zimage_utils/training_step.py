@@ -21,6 +21,17 @@ class StepConfig:
     mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
     sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
 
+    @classmethod
+    def from_flags(cls, args) -> "StepConfig":
+        """From train_zimage_lora.py's flags of the same names (flip_prob is --random_flip)."""
+        names = ("timestep_sampling", "logit_mean", "logit_std", "timestep_shift", "loss_weighting", "caption_dropout")
+        return cls(
+            **{n: getattr(args, n) for n in names},
+            flip_prob=args.random_flip,
+            mask_floor=args.mask_floor,
+            sigma_range=tuple(args.sigma_range),
+        )
+
 
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where the transformer runs and the dtype its activations take: that of its first frozen floating-point
