@@ -8,8 +8,8 @@ Module names in `ZImageTransformer2DModel` (diffusers 0.42), per transformer blo
 
 The blocks live in `layers.*` (30 main blocks), `noise_refiner.*` (image tokens only, before the joint blocks)
 and `context_refiner.*` (caption tokens only). A suffix like `to_q` matches all three; targets are therefore
-resolved here to full module names, so the refiners can be dropped precisely. Older ComfyUI builds only map the
-`layers.*` keys of a Z-Image LoRA and report refiner keys as "lora key not loaded": `exclude_refiners=True`
+resolved here to full module names, so the refiners can be dropped precisely. Older ComfyUI builds do not map the
+refiners' attention keys of a Z-Image LoRA and report them as "lora key not loaded": `exclude_refiners=True`
 avoids that, at the cost of not adapting the refiners.
 """
 
