@@ -131,7 +131,8 @@ def lokr_files(raw: dict[str, torch.Tensor], config: LoKrConfig) -> tuple[dict, 
     only when a factor is rank-decomposed and by 1 otherwise. So PEFT's scale is baked into lokr_w1 here, and the
     ComfyUI file carries `.alpha` = rank where w2 is decomposed (scale 1 there too): both files mean, at strength 1,
     exactly the update that was trained. Keys: `transformer.` / `diffusion_model.` + `<module>.lokr_w1`, `.lokr_w2`
-    or `.lokr_w2_a` / `.lokr_w2_b` (ai-toolkit's Z-Image LoKr layout for ComfyUI)."""
+    or `.lokr_w2_a` / `.lokr_w2_b`: the Z-Image LoKr layout diffusers' converter reads as ai-toolkit's (older ai-toolkit
+    versions write `lycoris_`-prefixed names instead), and which ComfyUI's Z-Image key map takes."""
     scale = config.alpha / config.r
     baked = {k: v.float() * scale if k.endswith((".lokr_w1", ".lokr_w1_a")) else v.float() for k, v in raw.items()}
     comfyui = {}
