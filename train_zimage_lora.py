@@ -273,6 +273,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
     )
+    p.add_argument(
+        "--validation_at_start",
+        action="store_true",
+        help="Also validate before the first step of a new run: the untrained model's samples (and held-out loss) as "
+        "the baseline, the grid's first column (kohya's --sample_at_first).",
+    )
     p.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
     p.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
     p.add_argument("--validation_resolution", type=int, default=None, help="Default: the cache's resolution.")
@@ -558,6 +564,9 @@ def run_training(args: argparse.Namespace) -> None:
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     empty = empty_embeds if args.caption_dropout > 0 else None
+    if args.validation_at_start and global_step == 0:
+        with window.paused():
+            validate(0)
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):

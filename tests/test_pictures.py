@@ -159,3 +159,23 @@ def test_weights_and_biases_gets_each_sample_captioned_with_its_prompt(monkeypat
     ((values, step),) = logged
     assert step == 7 and list(values) == ["validation"]
     assert [(w.image, w.caption) for w in values["validation"]] == list(zip(images, TINY_CACHE_VALIDATION_PROMPTS))
+
+
+def test_validation_at_start_samples_the_untrained_model_as_the_first_column(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """--validation_at_start: step_000000.png is what the model samples before training, i.e. what a run whose
+    learning rate is 0 still samples after its steps; the trained samples differ from it."""
+    flags = dict(max_train_steps=2, validation_steps=2)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags, learning_rate=5e-2, validation_at_start=True)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, learning_rate=0)
+    samples = tmp_path / "a" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "step_000000.png", "step_000002.png"]
+    with Image.open(samples / "grid.png") as grid:
+        assert grid.width == 2 * SAMPLE  # the baseline column, then step 2
+
+    def pixels(path):
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    start = pixels(samples / "step_000000.png")
+    assert np.array_equal(start, pixels(tmp_path / "b" / "samples" / "step_000002.png"))
+    assert not np.array_equal(start, pixels(samples / "step_000002.png"))
