@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> dict | None:
     encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop, and the
     start-up before them (Python and imports, then accelerate's process and device set-up), with the wall-clock
     times the process started and `main` finished (for a launcher to tell its own and the exit's share)."""
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    cli.setup_logging("precompute")
     datasets.disable_progress_bars()
     started_at, accelerate_from = time.time() - process_age(), time.perf_counter()
     accelerator = Accelerator()

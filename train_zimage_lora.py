@@ -360,7 +360,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run_training(args: argparse.Namespace) -> None:
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    cli.setup_logging("train")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -1,6 +1,7 @@
 """What a model path holds, loading the Z-Image components, and the config fingerprint that guards caches."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -228,3 +229,13 @@ def test_config_hash_fingerprints_vae_text_encoder_and_template(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="unknown components"):
         component_config_hash(str(folder), components=("unet",))
+
+
+def test_optional_libraries_import_notes_are_quieted_and_their_other_messages_pass(caplog):
+    import zimage_utils  # noqa: F401  (installs the filters)
+
+    caplog.set_level(logging.WARNING)
+    logging.getLogger("torchao").warning("Failed to load /site-packages/torchao/_C_mxfp8.so")
+    logging.getLogger("torch.utils._pytree").warning("<enum 'KernelPreference'> is an Enum subclass ...")
+    logging.getLogger("torchao").warning("a quantisation that went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["a quantisation that went wrong"]

@@ -1,5 +1,6 @@
 """How the scripts end on a user's mistake: one line naming the problem and the fix, not a traceback."""
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -18,3 +19,11 @@ def run(main: Callable, parse_args: Callable) -> None:
             raise
         print(f"error: {error}\n(set ZIMAGE_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def setup_logging(script_logger: str) -> None:
+    """Plain lines: the script's own logger and ours at INFO, other libraries' at WARNING (accelerate would print four
+    lines per checkpoint it saves, e.g. "[RANK 0] Optimizer state saved in ...")."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    for name in (script_logger, "zimage_utils"):
+        logging.getLogger(name).setLevel(logging.INFO)
