@@ -95,9 +95,9 @@ def masked_cache_with_variants(model_dir, data_dir, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> dict:
     """Four-step runs of the same training: DDP, ZeRO-2, ZeRO-3, and ZeRO-3 stopped after its checkpoint at step 2
-    then resumed with --resume_from_checkpoint latest; beside the resume, one ZeRO-2 step with LoRA+ on a cache with
+    then resumed with --resume_from_checkpoint latest; beside the resume, one ZeRO-3 step with LoRA+ on a cache with
     loss masks and caption variants. Two runs at a time (4 processes on CI's 2 cores: ~1.5 GB)."""
-    names = ("ddp", "zero2", "zero3", "zero3_resumed", "zero2_loraplus")
+    names = ("ddp", "zero2", "zero3", "zero3_resumed", "zero3_loraplus")
     out = {name: tmp_path_factory.mktemp(name) for name in names}
     masked_cache = masked_cache_with_variants(tiny_model_dir, tiny_data_dir, tmp_path_factory.mktemp("masked"))
     logs = tmp_path_factory.mktemp("launch_logs")
@@ -107,7 +107,7 @@ def runs(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> dic
         started = []
         for config, output_dir, flags in runs:
             log_path = logs / f"{output_dir.name}_{len(list(logs.iterdir()))}.log"
-            cache = masked_cache if output_dir == out["zero2_loraplus"] else tiny_cache_dir
+            cache = masked_cache if output_dir == out["zero3_loraplus"] else tiny_cache_dir
             started.append((start(config, tiny_model_dir, cache, output_dir, log_path, **flags), log_path))
         return [finish(process, log_path) for process, log_path in started]
 
@@ -117,7 +117,7 @@ def runs(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> dic
     loraplus = {"loraplus_lr_ratio": 4, "max_train_steps": 1, "checkpointing_steps": 1}
     out["resume_log"], out["loraplus_log"] = run_together(
         ("zero3", out["zero3_resumed"], {"resume_from_checkpoint": "latest"}),
-        ("zero2", out["zero2_loraplus"], loraplus),
+        ("zero3", out["zero3_loraplus"], loraplus),
     )
     return out
 
@@ -180,11 +180,11 @@ def test_zero3_resume_reproduces_the_uninterrupted_run_exactly(runs):
     assert set(lora) == set(reference) and all(torch.equal(lora[k], reference[k]) for k in reference)
 
 
-def test_loraplus_under_zero2_moves_the_b_factors_ratio_times_the_learning_rate(runs):
+def test_loraplus_under_zero3_moves_the_b_factors_ratio_times_the_learning_rate(runs):
     """Adam's first step moves each B entry by lr · ratio where its gradient is not tiny (A gets none: B starts at
     zero). Without the LoRA+ groups reaching DeepSpeed's optimiser, the largest move would be lr."""
-    assert "12 items with a loss mask" in runs["loraplus_log"]  # masks and caption variants under ZeRO-2 too
-    lora, _ = load_lora_file(runs["zero2_loraplus"] / "checkpoint-1" / LORA_WEIGHT_NAME)
+    assert "12 items with a loss mask" in runs["loraplus_log"]  # masks and caption variants under ZeRO-3 too
+    lora, _ = load_lora_file(runs["zero3_loraplus"] / "checkpoint-1" / LORA_WEIGHT_NAME)
     largest = max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k)
     assert largest == pytest.approx(4 * DEFAULT_FLAGS["learning_rate"], rel=1e-3)
 

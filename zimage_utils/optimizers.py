@@ -58,5 +58,6 @@ def make_optimizer(
     )
     if sum(len(g["params"]) for g in grouped.param_groups) != len(params):
         raise ValueError("LoRA+ grouped other parameters than the trainable ones it was given")
-    # PEFT keeps a group for embedding LoRAs even when empty; DeepSpeed (ZeRO-2 and -3) fails on an empty one
+    # PEFT keeps a group for embedding LoRAs even when empty; with it, ZeRO-2 and ZeRO-3 runs stop at start-up
+    # ("zip() argument 2 is longer than argument 1")
     return cls([g for g in grouped.param_groups if g["params"]], lr=lr, **kwargs)
