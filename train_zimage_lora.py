@@ -66,7 +66,7 @@ from zimage_utils.train_data import BucketBatchSampler, collate, item_generator_
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
-from zimage_utils.validation import Validator, validation_loss
+from zimage_utils.validation import Validator, sample_size, validation_loss
 
 logger = logging.getLogger("train")
 
@@ -281,7 +281,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
     p.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
-    p.add_argument("--validation_resolution", type=int, default=None, help="Default: the cache's resolution.")
+    p.add_argument(
+        "--validation_resolution",
+        type=sample_size,
+        default=None,
+        help="Pixels of the samples: one side (square) or WIDTHxHEIGHT, e.g. 832x1216 for portraits; multiples of 16. "
+        "Default: the largest cache's resolution, square.",
+    )
     p.add_argument(
         "--save_dtype",
         choices=["fp32", "bf16", "fp16"],
@@ -525,7 +531,7 @@ def run_training(args: argparse.Namespace) -> None:
         caches["validation_prompts"],
         empty_embeds,
         output_dir / "samples",
-        size=args.validation_resolution or caches["resolutions"][-1],
+        size=args.validation_resolution or (caches["resolutions"][-1],) * 2,
         steps=args.validation_num_inference_steps,
         guidance=args.validation_guidance_scale,
         seed=args.seed,

@@ -4,6 +4,7 @@ loss on held-out items at fixed timesteps and fixed noise (comparable from one v
 Samples land in OUTPUT/samples/: step_NNNNNN.png per validation (the prompts side by side) and grid.png, rebuilt
 from those files each time, with one row per prompt and one column per validation step so far."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -149,10 +150,24 @@ def validation_loss(transformer, dataset, collate, seed: int) -> dict[str, float
     return result
 
 
+def sample_size(text: str) -> tuple[int, int]:
+    """`--validation_resolution`: "1024" → (1024, 1024), "832x1216" (width x height) → (1216, 832), as (height,
+    width). A malformed one raises argparse's ArgumentTypeError, which argparse prints as a usage error."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one side (1024) or WIDTHxHEIGHT (832x1216)")
+    width, height = int(parts[0]), int(parts[-1])
+    if width % 16 or height % 16 or not width or not height:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: both sides must be positive multiples of 16 (VAE and 2x2 patches)"
+        )
+    return height, width
+
+
 class Validator:
     """Samples the cached validation prompts into one PNG per call (step_NNNNNN.png) and rebuilds grid.png (prompts
-    x steps). Loads the VAE and scheduler on first use (the text encoder never: the prompts were encoded by
-    precompute_embeddings.py)."""
+    x steps) of `size` (height, width) pixels. Loads the VAE and scheduler on first use (the text encoder never: the
+    prompts were encoded by precompute_embeddings.py)."""
 
     def __init__(self, model_path, revision, prompts, empty_embeds, out_dir, size, steps=None, guidance=None, seed=0):
         defaults = SAMPLING_DEFAULTS[model_variant(model_path)]
@@ -179,8 +194,7 @@ class Validator:
             self.scheduler,
             [e for _, e in self.prompts],
             self.empty,
-            self.size,
-            self.size,
+            *self.size,
             self.steps,
             self.guidance,
             self.seed,
