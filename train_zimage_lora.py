@@ -487,7 +487,7 @@ def run_training(args: argparse.Namespace) -> None:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
     if accelerator.is_main_process:
         # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
-        hparams = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
+        hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
     masks = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
     if args.mask_floor and not caches["num_masked"]:

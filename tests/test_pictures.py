@@ -183,7 +183,14 @@ def test_validation_at_start_samples_the_untrained_model_as_the_first_column(tin
 
 def test_validation_samples_can_be_portrait(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     """--validation_resolution WIDTHxHEIGHT: each prompt's sample is that size (a 64 px cache, 48 x 80 samples)."""
-    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1, validation_resolution="48x80")
+    train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path,
+        max_train_steps=1,
+        validation_resolution="48x80",
+        report_to="tensorboard",
+    )
     with Image.open(tmp_path / "samples" / "step_000001.png") as row:
         assert row.size == (len(TINY_CACHE_VALIDATION_PROMPTS) * 48, 80)
     for wrong in ("50x80", "48by80"):
