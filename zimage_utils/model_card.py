@@ -93,7 +93,7 @@ image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale
 ```
 
 ComfyUI: copy `pytorch_lora_weights_comfyui.safetensors` to `ComfyUI/models/loras/` and load it with a
-*LoraLoaderModelOnly* node on the Z-Image model.
+*LoraLoaderModelOnly* node on the Z-Image model (not a bypass LoRA loader: it skips Z-Image's `to_q`/`to_k`/`to_v`).
 {samples}
 ## Training settings
 
