@@ -165,6 +165,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="Cache folder (created; re-runs add to it).")
     parser.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it.")
     parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Only scan: print the buckets, the images that would be skipped (and why) and how many a run would "
+        "encode, without loading the encoders or writing anything.",
+    )
+    parser.add_argument(
         "--keep_missing",
         action="store_true",
         help="Keep cached items whose image is gone from the folder or dataset, or unreadable now (default: a re-run "
@@ -296,9 +302,10 @@ def main(args: argparse.Namespace) -> dict | None:
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
     fingerprint = make_fingerprint(args)
-    existing = prepare_output_dir(args, fingerprint) if accelerator.is_main_process else None
+    writes = accelerator.is_main_process and not args.dry_run
+    existing = prepare_output_dir(args, fingerprint) if writes else None
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    if not writes and not (args.dry_run and args.overwrite):
         existing = prepare_output_dir_readonly(args.output_dir)
     # An item is re-encoded when its image bytes or its final captions (edited .txt, new --caption_prefix) changed.
     done = {
@@ -326,17 +333,21 @@ def main(args: argparse.Namespace) -> dict | None:
         num_workers=args.dataloader_num_workers,
         collate_fn=keep_as_is,
     )
-    planned, skipped, notes = [], [], []
+    planned, skipped, notes, scanned_buckets = [], [], [], Counter()
     for result in tqdm(scan, desc="scan", disable=not accelerator.is_local_main_process):
         notes += [
             {"source": result.get("source") or result["planned"].item.source, "reason": n} for n in result["notes"]
         ]
         if "skipped" in result:
             skipped.append({"source": result["source"], "reason": result["skipped"]})
-        elif (result["planned"].item.source, result["planned"].content_hash, *result["planned"].texts) not in done:
+            continue
+        scanned_buckets[result["planned"].bucket] += 1
+        if (result["planned"].item.source, result["planned"].content_hash, *result["planned"].texts) not in done:
             planned.append(result["planned"])
 
     scanned = time.perf_counter()
+    if args.dry_run:
+        return report_dry_run(accelerator, args.output_dir, scanned_buckets, skipped, notes, len(planned))
 
     # Load the encoders, while DataLoader workers start decoding the first batches
     planned_batches = plan_batches(planned, args.batch_size)
@@ -507,6 +518,26 @@ def main(args: argparse.Namespace) -> dict | None:
         )
     accelerator.end_training()
     return stats
+
+
+def report_dry_run(
+    accelerator, output_dir, buckets: Counter, skipped: list, notes: list, to_encode: int
+) -> dict | None:
+    """--dry_run: what the scan found on every process (buckets, skipped images, notes), and how many images a real
+    run would encode; nothing is loaded or written. Returns those figures on the main process."""
+    reports = gather_object([{"buckets": buckets, "skipped": skipped, "notes": notes, "to_encode": to_encode}])
+    if not accelerator.is_main_process:
+        return None
+    by_bucket = sum((Counter(r["buckets"]) for r in reports), Counter())
+    all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
+    all_notes = sorted((n for r in reports for n in r["notes"]), key=lambda n: n["source"])
+    new = sum(r["to_encode"] for r in reports)
+    logger.info(summarise(by_bucket, all_skipped, all_notes))
+    logger.info(
+        f"dry run: {sum(by_bucket.values())} images fit their buckets, {len(all_skipped)} skipped; a run would encode "
+        f"{new} (new or changed) into {output_dir}. Nothing was written."
+    )
+    return {"buckets": dict(by_bucket), "skipped": all_skipped, "notes": all_notes, "to_encode": new}
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:

@@ -319,6 +319,29 @@ def test_a_rerun_drops_images_deleted_or_broken_since_unless_told_to_keep_them(
     assert sum(manifest["buckets"].values()) == 10
 
 
+def test_a_dry_run_reports_buckets_skips_and_what_a_run_would_encode_and_writes_nothing(
+    tiny_model_dir, tiny_data_dir, tmp_path, summary
+):
+    data = shutil.copytree(tiny_data_dir, tmp_path / "data")
+    (data / "shape_003.png").write_bytes(b"not a PNG")
+    out = tmp_path / "cache"
+    precompute(tiny_model_dir, out, "--dry_run", data_dir=data)
+    assert not out.exists()
+    assert "1 skipped:\n  shape_003.png: " in summary.text
+    assert "dry run: 11 images fit their buckets, 1 skipped; a run would encode 11 (new or changed)" in summary.text
+    (predicted,) = re.findall(r"buckets \(h x w: items\): (.*)", summary.text)
+    summary.clear()
+
+    precompute(tiny_model_dir, out, data_dir=data)
+    buckets = cache_lib.read_manifest(out)["buckets"]  # what the real run made: as the dry run said
+    assert predicted == ", ".join(f"{hw}: {n}" for hw, n in buckets.items())
+    (data / "shape_004.txt").write_text("an edited caption")
+    before = sorted(p.name for p in out.rglob("*"))
+    precompute(tiny_model_dir, out, "--dry_run", data_dir=data)
+    assert "a run would encode 1 (new or changed)" in summary.text  # only the edited caption
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_an_interrupted_run_keeps_its_finished_parts(tiny_model_dir, tiny_data_dir, tmp_path, summary, monkeypatch):
     # batch_size 1: the resumed run batches differently, and the VAE's last bits depend on the batch size.
     flags = ["--batch_size", 1, "--shard_size", 2]
