@@ -579,6 +579,13 @@ def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir
         "--output_dir", str(two), "--resolution", "64", "--dataloader_num_workers", "0", *map(str, flags),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    if crop == "center":  # a dry run gathers both processes' scans, and writes nothing
+        dry = subprocess.run(
+            launch + ["--dry_run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert "dry run: 12 images fit their buckets, 0 skipped; a run would encode 12" in dry.stderr
+        assert not two.exists()
     result = subprocess.run(launch, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "12 items (12 new, 0 kept)" in result.stderr and "on 2 process(es)" in result.stderr
