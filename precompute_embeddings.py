@@ -168,7 +168,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--dry_run",
         action="store_true",
         help="Only scan: print the buckets, the images that would be skipped (and why) and how many a run would "
-        "encode, without loading the encoders or writing anything.",
+        "encode, without loading the encoders or writing anything (but the --contact_sheet of the crops, if asked).",
     )
     parser.add_argument(
         "--keep_missing",
@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> dict | None:
         num_workers=args.dataloader_num_workers,
         collate_fn=keep_as_is,
     )
-    planned, skipped, notes, scanned_buckets = [], [], [], Counter()
+    planned, skipped, notes, fitted = [], [], [], []
     for result in tqdm(scan, desc="scan", disable=not accelerator.is_local_main_process):
         notes += [
             {"source": result.get("source") or result["planned"].item.source, "reason": n} for n in result["notes"]
@@ -341,13 +341,13 @@ def main(args: argparse.Namespace) -> dict | None:
         if "skipped" in result:
             skipped.append({"source": result["source"], "reason": result["skipped"]})
             continue
-        scanned_buckets[result["planned"].bucket] += 1
+        fitted.append(result["planned"])
         if (result["planned"].item.source, result["planned"].content_hash, *result["planned"].texts) not in done:
             planned.append(result["planned"])
 
     scanned = time.perf_counter()
     if args.dry_run:
-        return report_dry_run(accelerator, args.output_dir, scanned_buckets, skipped, notes, len(planned))
+        return report_dry_run(accelerator, args, fitted, skipped, notes, len(planned), items, hf_dataset)
 
     # Load the encoders, while DataLoader workers start decoding the first batches
     planned_batches = plan_batches(planned, args.batch_size)
@@ -520,22 +520,33 @@ def main(args: argparse.Namespace) -> dict | None:
     return stats
 
 
-def report_dry_run(
-    accelerator, output_dir, buckets: Counter, skipped: list, notes: list, to_encode: int
-) -> dict | None:
-    """--dry_run: what the scan found on every process (buckets, skipped images, notes), and how many images a real
-    run would encode; nothing is loaded or written. Returns those figures on the main process."""
-    reports = gather_object([{"buckets": buckets, "skipped": skipped, "notes": notes, "to_encode": to_encode}])
+def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, items, hf_dataset) -> dict | None:
+    """--dry_run: what the scan found on every process (`fitted`: the Planned items that fit a bucket, new or cached;
+    the skipped images, the notes), and how many images a run would encode; with --contact_sheet also the crops it
+    would take (no loss masks: those are cut while encoding). Loads no encoder and writes nothing else. Returns the
+    figures on the main process."""
+    scanned = [
+        {"source": p.item.source, "bucket_height": p.bucket[0], "bucket_width": p.bucket[1],
+         "crop_box": list(p.crop.to_original(*p.original_size))}
+        for p in fitted
+    ]  # fmt: skip
+    reports = gather_object([{"scanned": scanned, "skipped": skipped, "notes": notes, "to_encode": to_encode}])
     if not accelerator.is_main_process:
         return None
-    by_bucket = sum((Counter(r["buckets"]) for r in reports), Counter())
+    records = [r for report in reports for r in report["scanned"]]
+    by_bucket = Counter((r["bucket_height"], r["bucket_width"]) for r in records)
     all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
     all_notes = sorted((n for r in reports for n in r["notes"]), key=lambda n: n["source"])
     new = sum(r["to_encode"] for r in reports)
     logger.info(summarise(by_bucket, all_skipped, all_notes))
+    if args.contact_sheet:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(args.output_dir) / CONTACT_SHEET_NAME
+        sheet, shown = write_contact_sheet(records, items, hf_dataset, path, args.contact_sheet)
+        logger.info(f"contact sheet of {shown} images (the crops a run would take): {sheet}")
     logger.info(
-        f"dry run: {sum(by_bucket.values())} images fit their buckets, {len(all_skipped)} skipped; a run would encode "
-        f"{new} (new or changed) into {output_dir}. Nothing was written."
+        f"dry run: {len(records)} images fit their buckets, {len(all_skipped)} skipped; a run would encode {new} "
+        f"(new or changed) into {args.output_dir}. Nothing {'else ' if args.contact_sheet else ''}was written."
     )
     return {"buckets": dict(by_bucket), "skipped": all_skipped, "notes": all_notes, "to_encode": new}
 

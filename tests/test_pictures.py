@@ -139,6 +139,19 @@ def test_a_capped_contact_sheet_shows_every_bucket_first(tiny_model_dir, tiny_da
     assert len(sources) == cap and len({bucket_of[s] for s in sources}) == cap
 
 
+def test_a_dry_run_draws_the_crops_a_run_would_take(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path):
+    """--dry_run --contact_sheet: the same sheet as the finished cache's, before anything is encoded; the only file
+    written is the sheet."""
+    fresh = tmp_path / "fresh"
+    dry, dry_sources = contact_sheet_of(tiny_model_dir, tiny_data_dir, fresh, "--dry_run", "--contact_sheet")
+    assert [p.name for p in fresh.iterdir()] == [contact_sheet.CONTACT_SHEET_NAME]
+    cache = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    real, real_sources = contact_sheet_of(tiny_model_dir, tiny_data_dir, cache, "--contact_sheet")
+    assert dry_sources == real_sources and dry.size == real.size
+    difference = np.abs(np.asarray(dry, dtype=np.int16) - np.asarray(real, dtype=np.int16))
+    assert difference.max() <= 2  # the cache stores crop boxes in float32
+
+
 def test_weights_and_biases_gets_each_sample_captioned_with_its_prompt(monkeypatch):
     """wandb is not installed here: a stand-in module records what `log_samples` hands it."""
     import sys
