@@ -302,11 +302,13 @@ def main(args: argparse.Namespace) -> dict | None:
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
     fingerprint = make_fingerprint(args)
-    writes = accelerator.is_main_process and not args.dry_run
-    existing = prepare_output_dir(args, fingerprint) if writes else None
-    accelerator.wait_for_everyone()
-    if not writes and not (args.dry_run and args.overwrite):
-        existing = prepare_output_dir_readonly(args.output_dir)
+    if args.dry_run:  # reads what is there; checks, deletes and writes nothing
+        existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)
+    else:
+        existing = prepare_output_dir(args, fingerprint) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            existing = prepare_output_dir_readonly(args.output_dir)
     # An item is re-encoded when its image bytes or its final captions (edited .txt, new --caption_prefix) changed.
     done = {
         (r["source"], r["content_hash"], r["caption"], *r["caption_variants"])
@@ -439,7 +441,7 @@ def main(args: argparse.Namespace) -> dict | None:
         )
         cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, args.validation_prompts, store)
         parts = load_shards(args.output_dir)
-        all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
+        all_skipped = by_source(reports, "skipped")
         current = {i.source for i in items} - {s["source"] for s in all_skipped}
         merged, dropped = merge(existing, parts, None if args.keep_missing else current)
         if dropped:
@@ -535,8 +537,7 @@ def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, it
         return None
     records = [r for report in reports for r in report["scanned"]]
     by_bucket = Counter((r["bucket_height"], r["bucket_width"]) for r in records)
-    all_skipped = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["source"])
-    all_notes = sorted((n for r in reports for n in r["notes"]), key=lambda n: n["source"])
+    all_skipped, all_notes = by_source(reports, "skipped"), by_source(reports, "notes")
     new = sum(r["to_encode"] for r in reports)
     logger.info(summarise(by_bucket, all_skipped, all_notes))
     if args.contact_sheet:
@@ -549,6 +550,11 @@ def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, it
         f"(new or changed) into {args.output_dir}. Nothing {'else ' if args.contact_sheet else ''}was written."
     )
     return {"buckets": dict(by_bucket), "skipped": all_skipped, "notes": all_notes, "to_encode": new}
+
+
+def by_source(reports: list[dict], key: str) -> list[dict[str, str]]:
+    """Every process's `key` entries ({"source", "reason"}: skipped images or notes), in source order."""
+    return sorted((entry for report in reports for entry in report[key]), key=lambda entry: entry["source"])
 
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
