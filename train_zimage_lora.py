@@ -25,7 +25,6 @@ from zimage_utils import cli
 from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import (
     BASE_PRECISIONS,
-    FP8_COMPILE_NOTE,
     check_base_precision,
     nf4_config,
     quantize_after_loading_,
@@ -217,7 +216,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--base_precision",
         choices=BASE_PRECISIONS,
         default="bf16",
-        help="Storage of the frozen base's block Linears: bf16, fp8 (torchao, ~half the memory), fp8_matmul (fp8 "
+        help="Storage of the frozen base's block Linears: bf16, fp8 (e4m3 weights, bf16 matmuls, any GPU; ~half the memory), fp8_matmul (fp8 "
         "storage and fp8 tensor-core matmuls, GPUs of compute capability 8.9+; with --compile the fastest setting "
         "measured) or nf4 (bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
     )
@@ -445,8 +444,6 @@ def run_training(args: argparse.Namespace) -> None:
             args.checkpoint_keep_attention,
         )
     if args.compile:
-        if args.base_precision == "fp8" and accelerator.device.type == "cuda":
-            print0(FP8_COMPILE_NOTE)
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
     params = [p for p in transformer.parameters() if p.requires_grad]
 

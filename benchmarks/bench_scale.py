@@ -446,9 +446,12 @@ def main() -> None:
         ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),
         # a cache with a loss mask and two caption variants per item (against compile_bf16)
         ("compile_bf16_masked", ["--compile"]),
-        # LoRA+ (two parameter groups in the fused AdamW), and the weight-only fp8 base (torchao) compiled
+        # LoRA+ (two parameter groups in the fused AdamW)
         ("compile_bf16_loraplus", ["--compile", "--loraplus_lr_ratio", "16"]),
+        # the weight-only fp8 base (any GPU): compiled, eager, and compiled under a 16 GB card's budget
         ("compile_fp8", ["--compile", "--base_precision", "fp8"]),
+        ("fp8", ["--base_precision", "fp8"]),
+        ("compile_fp8_max16", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "16"]),
     ]
     if args.only:
         wanted = args.only.split(",")

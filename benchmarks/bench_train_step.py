@@ -18,13 +18,12 @@ checkpointing (the 24 GiB target; also with backward's weight transpose as eager
 inductor kernel the trainer uses on a GPU) and fully
 checkpointed, and 512²; then interleaved rounds (the model not being timed waits in host memory, so each peak is its
 own) and a profile. With `--compile_quantized`, the fp8 weight-only base (`--base_precision fp8`) gets the same
-agreement check and its eager and compiled 1024² rows (compiling it did not finish within 4 minutes on an H100 on
-2026-11-26).
+agreement check and its eager and compiled 1024² rows (over torchao's tensors, up to session 9, compiling it never
+finished on an H100/H200).
 --part lokr: `--adapter lokr` (factor 4, on attention), our LoKr layer against PEFT's forward: same gradients, and
 their compiled 1024² steps.
---part memory: bf16 / fp8 (torchao) / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a
-saved random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW, `--cpu_offload_checkpointing`, and
-fp8 with torchao's own backward (which keeps a bf16 weight copy) for comparison. `--profile_offload` adds, for
+--part memory: bf16 / fp8 / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a saved
+random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW and `--cpu_offload_checkpointing`. `--profile_offload` adds, for
 compiled bf16: a gradient check with and without offload, an interleaved A/B of their step times, and a profile of each
 with host-side calls. `--precisions` picks the bases.
 
@@ -51,7 +50,6 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 from zimage_utils import base_precision, tiny  # noqa: E402
 from zimage_utils.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
 from zimage_utils.base_precision import (  # noqa: E402
-    Fp8Linear,
     _Fp8Matmul,
     base_weight_gib,
     nf4_config,
@@ -834,15 +832,7 @@ def main() -> None:
                     name = f"ours eager {precision} offload adamw8bit"
                     record(name, model, big, 1, ckpt, optimizer="adamw8bit", **info)
                 set_gradient_checkpointing(transformer, -1)
-                if precision == "fp8":  # torchao's own backward, which keeps a bf16 copy of each weight
-                    fp8_linears = [m for m in transformer.modules() if isinstance(m, Fp8Linear)]
-                    for m in fp8_linears:
-                        m.__class__ = torch.nn.Linear
-                    record("ours eager fp8 torchao backward", model, big, 1, total_blocks, **info)
-                    for m in fp8_linears:
-                        m.__class__ = Fp8Linear
-                    del fp8_linears  # or the next base is measured with these weights still on the GPU
-                # Compiling the fp8 base had not finished after 4 minutes on the H100 (2026-11-26): only on request
+                # Quantised bases compiled only on request (NF4 is slow to compile)
                 if compile_ok and (precision == "bf16" or args.compile_quantized):
                     torch._dynamo.reset()
                     compile_blocks(transformer, fullgraph=precision != "nf4")

@@ -1,12 +1,13 @@
 """`--base_precision bf16|fp8|nf4`: how the frozen base transformer's big Linears are stored while training.
 
 - bf16: as released (11.5 GiB for the 6B transformer).
-- fp8: torchao `Float8WeightOnlyConfig` (e4m3 weights with per-row scales, dequantised to bf16 for each matmul), applied
-  in place after loading, so it works for folders, single files and a merged training adapter alike; it can quantise
-  layer by layer on the GPU so the full bf16 model never sits there. The quantised Linears become `Fp8Linear`, which
-  dequantises again in backward instead of keeping each weight's bf16 copy for it (torchao's own path keeps one per
-  Linear in every block that is not checkpointed, and one block's worth during each recompute).
-- fp8_matmul: the same e4m3 weights with per-row scales, and the matmuls themselves on fp8 tensor cores
+- fp8: e4m3 weights with per-row scales, dequantised to the activations' dtype for each matmul (`Fp8Linear`), in
+  forward and again in backward, so no bf16 copy of a weight is kept for backward. Applied in place after loading, so
+  it works for folders, single files and a merged training adapter alike, and layer by layer on the GPU so the full
+  bf16 model never sits there. Any GPU (and the CPU) can run it. Plain tensor ops, where torchao's
+  `Float8WeightOnlyConfig` (used up to session 9) keeps a bf16 copy of each weight for backward and, compiled on an
+  H100/H200, never got to its first step (docs/BENCHMARKS.md, sessions 2 and 9).
+- fp8_matmul: the same stored weights, and the matmuls themselves on fp8 tensor cores
   (`Fp8MatmulLinear`): each activation and output gradient is quantised per row too, and `torch._scaled_mm` multiplies.
   No bf16 weight is ever made, and backward computes only the input's gradient (torchao's float8 training also computes
   the frozen weight's, a third more matmul work). Needs compute capability >= 8.9 (Ada, Hopper) on a GPU.
@@ -14,7 +15,7 @@
 
 Only the Linears inside the transformer blocks (attention and feed-forward: ~98% of the weights) change; the
 embedders, timestep MLP, adaLN modulation and final layer stay bf16, since every token passes through them and they
-are small. The LoRA stays fp32 over either (PEFT wraps torchao and bitsandbytes layers).
+are small. The LoRA stays fp32 over each (PEFT wraps the fp8 Linears as Linears, and bitsandbytes' as its own).
 """
 
 import functools
@@ -30,14 +31,6 @@ KEEP_BF16 = ("x_embedder", "cap_embedder", "t_embedder", "adaLN_modulation", "fi
 def quantizable(name: str, module: torch.nn.Module) -> bool:
     """A Linear inside a transformer block that is not one of the small `KEEP_BF16` layers (nor a LoRA layer)."""
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_BF16 + ("lora_",))
-
-
-# Measured twice on an H100/H200 (docs/BENCHMARKS.md, sessions 2 and 9): never seen to finish, cause not found.
-FP8_COMPILE_NOTE = (
-    "note: compiling over --base_precision fp8 (torchao weight-only) had not finished after 2-5 minutes in our GPU "
-    "runs (docs/BENCHMARKS.md); if the first step does not come, drop --compile (eager fp8 works), or use "
-    "--base_precision fp8_matmul on an Ada/Hopper GPU"
-)
 
 
 def check_base_precision(base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter) -> None:
@@ -98,47 +91,6 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):
     )
 
 
-class _DequantizingMatmul(torch.autograd.Function):
-    """x @ W.T with W stored quantised: dequantised for the product in forward, and again in backward, so that
-    autograd saves the quantised weight instead of a bf16 copy. Gradients equal those of F.linear on the copy."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.x_dtype = x.dtype
-        return torch.nn.functional.linear(x, weight.dequantize())
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        # Only the input's gradient: the frozen base weight takes none.
-        grad_x = grad_out.matmul(weight.dequantize().to(grad_out.dtype))
-        return grad_x.to(ctx.x_dtype), None
-
-
-class Fp8Linear(torch.nn.Linear):
-    """A frozen Linear whose weight is a torchao float8 tensor, with `_DequantizingMatmul`'s backward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _DequantizingMatmul.apply(x, self.weight)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-
-def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
-    """Store the block Linears' weights in float8 e4m3 (torchao weight-only), in place, each moved to `device`
-    first (so quantising from host memory never needs the bf16 model on the GPU). Returns the number quantised."""
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
-    except ImportError as e:
-        raise ImportError("--base_precision fp8 needs torchao: pip install torchao") from e
-    names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
-    quantize_(transformer, Float8WeightOnlyConfig(), filter_fn=lambda m, name: quantizable(name, m), device=device)
-    for name in names:
-        # Same parameters, another forward; still an nn.Linear, so PEFT wraps it as a torchao layer
-        transformer.get_submodule(name).__class__ = Fp8Linear
-    return len(names)
-
-
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) → e4m3 values (M, K) and fp32 scales (M, 1) with x ≈ values * scales: each row's largest magnitude
     maps to e4m3's largest (448)."""
@@ -161,10 +113,15 @@ def transposed_copy(weight_bytes: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_transposed_copy():
-    # Compiled on first use, from inside the op (autograd's backward thread included): dynamo never traces the op's
-    # body, so this is a call like any other. Static shapes: the 6B model has three weight shapes.
-    return torch.compile(transposed_copy, dynamic=False)
+def gpu_compiled(fn):
+    """`fn` compiled by inductor for the GPU, or `fn` itself where triton cannot run (torch's Windows wheels lack it;
+    GPUs older than Volta). Compiled on first use, from inside an op (autograd's backward thread included): dynamo
+    never traces an op's body, so this is a call like any other. Static shapes: the 6B model has three weight shapes."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # (a private module: should it move, run eager)
+        return fn
+    return torch.compile(fn, dynamic=False) if has_triton() else fn
 
 
 @torch.library.custom_op("zimage::fp8_weight_matmul", mutates_args=())
@@ -183,7 +140,7 @@ def fp8_weight_matmul(
     if transpose:
         b, scale_b = weight_bytes.t(), weight_scale.t()
     else:
-        copy = _compiled_transposed_copy() if COMPILED_TRANSPOSE and weight_bytes.is_cuda else transposed_copy
+        copy = gpu_compiled(transposed_copy) if COMPILED_TRANSPOSE and weight_bytes.is_cuda else transposed_copy
         b, scale_b = copy(weight_bytes).t(), weight_scale
     b = b.view(torch.float8_e4m3fn)
     return torch._scaled_mm(
@@ -237,9 +194,61 @@ class Fp8MatmulLinear(torch.nn.Linear):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
-def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
-    """Quantise the block Linears' weights to e4m3 with per-row scales and make them `Fp8MatmulLinear`, in place,
-    one Linear at a time on `device` (so the bf16 model never needs to fit there). Returns the number converted."""
+def dequantize(weight_bytes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The stored weight (e4m3 bytes, fp32 row scales) as a `dtype` matrix: values times scales in fp32, then cast."""
+    return (weight_bytes.view(torch.float8_e4m3fn).float() * scale).to(dtype)
+
+
+@torch.library.custom_op("zimage::fp8_dequantized_matmul", mutates_args=())
+def fp8_dequantized_matmul(
+    a: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor, transpose: bool
+) -> torch.Tensor:
+    """a (..., in) @ W.T → (..., out) (transpose=True, forward), or a (..., out) @ W → (..., in) (the input gradient),
+    with W (out, in) dequantised to a's dtype inside the op and dropped after it.
+
+    An opaque op to torch.compile: when inductor saw the dequantisation, its partitioner kept every dequantised weight
+    from forward for backward, the copies this storage exists to avoid (a compiled 1024² step on an H200 peaked
+    5.4 GiB above bf16's, and 30 GiB with every block checkpointed)."""
+    # (on a GPU one fused kernel per weight shape: 1 byte read and 2 written per weight, no fp32 temporary)
+    fn = gpu_compiled(dequantize) if a.is_cuda else dequantize
+    weight = fn(weight_bytes, scale, a.dtype)
+    return torch.nn.functional.linear(a, weight) if transpose else a.matmul(weight)
+
+
+@fp8_dequantized_matmul.register_fake
+def _(a, weight_bytes, scale, transpose):
+    return a.new_empty((*a.shape[:-1], weight_bytes.shape[0 if transpose else 1]))
+
+
+def _save_weight(ctx, inputs, output):
+    _, weight_bytes, scale, transpose = inputs
+    ctx.save_for_backward(weight_bytes, scale)  # the 1-byte weight, never a dequantised copy
+    ctx.transpose = transpose
+
+
+def _input_gradient(ctx, grad_out):
+    # Only the input's gradient (a @ W.T's is grad_out @ W, and the other way round): the frozen weight takes none.
+    weight_bytes, scale = ctx.saved_tensors
+    return fp8_dequantized_matmul(grad_out, weight_bytes, scale, not ctx.transpose), None, None, None
+
+
+# The op's own autograd rather than an autograd.Function around it: compiled with every block checkpointed on an
+# H200, an autograd.Function's outputs were all kept for backward, ~11 GiB at 1024², instead of recomputed.
+fp8_dequantized_matmul.register_autograd(_input_gradient, setup_context=_save_weight)
+
+
+class Fp8Linear(Fp8MatmulLinear):
+    """A frozen Linear stored as `Fp8MatmulLinear` is, multiplying in the activations' dtype (`fp8_dequantized_matmul`:
+    gradients equal those of F.linear on the dequantised weight, and autograd keeps the 1-byte weight for backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8_dequantized_matmul(x, self.weight, self.weight_scale.view(torch.float32), True)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def store_fp8_(transformer: torch.nn.Module, linear_class: type, device: torch.device | str | None = None) -> int:
+    """Quantise the block Linears' weights to e4m3 with per-row scales and make them `linear_class`, in place, one
+    Linear at a time on `device` (so the bf16 model never needs to fit there). Returns the number converted."""
     names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
     for name in names:
         linear = transformer.get_submodule(name)
@@ -248,8 +257,18 @@ def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | N
         linear.register_buffer("weight_scale", scale.view(torch.int32))
         if linear.bias is not None:
             linear.bias.data = linear.bias.data.to(values.device)
-        linear.__class__ = Fp8MatmulLinear
+        linear.__class__ = linear_class
     return len(names)
+
+
+def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
+    """`--base_precision fp8`: the block Linears as `Fp8Linear` (see `store_fp8_`)."""
+    return store_fp8_(transformer, Fp8Linear, device)
+
+
+def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
+    """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`)."""
+    return store_fp8_(transformer, Fp8MatmulLinear, device)
 
 
 def quantize_after_loading_(transformer: torch.nn.Module, base_precision: str, device: torch.device) -> int:
@@ -263,12 +282,7 @@ def quantize_after_loading_(transformer: torch.nn.Module, base_precision: str, d
 
 
 def base_weight_gib(transformer: torch.nn.Module) -> float:
-    """GiB the frozen base weights take as stored (quantised tensors count their packed data and scales)."""
-    total = 0
-    for p in transformer.parameters():
-        if p.requires_grad:
-            continue
-        data = getattr(p, "data", p)
-        inner = [getattr(data, name) for name in getattr(data, "__tensor_flatten__", lambda: ([], None))()[0]]
-        total += sum(t.numel() * t.element_size() for t in inner) if inner else data.numel() * data.element_size()
-    return total / 2**30
+    """GiB the frozen base weights take as stored, with the fp8 Linears' row scales (NF4's scales live outside the
+    tensors and are not counted: a few percent)."""
+    frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
+    return sum(t.numel() * t.element_size() for t in frozen) / 2**30
