@@ -595,7 +595,9 @@ def run_training(args: argparse.Namespace) -> None:
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
             checkpoint_now = (args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0) or due
             if log_now or checkpoint_now:
-                logs = {"lr": lr_scheduler.get_last_lr()[0], **window.read(accelerator, global_step, output_dir)}
+                lrs = lr_scheduler.get_last_lr()  # LoRA+: the A factors' group first, the B factors' last
+                logs = {"lr": lrs[0], **({"lr_lora_B": lrs[-1]} if args.loraplus_lr_ratio else {})}
+                logs.update(window.read(accelerator, global_step, output_dir))
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})

@@ -8,7 +8,7 @@ the B factors must come out R times what they are without LoRA+, and the A facto
 
 import pytest
 import torch
-from test_trainer import train
+from test_trainer import read_log, train
 
 import train_zimage_lora
 from zimage_utils.checkpoints import LORA_STATE_NAME
@@ -37,6 +37,10 @@ def test_loraplus_moves_the_b_factors_ratio_times_further_and_leaves_a_alone(tin
         torch.testing.assert_close(plus[key], expected, rtol=1e-5, atol=0, msg=key)
     _, metadata = load_lora_file(tmp_path / "plus" / LORA_WEIGHT_NAME)
     assert metadata["loraplus_lr_ratio"] == "4.0" and metadata["learning_rate"] == str(LR)
+    # the log shows both groups' rates; without LoRA+ there is one
+    (logged,) = read_log(tmp_path / "plus")
+    assert logged["lr_lora_B"] == pytest.approx(4 * logged["lr"]) and logged["lr"] > 0
+    assert "lr_lora_B" not in read_log(tmp_path / "plain")[0]
 
 
 def test_loraplus_keeps_the_schedule_ratio_between_its_groups():
