@@ -220,29 +220,29 @@ def _(a, weight_bytes, scale, transpose):
     return a.new_empty((*a.shape[:-1], weight_bytes.shape[0 if transpose else 1]))
 
 
-def _save_weight(ctx, inputs, output):
-    _, weight_bytes, scale, transpose = inputs
-    ctx.save_for_backward(weight_bytes, scale)  # the 1-byte weight, never a dequantised copy
-    ctx.transpose = transpose
+class _DequantizingMatmul(torch.autograd.Function):
+    """x @ W.T with W stored as e4m3 bytes and row scales, dequantised for the product in forward and again in
+    backward (`fp8_dequantized_matmul`), so autograd keeps the 1-byte weight instead of a bf16 copy. Gradients equal
+    those of F.linear on the dequantised weight. (The form measured on an H200 in session 10. Compiled with every
+    block checkpointed, it keeps each output for backward, ~11 GiB at 1024², as fp8_matmul's does: docs/BENCHMARKS.md.)"""
 
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_bytes, scale)
+        return fp8_dequantized_matmul(x, weight_bytes, scale, True)
 
-def _input_gradient(ctx, grad_out):
-    # Only the input's gradient (a @ W.T's is grad_out @ W, and the other way round): the frozen weight takes none.
-    weight_bytes, scale = ctx.saved_tensors
-    return fp8_dequantized_matmul(grad_out, weight_bytes, scale, not ctx.transpose), None, None, None
-
-
-# The op's own autograd rather than an autograd.Function around it: compiled with every block checkpointed on an
-# H200, an autograd.Function's outputs were all kept for backward, ~11 GiB at 1024², instead of recomputed.
-fp8_dequantized_matmul.register_autograd(_input_gradient, setup_context=_save_weight)
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight_bytes, scale = ctx.saved_tensors
+        # Only the input's gradient: the frozen base weight takes none.
+        return fp8_dequantized_matmul(grad_out, weight_bytes, scale, False), None, None
 
 
 class Fp8Linear(Fp8MatmulLinear):
-    """A frozen Linear stored as `Fp8MatmulLinear` is, multiplying in the activations' dtype (`fp8_dequantized_matmul`:
-    gradients equal those of F.linear on the dequantised weight, and autograd keeps the 1-byte weight for backward)."""
+    """A frozen Linear stored as `Fp8MatmulLinear` is, multiplying in the activations' dtype (`_DequantizingMatmul`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fp8_dequantized_matmul(x, self.weight, self.weight_scale.view(torch.float32), True)
+        out = _DequantizingMatmul.apply(x, self.weight, self.weight_scale.view(torch.float32))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
