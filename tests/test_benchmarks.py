@@ -98,3 +98,11 @@ def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     for run in report["runs"]:
         assert run["returncode"] != 0 and "killed after --run_timeout 0.1 s" in run["error"]
         assert run["wall_s"] < 30  # not left to finish
+
+
+def test_saved_activations_benchmark_sees_checkpointing_keep_less(tmp_path):
+    flags = ["--tiny", "--variants", "fp8:eager:none,fp8:eager:all", "--out", str(tmp_path / "saved.json")]
+    none, checkpointed = run_benchmark("bench_saved_activations.py", *flags)["rows"]
+    assert none["checkpointing"] == "none" and checkpointed["checkpointing"] == "all"
+    assert 0 < checkpointed["saved_gib"] < none["saved_gib"] / 2
+    assert none["s_per_step"] > 0 and sum(none["largest_saved_gib"].values()) <= none["saved_gib"]
