@@ -26,6 +26,7 @@ from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import (
     BASE_PRECISIONS,
     check_base_precision,
+    compiled_checkpointing_note,
     nf4_config,
     quantize_after_loading_,
 )
@@ -445,6 +446,9 @@ def run_training(args: argparse.Namespace) -> None:
         )
     if args.compile:
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
+    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
+    if note := compiled_checkpointing_note(args.base_precision, args.compile, bool(checkpointing)):
+        print0(note)
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)

@@ -17,6 +17,7 @@ from zimage_utils.base_precision import (
     _Fp8Matmul,
     base_weight_gib,
     check_base_precision,
+    compiled_checkpointing_note,
     cpu_has_rowwise_fp8,
     dequantize,
     quantize_fp8_,
@@ -134,6 +135,15 @@ def test_fp8_matmul_on_a_gpu_without_fp8_tensor_cores_is_refused_with_the_altern
     monkeypatch.setattr(base_precision, "cpu_has_rowwise_fp8", lambda: False)  # torch 2.11's CPU fp8 matmul
     with pytest.raises(ValueError, match="cannot multiply row-wise scaled fp8 on the CPU"):
         check_base_precision("fp8_matmul", torch.device("cpu"), 0, None)
+
+
+def test_checkpointing_a_compiled_fp8_base_comes_with_a_note_on_its_memory():
+    for precision in ("fp8", "fp8_matmul"):
+        note = compiled_checkpointing_note(precision, compile=True, checkpointing=True)
+        assert f"--base_precision {precision}" in note and "leave --compile off" in note
+    assert compiled_checkpointing_note("bf16", True, True) is None
+    assert compiled_checkpointing_note("fp8", False, True) is None  # eager checkpointing recomputes them
+    assert compiled_checkpointing_note("fp8", True, False) is None
 
 
 CPU_FP8 = pytest.mark.skipif(not cpu_has_rowwise_fp8(), reason="this torch's CPU fp8 matmul has no row-wise scales")

@@ -33,6 +33,19 @@ def quantizable(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_BF16 + ("lora_",))
 
 
+def compiled_checkpointing_note(base_precision: str, compile: bool, checkpointing: bool) -> str | None:
+    """What to expect from checkpointing a compiled fp8 base: measured on an H200 (docs/BENCHMARKS.md, session 10),
+    compiled checkpointed blocks keep every block Linear's output for backward, as eager ones do not."""
+    if not (compile and checkpointing and base_precision in ("fp8", "fp8_matmul")):
+        return None
+    return (
+        f"note: over --base_precision {base_precision}, compiled blocks keep every block Linear's output for backward "
+        f"even when checkpointed, so checkpointing saves less than it does eager (1024², all blocks checkpointed, an "
+        f"H200: 17.7 GiB compiled, 8.8 GiB eager); --max_memory_gb measures this; for the least memory, leave "
+        f"--compile off"
+    )
+
+
 def check_base_precision(base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter) -> None:
     """Refuse combinations that cannot work, with the fix, before anything heavy is loaded."""
     if base_precision == "bf16":
