@@ -62,7 +62,13 @@ from zimage_utils.model_loading import (
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import compile_blocks, freeze_gc, set_gradient_checkpointing
-from zimage_utils.train_data import BucketBatchSampler, collate, item_generator_seed, load_caches
+from zimage_utils.train_data import (
+    BucketBatchSampler,
+    collate,
+    folder_repeats_summary,
+    item_generator_seed,
+    load_caches,
+)
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -91,6 +97,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Times each --precomputed_dir's items are seen per epoch, one count per cache (default 1 each): "
         "balances a small concept against a large one.",
+    )
+    p.add_argument(
+        "--folder_repeats",
+        action="store_true",
+        help="kohya-style datasets: an image under a top folder named N_name (e.g. '10_sks woman/') is seen N times "
+        "per epoch, times its cache's --repeats; one cache can then hold every folder.",
     )
     p.add_argument(
         "--loss_weights",
@@ -324,8 +336,16 @@ def load_data(args, accelerator, transformer):
         "latent_channels": transformer.config.in_channels,
     }
     train, val_data, caches = load_caches(
-        args.precomputed_dir, expected, args.repeats, args.validation_split, args.seed, args.loss_weights
+        args.precomputed_dir,
+        expected,
+        args.repeats,
+        args.validation_split,
+        args.seed,
+        args.loss_weights,
+        args.folder_repeats,
     )
+    if args.folder_repeats and accelerator.is_main_process:
+        logger.info(f"--folder_repeats: {folder_repeats_summary(train)}")
     if args.random_flip > 0 and caches["without_flipped_latents"]:
         raise ValueError(
             f"--random_flip needs mirrored latents, which {', '.join(caches['without_flipped_latents'])} does not "

@@ -1,15 +1,20 @@
 """Training batches from the cache: one bucket per batch, the same global batches however many processes share
 them, and a position (epoch, batch) that resume can restart from exactly."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import TINY_CACHE_VALIDATION_PROMPTS
+from test_trainer import precompute, train
 
 from zimage_utils.cache import load_cache
 from zimage_utils.train_data import (
     BucketBatchSampler,
     CachedLatentsDataset,
     collate,
+    folder_repeats,
+    folder_repeats_summary,
     item_generator_seed,
     load_caches,
 )
@@ -90,6 +95,44 @@ def test_repeated_caches_give_each_copy_its_own_index(tiny_cache_dir):
         torch.testing.assert_close(copy["latents"], copies[0]["latents"])
     # The memory budget sizes its worst batch from each item once, not from the copies
     assert len(dataset.columns(["bucket_height"])["bucket_height"]) == 2 * n
+
+
+def test_kohya_folder_prefixes_repeat_their_items(tiny_cache_dir):
+    """by_folder: `3_cat/…` items come 3 times an epoch, times the cache's repeats; other paths once. The first copy
+    of every item comes first, in cache order, so an epoch without such folders is what it was."""
+    data, manifest = load_cache(tiny_cache_dir)
+    n = len(data)
+    sources = [f"3_cat/{i}.png" if i < 4 else f"1_dog/{i}.png" if i < 6 else f"photos/{i}.png" for i in range(n - 1)]
+    sources.append("10_flat.png")  # not a folder: once
+    data = data.remove_columns("source").add_column("source", sources)
+    assert [folder_repeats(s) for s in ("3_cat/a.png", "0_x/a.png", "x_3/a.png", "10_flat.png")] == [3, 1, 1, 1]
+    for repeats in (1, 2):
+        dataset = CachedLatentsDataset([(data, manifest)], repeats=[repeats], by_folder=True)
+        counts = [repeats * (3 if i < 4 else 1) for i in range(n)]
+        assert len(dataset) == sum(counts)
+        rows = [dataset.locate(i) for i in range(len(dataset))]
+        assert {cache for cache, _ in rows} == {0}
+        assert [row for _, row in rows[:n]] == list(range(n))  # every item's first copy, in order
+        assert [sum(row == j for _, row in rows) for j in range(n)] == counts
+        per_item = CachedLatentsDataset([(data, manifest)]).group_keys(by_caption_length=False)
+        assert dataset.group_keys(by_caption_length=False) == [per_item[row] for _, row in rows]
+    assert CachedLatentsDataset([(data, manifest)], repeats=[2]).rows == [list(range(n)) * 2]  # by_folder off
+    summary = folder_repeats_summary(CachedLatentsDataset([(data, manifest)], by_folder=True))
+    assert summary == f"(other paths) {n - 4} images x1, 3_cat 4 images x3 (an epoch: {n + 8} items)"
+
+
+def test_the_trainer_reads_kohya_folder_repeats(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    for i, image in enumerate(sorted(tiny_data_dir.glob("*.png"))[:6]):
+        folder = data / ("5_shapes" if i < 2 else "more")
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in (image, image.with_suffix(".txt")):
+            shutil.copy(path, folder / path.name)
+    cache = precompute(tiny_model_dir, data, tmp_path / "cache")
+    with caplog.at_level("INFO"):
+        records = train(tiny_model_dir, cache, tmp_path / "out", max_train_steps=1, folder_repeats=True)
+    assert "--folder_repeats: (other paths) 4 images x1, 5_shapes 2 images x5 (an epoch: 14 items)" in caplog.text
+    assert records and records[-1]["step"] == 1
 
 
 def test_several_caches_pool_their_prompts_and_hold_out_from_each(tiny_cache_dir):

@@ -10,6 +10,7 @@ then does not depend on how many processes shared the work.
 import bisect
 import hashlib
 import random
+import re
 from typing import Any
 
 import torch
@@ -24,13 +25,26 @@ def item_generator_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+FOLDER_REPEATS = re.compile(r"(\d+)_.")
+
+
+def folder_repeats(source: str) -> int:
+    """kohya's convention: an image under a top folder named `N_name` (`10_sks woman/01.jpg`) counts N times an epoch;
+    1 for any other path."""
+    top, sep, _ = source.partition("/")
+    match = FOLDER_REPEATS.match(top) if sep else None
+    return max(1, int(match.group(1))) if match else 1
+
+
 class CachedLatentsDataset(torch.utils.data.Dataset):
     """Decoded records of one or more caches, each seen `repeats` times an epoch, its items' losses weighted by
-    `loss_weights` (default 1 each): {"index", "loss_weight", and `cache.decode_record`'s tensors}.
+    `loss_weights` (default 1 each): {"index", "loss_weight", and `cache.decode_record`'s tensors}. With
+    `by_folder`, each item's count is also multiplied by its top folder's `N_` prefix (`folder_repeats`).
 
-    Index i runs over the copies (cache 0's items `repeats[0]` times, then cache 1's, ...), and every random choice
-    about an item is seeded from its index, so each copy of a repeated image gets its own noise and timestep.
-    Caches made at different resolutions mix freely: a batch always holds one bucket.
+    Index i runs over the copies: cache 0's first copy of every item, then the second copy of every item counted at
+    least twice, and so on, then cache 1's. Every random choice about an item is seeded from its index, so each copy
+    of a repeated image gets its own noise and timestep. Caches made at different resolutions mix freely: a batch
+    always holds one bucket.
     """
 
     def __init__(
@@ -38,6 +52,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         caches: list[tuple[Any, dict[str, Any]]],
         repeats: list[int] | None = None,
         loss_weights: list[float] | None = None,
+        by_folder: bool = False,
     ):
         self.caches = caches  # [(datasets.Dataset, manifest)]
         self.repeats = repeats or [1] * len(caches)
@@ -48,8 +63,14 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"give one loss weight of at least 0 per cache (got {self.loss_weights} for {len(caches)})"
             )
-        sizes = [len(data) * r for (data, _), r in zip(caches, self.repeats)]
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        # Per cache, the row of each copy in index order
+        self.rows = []
+        for (data, _), r in zip(caches, self.repeats):
+            counts = [r * folder_repeats(s) for s in data["source"]] if by_folder else [r] * len(data)
+            self.rows.append([j for copy in range(max(counts, default=0)) for j, n in enumerate(counts) if n > copy])
+        self.starts = [0]
+        for rows in self.rows:
+            self.starts.append(self.starts[-1] + len(rows))
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -69,16 +90,36 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         (equal lengths let the transformer skip its attention mask and use the fastest SDPA kernels)."""
         names = ["bucket_height", "bucket_width"] + (["caption_length"] if by_caption_length else [])
         keys = []
-        for (data, _), repeats in zip(self.caches, self.repeats):
+        for (data, _), rows in zip(self.caches, self.rows):
             table = data.select_columns(names).to_dict()
-            keys += list(zip(*(table[c] for c in names))) * repeats
+            per_item = list(zip(*(table[c] for c in names)))
+            keys += [per_item[j] for j in rows]
         return keys
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def locate(self, index: int) -> tuple[int, int]:
+        """(cache, row in it) of dataset index `index`."""
         which = bisect.bisect_right(self.starts, index) - 1
+        return which, self.rows[which][index - self.starts[which]]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, row = self.locate(index)
         data, manifest = self.caches[which]
-        row = (index - self.starts[which]) % len(data)
         return {"index": index, "loss_weight": self.loss_weights[which], **decode_record(data[row], manifest)}
+
+
+def folder_repeats_summary(dataset: CachedLatentsDataset) -> str:
+    """One line on what `by_folder` made of each top folder: 'cache: 10_a 12 images x10, (other paths) 3 x1'."""
+    parts = []
+    for (data, _), r in zip(dataset.caches, dataset.repeats):
+        folders: dict[str, list[int]] = {}
+        for source in data["source"]:
+            top, sep, _ = source.partition("/")
+            folders.setdefault(top if sep and folder_repeats(source) > 1 else "(other paths)", []).append(
+                r * folder_repeats(source)
+            )
+        described = ", ".join(f"{name} {len(n)} images x{n[0]}" for name, n in sorted(folders.items()))
+        parts.append(described)
+    return "; ".join(parts) + f" (an epoch: {len(dataset)} items)"
 
 
 def load_caches(
@@ -88,10 +129,11 @@ def load_caches(
     validation_split: float = 0.0,
     seed=0,
     loss_weights: list[float] | None = None,
+    by_folder: bool = False,
 ) -> tuple[CachedLatentsDataset, CachedLatentsDataset | None, dict[str, Any]]:
     """(training set, held-out set or None, what the caches hold together) over one or more caches, each checked
     against `expected` (see `cache.load_cache`). `validation_split` holds out that fraction of every cache; the
-    held-out loss is not weighted by `loss_weights`.
+    held-out loss is not weighted by `loss_weights`. `by_folder`: kohya's `N_name` folder repeats (`folder_repeats`).
 
     The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
     (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
@@ -123,7 +165,7 @@ def load_caches(
         "num_masked": sum(m.get("num_masked", 0) for m in manifests),
     }
     held_out_set = CachedLatentsDataset(held_out) if held_out else None
-    return CachedLatentsDataset(train, repeats, loss_weights), held_out_set, info
+    return CachedLatentsDataset(train, repeats, loss_weights, by_folder), held_out_set, info
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
