@@ -54,11 +54,7 @@ from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, in
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
 from zimage_utils.model_card import training_metadata, write_model_card
-from zimage_utils.model_loading import (
-    component_config_hash,
-    load_transformer,
-    require_zimage,
-)
+from zimage_utils.model_loading import component_config_hash, load_transformer, require_zimage
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import compile_blocks, freeze_gc, set_gradient_checkpointing
@@ -335,14 +331,9 @@ def load_data(args, accelerator, transformer):
         "embed_dim": transformer.config.cap_feat_dim,
         "latent_channels": transformer.config.in_channels,
     }
+    weighting = dict(repeats=args.repeats, loss_weights=args.loss_weights, by_folder=args.folder_repeats)
     train, val_data, caches = load_caches(
-        args.precomputed_dir,
-        expected,
-        args.repeats,
-        args.validation_split,
-        args.seed,
-        args.loss_weights,
-        args.folder_repeats,
+        args.precomputed_dir, expected, **weighting, validation_split=args.validation_split, seed=args.seed
     )
     if args.folder_repeats and accelerator.is_main_process:
         logger.info(f"--folder_repeats: {folder_repeats_summary(train)}")
