@@ -31,7 +31,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_images", type=int, default=1, help="Images (one grid PNG).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="sample.png", help="PNG path.")
-    p.add_argument("--fuse_to", default=None, help="Instead of sampling: save base + LoRAs fused into this folder.")
+    p.add_argument(
+        "--fuse_to", default=None, help="Instead of sampling: save base + LoRAs fused into this folder (on the CPU)."
+    )
+    p.add_argument(
+        "--cpu_offload",
+        action="store_true",
+        help="Keep each model in host RAM and move it to the GPU only while it runs (diffusers' model offload): the "
+        "text encoder and the transformer are never on the GPU together, for cards below ~24 GB.",
+    )
     return p.parse_args(input_args)
 
 
@@ -52,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
     require_zimage(args.pretrained_model_name_or_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(device)
+    pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype)
     names, weights = [], []
     for i, spec in enumerate(args.lora):
         path, strength = split_strength(spec)
@@ -67,6 +75,10 @@ def main(args: argparse.Namespace) -> None:
         pipe.save_pretrained(args.fuse_to)
         print(f"fused model written to {args.fuse_to}")
         return
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]
     guidance = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
     images = pipe(

@@ -1,8 +1,10 @@
 """generate.py: a LoRA applied at a chosen strength, and fused into a standalone model that needs no LoRA file."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ZImagePipeline
+from PIL import Image
 from test_lora_io import stand_in_for_training, transformer_output
 
 import generate
@@ -71,6 +73,25 @@ def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, 
             ]
         )
     )
-    from PIL import Image
-
     assert Image.open(out).size == (128, 64)  # two 64x64 images side by side
+
+
+def test_model_offload_samples_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
+    """--cpu_offload goes through diffusers' offload hooks (here between the CPU and itself: CI has no GPU) and
+    changes nothing in the image."""
+    offloaded = []
+    enable = ZImagePipeline.enable_model_cpu_offload
+    monkeypatch.setattr(
+        ZImagePipeline, "enable_model_cpu_offload", lambda pipe, **kw: offloaded.append(kw) or enable(pipe, **kw)
+    )
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "lora")]
+    flags += ["--prompt", "a red circle", "--height", "64", "--width", "64", "--num_inference_steps", "2"]
+    pictures = []
+    for extra in ([], ["--cpu_offload"]):
+        out = tmp_path / f"sample{len(pictures)}.png"
+        generate.main(generate.parse_args(flags + extra + ["--output", str(out)]))
+        pictures.append(np.asarray(Image.open(out)))
+        assert bool(offloaded) == bool(extra)
+    assert offloaded[0] == {"device": "cpu"}  # (diffusers then calls itself again with the device it chose)
+    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
