@@ -38,7 +38,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--cpu_offload",
         action="store_true",
         help="Keep each model in host RAM and move it to the GPU only while it runs (diffusers' model offload): the "
-        "text encoder and the transformer are never on the GPU together, for cards below ~24 GB.",
+        "text encoder (8 GB in bf16) and the transformer (12 GB) are never on the GPU together.",
     )
     return p.parse_args(input_args)
 
