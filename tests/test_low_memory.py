@@ -25,7 +25,7 @@ from zimage_utils.base_precision import (
     use_fp8_matmul_,
 )
 from zimage_utils.lora import add_lora
-from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, worst_case_batch
+from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, what_to_do, worst_case_batch
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
 
@@ -80,9 +80,13 @@ def test_optimiser_state_is_kept_out_of_the_budget():
 
 
 def test_a_budget_below_full_checkpointing_says_what_to_do():
-    with pytest.raises(MemoryBudgetError, match="fp8/nf4.*zero3_offload") as error:
+    with pytest.raises(MemoryBudgetError, match="fp8 or nf4.*zero3_offload") as error:
         choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 12.0)
-    assert "13.8 GiB" in str(error.value)
+    assert "13.8 GiB" in str(error.value) and "--compile" not in str(error.value)
+    # compiled, a lower-precision base is only a way down without --compile
+    with pytest.raises(MemoryBudgetError, match="drop --compile and use --base_precision fp8 or nf4") as error:
+        choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 12.0, advice=what_to_do(compiled=True))
+    assert "zero3_offload" in str(error.value)
 
 
 def test_calibration_batch_is_the_largest_shape_in_the_cache():
