@@ -103,6 +103,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Caption for images without one (default: such images are skipped and reported).",
     )
     parser.add_argument(
+        "--folder_captions",
+        action="store_true",
+        help="kohya-style folders: an image without a caption under a top folder named N_words ('10_sks woman/') is "
+        "captioned with its words ('sks woman'); the trainer's --folder_repeats reads the N.",
+    )
+    parser.add_argument(
         "--caption_variants",
         action="store_true",
         help="Each line of a caption is a variant (a list in metadata.jsonl or a dataset column gives one per item): "

@@ -121,14 +121,25 @@ def test_kohya_folder_prefixes_repeat_their_items(tiny_cache_dir):
     assert summary == f"(other paths) {n - 4} images x1, 3_cat 4 images x3 (an epoch: {n + 8} items)"
 
 
-def test_the_trainer_reads_kohya_folder_repeats(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+def test_a_kohya_dataset_trains_from_one_cache(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    """`img/5_shapes/` without caption files and `img/more/` with them: the precompute's --folder_captions captions
+    the first folder's images "shapes", and the trainer's --folder_repeats sees them 5 times an epoch."""
     data = tmp_path / "data"
     for i, image in enumerate(sorted(tiny_data_dir.glob("*.png"))[:6]):
         folder = data / ("5_shapes" if i < 2 else "more")
         folder.mkdir(parents=True, exist_ok=True)
-        for path in (image, image.with_suffix(".txt")):
+        for path in (image,) if i < 2 else (image, image.with_suffix(".txt")):
             shutil.copy(path, folder / path.name)
-    cache = precompute(tiny_model_dir, data, tmp_path / "cache")
+    with caplog.at_level("INFO"):
+        cache = precompute(tiny_model_dir, data, tmp_path / "cache", "--folder_captions")
+    assert "missing caption, used its folder's name" in caplog.text
+    dataset, _ = load_cache(cache)
+    captions = dict(zip(dataset["source"], dataset["caption"]))
+    assert len(captions) == 6 and [c for s, c in captions.items() if s.startswith("5_shapes/")] == ["shapes"] * 2
+    assert all(
+        captions[f"more/{p.name}"] == p.with_suffix(".txt").read_text().strip() for p in (data / "more").glob("*.png")
+    )
+    caplog.clear()
     with caplog.at_level("INFO"):
         records = train(tiny_model_dir, cache, tmp_path / "out", max_train_steps=1, folder_repeats=True)
     assert "--folder_repeats: (other paths) 4 images x1, 5_shapes 2 images x5 (an epoch: 14 items)" in caplog.text

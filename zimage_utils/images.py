@@ -271,12 +271,24 @@ def items_from_dataset(
 
 
 TRIGGER_PLACEHOLDER = "[trigger]"
+KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
 
 
-def resolve_caption(raw: str | None, prefix: str | None, default_caption: str | None) -> tuple[str | None, str | None]:
+def kohya_folder(source: str) -> tuple[int, str] | None:
+    """kohya's dataset convention: an item under a top folder named `N_words` (`10_sks woman/01.jpg`) is repeated N
+    times an epoch and, without a caption of its own, captioned `words`. (N, words), or None for other paths."""
+    top, sep, _ = source.partition("/")
+    match = KOHYA_FOLDER.fullmatch(top) if sep else None
+    return (int(match.group(1)), match.group(2).strip()) if match else None
+
+
+def resolve_caption(
+    raw: str | None, prefix: str | None, default_caption: str | None, default_from: str = "--default_caption"
+) -> tuple[str | None, str | None]:
     """The caption to train on, and a note for the report (None when there is nothing to say).
 
-    Whitespace is stripped. An empty or missing caption becomes `default_caption` when one is given;
+    Whitespace is stripped. An empty or missing caption becomes `default_caption` when one is given (the note says
+    it came from `default_from`);
     otherwise the caption is None and the caller should skip the item. A `prefix` (trigger word) takes the place
     of every ``[trigger]`` in the caption (ai-toolkit's placeholder); a caption without one gets it prepended as
     ``"prefix, caption"`` unless the trigger already appears in it as whole words ("a photo of sks person").
@@ -289,7 +301,7 @@ def resolve_caption(raw: str | None, prefix: str | None, default_caption: str | 
         if default_caption is None:
             fix = "write one" if raw is not None else "add a .txt sidecar (or metadata row)"
             return None, f"{what}: {fix} or pass --default_caption"
-        caption, note = default_caption, f"{what}, used --default_caption"
+        caption, note = default_caption, f"{what}, used {default_from}"
 
     prefix = (prefix or "").strip()
     if TRIGGER_PLACEHOLDER in caption:

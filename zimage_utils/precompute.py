@@ -38,6 +38,7 @@ from .images import (
     content_hash,
     conversion_note,
     find_mask,
+    kohya_folder,
     load_image,
     load_mask,
     read_image_size,
@@ -85,7 +86,10 @@ class ScanDataset(torch.utils.data.Dataset):
         item, args = self.items[i], self.args
         notes = []
         lines = [line for line in (item.caption or "").splitlines() if line.strip()] if args.caption_variants else []
-        caption, note = resolve_caption(lines[0] if lines else item.caption, args.caption_prefix, args.default_caption)
+        raw = lines[0] if lines else item.caption
+        folder = kohya_folder(item.source) if args.folder_captions and not (raw or "").strip() else None
+        default, source = (folder[1], "its folder's name") if folder else (args.default_caption, "--default_caption")
+        caption, note = resolve_caption(raw, args.caption_prefix, default, source)
         if note:
             notes.append(note)
         if caption is None:

@@ -10,13 +10,13 @@ then does not depend on how many processes shared the work.
 import bisect
 import hashlib
 import random
-import re
 from typing import Any
 
 import torch
 
 from . import cache as cache_lib
 from .cache import decode_record
+from .images import kohya_folder
 
 
 def item_generator_seed(seed: int, epoch: int, index: int) -> int:
@@ -25,15 +25,10 @@ def item_generator_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-FOLDER_REPEATS = re.compile(r"(\d+)_.")
-
-
 def folder_repeats(source: str) -> int:
-    """kohya's convention: an image under a top folder named `N_name` (`10_sks woman/01.jpg`) counts N times an epoch;
-    1 for any other path."""
-    top, sep, _ = source.partition("/")
-    match = FOLDER_REPEATS.match(top) if sep else None
-    return max(1, int(match.group(1))) if match else 1
+    """kohya's convention (`images.kohya_folder`): N for an item under a top folder named `N_name`, else 1."""
+    folder = kohya_folder(source)
+    return max(1, folder[0]) if folder else 1
 
 
 class CachedLatentsDataset(torch.utils.data.Dataset):
