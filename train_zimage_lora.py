@@ -225,9 +225,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--base_precision",
         choices=BASE_PRECISIONS,
         default="bf16",
-        help="Storage of the frozen base's block Linears: bf16, fp8 (e4m3 weights, bf16 matmuls, any GPU; ~half the memory), fp8_matmul (fp8 "
-        "storage and fp8 tensor-core matmuls, GPUs of compute capability 8.9+; with --compile the fastest setting "
-        "measured) or nf4 (bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
+        help="Storage of the frozen base's block Linears: bf16, fp8 (e4m3 weights, bf16 matmuls, any GPU; ~half the "
+        "memory), fp8_matmul (fp8 storage and fp8 tensor-core matmuls, GPUs of compute capability 8.9+; with "
+        "--compile the fastest setting measured) or nf4 (bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
     )
     # Flow matching
     p.add_argument(

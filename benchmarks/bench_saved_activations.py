@@ -120,7 +120,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))  # after each variant: a cut-off run keeps the rest
     print(f"\n{report['device']}, {resolution}², bs1, LoRA r32 attention")
     print(
-        f"{'precision':11s} {'mode':9s} {'ckpt':5s} {'base GiB':>9s} {'peak GiB':>9s} {'s/step':>7s} {'saved GiB':>10s}"
+        f"{'precision':11s} {'mode':9s} {'ckpt':5s} {'base GiB':>9s} {'peak GiB':>9s} {'s/step':>7s} "
+        f"{'saved GiB':>10s}"
     )
     for r in report["rows"]:
         mode = "compiled" if r["compiled"] else "eager"

@@ -4,9 +4,9 @@
 - fp8: e4m3 weights with per-row scales, dequantised to the activations' dtype for each matmul (`Fp8Linear`), in
   forward and again in backward, so no bf16 copy of a weight is kept for backward. Applied in place after loading, so
   it works for folders, single files and a merged training adapter alike, and layer by layer on the GPU so the full
-  bf16 model never sits there. Any GPU (and the CPU) can run it. Plain tensor ops, where torchao's
-  `Float8WeightOnlyConfig` (used up to session 9) keeps a bf16 copy of each weight for backward and, compiled on an
-  H100/H200, never got to its first step (docs/BENCHMARKS.md, sessions 2 and 9).
+  bf16 model never sits there. Any GPU (and the CPU) can run it. Our own rather than torchao's
+  `Float8WeightOnlyConfig` (used up to session 9), which keeps a bf16 copy of each weight for backward and, compiled
+  on an H100/H200, never got to its first step (docs/BENCHMARKS.md, sessions 2, 9 and 10).
 - fp8_matmul: the same stored weights, and the matmuls themselves on fp8 tensor cores
   (`Fp8MatmulLinear`): each activation and output gradient is quantised per row too, and `torch._scaled_mm` multiplies.
   No bf16 weight is ever made, and backward computes only the input's gradient (torchao's float8 training also computes
@@ -196,11 +196,15 @@ class _Fp8Matmul(torch.autograd.Function):
         return _as_dtype(grad_x.reshape(*grad_out.shape[:-1], -1), grad_out.dtype), None, None
 
 
-class Fp8MatmulLinear(torch.nn.Linear):
-    """A frozen Linear computing in fp8 (`_Fp8Matmul`). Its weight is the e4m3 data viewed as uint8 and its fp32
-    row scales `weight_scale` (out, 1) are viewed as int32, so nothing that casts floating-point tensors
+class Fp8StoredLinear(torch.nn.Linear):
+    """A frozen Linear stored in fp8 (`store_fp8_`): its weight is the e4m3 data viewed as uint8 and its fp32 row
+    scales `weight_scale` (out, 1) are viewed as int32, so nothing that casts floating-point tensors
     (`Module.to(dtype)`, PEFT matching its adapter to the base weight's dtype) can touch them, and the model's
-    dtype stays that of its bf16 layers."""
+    dtype stays that of its bf16 layers. The subclasses say how it multiplies."""
+
+
+class Fp8MatmulLinear(Fp8StoredLinear):
+    """Computing in fp8 (`_Fp8Matmul`): `--base_precision fp8_matmul`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _Fp8Matmul.apply(x, self.weight, self.weight_scale.view(torch.float32))
@@ -251,8 +255,8 @@ class _DequantizingMatmul(torch.autograd.Function):
         return fp8_dequantized_matmul(grad_out, weight_bytes, scale, False), None, None
 
 
-class Fp8Linear(Fp8MatmulLinear):
-    """A frozen Linear stored as `Fp8MatmulLinear` is, multiplying in the activations' dtype (`_DequantizingMatmul`)."""
+class Fp8Linear(Fp8StoredLinear):
+    """Multiplying in the activations' dtype (`_DequantizingMatmul`): `--base_precision fp8`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _DequantizingMatmul.apply(x, self.weight, self.weight_scale.view(torch.float32))
