@@ -26,7 +26,6 @@ from zimage_utils.attention import use_real_rope
 from zimage_utils.base_precision import (
     BASE_PRECISIONS,
     check_base_precision,
-    compiled_checkpointing_note,
     nf4_config,
     quantize_after_loading_,
 )
@@ -57,14 +56,8 @@ from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, load_transformer, require_zimage
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
-from zimage_utils.step_options import compile_blocks, freeze_gc, set_gradient_checkpointing
-from zimage_utils.train_data import (
-    BucketBatchSampler,
-    collate,
-    folder_repeats_summary,
-    item_generator_seed,
-    load_caches,
-)
+from zimage_utils.step_options import apply_step_flags, freeze_gc
+from zimage_utils.train_data import collate, item_generator_seed, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -324,34 +317,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, accelerator, transformer):
-    """Train/validation datasets and this process's batch sampler, after checking the cache fits the model."""
-    expected = {
-        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
-        "embed_dim": transformer.config.cap_feat_dim,
-        "latent_channels": transformer.config.in_channels,
-    }
-    weighting = dict(repeats=args.repeats, loss_weights=args.loss_weights, by_folder=args.folder_repeats)
-    train, val_data, caches = load_caches(
-        args.precomputed_dir, expected, **weighting, validation_split=args.validation_split, seed=args.seed
-    )
-    if args.folder_repeats and accelerator.is_main_process:
-        logger.info(f"--folder_repeats: {folder_repeats_summary(train)}")
-    if args.random_flip > 0 and caches["without_flipped_latents"]:
-        raise ValueError(
-            f"--random_flip needs mirrored latents, which {', '.join(caches['without_flipped_latents'])} does not "
-            "hold: re-run precompute_embeddings.py there with --cache_flipped, or drop --random_flip."
-        )
-    sampler = BucketBatchSampler(
-        train.group_keys(args.group_by_caption_length),
-        args.train_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        args.seed,
-    )
-    return train, val_data, sampler, caches
-
-
 def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype, card=False):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
     gathers the LoRA from all of them), with the metadata users and tools look for; `card`: and a README.md."""
@@ -418,7 +383,12 @@ def run_training(args: argparse.Namespace) -> None:
         transformer.to(accelerator.device)
 
     # Data
-    train, val_data, sampler, caches = load_data(args, accelerator, transformer)
+    expected = {
+        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
+        "embed_dim": transformer.config.cap_feat_dim,
+        "latent_channels": transformer.config.in_channels,
+    }
+    train, val_data, sampler, caches = training_data(args, accelerator, expected)
     empty_embeds = caches["empty_embeds"]
     if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
         empty_embeds = empty_embeds.to(accelerator.device)
@@ -448,18 +418,7 @@ def run_training(args: argparse.Namespace) -> None:
     if args.init_lora:
         fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
         print0(f"LoRA starts from {args.init_lora} ({len(fresh)} targeted modules it lacks start from zero)")
-    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
-        set_gradient_checkpointing(
-            transformer,
-            -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks,
-            args.cpu_offload_checkpointing,
-            args.checkpoint_keep_attention,
-        )
-    if args.compile:
-        compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
-    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
-    if note := compiled_checkpointing_note(args.base_precision, args.compile, bool(checkpointing)):
-        print0(note)
+    apply_step_flags(args, transformer, print0)  # checkpointing and compiling
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)

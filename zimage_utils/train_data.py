@@ -9,6 +9,7 @@ then does not depend on how many processes shared the work.
 
 import bisect
 import hashlib
+import logging
 import random
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from . import cache as cache_lib
 from .cache import decode_record
 from .images import kohya_folder
+
+logger = logging.getLogger(__name__)
 
 
 def item_generator_seed(seed: int, epoch: int, index: int) -> int:
@@ -244,3 +247,25 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else None,
         "caption_embeds": [it["caption_embeds"] for it in items],
     }
+
+
+def training_data(args, accelerator, expected: dict[str, Any]):
+    """The trainer's caches (`--precomputed_dir`, `--repeats`, `--loss_weights`, `--folder_repeats`,
+    `--validation_split`), checked against `expected` (see `cache.load_cache`): (training set, held-out set or None,
+    this process's `BucketBatchSampler`, what the caches hold together as `load_caches` gives it)."""
+    weighting = dict(repeats=args.repeats, loss_weights=args.loss_weights, by_folder=args.folder_repeats)
+    train, val_data, caches = load_caches(
+        args.precomputed_dir, expected, **weighting, validation_split=args.validation_split, seed=args.seed
+    )
+    if args.folder_repeats and accelerator.is_main_process:
+        logger.info(f"--folder_repeats: {folder_repeats_summary(train)}")
+    if args.random_flip > 0 and caches["without_flipped_latents"]:
+        raise ValueError(
+            f"--random_flip needs mirrored latents, which {', '.join(caches['without_flipped_latents'])} does not "
+            "hold: re-run precompute_embeddings.py there with --cache_flipped, or drop --random_flip."
+        )
+    keys = train.group_keys(args.group_by_caption_length)
+    sampler = BucketBatchSampler(
+        keys, args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed
+    )
+    return train, val_data, sampler, caches
