@@ -173,7 +173,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_compiled_fp8_linear_gives_the_eager_result(convert, device):
     # The GPU cases matter most. fp8_matmul: inductor has its own fp8 matmul lowering, which gave zeros and wrong
     # gradients (torch 2.11, H200) until `fp8_weight_matmul` kept it out. fp8: compiling over torchao's weight-only
-    # tensors never finished there (sessions 2 and 9), which is why `Fp8Linear` dequantises with plain ops.
+    # tensors never finished there (sessions 2 and 9), which is why `Fp8Linear` has its own dequantising op.
     linear = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to(device, torch.bfloat16)
     convert(linear)
     x = torch.randn(300, 256, device=device, dtype=torch.bfloat16)
