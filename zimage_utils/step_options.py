@@ -2,6 +2,7 @@
 checkpointing (a chosen number of blocks recompute their activations) and regional compilation of the repeated
 blocks; and keeping Python's garbage collector out of the steps."""
 
+import functools
 import gc
 import os
 import time
@@ -70,10 +71,16 @@ def _keep_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _keep_attention_context():
+def _recompute_everything(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _policy_context(policy):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    return create_selective_checkpoint_contexts(_keep_attention)
+    return create_selective_checkpoint_contexts(policy)
 
 
 _CHECKPOINTING_CLASSES: dict[tuple[type, bool], type] = {}
@@ -85,12 +92,20 @@ def _checkpointing_class(plain: type, keep_attention: bool) -> type:
     forward (regional compilation matches the class name, which the subclass keeps)."""
     key = (plain, keep_attention)
     if key not in _CHECKPOINTING_CLASSES:
-        context = {"context_fn": _keep_attention_context} if keep_attention else {}
 
         class Checkpointing(plain):
             _plain_class = plain
 
             def forward(self, *args, **kwargs):
+                # Compiled, plain checkpointing is spelt out as a policy too (recompute everything): torch 2.11's
+                # partitioner saved the outputs of ops inside an autograd.Function (the fp8 bases' Linears) from
+                # checkpointed blocks unless a policy tagged them (docs/BENCHMARKS.md, session 11). Eager, a policy
+                # would only add a dispatch per op.
+                if keep_attention:
+                    policy = _keep_attention
+                else:
+                    policy = _recompute_everything if torch.compiler.is_compiling() else None
+                context = {"context_fn": functools.partial(_policy_context, policy)} if policy else {}
                 return torch.utils.checkpoint.checkpoint(
                     super().forward, *args, use_reentrant=False, **context, **kwargs
                 )
