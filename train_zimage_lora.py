@@ -418,7 +418,7 @@ def run_training(args: argparse.Namespace) -> None:
     if args.init_lora:
         fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
         print0(f"LoRA starts from {args.init_lora} ({len(fresh)} targeted modules it lacks start from zero)")
-    apply_step_flags(args, transformer, print0)  # checkpointing and compiling
+    apply_step_flags(args, transformer)  # checkpointing and compiling
     params = [p for p in transformer.parameters() if p.requires_grad]
 
     # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)

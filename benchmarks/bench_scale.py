@@ -452,6 +452,9 @@ def main() -> None:
         ("compile_fp8", ["--compile", "--base_precision", "fp8"]),
         ("fp8", ["--base_precision", "fp8"]),
         ("compile_fp8_max16", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "16"]),
+        # 16 and 12 GB cards' budgets, once compiled checkpointing recomputes the fp8 Linears (session 11)
+        ("compile_fp8_matmul_max16", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "16"]),
+        ("compile_fp8_max12", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "12"]),
     ]
     if args.only:
         wanted = args.only.split(",")

@@ -33,19 +33,6 @@ def quantizable(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_BF16 + ("lora_",))
 
 
-def compiled_checkpointing_note(base_precision: str, compile: bool, checkpointing: bool) -> str | None:
-    """What to expect from checkpointing a compiled fp8 base: measured on an H200 (docs/BENCHMARKS.md, session 10),
-    compiled checkpointed blocks keep every block Linear's output for backward, as eager ones do not."""
-    if not (compile and checkpointing and base_precision in ("fp8", "fp8_matmul")):
-        return None
-    return (
-        f"note: over --base_precision {base_precision}, compiled blocks keep every block Linear's output for backward "
-        f"even when checkpointed, so checkpointing saves less than it does eager (1024², all blocks checkpointed, an "
-        f"H200: 17.7 GiB compiled, 8.8 GiB eager); --max_memory_gb measures this; for the least memory, leave "
-        f"--compile off"
-    )
-
-
 def check_base_precision(base_precision: str, device: torch.device, deepspeed_stage: int, training_adapter) -> None:
     """Refuse combinations that cannot work, with the fix, before anything heavy is loaded."""
     if base_precision == "bf16":
@@ -240,8 +227,8 @@ def _(a, weight_bytes, scale, transpose):
 class _DequantizingMatmul(torch.autograd.Function):
     """x @ W.T with W stored as e4m3 bytes and row scales, dequantised for the product in forward and again in
     backward (`fp8_dequantized_matmul`), so autograd keeps the 1-byte weight instead of a bf16 copy. Gradients equal
-    those of F.linear on the dequantised weight. (The form measured on an H200 in session 10. Compiled with every
-    block checkpointed, it keeps each output for backward, ~11 GiB at 1024², as fp8_matmul's does: docs/BENCHMARKS.md.)"""
+    those of F.linear on the dequantised weight. (Compiled inside a checkpointed block, its output is recomputed in
+    backward only because the checkpoint names a policy: `step_options._checkpointing_class`.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

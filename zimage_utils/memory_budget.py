@@ -44,21 +44,6 @@ class Calibration:
         )
 
 
-def what_to_do(compiled: bool) -> str:
-    """The ways below a budget that full checkpointing does not meet. Compiled, the fp8 bases save nothing there:
-    their blocks keep every Linear's output even when checkpointed (docs/BENCHMARKS.md, session 10)."""
-    smaller = (
-        "lower --train_batch_size or the cache's resolution, or use DeepSpeed ZeRO-3 with CPU offload "
-        "(accelerate_configs/deepspeed_zero3_offload.yaml)"
-    )
-    if compiled:
-        return (
-            f"drop --compile and use --base_precision fp8 or nf4 (every block checkpointed at 1024² on an H200: "
-            f"compiled bf16 13.9 GiB, compiled fp8 17.7 GiB, eager fp8 8.8 GiB), {smaller}"
-        )
-    return f"use --base_precision fp8 or nf4, {smaller}"
-
-
 def choose_checkpointing(
     measure: Callable[[int], float],
     total_blocks: int,
@@ -66,7 +51,6 @@ def choose_checkpointing(
     reserve_gib: float = 0.0,
     probe: int = 4,
     max_tries: int = 6,
-    advice: str | None = None,
 ) -> Calibration:
     """The fewest checkpointed blocks whose measured peak is ≤ `budget_gib` − `reserve_gib`.
 
@@ -77,7 +61,6 @@ def choose_checkpointing(
         budget_gib: the limit, GiB.
         reserve_gib: memory the measured step does not show but training will use (the optimiser's state).
         probe: blocks left un-checkpointed for the second measurement (the per-block slope).
-        advice: what the error says to do when even full checkpointing does not fit (default `what_to_do()`).
     """
     cal = Calibration(budget_gib, total_blocks, reserve_gib)
     limit = budget_gib - reserve_gib
@@ -92,7 +75,9 @@ def choose_checkpointing(
         raise MemoryBudgetError(
             f"even with all {total_blocks} blocks checkpointed one step needs "
             f"{'more than the card has' if math.isinf(floor) else f'{floor:.1f} GiB'} (+ {reserve_gib:.2f} GiB "
-            f"optimiser state), above --max_memory_gb {budget_gib:g}: {advice or what_to_do(compiled=False)}"
+            f"optimiser state), above --max_memory_gb {budget_gib:g}: lower --train_batch_size or the cache's "
+            f"resolution, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 with CPU offload "
+            f"(accelerate_configs/deepspeed_zero3_offload.yaml)"
         )
     probe = min(probe, total_blocks)
     probed = run(total_blocks - probe) if probe > 0 else floor
@@ -130,13 +115,11 @@ def calibrate_checkpointing(
     reserve_gib: float,
     offload: bool = False,
     keep_attention: bool = False,
-    advice: str | None = None,
 ) -> Calibration:
     """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
     `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
     state is untouched); a setting's peak is the largest over all processes, so every process picks the same.
-    offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so.
-    advice: see `choose_checkpointing`."""
+    offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so."""
     unwrapped = accelerator.unwrap_model(model)
 
     def measure(k: int) -> float:
@@ -151,7 +134,7 @@ def calibrate_checkpointing(
         peak = measure_peak_gib(run, accelerator.device)
         return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
 
-    cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib, advice=advice)
+    cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib)
     set_gradient_checkpointing(unwrapped, cal.checkpointed, offload, keep_attention)
     torch.cuda.reset_peak_memory_stats(accelerator.device)
     return cal
@@ -244,6 +227,5 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         optimizer_state_gib(params, args.optimizer),
         args.cpu_offload_checkpointing,
         args.checkpoint_keep_attention,
-        what_to_do(args.compile),
     )
     print0(calibration.summary())

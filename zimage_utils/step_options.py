@@ -10,8 +10,6 @@ import weakref
 
 import torch
 
-from .base_precision import compiled_checkpointing_note
-
 
 def checkpointable_blocks(transformer) -> list[torch.nn.Module]:
     """The blocks worth recomputing, in forward order: the noise refiner and main layers (they see every image
@@ -224,11 +222,10 @@ def freeze_gc() -> bool:
     return True
 
 
-def apply_step_flags(args, transformer, log) -> None:
+def apply_step_flags(args, transformer) -> None:
     """The trainer's `--gradient_checkpointing(_blocks)` (with `--cpu_offload_checkpointing` and
     `--checkpoint_keep_attention`) and `--compile` (with `--activation_memory_budget`) on the LoRA-wrapped
-    transformer, checkpointing first so compiled blocks compile their recomputation; `log` gets the note on
-    checkpointing a compiled fp8 base."""
+    transformer, checkpointing first so compiled blocks compile their recomputation."""
     if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
         set_gradient_checkpointing(
             transformer,
@@ -238,6 +235,3 @@ def apply_step_flags(args, transformer, log) -> None:
         )
     if args.compile:
         compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
-    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
-    if note := compiled_checkpointing_note(args.base_precision, args.compile, bool(checkpointing)):
-        log(note)
