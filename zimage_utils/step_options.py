@@ -75,6 +75,21 @@ def _recompute_everything(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _compiled_checkpoint_needs_policy() -> bool:
+    """Whether a plain checkpoint, compiled, must be given `_recompute_everything` to recompute all it holds. torch
+    2.11 tags for recomputation the nodes of the graph dynamo traced, where an autograd.Function (each fp8 base
+    Linear) is one node, and the ops inside it were kept for backward: +11 GiB at 1024² (docs/BENCHMARKS.md, sessions
+    10 and 11). torch 2.13 runs a plain checkpoint through such a policy itself (`_always_prefer_recompute`), and
+    without the warning torch prints for a policy passed under compile. Should that private name go, we pass ours:
+    the same policy, and only the warning comes back."""
+    from torch._higher_order_ops import wrap
+
+    return not hasattr(wrap, "_always_prefer_recompute")
+
+
+COMPILED_CHECKPOINT_NEEDS_POLICY = _compiled_checkpoint_needs_policy()
+
+
 def _policy_context(policy):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -95,14 +110,13 @@ def _checkpointing_class(plain: type, keep_attention: bool) -> type:
             _plain_class = plain
 
             def forward(self, *args, **kwargs):
-                # Compiled, plain checkpointing is spelt out as a policy too (recompute everything): torch 2.11's
-                # partitioner saved the outputs of ops inside an autograd.Function (the fp8 bases' Linears) from
-                # checkpointed blocks unless a policy tagged them (docs/BENCHMARKS.md, session 11). Eager, a policy
-                # would only add a dispatch per op.
+                # (eager, a policy would only add a dispatch per op)
                 if keep_attention:
                     policy = _keep_attention
+                elif COMPILED_CHECKPOINT_NEEDS_POLICY and torch.compiler.is_compiling():
+                    policy = _recompute_everything
                 else:
-                    policy = _recompute_everything if torch.compiler.is_compiling() else None
+                    policy = None
                 context = {"context_fn": functools.partial(_policy_context, policy)} if policy else {}
                 return torch.utils.checkpoint.checkpoint(
                     super().forward, *args, use_reentrant=False, **context, **kwargs
