@@ -455,6 +455,7 @@ def main() -> None:
         # 16 and 12 GB cards' budgets, once compiled checkpointing recomputes the fp8 Linears (session 11)
         ("compile_fp8_matmul_max16", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "16"]),
         ("compile_fp8_max12", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "12"]),
+        ("compile_fp8_max22", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "22"]),
     ]
     if args.only:
         wanted = args.only.split(",")
