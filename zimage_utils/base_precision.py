@@ -228,7 +228,8 @@ class _DequantizingMatmul(torch.autograd.Function):
     """x @ W.T with W stored as e4m3 bytes and row scales, dequantised for the product in forward and again in
     backward (`fp8_dequantized_matmul`), so autograd keeps the 1-byte weight instead of a bf16 copy. Gradients equal
     those of F.linear on the dequantised weight. (Compiled inside a checkpointed block, its output is recomputed in
-    backward only because the checkpoint names a policy: `step_options._checkpointing_class`.)"""
+    backward only under a checkpoint policy: torch 2.13's own, or ours on older torch,
+    `step_options._compiled_checkpoint_needs_policy`.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_bytes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
