@@ -355,7 +355,9 @@ def main(args: argparse.Namespace) -> dict | None:
 
     scanned = time.perf_counter()
     if args.dry_run:
-        return report_dry_run(accelerator, args, fitted, skipped, notes, len(planned), items, hf_dataset)
+        report = report_dry_run(accelerator, args, fitted, skipped, notes, len(planned), items, hf_dataset)
+        accelerator.end_training()  # as a full run does: the process group ends before the interpreter does
+        return report
 
     # Load the encoders, while DataLoader workers start decoding the first batches
     planned_batches = plan_batches(planned, args.batch_size)
