@@ -110,7 +110,8 @@ def _checkpointing_class(plain: type, keep_attention: bool) -> type:
             _plain_class = plain
 
             def forward(self, *args, **kwargs):
-                # (eager, a policy would only add a dispatch per op)
+                # A plain checkpoint gets a policy only while compiling, where torch does not add one itself
+                # (eager, it would only add a dispatch per op)
                 if keep_attention:
                     policy = _keep_attention
                 elif COMPILED_CHECKPOINT_NEEDS_POLICY and torch.compiler.is_compiling():
