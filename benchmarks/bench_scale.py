@@ -280,7 +280,9 @@ def same_cache(a: str, b: str) -> bool:
     return x["source"] == y["source"] and x["latents"] == y["latents"] and x["caption_embeds"] == y["caption_embeds"]
 
 
-def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None, timeout=0) -> dict:
+def run_trainer(
+    name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None, timeout=0, logging_steps=0
+) -> dict:
     out = work / f"run_{name}"
     cmd = [
         "accelerate",
@@ -309,7 +311,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode,
         "--max_train_steps",
         str(steps),
         "--logging_steps",
-        str(max(steps // 4, 1)),
+        str(logging_steps or max(steps // 4, 1)),
         "--checkpointing_steps",
         str(steps),
         "--report_to",
@@ -347,6 +349,7 @@ def run_trainer(name, config, gpus, work, model, cache, steps, extra, tiny_mode,
     result.update(
         s_per_step=s_per_step,
         window_s_per_step=[1 / r["steps_per_s"] for r in rows],  # every logging window, the warm-up one first
+        window_peak_reserved_gib=[r.get("peak_reserved_gib") for r in rows],
         samples_per_s=gpus / s_per_step,
         peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
         peak_reserved_gib=max(r.get("peak_reserved_gib", float("nan")) for r in rows),
@@ -397,6 +400,12 @@ def main() -> None:
         "--precompute_images",
         default="2048",
         help="JPEGs for the precompute runs; two sizes (e.g. 1024,4096) also give the marginal speed-up.",
+    )
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=0,
+        help="Steps per logging window, each with its time and peak memory (default: a quarter of --steps).",
     )
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
     parser.add_argument("--out", default=None)
@@ -459,6 +468,16 @@ def main() -> None:
         # the budget the README gives 16 GB cards, a little under the card as 22 is on 24 GB ones
         ("compile_fp8_max14", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "14"]),
         ("compile_fp8_matmul_max14", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "14"]),
+        # 12 GB cards (10), and with the checkpointed blocks' inputs in host memory, 12 and 8 GB cards (10, 7)
+        ("compile_fp8_max10", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"]),
+        (
+            "compile_fp8_offload_max10",
+            ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "10"],
+        ),
+        (
+            "compile_fp8_offload_max7",
+            ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "7"],
+        ),
     ]
     if args.only:
         wanted = args.only.split(",")
@@ -481,7 +500,18 @@ def main() -> None:
         env = RUN_ENV.get(name)
         cache = work / ("cache_masked" if name.endswith("_masked") else "cache")
         r = run_trainer(
-            name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env, args.run_timeout
+            name,
+            config,
+            gpus,
+            work,
+            work / "model",
+            cache,
+            steps,
+            extra,
+            args.tiny,
+            env,
+            args.run_timeout,
+            args.logging_steps,
         )
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
