@@ -349,7 +349,9 @@ def run_trainer(
     result.update(
         s_per_step=s_per_step,
         window_s_per_step=[1 / r["steps_per_s"] for r in rows],  # every logging window, the warm-up one first
-        window_peak_reserved_gib=[r.get("peak_reserved_gib") for r in rows],
+        running_peak_reserved_gib=[
+            r.get("peak_reserved_gib") for r in rows
+        ],  # since calibration, to each window's end
         samples_per_s=gpus / s_per_step,
         peak_gib=max(r.get("peak_mem_gib", float("nan")) for r in rows),
         peak_reserved_gib=max(r.get("peak_reserved_gib", float("nan")) for r in rows),

@@ -2,6 +2,7 @@
 `--base_precision fp8` / `fp8_matmul` train a LoRA over float8 base weights that loads into the ordinary pipeline.
 (The GPU figures — peaks, speeds, NF4 — are in docs/BENCHMARKS.md; NF4 needs a GPU and is not run here.)"""
 
+import argparse
 import math
 
 import pytest
@@ -24,7 +25,13 @@ from zimage_utils.base_precision import (
     use_fp8_matmul_,
 )
 from zimage_utils.lora import add_lora
-from zimage_utils.memory_budget import MemoryBudgetError, choose_checkpointing, worst_case_batch
+from zimage_utils.memory_budget import (
+    MemoryBudgetError,
+    block_input_gib,
+    choose_checkpointing,
+    remedies,
+    worst_case_batch,
+)
 from zimage_utils.step_options import compile_blocks, set_gradient_checkpointing
 from zimage_utils.training_step import StepConfig, flow_matching_step
 
@@ -83,6 +90,26 @@ def test_a_budget_below_full_checkpointing_says_what_to_do():
     with pytest.raises(MemoryBudgetError, match="fp8/nf4.*zero3_offload") as error:
         choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 12.0)
     assert "13.8 GiB" in str(error.value)
+
+
+def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
+    run = argparse.Namespace(train_batch_size=1, base_precision="fp8", cpu_offload_checkpointing=True)
+    advice = remedies(run)
+    assert "fp8 (any GPU)" not in advice and "--cpu_offload_checkpointing" not in advice
+    assert "--train_batch_size" not in advice and "nf4" in advice and "zero3_offload" in advice
+    advice = remedies(argparse.Namespace(train_batch_size=4, base_precision="bf16", cpu_offload_checkpointing=False))
+    assert all(x in advice for x in ("--train_batch_size", "fp8 (any GPU)", "--cpu_offload_checkpointing"))
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"7.8 GiB \(\+ 0.80 GiB host copies\), above --max_memory_gb 7: lower --train_batch_size",
+    ):
+        choose_checkpointing(lambda k: 7.8, 32, 7.0, 0.8, reserve_for="host copies", remedies=advice)
+
+
+def test_offload_slack_is_counted_in_block_inputs_of_the_largest_batch():
+    # 1024² in latents (128²) at patch 2: 4096 image tokens + 300 caption tokens, 3840 wide, bf16, two items
+    batch = worst_case_batch([(1024, 1024)], [300], 2, 16, 2560)
+    assert block_input_gib(batch, 3840, 2) == 2 * (4096 + 300) * 3840 * 2 / 2**30
 
 
 def test_calibration_batch_is_the_largest_shape_in_the_cache():
@@ -485,10 +512,12 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     monkeypatch.setattr(train_zimage_lora, "check_memory_options", lambda args, accelerator: None)
     caplog.set_level(logging.INFO, logger="train")
 
-    keep = {"checkpoint_keep_attention": True}  # measured, and then trained, the way it was asked for
+    # measured, and then trained, the way it was asked for (host offload is a no-op on the CPU)
+    keep = {"checkpoint_keep_attention": True, "cpu_offload_checkpointing": True}
     calibrated = train(tiny_model_dir, tiny_cache_dir, tmp_path / "calibrated", max_memory_gb=11.5, **keep)
-    # 11.5 GiB minus a tiny optimiser-state reserve: one block may stay un-checkpointed
+    # 11.5 GiB minus a tiny reserve (optimiser state, host copies): one block may stay un-checkpointed
     assert "checkpointing 2 of 3 blocks" in caplog.text and settings[-1] == 2
-    assert options and all(how == (False, True) for how in options)  # (offload, keep_attention)
+    assert "GiB optimiser state and host copies in flight" in caplog.text
+    assert options and all(how == (True, True) for how in options)  # (offload, keep_attention)
     reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2, **keep)
     assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]

@@ -19,6 +19,14 @@ from .step_options import checkpointable_blocks, set_gradient_checkpointing
 from .training_step import flow_matching_step
 
 SAFETY = 0.97  # aim below the budget: later batches allocate in a different order and fragment differently
+# With --cpu_offload_checkpointing, each block input's GPU memory is freed only once its copy to the host is done, so
+# how much the allocator holds depends on timing: at 1024² one run reserved 0.48 GiB more than its measured step,
+# where runs without offload stayed within 0.08 (docs/BENCHMARKS.md, session 12). Kept free: this many block inputs.
+OFFLOAD_SLACK_BLOCK_INPUTS = 16
+REMEDIES = (
+    "lower --train_batch_size or the cache's resolution, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 with CPU "
+    "offload (accelerate_configs/deepspeed_zero3_offload.yaml)"
+)
 
 
 class MemoryBudgetError(ValueError):
@@ -30,6 +38,7 @@ class Calibration:
     budget_gib: float
     total_blocks: int
     reserve_gib: float = 0.0  # of the budget, kept for what calibration cannot run (the optimiser's state)
+    reserve_for: str = "optimiser state"
     checkpointed: int = -1  # the chosen number of recomputed blocks
     measured: dict[int, float] = field(default_factory=dict)  # checkpointed blocks → peak GiB (inf: out of memory)
 
@@ -39,7 +48,7 @@ class Calibration:
         )
         return (
             f"--max_memory_gb {self.budget_gib:g}: checkpointing {self.checkpointed} of {self.total_blocks} blocks, "
-            f"measured peak {self.measured[self.checkpointed]:.2f} GiB + {self.reserve_gib:.2f} GiB optimiser state "
+            f"measured peak {self.measured[self.checkpointed]:.2f} GiB + {self.reserve_gib:.2f} GiB {self.reserve_for} "
             f"(checkpointed blocks → peak: {tried})"
         )
 
@@ -51,6 +60,8 @@ def choose_checkpointing(
     reserve_gib: float = 0.0,
     probe: int = 4,
     max_tries: int = 6,
+    reserve_for: str = "optimiser state",
+    remedies: str = REMEDIES,
 ) -> Calibration:
     """The fewest checkpointed blocks whose measured peak is ≤ `budget_gib` − `reserve_gib`.
 
@@ -59,10 +70,12 @@ def choose_checkpointing(
             out of memory); k counts from the first block (`step_options.set_gradient_checkpointing`).
         total_blocks: blocks that can be checkpointed.
         budget_gib: the limit, GiB.
-        reserve_gib: memory the measured step does not show but training will use (the optimiser's state).
+        reserve_gib: memory the measured step does not show but training will use (the optimiser's state), and what
+            it is for (`reserve_for`, in messages).
         probe: blocks left un-checkpointed for the second measurement (the per-block slope).
+        remedies: what to do when even full checkpointing does not fit, for the error.
     """
-    cal = Calibration(budget_gib, total_blocks, reserve_gib)
+    cal = Calibration(budget_gib, total_blocks, reserve_gib, reserve_for)
     limit = budget_gib - reserve_gib
 
     def run(k: int) -> float:
@@ -75,9 +88,7 @@ def choose_checkpointing(
         raise MemoryBudgetError(
             f"even with all {total_blocks} blocks checkpointed one step needs "
             f"{'more than the card has' if math.isinf(floor) else f'{floor:.1f} GiB'} (+ {reserve_gib:.2f} GiB "
-            f"optimiser state), above --max_memory_gb {budget_gib:g}: lower --train_batch_size or the cache's "
-            f"resolution, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 with CPU offload "
-            f"(accelerate_configs/deepspeed_zero3_offload.yaml)"
+            f"{reserve_for}), above --max_memory_gb {budget_gib:g}: {remedies}"
         )
     probe = min(probe, total_blocks)
     probed = run(total_blocks - probe) if probe > 0 else floor
@@ -115,11 +126,13 @@ def calibrate_checkpointing(
     reserve_gib: float,
     offload: bool = False,
     keep_attention: bool = False,
+    **choose_kwargs,
 ) -> Calibration:
     """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
     `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
     state is untouched); a setting's peak is the largest over all processes, so every process picks the same.
-    offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so."""
+    offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so.
+    choose_kwargs: passed on to `choose_checkpointing` (reserve_for, remedies)."""
     unwrapped = accelerator.unwrap_model(model)
 
     def measure(k: int) -> float:
@@ -134,7 +147,9 @@ def calibrate_checkpointing(
         peak = measure_peak_gib(run, accelerator.device)
         return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
 
-    cal = choose_checkpointing(measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib)
+    cal = choose_checkpointing(
+        measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib, **choose_kwargs
+    )
     set_gradient_checkpointing(unwrapped, cal.checkpointed, offload, keep_attention)
     torch.cuda.reset_peak_memory_stats(accelerator.device)
     return cal
@@ -162,6 +177,31 @@ def optimizer_state_gib(params: list[torch.nn.Parameter], optimizer_name: str) -
     """Memory the optimiser's state will take once it exists (it does not during calibration)."""
     bytes_per_value = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}.get(optimizer_name, 8)
     return sum(p.numel() for p in params) * bytes_per_value / 2**30
+
+
+def block_input_gib(batch: dict, dim: int, patch_size: int) -> float:
+    """GiB of one block's hidden-state input (bf16) for `batch` (`worst_case_batch`): image tokens (latent pixels
+    over the patch area) and caption tokens, `dim` wide, for every item."""
+    latents = batch["latents"]
+    image_tokens = latents.shape[-2] * latents.shape[-1] // patch_size**2
+    tokens = image_tokens + max(c.shape[0] for c in batch["caption_embeds"])
+    return latents.shape[0] * tokens * dim * 2 / 2**30
+
+
+def remedies(args) -> str:
+    """What could make a step fit a smaller budget, leaving out what this run already does."""
+    steps = []
+    if args.train_batch_size > 1:
+        steps.append("lower --train_batch_size")
+    steps.append("lower the cache's resolution")
+    if args.base_precision == "bf16":
+        steps.append("use --base_precision fp8 (any GPU) or nf4")
+    elif args.base_precision != "nf4":
+        steps.append("use --base_precision nf4 (a quarter of bf16's weights; fp8 is half)")
+    if not args.cpu_offload_checkpointing:
+        steps.append("add --cpu_offload_checkpointing")
+    steps.append("use DeepSpeed ZeRO-3 with CPU offload (accelerate_configs/deepspeed_zero3_offload.yaml)")
+    return ", ".join(steps[:-1]) + ", or " + steps[-1]
 
 
 def worst_case_batch(
@@ -218,14 +258,21 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         model.config.cap_feat_dim,
     )
     seeds = list(range(args.train_batch_size))
+    reserve, reserve_for = optimizer_state_gib(params, args.optimizer), "optimiser state"
+    if args.cpu_offload_checkpointing:
+        patch = model.config.all_patch_size[0]
+        reserve += OFFLOAD_SLACK_BLOCK_INPUTS * block_input_gib(batch, model.config.dim, patch)
+        reserve_for = "optimiser state and host copies in flight"
     calibration = calibrate_checkpointing(
         accelerator,
         transformer,
         batch,
         lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
         args.max_memory_gb,
-        optimizer_state_gib(params, args.optimizer),
+        reserve,
         args.cpu_offload_checkpointing,
         args.checkpoint_keep_attention,
+        reserve_for=reserve_for,
+        remedies=remedies(args),
     )
     print0(calibration.summary())
