@@ -51,7 +51,7 @@ from zimage_utils.distributed import (
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
-from zimage_utils.memory_budget import check_memory_options, fit_memory_budget
+from zimage_utils.memory_budget import budget_overshoot, check_memory_options, fit_memory_budget
 from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, load_transformer, require_zimage
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
@@ -538,6 +538,7 @@ def run_training(args: argparse.Namespace) -> None:
     # Train
     transformer.train()
     window, first_step = LogWindow(accelerator.device, global_step), global_step
+    warned_over_budget = False
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     empty = empty_embeds if args.caption_dropout > 0 else None
@@ -572,6 +573,11 @@ def run_training(args: argparse.Namespace) -> None:
                 lrs = lr_scheduler.get_last_lr()  # LoRA+: the A factors' group first, the B factors' last
                 logs = {"lr": lrs[0], **({"lr_lora_B": lrs[-1]} if args.loraplus_lr_ratio else {})}
                 logs.update(window.read(accelerator, global_step, output_dir))
+                if args.max_memory_gb and not warned_over_budget:  # once; the peak is the same on every process
+                    note = budget_overshoot(logs.get("peak_reserved_gib"), args.max_memory_gb, global_step)
+                    if note and accelerator.is_main_process:
+                        logger.warning(note)
+                    warned_over_budget = note is not None
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})

@@ -493,6 +493,7 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     import logging
 
     import zimage_utils.memory_budget as memory_budget
+    from zimage_utils import train_log
 
     settings, options = [], []  # each checkpointing setting the calibration applies, in order, and its options
     real_set = memory_budget.set_gradient_checkpointing
@@ -506,6 +507,12 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
         run_step()  # the real forward + backward on the worst-case batch
         return 10.0 + 1.0 * (3 - settings[-1])  # 10 GiB + 1 GiB per block not checkpointed (the tiny model has 3)
 
+    real_read = train_log.LogWindow.read
+
+    def read_with_peak(self, *args):  # the CUDA figure the CPU has none of: 0.3 GiB over the budget below
+        return {**real_read(self, *args), "peak_reserved_gib": 11.8}
+
+    monkeypatch.setattr(train_log.LogWindow, "read", read_with_peak)
     monkeypatch.setattr(memory_budget, "measure_peak_gib", fake_peak)
     monkeypatch.setattr(memory_budget, "set_gradient_checkpointing", recording_set)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
@@ -518,6 +525,8 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     # 11.5 GiB minus a tiny reserve (optimiser state, host copies): one block may stay un-checkpointed
     assert "checkpointing 2 of 3 blocks" in caplog.text and settings[-1] == 2
     assert "GiB optimiser state and host copies in flight" in caplog.text
+    # Past the budget in a logged window: said once, with a budget that would have fit
+    assert caplog.text.count("above --max_memory_gb 11.5") == 1 and "--max_memory_gb 11.2," in caplog.text
     assert options and all(how == (True, True) for how in options)  # (offload, keep_attention)
     reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2, **keep)
     assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]

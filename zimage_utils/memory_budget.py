@@ -179,6 +179,19 @@ def optimizer_state_gib(params: list[torch.nn.Parameter], optimizer_name: str) -
     return sum(p.numel() for p in params) * bytes_per_value / 2**30
 
 
+def budget_overshoot(peak_reserved_gib: float | None, budget_gib: float, step: int) -> str | None:
+    """A warning when what the allocator reserved since calibration (the trainer's logged `peak_reserved_gib`) went
+    past the budget, else None. That peak covers training and whatever ran beside it: validation sampling, saving."""
+    if peak_reserved_gib is None or peak_reserved_gib <= budget_gib:
+        return None
+    return (
+        f"by step {step} the card held up to {peak_reserved_gib:.2f} GiB (training, and any validation or checkpoint "
+        f"so far), above --max_memory_gb {budget_gib:g}: a card with no more than that could run out of memory. Next "
+        f"time give about --max_memory_gb {2 * budget_gib - peak_reserved_gib:.1f}, or a lower "
+        f"--validation_resolution if validation is what went over."
+    )
+
+
 def block_input_gib(batch: dict, dim: int, patch_size: int) -> float:
     """GiB of one block's hidden-state input (bf16) for `batch` (`worst_case_batch`): image tokens (latent pixels
     over the patch area) and caption tokens, `dim` wide, for every item."""
