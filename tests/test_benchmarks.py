@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: each runs at tiny size on the CPU and writes the JSON its table comes from
 (the real figures come from GPU runs, recorded in docs/BENCHMARKS.md)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from zimage_utils.base_precision import cpu_has_rowwise_fp8
+from zimage_utils.cache import load_prompt_embeddings
+from zimage_utils.model_loading import load_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +96,20 @@ def test_scale_benchmark_trains_on_its_synthetic_caches_and_checks_the_loras(tmp
         assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
     log = (tmp_path / "work" / "log_compile_bf16_masked.txt").read_text()
     assert "8 items with a loss mask" in log
+
+
+def test_scale_benchmarks_validation_cache_holds_prompts_and_the_model_a_vae(tmp_path):
+    # What the `_validation` variants add to a run (the trainer's sampling itself: test_pictures.py)
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
+    bench_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scale)
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    bench_scale.make_model(model, full=False)
+    bench_scale.add_vae_weights(model, full=False)
+    bench_scale.make_cache(cache, model, 64, 4, 16, prompts=2)
+    _, prompts = load_prompt_embeddings(cache)
+    assert [(name, e.shape) for name, e in prompts] == [(f"synthetic prompt {i}", (128, 16)) for i in range(2)]
+    assert load_vae(str(model), torch.float32, "cpu").config.latent_channels == 16
 
 
 def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
