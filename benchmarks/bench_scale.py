@@ -51,8 +51,8 @@ VALIDATION_FLAGS = ["--validation_steps", "8", "--validation_num_inference_steps
 
 
 def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
-    """Transformer weights (random) plus configs only for the VAE and text encoder: the trainer never loads
-    their weights (no validation prompts in these runs). transformer_weights=False: its config only (precompute
+    """Transformer weights (random) plus configs only for the VAE and text encoder: the trainer loads neither's
+    weights, except the VAE's where a run samples validation prompts (`add_vae_weights`). transformer_weights=False: its config only (precompute
     runs alone never load it)."""
     has_weights = any((folder / "transformer").glob("*.safetensors*"))
     if (folder / "model_index.json").exists() and (has_weights or not transformer_weights):
@@ -522,9 +522,6 @@ def main() -> None:
             continue
         if args.tiny and config == "single_gpu.yaml":
             config = "multi_gpu.yaml"
-        if args.tiny and "--max_memory_gb" in extra:  # it measures GPU memory: the CPU smoke test trains without it
-            i = extra.index("--max_memory_gb")
-            extra = extra[:i] + extra[i + 2 :]
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
         cache = work / next((f"cache_{k}" for k in ("masked", "validation") if name.endswith(f"_{k}")), "cache")
