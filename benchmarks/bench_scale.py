@@ -52,8 +52,8 @@ VALIDATION_FLAGS = ["--validation_steps", "8", "--validation_num_inference_steps
 
 def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
     """Transformer weights (random) plus configs only for the VAE and text encoder: the trainer loads neither's
-    weights, except the VAE's where a run samples validation prompts (`add_vae_weights`). transformer_weights=False: its config only (precompute
-    runs alone never load it)."""
+    weights, except the VAE's where a run samples validation prompts (`add_vae_weights`). transformer_weights=False:
+    its config only (precompute runs alone never load it)."""
     has_weights = any((folder / "transformer").glob("*.safetensors*"))
     if (folder / "model_index.json").exists() and (has_weights or not transformer_weights):
         return
