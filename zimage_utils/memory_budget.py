@@ -21,7 +21,8 @@ from .training_step import flow_matching_step
 SAFETY = 0.97  # aim below the budget: later batches allocate in a different order and fragment differently
 # With --cpu_offload_checkpointing, each block input's GPU memory is freed only once its copy to the host is done, so
 # how much the allocator holds depends on timing: at 1024² one run reserved 0.48 GiB more than its measured step and
-# optimiser state, where runs without offload stayed within 0.08 (docs/BENCHMARKS.md, session 12). Kept free: this many block inputs.
+# optimiser state, where runs without offload stayed within 0.08 (docs/BENCHMARKS.md, session 12). Kept free: this
+# many block inputs.
 OFFLOAD_SLACK_BLOCK_INPUTS = 16
 REMEDIES = (
     "lower --train_batch_size or the cache's resolution, use --base_precision fp8/nf4, or DeepSpeed ZeRO-3 with CPU "
