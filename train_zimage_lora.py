@@ -506,6 +506,7 @@ def run_training(args: argparse.Namespace) -> None:
         steps=args.validation_num_inference_steps,
         guidance=args.validation_guidance_scale,
         seed=args.seed,
+        low_memory=bool(args.max_memory_gb),
     )
 
     zero3 = deepspeed_stage(accelerator) == 3

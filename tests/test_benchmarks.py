@@ -112,6 +112,17 @@ def test_scale_benchmarks_validation_cache_holds_prompts_and_the_model_a_vae(tmp
     assert load_vae(str(model), torch.float32, "cpu").config.latent_channels == 16
 
 
+def test_vae_decode_benchmark_compares_each_decode_with_fp32_full_frame(tmp_path):
+    flags = ["--tiny", "--resolutions", "64", "--variants", "fp32_chunked,bf16,fp32_tiled", "--repeats", "1"]
+    report = run_benchmark("bench_vae_decode.py", *flags, "--out", str(tmp_path / "decode.json"))
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == ["fp32", "fp32_chunked", "bf16", "fp32_tiled"]  # the reference first, always
+    assert rows["fp32"]["max_abs_diff"] == 0
+    assert rows["fp32_chunked"]["max_abs_diff"] < 1e-4  # the same arithmetic, only in row blocks
+    assert 0 < rows["bf16"]["max_abs_diff"]
+    assert all(row["ms"] > 0 for row in rows.values())
+
+
 def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
     report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")

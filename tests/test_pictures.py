@@ -210,3 +210,36 @@ def test_validation_samples_can_be_portrait(tiny_model_dir, tiny_cache_dir, tmp_
             train(tiny_model_dir, tiny_cache_dir, tmp_path / wrong, validation_resolution=wrong)
     err = capsys.readouterr().err
     assert "multiples of 16" in err and "WIDTHxHEIGHT" in err
+
+
+def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch):
+    # --max_memory_gb makes the trainer's Validator low_memory: a full-frame fp32 decode at 1024² would add GiBs to a
+    # process held to its budget. Tiles are 512 px on the real model; 32 px here, so the 64 px samples are tiled.
+    from diffusers import AutoencoderKL
+
+    from zimage_utils import validation
+    from zimage_utils.model_loading import load_transformer
+
+    monkeypatch.setattr(validation, "LOW_MEMORY_TILE", 32)
+    tiled_decodes = []
+    tiled_decode = AutoencoderKL.tiled_decode
+    monkeypatch.setattr(
+        AutoencoderKL, "tiled_decode", lambda vae, z, **kw: tiled_decodes.append(z.shape) or tiled_decode(vae, z, **kw)
+    )
+    empty, prompts = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    transformer = load_transformer(str(tiny_model_dir), device="cpu")
+    grids = {}
+    for low_memory in (False, True):
+        out = tmp_path / f"low_memory_{low_memory}"
+        validator = validation.Validator(
+            str(tiny_model_dir), None, prompts, empty, out, (SAMPLE, SAMPLE), steps=2, low_memory=low_memory
+        )
+        validator.sample_grid(transformer, 1, "cpu")
+        with Image.open(out / "step_000001.png") as row:
+            grids[low_memory] = np.asarray(row.convert("RGB"), dtype=np.int16)
+        assert validator.vae.device.type == "cpu"
+    # Only the low-memory Validator tiled: once per prompt, the 64 px sample's whole 8x8 latent
+    assert tiled_decodes == [(1, 16, SAMPLE // 8, SAMPLE // 8)] * len(TINY_CACHE_VALIDATION_PROMPTS)
+    assert grids[True].shape == grids[False].shape == (SAMPLE, SAMPLE * len(TINY_CACHE_VALIDATION_PROMPTS), 3)
+    # (How close tiles come to the full frame depends on the VAE's weights; on random tiny ones, not close at all.)
+    assert grids[True].std() > 10  # a picture, not a blank

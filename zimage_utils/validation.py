@@ -5,6 +5,8 @@ Samples land in OUTPUT/samples/: step_NNNNNN.png per validation (the prompts sid
 from those files each time, with one row per prompt and one column per validation step so far."""
 
 import argparse
+import contextlib
+import gc
 import re
 from pathlib import Path
 
@@ -22,6 +24,9 @@ GRID_NAME = "grid.png"
 # The grid shrinks its cells so that many validations still make a PNG viewers open (≤ ~16k pixels wide); the
 # step_*.png files keep the full size.
 GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
+# Under a memory budget the VAE decodes in tiles of this many pixels a side: a full-frame fp32 decode at 1024² adds
+# GiBs to a training process (docs/BENCHMARKS.md, "VAE decode"); a tile's cost does not grow with the image.
+LOW_MEMORY_TILE = 512
 _STEP_FILE = re.compile(r"step_(\d+)\.png")
 
 
@@ -66,6 +71,31 @@ def sample_images(
             generator=generator,
         ).images
     return images
+
+
+def decode_in_tiles(vae, tile_px: int = LOW_MEMORY_TILE) -> None:
+    """Make `vae.decode` (diffusers' `AutoencoderKL`) work in overlapping `tile_px`-pixel tiles, blended at the seams
+    (diffusers' own tiling; its default tile is the config's sample_size, 1024 for Z-Image, which never tiles a 1024²
+    image)."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@contextlib.contextmanager
+def released_cache(device):
+    """Hand the CUDA allocator's free cached blocks back before and after the block: what validation allocates then
+    reuses the memory the training step left free, instead of adding to it (a no-op off CUDA)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def save_grid(images: list[Image.Image], path: str | Path, columns: int | None = None) -> Path:
@@ -167,12 +197,27 @@ def sample_size(text: str) -> tuple[int, int]:
 class Validator:
     """Samples the cached validation prompts into one PNG per call (step_NNNNNN.png) and rebuilds grid.png (prompts
     x steps) of `size` (height, width) pixels. Loads the VAE and scheduler on first use (the text encoder never: the
-    prompts were encoded by precompute_embeddings.py)."""
+    prompts were encoded by precompute_embeddings.py).
 
-    def __init__(self, model_path, revision, prompts, empty_embeds, out_dir, size, steps=None, guidance=None, seed=0):
+    `low_memory` (the trainer's --max_memory_gb): the VAE decodes in `LOW_MEMORY_TILE` tiles and waits on the CPU
+    between validations."""
+
+    def __init__(
+        self,
+        model_path,
+        revision,
+        prompts,
+        empty_embeds,
+        out_dir,
+        size,
+        steps=None,
+        guidance=None,
+        seed=0,
+        low_memory=False,
+    ):
         defaults = SAMPLING_DEFAULTS[model_variant(model_path)]
         self.model_path, self.revision, self.prompts, self.empty = model_path, revision, prompts, empty_embeds
-        self.out_dir, self.size, self.seed = Path(out_dir), size, seed
+        self.out_dir, self.size, self.seed, self.low_memory = Path(out_dir), size, seed, low_memory
         self.steps = steps or defaults["steps"]
         self.guidance = defaults["guidance"] if guidance is None else guidance
         self.vae = self.scheduler = None
@@ -188,18 +233,23 @@ class Validator:
         if self.vae is None:
             self.vae = load_vae(self.model_path, torch.float32, device, revision=self.revision)
             self.scheduler = load_scheduler(self.model_path, revision=self.revision)
-        images = sample_images(
-            transformer,
-            self.vae,
-            self.scheduler,
-            [e for _, e in self.prompts],
-            self.empty,
-            *self.size,
-            self.steps,
-            self.guidance,
-            self.seed,
-            progress=save,
-        )
+            if self.low_memory:
+                decode_in_tiles(self.vae, LOW_MEMORY_TILE)
+        with released_cache(device):
+            images = sample_images(
+                transformer,
+                self.vae.to(device),
+                self.scheduler,
+                [e for _, e in self.prompts],
+                self.empty,
+                *self.size,
+                self.steps,
+                self.guidance,
+                self.seed,
+                progress=save,
+            )
+            if self.low_memory:
+                self.vae.to("cpu")
         if not save:
             return None
         save_grid(images, self.out_dir / f"step_{step:06d}.png")
