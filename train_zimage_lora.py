@@ -575,7 +575,8 @@ def run_training(args: argparse.Namespace) -> None:
                 logs = {"lr": lrs[0], **({"lr_lora_B": lrs[-1]} if args.loraplus_lr_ratio else {})}
                 logs.update(window.read(accelerator, global_step, output_dir))
                 if args.max_memory_gb and not warned_over_budget:  # once; the peak is the same on every process
-                    note = budget_overshoot(logs.get("peak_reserved_gib"), args.max_memory_gb, global_step)
+                    peak = logs.get("peak_reserved_gib")
+                    note = budget_overshoot(peak, args.max_memory_gb, global_step, validator.raised_peak_gib)
                     if note and accelerator.is_main_process:
                         logger.warning(note)
                     warned_over_budget = note is not None

@@ -484,6 +484,21 @@ def test_compiling_with_an_activation_memory_budget_gives_the_same_loss():
     assert torch.allclose(loss, reference, rtol=1e-4)
 
 
+def test_an_over_budget_warning_says_whether_training_or_validation_sampling_went_over():
+    from zimage_utils.memory_budget import budget_overshoot
+
+    training = budget_overshoot(11.8, 11.5, 12)
+    assert "in training" in training and "--max_memory_gb 11.2." in training  # a budget that would have fit
+    # Sampling set the peak (e.g. at step 8's validation; the window logged at 12 shows it): a lower budget would
+    # leave sampling as it was, so the warning points at the sampling resolution instead
+    sampling = budget_overshoot(11.8, 11.5, 12, validation_peak_gib=11.8)
+    assert "validation sampling took the card to 11.80 GiB" in sampling and "--validation_resolution" in sampling
+    assert "11.2" not in sampling
+    # Sampling went over, but training has gone further since
+    assert budget_overshoot(11.8, 11.5, 12, validation_peak_gib=11.6) == training
+    assert budget_overshoot(11.5, 11.5, 12, validation_peak_gib=11.5) is None
+
+
 def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
 ):
@@ -526,7 +541,7 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     assert "checkpointing 2 of 3 blocks" in caplog.text and settings[-1] == 2
     assert "GiB optimiser state and host copies in flight" in caplog.text
     # Past the budget in a logged window: said once, with a budget that would have fit
-    assert caplog.text.count("above --max_memory_gb 11.5") == 1 and "--max_memory_gb 11.2," in caplog.text
+    assert caplog.text.count("above --max_memory_gb 11.5") == 1 and "--max_memory_gb 11.2." in caplog.text
     assert options and all(how == (True, True) for how in options)  # (offload, keep_attention)
     reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2, **keep)
     assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]

@@ -180,16 +180,24 @@ def optimizer_state_gib(params: list[torch.nn.Parameter], optimizer_name: str) -
     return sum(p.numel() for p in params) * bytes_per_value / 2**30
 
 
-def budget_overshoot(peak_reserved_gib: float | None, budget_gib: float, step: int) -> str | None:
+def budget_overshoot(
+    peak_reserved_gib: float | None, budget_gib: float, step: int, validation_peak_gib: float | None = None
+) -> str | None:
     """A warning when what the allocator reserved since calibration (the trainer's logged `peak_reserved_gib`) went
-    past the budget, else None. That peak covers training and whatever ran beside it: validation sampling, saving."""
+    past the budget, else None. That peak covers training and whatever ran beside it; `validation_peak_gib`, the
+    peak when validation sampling last raised it (`Validator.raised_peak_gib`), says whether sampling set it."""
     if peak_reserved_gib is None or peak_reserved_gib <= budget_gib:
         return None
+    risk = "a card with no more than that could run out of memory"
+    if validation_peak_gib is not None and validation_peak_gib >= peak_reserved_gib:
+        return (
+            f"by step {step} validation sampling took the card to {peak_reserved_gib:.2f} GiB, above --max_memory_gb "
+            f"{budget_gib:g} (the training steps stayed under it): {risk}. A lower --validation_resolution samples "
+            f"in less; a lower budget would not help, sampling does not depend on it."
+        )
     return (
-        f"by step {step} the card held up to {peak_reserved_gib:.2f} GiB (training, and any validation or checkpoint "
-        f"so far), above --max_memory_gb {budget_gib:g}: a card with no more than that could run out of memory. Next "
-        f"time give about --max_memory_gb {2 * budget_gib - peak_reserved_gib:.1f}, or a lower "
-        f"--validation_resolution if validation is what went over."
+        f"by step {step} the card held up to {peak_reserved_gib:.2f} GiB in training, above --max_memory_gb "
+        f"{budget_gib:g}: {risk}. Next time give about --max_memory_gb {2 * budget_gib - peak_reserved_gib:.1f}."
     )
 
 

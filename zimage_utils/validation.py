@@ -200,7 +200,8 @@ class Validator:
     prompts were encoded by precompute_embeddings.py).
 
     `low_memory` (the trainer's --max_memory_gb): the VAE decodes in `LOW_MEMORY_TILE` tiles and waits on the CPU
-    between validations."""
+    between validations. `raised_peak_gib`: on CUDA, the process's peak reserved GiB when sampling last raised it
+    (else None), so an over-budget warning can tell validation's excess from the training step's."""
 
     def __init__(
         self,
@@ -221,6 +222,7 @@ class Validator:
         self.steps = steps or defaults["steps"]
         self.guidance = defaults["guidance"] if guidance is None else guidance
         self.vae = self.scheduler = None
+        self.raised_peak_gib = None
 
     def sample_grid(self, transformer, step: int, device, save: bool = True, trackers=()) -> Path | None:
         """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png,
@@ -235,6 +237,8 @@ class Validator:
             self.scheduler = load_scheduler(self.model_path, revision=self.revision)
             if self.low_memory:
                 decode_in_tiles(self.vae, LOW_MEMORY_TILE)
+        cuda = torch.device(device).type == "cuda"
+        peak_before = torch.cuda.max_memory_reserved(device) if cuda else 0
         with released_cache(device):
             images = sample_images(
                 transformer,
@@ -250,6 +254,8 @@ class Validator:
             )
             if self.low_memory:
                 self.vae.to("cpu")
+        if cuda and torch.cuda.max_memory_reserved(device) > peak_before:
+            self.raised_peak_gib = torch.cuda.max_memory_reserved(device) / 2**30
         if not save:
             return None
         save_grid(images, self.out_dir / f"step_{step:06d}.png")
