@@ -149,9 +149,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--lr_scheduler",
         default="constant",
-        help="diffusers schedule: constant, constant_with_warmup, linear, cosine, polynomial, ...",
+        choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
+        help="diffusers' schedules; the decaying ones reach 0 at the last step (polynomial: 1e-7).",
     )
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=0,
+        help="Steps of linear warmup from 0. With the constant schedule this means constant_with_warmup (diffusers' "
+        "constant has no warmup).",
+    )
+    p.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    p.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial decay (1 = linear).")
     p.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
@@ -314,6 +323,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
         p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
+    if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
+        args.lr_scheduler = "constant_with_warmup"
     return args
 
 
@@ -438,6 +449,8 @@ def run_training(args: argparse.Namespace) -> None:
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     configure_deepspeed(accelerator, args.train_batch_size, int(args.zero3_max_live_parameters))
     partition_for_zero3(accelerator, transformer)

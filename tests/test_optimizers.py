@@ -1,5 +1,5 @@
 """The optimiser flags of train_zimage_lora.py on the tiny model (CPU): LoRA+ (`--loraplus_lr_ratio`, through PEFT's
-`create_loraplus_optimizer`) and what resuming under other optimiser flags does.
+`create_loraplus_optimizer`), the learning-rate schedule's flags and what resuming under other optimiser flags does.
 
 LoRA+ is checked on the first step, where it is exact: lora_B starts at zero, so lora_A gets no gradient, and Adam's
 first update moves each parameter by lr · g / (|g| + eps), i.e. by lr wherever the gradient is not tiny. With ratio R,
@@ -59,6 +59,24 @@ def test_loraplus_keeps_the_schedule_ratio_between_its_groups():
     lr_a, lr_b = schedule.get_last_lr()
     assert 0 < lr_a < LR and lr_b == pytest.approx(16 * lr_a)
     assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]  # no empty group (DeepSpeed fails on one)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        # diffusers' "constant" ignores warmup; a user giving --lr_warmup_steps means constant_with_warmup
+        (dict(lr_warmup_steps=2), [0.5, 1, 1, 1]),
+        # two cosine cycles in four steps: down to half, restart, down to half, and 0 at the end
+        (dict(lr_scheduler="cosine_with_restarts", lr_num_cycles=2), [0.5, 1, 0.5, 0]),
+        # the polynomial's power: (1 - 1/4)² after one step (to 1e-7 rather than 0, hence the tolerance)
+        (dict(lr_scheduler="polynomial", lr_power=2.0), [0.5625, 0.25, 0.0625, 0]),
+    ],
+)
+def test_the_schedule_flags_shape_the_learning_rate(tiny_model_dir, tiny_cache_dir, tmp_path, flags, expected):
+    log = train(
+        tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, logging_steps=1, learning_rate=LR, **flags
+    )
+    assert [r["lr"] / LR for r in log] == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.mark.parametrize(
