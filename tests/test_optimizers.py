@@ -77,6 +77,8 @@ def test_the_schedule_flags_shape_the_learning_rate(tiny_model_dir, tiny_cache_d
         tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, logging_steps=1, learning_rate=LR, **flags
     )
     assert [r["lr"] / LR for r in log] == pytest.approx(expected, abs=1e-3)
+    _, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)  # the schedule that ran, for whoever uses the LoRA
+    assert metadata["lr_scheduler"] == flags.get("lr_scheduler", "constant_with_warmup")
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,8 @@ def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict
         "optimizer": args.optimizer,
         "learning_rate": str(args.learning_rate),
         "loraplus_lr_ratio": str(args.loraplus_lr_ratio),
+        "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": str(args.lr_warmup_steps),
         "timestep_sampling": args.timestep_sampling,
         "sigma_range": ",".join(map(str, args.sigma_range)),
     }
