@@ -75,6 +75,9 @@ def main(args: argparse.Namespace) -> None:
         pipe.save_pretrained(args.fuse_to)
         print(f"fused model written to {args.fuse_to}")
         return
+    # Several images decode one at a time (the same pictures): a 1024² bf16 decode adds ~2.4 GiB per image in one
+    # batch (docs/BENCHMARKS.md, "VAE decode")
+    pipe.vae.enable_slicing()
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

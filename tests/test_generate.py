@@ -50,7 +50,12 @@ def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir,
     assert torch.allclose(transformer_output(fused), with_lora, atol=1e-5)
 
 
-def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, tmp_path):
+def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    decoded = []  # the batch size of each VAE decode
+    decode = AutoencoderKL._decode
+    monkeypatch.setattr(AutoencoderKL, "_decode", lambda vae, z, **kw: decoded.append(len(z)) or decode(vae, z, **kw))
     write_lora(tiny_model_dir, tmp_path / "lora")
     out = tmp_path / "sample.png"
     generate.main(
@@ -74,6 +79,7 @@ def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, 
         )
     )
     assert Image.open(out).size == (128, 64)  # two 64x64 images side by side
+    assert decoded == [1, 1]  # decoded one at a time: a batch's decode memory is one image's
 
 
 def test_model_offload_samples_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
