@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_CACHE_VALIDATION_PROMPTS
 from PIL import Image
 from test_trainer import read_log, reset_accelerate, train
@@ -243,3 +244,62 @@ def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_
     assert grids[True].shape == grids[False].shape == (SAMPLE, SAMPLE * len(TINY_CACHE_VALIDATION_PROMPTS), 3)
     # (How close tiles come to the full frame depends on the VAE's weights; on random tiny ones, not close at all.)
     assert grids[True].std() > 10  # a picture, not a blank
+
+
+def validation_pipe(model_dir):
+    from diffusers import ZImagePipeline
+
+    from zimage_utils.model_loading import load_scheduler, load_transformer, load_vae
+
+    return ZImagePipeline(
+        transformer=load_transformer(str(model_dir)),
+        vae=load_vae(str(model_dir)),
+        scheduler=load_scheduler(str(model_dir)),
+        text_encoder=None,
+        tokenizer=None,
+    )
+
+
+def test_validation_samples_are_the_pipelines_own_images(tiny_model_dir, tiny_cache_dir):
+    # Validation samples to latents and decodes them itself (to retry a decode that ran out of memory): what it
+    # decodes must be what ZImagePipeline gives
+    from zimage_utils.validation import sample_images
+
+    empty, prompts = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    pipe = validation_pipe(tiny_model_dir)
+    ours = sample_images(pipe.transformer, pipe.vae, pipe.scheduler, [prompts[0][1]], empty, SAMPLE, SAMPLE, 2, 0.0, 7)
+    theirs = pipe(
+        prompt_embeds=[prompts[0][1]],
+        height=SAMPLE,
+        width=SAMPLE,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(7),
+    ).images
+    assert np.asarray(theirs[0]).std() > 0 and np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+
+
+def test_a_decode_that_runs_out_of_memory_is_done_again_in_tiles(tiny_model_dir, monkeypatch, caplog):
+    from diffusers import AutoencoderKL
+
+    from zimage_utils.validation import decode_latents
+
+    decode, calls = AutoencoderKL.decode, []
+
+    def decode_on_a_small_card(vae, z, **kw):  # full frame runs out of memory; tiles fit
+        calls.append(vae.use_tiling)
+        if not vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return decode(vae, z, **kw)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", decode_on_a_small_card)
+    pipe = validation_pipe(tiny_model_dir)
+    latents = torch.randn(1, 16, SAMPLE // 8, SAMPLE // 8, generator=torch.Generator().manual_seed(0))
+    (image,) = decode_latents(pipe, latents)
+    assert image.size == (SAMPLE, SAMPLE) and calls == [False, True]
+    assert "decoding a 64x64 sample ran out of GPU memory; decoding in 512-px tiles from now on" in caplog.text
+    decode_latents(pipe, latents)  # the next validations start in tiles
+    assert calls == [False, True, True]
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError):  # out of memory in tiles too: nothing left to try
+        decode_latents(pipe, latents)

@@ -7,6 +7,7 @@ from those files each time, with one row per prompt and one column per validatio
 import argparse
 import contextlib
 import gc
+import logging
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
 # GiBs to a training process (docs/BENCHMARKS.md, "VAE decode"); a tile's cost does not grow with the image.
 LOW_MEMORY_TILE = 512
 _STEP_FILE = re.compile(r"step_(\d+)\.png")
+logger = logging.getLogger(__name__)
 
 
 def model_variant(model_name_or_path: str) -> str:
@@ -61,7 +63,7 @@ def sample_images(
     images = []
     for i, embeds in enumerate(tqdm(prompt_embeds, desc="validation samples", disable=not progress, leave=False)):
         generator = torch.Generator(device=device).manual_seed(seed + i)
-        images += pipe(
+        latents = pipe(
             prompt_embeds=[embeds.to(device, dtype)],
             negative_prompt_embeds=[negative_embeds.to(device, dtype)] if guidance > 0 else None,
             height=height,
@@ -69,8 +71,34 @@ def sample_images(
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generator,
+            output_type="latent",
         ).images
+        images += decode_latents(pipe, latents)
     return images
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """`ZImagePipeline`'s own decode of its `output_type="latent"` output ([B, 16, H/8, W/8]) into PIL images, except
+    that a full-frame decode which runs out of GPU memory is done again in `LOW_MEMORY_TILE` tiles, and the VAE
+    decodes in tiles from then on (as ComfyUI does): the sampling steps before it are not repeated, so under ZeRO-3
+    the ranks' collective forwards stay in step."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    try:
+        return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+    except torch.OutOfMemoryError:
+        if vae.use_tiling:
+            raise
+    # Out of the handler, whose traceback held the failed decode's tensors
+    height, width = (8 * side for side in latents.shape[-2:])
+    logger.warning(
+        f"validation: decoding a {width}x{height} sample ran out of GPU memory; decoding in {LOW_MEMORY_TILE}-px "
+        f"tiles from now on (--max_memory_gb does so from the start, --validation_resolution samples smaller)"
+    )
+    gc.collect()
+    torch.cuda.empty_cache()
+    decode_in_tiles(vae, LOW_MEMORY_TILE)
+    return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
 
 def decode_in_tiles(vae, tile_px: int = LOW_MEMORY_TILE) -> None:
