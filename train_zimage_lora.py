@@ -51,7 +51,12 @@ from zimage_utils.distributed import (
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
-from zimage_utils.memory_budget import budget_overshoot, check_memory_options, fit_memory_budget
+from zimage_utils.memory_budget import (
+    budget_overshoot,
+    check_memory_options,
+    fit_memory_budget,
+    out_of_memory_explained,
+)
 from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, load_transformer, require_zimage
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
@@ -563,7 +568,7 @@ def run_training(args: argparse.Namespace) -> None:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
             seeds = [item_generator_seed(args.seed, epoch, int(i)) for i in batch["indices"]]
-            with accelerator.accumulate(transformer):
+            with accelerator.accumulate(transformer), out_of_memory_explained(args, global_step + 1, batch):
                 out = flow_matching_step(transformer, batch, config, seeds, empty)
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

@@ -545,3 +545,38 @@ def test_memory_calibration_in_the_trainer_leaves_training_unchanged(
     assert options and all(how == (True, True) for how in options)  # (offload, keep_attention)
     reference = train(tiny_model_dir, tiny_cache_dir, tmp_path / "given", gradient_checkpointing_blocks=2, **keep)
     assert [r["loss"] for r in calibrated] == [r["loss"] for r in reference]
+
+
+def test_a_training_step_out_of_gpu_memory_ends_the_run_with_what_to_change(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, capsys
+):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_zimage_lora, "flow_matching_step", out_of_memory)
+    reset_accelerate()
+    flags = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(train_zimage_lora.main, lambda: train_zimage_lora.parse_args(flags))
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "error: out of GPU memory in training step 1 (a batch of 1 at " in message
+    assert "give --max_memory_gb (a little under the card, e.g. 22 on a 24 GB one)" in message
+    assert "use --base_precision fp8 (any GPU) or nf4" in message and "--resume_from_checkpoint latest" in message
+
+
+def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
+    from zimage_utils.memory_budget import out_of_memory_explained
+
+    run = argparse.Namespace(
+        max_memory_gb=10.0, train_batch_size=2, base_precision="fp8", cpu_offload_checkpointing=True
+    )
+    batch = {"latents": torch.zeros(2, 16, 128, 96), "caption_embeds": [torch.zeros(77, 8), torch.zeros(120, 8)]}
+    with pytest.raises(cli.OutOfGPUMemory) as error, out_of_memory_explained(run, 7, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    message = str(error.value)
+    assert message.startswith("out of GPU memory in training step 7 (a batch of 2 at 768x1024 px, 120 caption tokens)")
+    assert "something else held the card" in message and "lower --train_batch_size" in message
+    assert "--base_precision nf4" in message and "--cpu_offload_checkpointing" not in message  # it has that already
+    with out_of_memory_explained(run, 8, batch):  # no error, nothing raised
+        pass

@@ -5,8 +5,15 @@ import os
 import sys
 from collections.abc import Callable
 
-# Raised by our code with a message meant for the user (bad path, wrong model, stale cache, non-finite loss).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+
+class OutOfGPUMemory(MemoryError):
+    """A training step ran out of GPU memory; the message says what to change (a bare MemoryError, from the host,
+    keeps its traceback)."""
+
+
+# Raised by our code with a message meant for the user (bad path, wrong model, stale cache, non-finite loss, a training
+# step out of GPU memory).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OutOfGPUMemory)
 
 
 def run(main: Callable, parse_args: Callable) -> None:

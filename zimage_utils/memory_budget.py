@@ -10,10 +10,12 @@ guessed from model sizes: every accepted setting was run once on the worst-case 
 import gc
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from .cli import OutOfGPUMemory
 from .distributed import deepspeed_stage
 from .step_options import checkpointable_blocks, set_gradient_checkpointing
 from .training_step import flow_matching_step
@@ -224,6 +226,30 @@ def remedies(args) -> str:
         steps.append("add --cpu_offload_checkpointing")
     steps.append("use DeepSpeed ZeRO-3 with CPU offload (accelerate_configs/deepspeed_zero3_offload.yaml)")
     return ", ".join(steps[:-1]) + ", or " + steps[-1]
+
+
+@contextmanager
+def out_of_memory_explained(args, step: int, batch: dict):
+    """Turns CUDA running out of memory inside the block (a training step on `batch`) into `cli.OutOfGPUMemory`, which
+    says where and what to change, which the scripts print as one line (ZIMAGE_DEBUG=1 shows the original)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        b, _, h, w = batch["latents"].shape
+        length = max(c.shape[0] for c in batch["caption_embeds"])
+        where = f"out of GPU memory in training step {step} (a batch of {b} at {8 * w}x{8 * h} px, {length} caption tokens)"
+        if args.max_memory_gb:
+            change = (
+                f"--max_memory_gb {args.max_memory_gb:g} was measured on the largest batch, so something else held the "
+                "card (another process, a display): give a lower --max_memory_gb, or "
+            )
+        elif args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+            change = "give --max_memory_gb (a little under the card) to checkpoint as many blocks as it needs, or "
+        else:
+            change = "give --max_memory_gb (a little under the card, e.g. 22 on a 24 GB one) to fit it, or "
+        raise OutOfGPUMemory(
+            f"{where}: {change}{remedies(args)}. --resume_from_checkpoint latest continues from the last checkpoint."
+        ) from error
 
 
 def worst_case_batch(
