@@ -568,7 +568,8 @@ def run_training(args: argparse.Namespace) -> None:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
             seeds = [item_generator_seed(args.seed, epoch, int(i)) for i in batch["indices"]]
-            with accelerator.accumulate(transformer), out_of_memory_explained(args, global_step + 1, batch):
+            oom_explained = out_of_memory_explained(args, global_step + 1, batch, deepspeed_stage(accelerator))
+            with accelerator.accumulate(transformer), oom_explained:
                 out = flow_matching_step(transformer, batch, config, seeds, empty)
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

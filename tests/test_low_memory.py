@@ -569,7 +569,12 @@ def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
     from zimage_utils.memory_budget import out_of_memory_explained
 
     run = argparse.Namespace(
-        max_memory_gb=10.0, train_batch_size=2, base_precision="fp8", cpu_offload_checkpointing=True
+        max_memory_gb=10.0,
+        gradient_checkpointing=False,
+        gradient_checkpointing_blocks=0,
+        train_batch_size=2,
+        base_precision="fp8",
+        cpu_offload_checkpointing=True,
     )
     batch = {"latents": torch.zeros(2, 16, 128, 96), "caption_embeds": [torch.zeros(77, 8), torch.zeros(120, 8)]}
     with pytest.raises(cli.OutOfGPUMemory) as error, out_of_memory_explained(run, 7, batch):
@@ -580,3 +585,8 @@ def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
     assert "--base_precision nf4" in message and "--cpu_offload_checkpointing" not in message  # it has that already
     with out_of_memory_explained(run, 8, batch):  # no error, nothing raised
         pass
+    # Under DeepSpeed, where --max_memory_gb is refused: checkpointing, then the rest
+    run.gradient_checkpointing = run.gradient_checkpointing_blocks = False
+    with pytest.raises(cli.OutOfGPUMemory) as error, out_of_memory_explained(run, 7, batch, zero_stage=2):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert "--max_memory_gb" not in str(error.value) and ": add --gradient_checkpointing, or lower" in str(error.value)

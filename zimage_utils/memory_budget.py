@@ -229,21 +229,25 @@ def remedies(args) -> str:
 
 
 @contextmanager
-def out_of_memory_explained(args, step: int, batch: dict):
+def out_of_memory_explained(args, step: int, batch: dict, zero_stage: int = 0):
     """Turns CUDA running out of memory inside the block (a training step on `batch`) into `cli.OutOfGPUMemory`, which
-    says where and what to change, which the scripts print as one line (ZIMAGE_DEBUG=1 shows the original)."""
+    says where and what to change, which the scripts print as one line (ZIMAGE_DEBUG=1 shows the original).
+    `zero_stage`: DeepSpeed's (`deepspeed_stage`), where --max_memory_gb does not work."""
     try:
         yield
     except torch.OutOfMemoryError as error:
         b, _, h, w = batch["latents"].shape
         length = max(c.shape[0] for c in batch["caption_embeds"])
         where = f"out of GPU memory in training step {step} (a batch of {b} at {8 * w}x{8 * h} px, {length} caption tokens)"
-        if args.max_memory_gb:
+        checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks
+        if zero_stage:
+            change = "" if checkpointing else "add --gradient_checkpointing, or "
+        elif args.max_memory_gb:
             change = (
                 f"--max_memory_gb {args.max_memory_gb:g} was measured on the largest batch, so something else held the "
                 "card (another process, a display): give a lower --max_memory_gb, or "
             )
-        elif args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+        elif checkpointing:
             change = "give --max_memory_gb (a little under the card) to checkpoint as many blocks as it needs, or "
         else:
             change = "give --max_memory_gb (a little under the card, e.g. 22 on a 24 GB one) to fit it, or "
