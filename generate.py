@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"fused model written to {args.fuse_to}")
         return
     # Several images decode one at a time (the same pictures): a 1024² bf16 decode adds ~2.4 GiB per image in one
-    # batch (docs/BENCHMARKS.md, "VAE decode")
+    # batch (docs/BENCHMARKS.md, session 13)
     pipe.vae.enable_slicing()
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

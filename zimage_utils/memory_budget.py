@@ -238,7 +238,8 @@ def out_of_memory_explained(args, step: int, batch: dict, zero_stage: int = 0):
     except torch.OutOfMemoryError as error:
         b, _, h, w = batch["latents"].shape
         length = max(c.shape[0] for c in batch["caption_embeds"])
-        where = f"out of GPU memory in training step {step} (a batch of {b} at {8 * w}x{8 * h} px, {length} caption tokens)"
+        where = f"out of GPU memory in training step {step} (a batch of {b} at {8 * w}x{8 * h} px, {length} caption"
+        where += " tokens)"
         checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks
         if zero_stage:
             change = "" if checkpointing else "add --gradient_checkpointing, or "

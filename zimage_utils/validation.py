@@ -26,7 +26,7 @@ GRID_NAME = "grid.png"
 # step_*.png files keep the full size.
 GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
 # Under a memory budget the VAE decodes in tiles of this many pixels a side: a full-frame fp32 decode at 1024² adds
-# GiBs to a training process (docs/BENCHMARKS.md, "VAE decode"); a tile's cost does not grow with the image.
+# GiBs to a training process (docs/BENCHMARKS.md, session 13); a tile's cost does not grow with the image.
 LOW_MEMORY_TILE = 512
 _STEP_FILE = re.compile(r"step_(\d+)\.png")
 logger = logging.getLogger(__name__)
