@@ -245,8 +245,8 @@ def out_of_memory_explained(args, step: int, batch: dict, zero_stage: int = 0):
             change = "" if checkpointing else "add --gradient_checkpointing, or "
         elif args.max_memory_gb:
             change = (
-                f"--max_memory_gb {args.max_memory_gb:g} was measured on the largest batch, so something else held the "
-                "card (another process, a display): give a lower --max_memory_gb, or "
+                f"--max_memory_gb {args.max_memory_gb:g} was measured on the largest batch, so something else held "
+                "the card (another process, a display): give a lower --max_memory_gb, or "
             )
         elif checkpointing:
             change = "give --max_memory_gb (a little under the card) to checkpoint as many blocks as it needs, or "
