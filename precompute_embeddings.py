@@ -194,6 +194,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="Processes decoding images (0 = main).")
     parser.add_argument("--shard_size", type=int, default=256, help="Records per finished part (crash granularity).")
     parser.add_argument(
+        "--text_encoder_offload",
+        action="store_true",
+        help="Keep the text encoder (8 GB in bf16) in host RAM and move each layer's weights to the GPU only while "
+        "it runs (accelerate's cpu_offload): for cards under ~12 GB. The same arithmetic on the GPU, only slower.",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the VAE encoder: faster on large datasets (see docs/BENCHMARKS.md), after one compile "
@@ -382,8 +388,15 @@ def main(args: argparse.Namespace) -> dict | None:
     use_chunked_attention(vae)  # same arithmetic as SDPA's fallback for head dim 512, faster (vae_attention.py)
     vae_loaded = time.perf_counter()
     text_encoder, tokenizer = load_text_encoder_and_tokenizer(
-        args.pretrained_model_name_or_path, dtype, device, revision=args.revision
+        args.pretrained_model_name_or_path,
+        dtype,
+        "cpu" if args.text_encoder_offload else device,
+        revision=args.revision,
     )
+    if args.text_encoder_offload:
+        from accelerate import cpu_offload
+
+        cpu_offload(text_encoder, execution_device=device)
     if args.compile:
         raise_recompile_limit(len(buckets) + 8)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)  # compiled once per bucket size

@@ -469,6 +469,27 @@ def test_captions_encoded_several_batches_at_a_time_give_the_same_cache(
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    # --text_encoder_offload, for cards that cannot hold the 8 GB text encoder: accelerate's hooks move each layer's
+    # weights to the execution device as it runs (here the CPU itself: CI has no GPU)
+    import accelerate
+
+    offloaded, offload = [], accelerate.cpu_offload
+    monkeypatch.setattr(accelerate, "cpu_offload", lambda model, **kw: offloaded.append(kw) or offload(model, **kw))
+    flags = ["--cache_dtype", "fp32"]
+    reference = precompute(tiny_model_dir, tmp_path / "reference", *flags, data_dir=tiny_data_dir)
+    assert not offloaded
+    cache = precompute(tiny_model_dir, tmp_path / "offload", *flags, "--text_encoder_offload", data_dir=tiny_data_dir)
+    assert [kw["execution_device"].type for kw in offloaded] == ["cpu"]
+    dataset, _ = cache_lib.load_cache(cache)
+    expected, _ = cache_lib.load_cache(reference)
+    assert len(dataset) == len(expected) > 0
+    assert dataset["caption_embeds"] == expected["caption_embeds"] and dataset["latents"] == expected["latents"]
+    assert cache_lib.load_prompt_embeddings(cache)[0].equal(cache_lib.load_prompt_embeddings(reference)[0])
+
+
 def _record(i: int) -> dict:
     return {
         "source": f"img_{i}.png", "content_hash": f"{i:064x}", "caption": f"caption {i}",
