@@ -298,6 +298,24 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
 
 
 def main(args: argparse.Namespace) -> dict | None:
+    """`build_cache(args)`, with CUDA running out of memory turned into one line saying what to change."""
+    try:
+        return build_cache(args)
+    except torch.OutOfMemoryError as error:
+        changes = []
+        if args.batch_size > 1:
+            text_batch = f" and --text_batch_size {args.text_batch_size // 2}" if args.text_batch_size else ""
+            changes.append(f"--batch_size {args.batch_size // 2}{text_batch}")
+        if not args.text_encoder_offload:
+            changes.append("--text_encoder_offload (the text encoder's 8 GB then wait in host RAM)")
+        changes.append("a lower --resolution")
+        raise cli.OutOfGPUMemory(
+            f"out of GPU memory while encoding batches of {args.batch_size} images at about {args.resolution} px a "
+            f"side: give {', or '.join(changes)}. The parts finished so far are kept: a re-run encodes only the rest."
+        ) from error
+
+
+def build_cache(args: argparse.Namespace) -> dict | None:
     """Build or extend the cache. Returns the run's figures on the main process (None on the others): images
     encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop, and the
     start-up before them (Python and imports, then accelerate's process and device set-up), with the wall-clock

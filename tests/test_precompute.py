@@ -490,6 +490,33 @@ def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     assert cache_lib.load_prompt_embeddings(cache)[0].equal(cache_lib.load_prompt_embeddings(reference)[0])
 
 
+def test_running_out_of_gpu_memory_ends_with_what_to_change_and_keeps_finished_parts(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys
+):
+    from zimage_utils import cli
+
+    real, calls = precompute_embeddings.encode_batch, []
+
+    def out_of_memory_on_the_third_batch(batch, *args, **kwargs):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(precompute_embeddings, "encode_batch", out_of_memory_on_the_third_batch)
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir)]
+    flags += ["--output_dir", str(tmp_path / "cache"), "--resolution", "64", "--dataloader_num_workers", "0"]
+    flags += ["--batch_size", "2", "--shard_size", "2"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(precompute_embeddings.main, lambda: precompute_embeddings.parse_args(flags))
+    message = capsys.readouterr().err
+    assert stopped.value.code == 2
+    expected = "error: out of GPU memory while encoding batches of 2 images at about 64 px a side: give --batch_size 1"
+    assert expected in message
+    assert "--text_encoder_offload" in message and "a re-run encodes only the rest" in message
+    assert list((tmp_path / "cache" / cache_lib.SHARDS_DIR).glob("rank*/*"))  # the first two batches' part
+
+
 def _record(i: int) -> dict:
     return {
         "source": f"img_{i}.png", "content_hash": f"{i:064x}", "caption": f"caption {i}",
