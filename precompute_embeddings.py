@@ -197,7 +197,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--text_encoder_offload",
         action="store_true",
         help="Keep the text encoder (8 GB in bf16) in host RAM and move each layer's weights to the GPU only while "
-        "it runs (accelerate's cpu_offload): for cards under ~12 GB. The same arithmetic on the GPU, only slower.",
+        "it runs (accelerate's cpu_offload): for cards under ~12 GB. The same arithmetic on the GPU, only slower: "
+        "every text-encoder call moves all 8 GB, so a larger --text_batch_size (e.g. 64) makes fewer of them.",
     )
     parser.add_argument(
         "--compile",
