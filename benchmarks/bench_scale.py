@@ -14,11 +14,16 @@ expected keys, no empty tensor, and loads into the transformer through diffusers
 runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (peak allocated and reserved memory);
 `one_gpu` in `main` lists the other one-GPU runs (eager weight transpose, no workers, bf16 at 22 GB, EMA, LoKr, a
 cache with masks and caption variants).
+
+On a device call, give `--out $OUT/scale.json --deadline_s` (the call's limit less ~60 s): each run's log and
+train_log.jsonl are copied beside the JSON as it finishes, and no run outlives the deadline, so a call that would
+have run out of time still brings back what it measured.
 """
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,7 +355,7 @@ def run_trainer(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        stderr += f"\nkilled after --run_timeout {timeout:g} s"
+        stderr += f"\nkilled after {timeout:g} s (--run_timeout, or what --deadline_s left)"
     wall = time.perf_counter() - start
     (work / f"log_{name}.txt").write_text(stdout[-20000:] + "\n" + stderr[-20000:])
     result = {"name": name, "config": config, "gpus": gpus, "returncode": proc.returncode, "wall_s": wall}
@@ -409,6 +414,13 @@ def main() -> None:
         default=0,
         help="Seconds a training run may take before it is killed and recorded as timed out (0 = no limit): one "
         "stuck variant then leaves the rest of a device call to the others.",
+    )
+    parser.add_argument(
+        "--deadline_s",
+        type=float,
+        default=0,
+        help="Seconds from the start after which no training run starts, and each run is killed when it would go past "
+        "them (0 = none): give a device call's limit less a margin, so the call still ends with its JSON and logs.",
     )
     parser.add_argument(
         "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
@@ -525,21 +537,25 @@ def main() -> None:
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
         cache = work / next((f"cache_{k}" for k in ("masked", "validation") if name.endswith(f"_{k}")), "cache")
+        timeout = args.run_timeout
+        if args.deadline_s:
+            left = args.deadline_s - (time.perf_counter() - start)
+            if left <= 0:
+                error = "not started: past --deadline_s"
+                results.append({"name": name, "config": config, "gpus": gpus, "returncode": None, "error": error})
+                print(f"{name}: not started, past --deadline_s {args.deadline_s:g}", flush=True)
+                continue
+            timeout = min(timeout or left, left)
         r = run_trainer(
-            name,
-            config,
-            gpus,
-            work,
-            work / "model",
-            cache,
-            steps,
-            extra,
-            args.tiny,
-            env,
-            args.run_timeout,
-            args.logging_steps,
+            name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env, timeout, args.logging_steps
         )
         results.append(r)
+        if args.out:  # beside the JSON, so a device call that brings back only --out's folder has them too
+            keep = Path(args.out).resolve().parent
+            if keep != work.resolve():
+                shutil.copy(work / f"log_{name}.txt", keep)
+                if (work / f"run_{name}" / "train_log.jsonl").exists():
+                    shutil.copy(work / f"run_{name}" / "train_log.jsonl", keep / f"train_log_{name}.jsonl")
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
         if "error" in r:
             print(r["error"], flush=True)

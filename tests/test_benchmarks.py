@@ -96,6 +96,11 @@ def test_scale_benchmark_trains_on_its_synthetic_caches_and_checks_the_loras(tmp
         assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
     log = (tmp_path / "work" / "log_compile_bf16_masked.txt").read_text()
     assert "8 items with a loss mask" in log
+    # and a copy of each run's logs beside the JSON (a device call brings back $OUT only)
+    assert (tmp_path / "log_compile_bf16_masked.txt").read_text() == log
+    assert (tmp_path / "train_log_ddp_1gpu.jsonl").read_text() == (
+        tmp_path / "work/run_ddp_1gpu/train_log.jsonl"
+    ).read_text()
 
 
 def test_scale_benchmarks_validation_cache_holds_prompts_and_the_model_a_vae(tmp_path):
@@ -128,8 +133,17 @@ def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
     assert [run["name"] for run in report["runs"]] == ["compile_bf16", "compile_bf16_masked"]
     for run in report["runs"]:
-        assert run["returncode"] != 0 and "killed after --run_timeout 0.1 s" in run["error"]
+        assert run["returncode"] != 0 and "killed after 0.1 s (--run_timeout" in run["error"]
         assert run["wall_s"] < 30  # not left to finish
+
+
+def test_scale_benchmark_starts_no_run_past_its_deadline(tmp_path):
+    # A device call's limit less a margin, here already past when the set-up ends: nothing starts, and the call still
+    # ends with its JSON
+    report = run_tiny_scale(tmp_path, "--only", "compile_bf16", "--deadline_s", "1e-9")
+    (run,) = report["runs"]
+    assert run["name"] == "compile_bf16" and run["returncode"] is None
+    assert run["error"] == "not started: past --deadline_s" and "wall_s" not in run
 
 
 def test_saved_activations_benchmark_sees_checkpointing_keep_less(tmp_path):
