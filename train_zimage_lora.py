@@ -527,7 +527,8 @@ def run_training(args: argparse.Namespace) -> None:
         low_memory=bool(args.max_memory_gb),
     )
 
-    zero3 = deepspeed_stage(accelerator) == 3
+    zero_stage = deepspeed_stage(accelerator)
+    zero3 = zero_stage == 3
     if zero3 and adapter_state is not None:
         print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
 
@@ -568,7 +569,7 @@ def run_training(args: argparse.Namespace) -> None:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
             seeds = [item_generator_seed(args.seed, epoch, int(i)) for i in batch["indices"]]
-            oom_explained = out_of_memory_explained(args, global_step + 1, batch, deepspeed_stage(accelerator))
+            oom_explained = out_of_memory_explained(args, global_step + 1, batch, zero_stage)
             with accelerator.accumulate(transformer), oom_explained:
                 out = flow_matching_step(transformer, batch, config, seeds, empty)
                 accelerator.backward(out["loss"])
