@@ -84,8 +84,12 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     the ranks' collective forwards stay in step."""
     vae = pipe.vae
     latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    try:
+
+    def decode() -> list[Image.Image]:
         return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+    try:
+        return decode()
     except torch.OutOfMemoryError:
         if vae.use_tiling:
             raise
@@ -95,10 +99,9 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
         f"validation: decoding a {width}x{height} sample ran out of GPU memory; decoding in {LOW_MEMORY_TILE}-px "
         f"tiles from now on (--max_memory_gb does so from the start, --validation_resolution samples smaller)"
     )
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_cached_memory()
     decode_in_tiles(vae, LOW_MEMORY_TILE)
-    return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+    return decode()
 
 
 def decode_in_tiles(vae, tile_px: int = LOW_MEMORY_TILE) -> None:
@@ -110,20 +113,24 @@ def decode_in_tiles(vae, tile_px: int = LOW_MEMORY_TILE) -> None:
     vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def release_cached_memory() -> None:
+    """Collect unreachable tensors and hand the CUDA allocator's free cached blocks back (a no-op off CUDA)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def released_cache(device):
-    """Hand the CUDA allocator's free cached blocks back before and after the block: what validation allocates then
-    reuses the memory the training step left free, instead of adding to it (a no-op off CUDA)."""
+    """`release_cached_memory` before and after the block, on CUDA: what validation allocates then reuses the memory
+    the training step left free, instead of adding to it."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_cached_memory()
     try:
         yield
     finally:
         if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
+            release_cached_memory()
 
 
 def save_grid(images: list[Image.Image], path: str | Path, columns: int | None = None) -> Path:
