@@ -51,7 +51,7 @@ from zimage_utils.precompute import (
     summarise,
 )
 from zimage_utils.step_options import raise_recompile_limit
-from zimage_utils.text_encoding import encode_captions
+from zimage_utils.text_encoding import encode_captions, offload_text_encoder
 from zimage_utils.vae_attention import use_chunked_attention
 
 
@@ -196,9 +196,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--text_encoder_offload",
         action="store_true",
-        help="Keep the text encoder (8 GB in bf16) in host RAM and move each layer's weights to the GPU only while "
-        "it runs (accelerate's cpu_offload): for cards under ~12 GB. The same arithmetic on the GPU, only slower: "
-        "every text-encoder call moves all 8 GB, so a larger --text_batch_size (e.g. 64) makes fewer of them.",
+        help="Keep the text encoder (8 GB in bf16) in pinned host RAM and move each layer's weights to the GPU only "
+        "while it runs, the next one copied while the current one computes (diffusers' group offloading): for cards "
+        "under ~12 GB. The same arithmetic, only slower: every text-encoder call moves all 8 GB, so a larger "
+        "--text_batch_size (e.g. 64) makes fewer of them.",
     )
     parser.add_argument(
         "--compile",
@@ -413,9 +414,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         revision=args.revision,
     )
     if args.text_encoder_offload:
-        from accelerate import cpu_offload
-
-        cpu_offload(text_encoder, execution_device=device)
+        offload_text_encoder(text_encoder, device)
     if args.compile:
         raise_recompile_limit(len(buckets) + 8)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)  # compiled once per bucket size

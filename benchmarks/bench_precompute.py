@@ -19,6 +19,7 @@ times that attention alone under each SDPA backend and in chunks.
 """
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -35,9 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import precompute_embeddings  # noqa: E402
+from zimage_utils import cache as cache_lib  # noqa: E402
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.latents import encode_images  # noqa: E402
-from zimage_utils.text_encoding import encode_captions  # noqa: E402
+from zimage_utils.text_encoding import encode_captions, offload_text_encoder  # noqa: E402
 from zimage_utils.vae_attention import AttnProcessor2_0  # noqa: E402
 
 # The released Z-Image VAE (Flux's AutoencoderKL layout) and Qwen3-4B's text model.
@@ -165,19 +167,23 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
     runs = []
     for run in [r for r in spec.split(",") if r]:  # "" = no whole-script runs
         padding, *options = run.split("+")
-        known = ("compile", "one_stream", "sdpa", "text_groups")
+        known = ("compile", "one_stream", "sdpa", "text_groups", "te_offload")
         if padding not in ("max_length", "longest") or not set(options) <= set(known):
             raise SystemExit(
-                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa][+text_groups], PADDING "
+                f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa][+text_groups][+te_offload], "
+                "PADDING "
                 "max_length/longest"
             )
         runs.append({"padding": padding, **{option: option in options for option in known}})
     return [r for r in runs if not (tiny and r["compile"])]
 
 
-def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict, text_bs: int) -> dict:
-    """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats.
-    one_stream: the text encoder runs on the VAE's CUDA stream, before it, as with no GPU stream to spare."""
+def run_script(
+    tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict, text_bs: int
+) -> tuple[dict, list[bytes]]:
+    """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats and
+    the cache's caption embeddings in source order. one_stream: the text encoder runs on the VAE's CUDA stream,
+    before it, as with no GPU stream to spare."""
     out = tmp / f"cache_{k}"
     cli = [
         "--pretrained_model_name_or_path", str(tmp / "model"),
@@ -188,6 +194,7 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
         "--dataloader_num_workers", str(workers),
         "--text_padding", run["padding"],
     ] + (["--compile"] if run["compile"] else []) + (["--text_batch_size", str(text_bs)] if run["text_groups"] else [])  # fmt: skip
+    cli += ["--text_encoder_offload"] if run["te_offload"] else []
     encode_batch, use_chunked_attention = (
         precompute_embeddings.encode_batch,
         precompute_embeddings.use_chunked_attention,
@@ -201,8 +208,10 @@ def run_script(tmp: Path, k: int, resolution: int, bs: int, workers: int, run: d
     finally:
         precompute_embeddings.encode_batch = encode_batch
         precompute_embeddings.use_chunked_attention = use_chunked_attention
+    dataset, _ = cache_lib.load_cache(out)
+    embeds = [e for _, e in sorted(zip(dataset["source"], dataset["caption_embeds"]))]
     shutil.rmtree(out)  # 2 GB per 1000 images at 1024², twice (parts and merged data)
-    return stats
+    return stats, embeds
 
 
 def top_kernels(fn, steps: int = 3, n: int = 10) -> list:
@@ -306,6 +315,39 @@ else:
 torch.cuda.synchronize()
 print(time.perf_counter() - start)
 """
+
+
+def offloaded_copy(text_encoder, device, way: str):
+    """A host-RAM copy of `text_encoder` whose layers visit `device` as they run: "accelerate" (its cpu_offload, one
+    module's weights copied when it is called) or "ours" (the script's --text_encoder_offload)."""
+    model = copy.deepcopy(text_encoder).to("cpu")
+    if way == "accelerate":
+        from accelerate import cpu_offload
+
+        cpu_offload(model, execution_device=device)
+    else:
+        offload_text_encoder(model, device)
+    return model
+
+
+def text_offload_rows(text_encoder, tokenizer, captions, exact, device, repeats: int, row, results) -> None:
+    """The text encoder offloaded to host RAM (accelerate's cpu_offload vs the script's group offloading) at 16 and
+    64 captions per call: captions/s, the GPU memory it adds beyond what is already there, and whether its
+    embeddings equal the resident model's (`exact`, 16 captions padded to max_length) bit for bit."""
+    for way in ("accelerate", "ours"):
+        model = offloaded_copy(text_encoder, device, way)
+        for bs in (16, 64):
+            call = partial(encode_captions, captions[:bs], tokenizer, model, 512, device, "longest")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            s = timed(call, repeats, device)
+            added = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else 0.0
+            row(f"text offload {way} pad=longest", bs, bs / s, added_gib=round(added, 2))
+        offloaded, _ = encode_captions(captions[:16], tokenizer, model, 512, device, "max_length")
+        results[f"text_offload_{way}_bit_identical"] = all(torch.equal(a, b) for a, b in zip(exact, offloaded))
+        del model, offloaded
 
 
 def text_encoder_load_rows(text_encoder, tokenizer, tmp: Path, row, rounds: int = 2) -> None:
@@ -425,20 +467,30 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     )
     results["text_tokens_mean"] = sum(e.shape[0] for e in exact) / len(exact)
 
+    if args.text_offload:
+        text_offload_rows(text_encoder, tokenizer, captions, exact, device, repeats, row, results)
+
     if args.text_encoder_load and device.type == "cuda":
         text_encoder_load_rows(text_encoder, tokenizer, tmp, row)
 
     # The whole script on JPEGs: decode in workers, both encoders, Arrow shards and merge
     write_config_only_model(tmp / "model", vae, text_encoder, tokenizer)
     precompute_embeddings.load_vae = lambda *a, **k: vae
-    precompute_embeddings.load_text_encoder_and_tokenizer = lambda *a, **k: (text_encoder, tokenizer)
+    # --text_encoder_offload loads the text encoder to the CPU (device "cpu") and offloads it: give it a host copy
+    precompute_embeddings.load_text_encoder_and_tokenizer = lambda path, dtype, where, **k: (
+        copy.deepcopy(text_encoder).to("cpu") if str(where) == "cpu" and device.type == "cuda" else text_encoder,
+        tokenizer,
+    )
     bs, workers = args.script_batch_size, results["workers"]
+    embeds_of = {}  # padding -> the first run's caption embeddings, to compare later runs with
     for k, run in enumerate(runs):
-        stats = run_script(tmp, k, resolution, bs, workers, run, args.script_text_batch_size)
+        stats, embeds = run_script(tmp, k, resolution, bs, workers, run, args.script_text_batch_size)
+        same_as_first = embeds == embeds_of.setdefault((run["padding"], run["text_groups"]), embeds)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
             vae.encoder = vae.encoder._orig_mod
         label = f"script pad={run['padding']}" + " compile" * run["compile"] + " one-stream" * run["one_stream"]
         label += " sdpa-attention" * run["sdpa"] + f" text-bs{args.script_text_batch_size}" * run["text_groups"]
+        label += " te-offload" * run["te_offload"]
         label += " (warm)" if run["compile"] and any(r["compile"] for r in runs[:k]) else ""
         row(
             label,
@@ -447,6 +499,7 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
             encode_items_per_s=round(stats["encode_images_per_s"], 2),
             compile_s=round(stats["compile_seconds"], 1),
             seconds={name: round(v, 1) for name, v in stats["seconds"].items()},
+            caption_embeds_equal_first_run=same_as_first,
         )
     compiled = [r for r in rows if r["what"].startswith("script") and " compile" in r["what"]]
     if len(compiled) >= 2:  # cold minus warm encode loop: what compiling every batch shape cost
@@ -468,8 +521,9 @@ def main() -> None:
     parser.add_argument(
         "--script_runs",
         default="max_length,longest,longest+compile,longest+compile",
-        help="Whole-script runs, in order: PADDING[+compile][+one_stream] (PADDING: max_length, longest). A +compile "
-        "run after another is warm. +one_stream: no separate CUDA stream for the text encoder. --tiny skips +compile.",
+        help="Whole-script runs, in order: PADDING[+compile][+one_stream][+sdpa][+text_groups][+te_offload] (PADDING: "
+        "max_length, longest). A +compile run after another is warm. +one_stream: no separate CUDA stream for the "
+        "text encoder. +te_offload: --text_encoder_offload. --tiny skips +compile.",
     )
     parser.add_argument(
         "--vae_variants",
@@ -494,6 +548,11 @@ def main() -> None:
         action="store_true",
         help="Time loading the saved text encoder onto the GPU: via host memory vs the script's way (GPU).",
     )
+    parser.add_argument(
+        "--text_offload",
+        action="store_true",
+        help="Time the text encoder offloaded to host RAM: accelerate's cpu_offload vs the script's group offloading.",
+    )
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
     runs = parse_script_runs(args.script_runs, args.tiny)
@@ -513,6 +572,9 @@ def main() -> None:
         f"pad=longest bit-identical: {results['text_longest_bit_identical']} "
         f"(max |diff| {results['text_longest_max_abs_diff']:.3g})"
     )
+    for way in ("accelerate", "ours"):
+        if f"text_offload_{way}_bit_identical" in results:
+            print(f"text encoder offloaded ({way}) bit-identical: {results[f'text_offload_{way}_bit_identical']}")
     if "compile_cost_s" in results:
         print(f"compiling the VAE encoder for every batch shape: {results['compile_cost_s']:.1f} s (cold - warm)")
     print(f"{'what':40s} {'batch':>5s} {'items/s':>9s} {'encode loop':>11s}  script phases (s)")

@@ -507,8 +507,8 @@ def main() -> None:
             "compile_fp8_offload_max7",
             ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "7"],
         ),
-        # the 12 GB budget with validation sampling (2 prompts, 4 steps with guidance, the fp32 VAE decoding at the
-        # cache's resolution) every 8 steps: what the calibration does not measure
+        # the 12 GB budget with validation sampling (2 prompts, 4 steps with guidance, the VAE decoding at the cache's
+        # resolution, in bf16 tiles under the budget) every 8 steps: what the calibration does not measure
         (
             "compile_fp8_max10_validation",
             ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"] + VALIDATION_FLAGS,

@@ -58,11 +58,20 @@ def test_fp8_part_reports_how_far_each_step_is_from_eager_bf16(tmp_path):
 
 def test_precompute_benchmark_times_each_part_and_the_whole_script(tmp_path):
     report = run_benchmark(
-        "bench_precompute.py", "--tiny", "--num_images", "4", "--batch_sizes", "1", "--out", str(tmp_path / "p.json")
-    )
+        "bench_precompute.py", "--tiny", "--num_images", "4", "--batch_sizes", "1", "--text_offload",
+        "--script_runs", "longest,longest+te_offload", "--out", str(tmp_path / "p.json"),
+    )  # fmt: skip
     parts = {row["what"].split(" ")[0] for row in report["rows"]}
     assert parts == {"vae", "text", "script"}
     assert all(row["items_per_s"] > 0 for row in report["rows"])
+    # the text encoder offloaded to host RAM both ways, and a whole-script run with --text_encoder_offload, whose
+    # cache holds the same embeddings as the run before it
+    offload_rows = [row["what"] for row in report["rows"] if row["what"].startswith("text offload")]
+    assert offload_rows == [f"text offload {way} pad=longest" for way in ("accelerate", "ours") for _ in (16, 64)]
+    assert report["text_offload_accelerate_bit_identical"] and report["text_offload_ours_bit_identical"]
+    scripts = [row for row in report["rows"] if row["what"].startswith("script")]
+    assert [row["what"] for row in scripts] == ["script pad=longest", "script pad=longest te-offload"]
+    assert all(row["caption_embeds_equal_first_run"] for row in scripts)
 
 
 def run_tiny_scale(tmp_path, *args: str) -> dict:

@@ -215,7 +215,8 @@ def test_validation_samples_can_be_portrait(tiny_model_dir, tiny_cache_dir, tmp_
 
 def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch):
     # --max_memory_gb makes the trainer's Validator low_memory: a full-frame fp32 decode at 1024² would add GiBs to a
-    # process held to its budget. Tiles are 512 px on the real model; 32 px here, so the 64 px samples are tiled.
+    # process held to its budget, bf16 tiles the least. Tiles are 512 px on the real model; 32 px here, so the 64 px
+    # samples are tiled.
     from diffusers import AutoencoderKL
 
     from zimage_utils import validation
@@ -236,6 +237,7 @@ def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_
             str(tiny_model_dir), None, prompts, empty, out, (SAMPLE, SAMPLE), steps=2, low_memory=low_memory
         )
         validator.sample_grid(transformer, 1, "cpu")
+        assert validator.vae.dtype == (torch.bfloat16 if low_memory else torch.float32)
         with Image.open(out / "step_000001.png") as row:
             grids[low_memory] = np.asarray(row.convert("RGB"), dtype=np.int16)
     # Only the low-memory Validator tiled: once per prompt, the 64 px sample's whole 8x8 latent

@@ -472,17 +472,25 @@ def test_captions_encoded_several_batches_at_a_time_give_the_same_cache(
 def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
-    # --text_encoder_offload, for cards that cannot hold the 8 GB text encoder: accelerate's hooks move each layer's
-    # weights to the execution device as it runs (here the CPU itself: CI has no GPU)
-    import accelerate
+    # --text_encoder_offload, for cards that cannot hold the 8 GB text encoder: diffusers' group offloading moves one
+    # decoder layer at a time to the execution device as it runs (here the CPU itself: CI has no GPU)
+    from zimage_utils import text_encoding
 
-    offloaded, offload = [], accelerate.cpu_offload
-    monkeypatch.setattr(accelerate, "cpu_offload", lambda model, **kw: offloaded.append(kw) or offload(model, **kw))
+    offloaded, offload = [], text_encoding.offload_text_encoder
+
+    def recording(model, device):
+        offload(model, device)
+        offloaded.append((device.type, model))
+
+    monkeypatch.setattr(precompute_embeddings, "offload_text_encoder", recording)
     flags = ["--cache_dtype", "fp32"]
     reference = precompute(tiny_model_dir, tmp_path / "reference", *flags, data_dir=tiny_data_dir)
     assert not offloaded
     cache = precompute(tiny_model_dir, tmp_path / "offload", *flags, "--text_encoder_offload", data_dir=tiny_data_dir)
-    assert [kw["execution_device"].type for kw in offloaded] == ["cpu"]
+    [(device, model)] = offloaded
+    assert device == "cpu"
+    layers = model.layers
+    assert all(getattr(layer, "_diffusers_hook", None) is not None for layer in layers)  # one group per layer
     dataset, _ = cache_lib.load_cache(cache)
     expected, _ = cache_lib.load_cache(reference)
     assert len(dataset) == len(expected) > 0

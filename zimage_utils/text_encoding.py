@@ -72,6 +72,24 @@ def encode_captions(
     return embeddings, [length > max_sequence_length for length in lengths]
 
 
+def offload_text_encoder(text_encoder, device: str | torch.device) -> None:
+    """Keep the (CPU-loaded) `text_encoder`'s weights in host RAM and bring one decoder layer at a time to `device`
+    while it runs: diffusers' group offloading. On CUDA the weights wait in pinned memory and the next layer is copied
+    on a side stream while the current one computes, so the GPU holds about two layers (~0.2 GB each for Qwen3-4B)
+    plus the embeddings (0.8 GB) instead of 8 GB. The same arithmetic as the resident model."""
+    from diffusers.hooks import apply_group_offloading
+
+    device = torch.device(device)
+    apply_group_offloading(
+        text_encoder,
+        onload_device=device,
+        offload_device="cpu",
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=device.type == "cuda",
+    )
+
+
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor.to(device)` without waiting for the work already queued there. A plain `.to("cuda")` waits for the
     CUDA stream to drain; a non-blocking copy from pinned memory does not, and PyTorch's pinned-memory cache keeps

@@ -25,8 +25,9 @@ GRID_NAME = "grid.png"
 # The grid shrinks its cells so that many validations still make a PNG viewers open (≤ ~16k pixels wide); the
 # step_*.png files keep the full size.
 GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
-# Under a memory budget the VAE decodes in tiles of this many pixels a side: a full-frame fp32 decode at 1024² adds
-# GiBs to a training process (docs/BENCHMARKS.md, session 13); a tile's cost does not grow with the image.
+# Under a memory budget the VAE decodes in bf16 tiles of this many pixels a side: a full-frame fp32 decode at 1024²
+# adds 4.8 GiB to a training process, fp32 tiles 1.2, bf16 tiles 0.6 (docs/BENCHMARKS.md, session 13); a tile's cost
+# does not grow with the image.
 LOW_MEMORY_TILE = 512
 _STEP_FILE = re.compile(r"step_(\d+)\.png")
 logger = logging.getLogger(__name__)
@@ -234,8 +235,8 @@ class Validator:
     x steps) of `size` (height, width) pixels. Loads the VAE and scheduler on first use (the text encoder never: the
     prompts were encoded by precompute_embeddings.py).
 
-    `low_memory` (the trainer's --max_memory_gb): the VAE decodes in `LOW_MEMORY_TILE` tiles and waits on the CPU
-    between validations. `raised_peak_gib`: on CUDA, the process's peak reserved GiB when sampling last raised it
+    `low_memory` (the trainer's --max_memory_gb): the VAE decodes in bf16 (else fp32), in `LOW_MEMORY_TILE` tiles,
+    and waits on the CPU between validations. `raised_peak_gib`: on CUDA, the process's peak reserved GiB when sampling last raised it
     (else None), so an over-budget warning can tell validation's excess from the training step's."""
 
     def __init__(
@@ -268,7 +269,8 @@ class Validator:
         from .model_loading import load_scheduler, load_vae
 
         if self.vae is None:
-            self.vae = load_vae(self.model_path, torch.float32, device, revision=self.revision)
+            dtype = torch.bfloat16 if self.low_memory else torch.float32
+            self.vae = load_vae(self.model_path, dtype, device, revision=self.revision)
             self.scheduler = load_scheduler(self.model_path, revision=self.revision)
             if self.low_memory:
                 decode_in_tiles(self.vae, LOW_MEMORY_TILE)
