@@ -181,8 +181,8 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
 def run_script(
     tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict, text_bs: int
 ) -> tuple[dict, list[bytes]]:
-    """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats and
-    the cache's caption embeddings in source order. one_stream: the text encoder runs on the VAE's CUDA stream,
+    """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats (on
+    a GPU with the peak memory it added, allocated and reserved) and the cache's caption embeddings in source order. one_stream: the text encoder runs on the VAE's CUDA stream,
     before it, as with no GPU stream to spare."""
     out = tmp / f"cache_{k}"
     cli = [
@@ -203,8 +203,17 @@ def run_script(
         precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
     if run["sdpa"]:  # the VAE's attention through diffusers' processor (SDPA), as before vae_attention.py
         precompute_embeddings.use_chunked_attention = lambda vae: vae.set_attn_processor(AttnProcessor2_0())
+    cuda = torch.cuda.is_available()
+    if cuda:  # what the run adds to the GPU memory the benchmark already holds (its own models, resident)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     try:
         stats = precompute_embeddings.main(precompute_embeddings.parse_args(cli))
+        if cuda:
+            stats["added_gib"] = round((torch.cuda.max_memory_allocated() - held[0]) / 2**30, 2)
+            stats["added_reserved_gib"] = round((torch.cuda.max_memory_reserved() - held[1]) / 2**30, 2)
     finally:
         precompute_embeddings.encode_batch = encode_batch
         precompute_embeddings.use_chunked_attention = use_chunked_attention
@@ -390,6 +399,7 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
             "num_images": args.num_images,
             "workers": 0 if args.tiny else args.workers,
             "date": time.strftime("%Y-%m-%d"),
+            "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         },
     )
     repeats = 2 if args.tiny else 5
@@ -476,14 +486,18 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     # The whole script on JPEGs: decode in workers, both encoders, Arrow shards and merge
     write_config_only_model(tmp / "model", vae, text_encoder, tokenizer)
     precompute_embeddings.load_vae = lambda *a, **k: vae
-    # --text_encoder_offload loads the text encoder to the CPU (device "cpu") and offloads it: give it a host copy
+    # --text_encoder_offload loads the text encoder to the CPU (device "cpu") and offloads it: give it a host copy,
+    # made before the run so that the copy's passage through the GPU is not counted as the run's memory
+    host_copy = {}
     precompute_embeddings.load_text_encoder_and_tokenizer = lambda path, dtype, where, **k: (
-        copy.deepcopy(text_encoder).to("cpu") if str(where) == "cpu" and device.type == "cuda" else text_encoder,
+        host_copy.pop("model") if str(where) == "cpu" and device.type == "cuda" else text_encoder,
         tokenizer,
     )
     bs, workers = args.script_batch_size, results["workers"]
     embeds_of = {}  # padding -> the first run's caption embeddings, to compare later runs with
     for k, run in enumerate(runs):
+        if run["te_offload"] and device.type == "cuda":
+            host_copy["model"] = copy.deepcopy(text_encoder).to("cpu")
         stats, embeds = run_script(tmp, k, resolution, bs, workers, run, args.script_text_batch_size)
         same_as_first = embeds == embeds_of.setdefault((run["padding"], run["text_groups"]), embeds)
         if hasattr(vae.encoder, "_orig_mod"):  # the next run compiles again, from inductor's warm cache
@@ -500,6 +514,7 @@ def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
             compile_s=round(stats["compile_seconds"], 1),
             seconds={name: round(v, 1) for name, v in stats["seconds"].items()},
             caption_embeds_equal_first_run=same_as_first,
+            **{k: stats[k] for k in ("added_gib", "added_reserved_gib") if k in stats},
         )
     compiled = [r for r in rows if r["what"].startswith("script") and " compile" in r["what"]]
     if len(compiled) >= 2:  # cold minus warm encode loop: what compiling every batch shape cost
@@ -555,6 +570,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
+    precompute_embeddings.use_expandable_segments()  # as the script does, before anything touches CUDA
     runs = parse_script_runs(args.script_runs, args.tiny)
     resolution = 64 if args.tiny else args.resolution
     with tempfile.TemporaryDirectory() as tmp:

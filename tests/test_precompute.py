@@ -498,6 +498,28 @@ def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     assert cache_lib.load_prompt_embeddings(cache)[0].equal(cache_lib.load_prompt_embeddings(reference)[0])
 
 
+@pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:256"])
+def test_precompute_lets_the_cuda_allocator_expand_its_segments_unless_the_user_configured_it(
+    user_setting, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    # VAE batches of several bucket shapes fragment the default allocator (29 GiB reserved for 12 allocated on an
+    # H200); the setting is read when CUDA first allocates, so main must make it before anything loads
+    seen = []
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores them after the test, whatever main set
+        monkeypatch.delenv(name)
+    if user_setting:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
+    load_vae = precompute_embeddings.load_vae
+    monkeypatch.setattr(
+        precompute_embeddings,
+        "load_vae",
+        lambda *a, **k: seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or load_vae(*a, **k),
+    )
+    precompute(tiny_model_dir, tmp_path / "cache", data_dir=tiny_data_dir)
+    assert seen == [user_setting or "expandable_segments:True"]
+
+
 def test_running_out_of_gpu_memory_ends_with_what_to_change_and_keeps_finished_parts(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys
 ):
