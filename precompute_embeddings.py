@@ -198,8 +198,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Keep the text encoder (8 GB in bf16) in pinned host RAM and move each layer's weights to the GPU only "
         "while it runs, the next one copied while the current one computes (diffusers' group offloading): for cards "
-        "under ~12 GB. The same arithmetic, only slower: every text-encoder call moves all 8 GB, so a larger "
-        "--text_batch_size (e.g. 64) makes fewer of them.",
+        "under ~16 GB (on 8 GB with --batch_size 2). The same embeddings, only slower: every text-encoder call moves "
+        "all 8 GB, so a larger --text_batch_size (32-64) makes fewer of them.",
     )
     parser.add_argument(
         "--compile",

@@ -171,8 +171,7 @@ def parse_script_runs(spec: str, tiny: bool) -> list[dict]:
         if padding not in ("max_length", "longest") or not set(options) <= set(known):
             raise SystemExit(
                 f"--script_runs: {run!r} is not PADDING[+compile][+one_stream][+sdpa][+text_groups][+te_offload], "
-                "PADDING "
-                "max_length/longest"
+                "PADDING max_length/longest"
             )
         runs.append({"padding": padding, **{option: option in options for option in known}})
     return [r for r in runs if not (tiny and r["compile"])]
@@ -182,8 +181,8 @@ def run_script(
     tmp: Path, k: int, resolution: int, bs: int, workers: int, run: dict, text_bs: int
 ) -> tuple[dict, list[bytes]]:
     """One run of precompute_embeddings.main on tmp/images into a fresh cache (removed afterwards): its stats (on
-    a GPU with the peak memory it added, allocated and reserved) and the cache's caption embeddings in source order. one_stream: the text encoder runs on the VAE's CUDA stream,
-    before it, as with no GPU stream to spare."""
+    a GPU with the peak memory it added, allocated and reserved) and the cache's caption embeddings in source order.
+    one_stream: the text encoder runs on the VAE's CUDA stream, before it, as with no GPU stream to spare."""
     out = tmp / f"cache_{k}"
     cli = [
         "--pretrained_model_name_or_path", str(tmp / "model"),
