@@ -49,6 +49,7 @@ CONFIGS = ROOT / "accelerate_configs"
 RUN_ENV = {
     "compile_fp8_matmul_eager_transpose": {"ZIMAGE_FP8_EAGER_TRANSPOSE": "1"},
     "compile_bf16_ema_gc": {"ZIMAGE_GC_FREEZE": "0"},
+    "compile_fp8_max10_expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 }
 
 
@@ -499,6 +500,8 @@ def main() -> None:
         ("compile_fp8_matmul_max14", ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "14"]),
         # 12 GB cards (10), and with the checkpointed blocks' inputs in host memory, 12 and 8 GB cards (10, 7)
         ("compile_fp8_max10", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"]),
+        # the same with PyTorch's allocator growing its segments (less reserved beyond what is allocated?)
+        ("compile_fp8_max10_expandable", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"]),
         (
             "compile_fp8_offload_max10",
             ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "10"],
