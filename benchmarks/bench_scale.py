@@ -217,7 +217,7 @@ def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: 
         "--batch_size",
         str(batch_size),
         "--dataloader_num_workers",
-        "6",
+        "6" if full else "0",  # the tiny run's images decode in no time: forking workers would cost more
         "--text_padding",
         "longest",
         "--overwrite",
