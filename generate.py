@@ -36,9 +36,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cpu_offload",
-        action="store_true",
-        help="Keep each model in host RAM and move it to the GPU only while it runs (diffusers' model offload): the "
-        "text encoder (8 GB in bf16) and the transformer (12 GB) are never on the GPU together.",
+        nargs="?",
+        const="model",
+        choices=["model", "layers"],
+        default=None,
+        help="Keep the models in host RAM. `--cpu_offload` (= model): each model moves to the GPU only while it runs "
+        "(diffusers' model offload), so the text encoder (8 GB in bf16) and the transformer (12 GB) are never on the "
+        "GPU together: for 16-24 GB cards. `--cpu_offload layers`: one block at a time visits the GPU, the next "
+        "copied while the current one runs (diffusers' group offloading, from pinned RAM): for cards under 16 GB, "
+        "slower (every denoising step moves all 12 GB).",
     )
     return p.parse_args(input_args)
 
@@ -52,6 +58,17 @@ def split_strength(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def offload_in_layers(pipe, device: str) -> None:
+    """Group offloading a block at a time for the transformer and the text encoder (their ModuleLists of blocks and
+    layers), the VAE whole: on CUDA from pinned host RAM, the next group copied on a side stream while one runs."""
+    pipe.enable_group_offload(
+        onload_device=torch.device(device),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=device == "cuda",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -78,8 +95,10 @@ def main(args: argparse.Namespace) -> None:
     # Several images decode one at a time (the same pictures): a 1024² bf16 decode adds ~2.4 GiB per image in one
     # batch (docs/BENCHMARKS.md, session 13)
     pipe.vae.enable_slicing()
-    if args.cpu_offload:
+    if args.cpu_offload == "model":
         pipe.enable_model_cpu_offload(device=device)
+    elif args.cpu_offload == "layers":
+        offload_in_layers(pipe, device)
     else:
         pipe.to(device)
     defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]

@@ -82,22 +82,38 @@ def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, 
     assert decoded == [1, 1]  # decoded one at a time: a batch's decode memory is one image's
 
 
-def test_model_offload_samples_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
-    """--cpu_offload goes through diffusers' offload hooks (here between the CPU and itself: CI has no GPU) and
-    changes nothing in the image."""
-    offloaded = []
-    enable = ZImagePipeline.enable_model_cpu_offload
+def test_model_and_layer_offload_sample_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
+    """--cpu_offload (model) and --cpu_offload layers go through diffusers' offload hooks (here between the CPU and
+    itself: CI has no GPU) and change nothing in the image."""
+    offloaded, grouped, hooked = [], [], {}
+    model, groups = ZImagePipeline.enable_model_cpu_offload, ZImagePipeline.enable_group_offload
     monkeypatch.setattr(
-        ZImagePipeline, "enable_model_cpu_offload", lambda pipe, **kw: offloaded.append(kw) or enable(pipe, **kw)
+        ZImagePipeline, "enable_model_cpu_offload", lambda pipe, **kw: offloaded.append(kw) or model(pipe, **kw)
+    )
+    monkeypatch.setattr(
+        ZImagePipeline,
+        "enable_group_offload",
+        lambda pipe, **kw: grouped.append(kw) or groups(pipe, **kw) or hooked.update(layer_hooks(pipe)),
     )
     write_lora(tiny_model_dir, tmp_path / "lora")
     flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "lora")]
     flags += ["--prompt", "a red circle", "--height", "64", "--width", "64", "--num_inference_steps", "2"]
     pictures = []
-    for extra in ([], ["--cpu_offload"]):
+    for extra in ([], ["--cpu_offload"], ["--cpu_offload", "layers"]):
         out = tmp_path / f"sample{len(pictures)}.png"
         generate.main(generate.parse_args(flags + extra + ["--output", str(out)]))
         pictures.append(np.asarray(Image.open(out)))
-        assert bool(offloaded) == bool(extra)
+        assert (bool(offloaded), bool(grouped)) == [(False, False), (True, False), (True, True)][len(pictures) - 1]
     assert offloaded[0] == {"device": "cpu"}  # (diffusers then calls itself again with the device it chose)
-    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
+    [kw] = grouped
+    assert kw["offload_type"] == "block_level" and kw["num_blocks_per_group"] == 1 and not kw["use_stream"]
+    # every transformer block and text-encoder layer is its own group
+    assert hooked == {"transformer": True, "text_encoder": True}
+    assert pictures[0].std() > 0
+    assert np.array_equal(pictures[0], pictures[1]) and np.array_equal(pictures[0], pictures[2])
+
+
+def layer_hooks(pipe) -> dict:
+    """Whether each block of the transformer (`layers`) and each layer of the text encoder carries a hook."""
+    blocks = {"transformer": pipe.transformer.layers, "text_encoder": pipe.text_encoder.layers}
+    return {name: all(getattr(b, "_diffusers_hook", None) is not None for b in mods) for name, mods in blocks.items()}
