@@ -199,7 +199,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Keep the text encoder (8 GB in bf16) in pinned host RAM and move each layer's weights to the GPU only "
         "while it runs, the next one copied while the current one computes (diffusers' group offloading): for cards "
         "under ~16 GB (on 8 GB with --batch_size 2). The same embeddings, only slower: every text-encoder call moves "
-        "all 8 GB, so a larger --text_batch_size (32-64) makes fewer of them.",
+        "all 8 GB, so a larger --text_batch_size (32-64) makes fewer of them. Setting up takes 8 GB more of free host "
+        "RAM for the pinned copy; with less, each layer is pinned as it moves (slower, not timed).",
     )
     parser.add_argument(
         "--compile",

@@ -498,6 +498,33 @@ def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     assert cache_lib.load_prompt_embeddings(cache)[0].equal(cache_lib.load_prompt_embeddings(reference)[0])
 
 
+@pytest.mark.parametrize("available_gb, pinned_up_front", [(64.0, True), (4.0, False)])
+def test_offloading_pins_the_text_encoder_up_front_only_where_host_ram_holds_a_second_copy(
+    available_gb, pinned_up_front, tiny_model_dir, monkeypatch
+):
+    # Pinning copies every weight before the originals go (8 GB more for Qwen3-4B while setting up): with too little
+    # free host RAM diffusers pins each layer as it moves instead. The tiny encoder is scaled up to Qwen3-4B's 8 GB.
+    import diffusers.hooks
+    import psutil
+
+    from zimage_utils import text_encoding
+    from zimage_utils.model_loading import load_text_encoder_and_tokenizer
+
+    text_encoder, tokenizer = load_text_encoder_and_tokenizer(str(tiny_model_dir), torch.float32, "cpu")
+    reference, _ = text_encoding.encode_captions(["a red circle"], tokenizer, text_encoder, 64, "cpu")
+    tiny_bytes = sum(t.numel() * t.element_size() for t in [*text_encoder.parameters(), *text_encoder.buffers()])
+    scale = 8e9 / tiny_bytes
+    ram = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: ram._replace(available=int(available_gb * 1e9 / scale)))
+    calls, apply = [], diffusers.hooks.apply_group_offloading
+    monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", lambda m, **kw: calls.append(kw) or apply(m, **kw))
+    text_encoding.offload_text_encoder(text_encoder, "cpu")
+    [kw] = calls
+    assert kw["low_cpu_mem_usage"] is not pinned_up_front
+    offloaded, _ = text_encoding.encode_captions(["a red circle"], tokenizer, text_encoder, 64, "cpu")
+    assert torch.equal(offloaded[0], reference[0])
+
+
 @pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:256"])
 def test_precompute_lets_the_cuda_allocator_expand_its_segments_unless_the_user_configured_it(
     user_setting, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch

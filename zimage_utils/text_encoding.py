@@ -9,9 +9,12 @@ batch came out ~4e-9 off (other pad lengths happened to match: a property of the
 rely on), and a cache should hold what the pipeline itself would feed the transformer.
 """
 
+import logging
 from collections.abc import Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def apply_chat_template(tokenizer, caption: str) -> str:
@@ -76,10 +79,25 @@ def offload_text_encoder(text_encoder, device: str | torch.device) -> None:
     """Keep the (CPU-loaded) `text_encoder`'s weights in host RAM and bring one decoder layer at a time to `device`
     while it runs: diffusers' group offloading. On CUDA the weights wait in pinned memory and the next layer is copied
     on a side stream while the current one computes, so the GPU holds about two layers (~0.2 GB each for Qwen3-4B)
-    plus the embeddings (0.8 GB) instead of 8 GB. The same arithmetic as the resident model."""
+    plus the embeddings (0.8 GB) instead of 8 GB. The same arithmetic as the resident model.
+
+    Pinning copies every weight before the unpinned originals are freed, so setting up needs the weights' size again
+    in free host RAM (8 GB for Qwen3-4B). Where less is available, each layer is pinned as it moves instead
+    (diffusers' `low_cpu_mem_usage`): no second copy, slower transfers."""
+    import psutil
     from diffusers.hooks import apply_group_offloading
 
     device = torch.device(device)
+    weights = sum(t.numel() * t.element_size() for t in [*text_encoder.parameters(), *text_encoder.buffers()])
+    # the copy, and a quarter more for the rest of the process (decode workers, Arrow writes)
+    pin_as_needed = psutil.virtual_memory().available < 1.25 * weights
+    if pin_as_needed and device.type == "cuda":
+        logger.warning(
+            "--text_encoder_offload: %.1f GB of host RAM available, too little to pin a copy of the text encoder's "
+            "%.1f GB up front; each layer is pinned as it moves instead (slower)",
+            psutil.virtual_memory().available / 1e9,
+            weights / 1e9,
+        )
     apply_group_offloading(
         text_encoder,
         onload_device=device,
@@ -87,6 +105,7 @@ def offload_text_encoder(text_encoder, device: str | torch.device) -> None:
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=device.type == "cuda",
+        low_cpu_mem_usage=pin_as_needed,
     )
 
 
