@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from zimage_utils import cli
-from zimage_utils.model_loading import require_zimage
+from zimage_utils.model_loading import pin_as_needed, require_zimage
 from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
 
 
@@ -62,12 +62,20 @@ def split_strength(spec: str) -> tuple[str, float]:
 
 def offload_in_layers(pipe, device: str) -> None:
     """Group offloading a block at a time for the transformer and the text encoder (their ModuleLists of blocks and
-    layers), the VAE whole: on CUDA from pinned host RAM, the next group copied on a side stream while one runs."""
+    layers), the VAE whole: on CUDA from pinned host RAM, the next group copied on a side stream while one runs.
+    Pinned up front only where free host RAM holds a second copy of the weights (20 GB more for Z-Image)."""
+    low_ram = pin_as_needed(pipe.transformer, pipe.text_encoder, pipe.vae)
+    if low_ram and device == "cuda":
+        print(
+            "--cpu_offload layers: too little free host RAM to pin a copy of the models up front; pinning each "
+            "block as it moves (slower)"
+        )
     pipe.enable_group_offload(
         onload_device=torch.device(device),
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=device == "cuda",
+        low_cpu_mem_usage=low_ram,
     )
 
 

@@ -84,19 +84,16 @@ def offload_text_encoder(text_encoder, device: str | torch.device) -> None:
     Pinning copies every weight before the unpinned originals are freed, so setting up needs the weights' size again
     in free host RAM (8 GB for Qwen3-4B). Where less is available, each layer is pinned as it moves instead
     (diffusers' `low_cpu_mem_usage`): no second copy, slower transfers."""
-    import psutil
     from diffusers.hooks import apply_group_offloading
 
+    from .model_loading import pin_as_needed
+
     device = torch.device(device)
-    weights = sum(t.numel() * t.element_size() for t in [*text_encoder.parameters(), *text_encoder.buffers()])
-    # the copy, and a quarter more for the rest of the process (decode workers, Arrow writes)
-    pin_as_needed = psutil.virtual_memory().available < 1.25 * weights
-    if pin_as_needed and device.type == "cuda":
+    low_ram = pin_as_needed(text_encoder)
+    if low_ram and device.type == "cuda":
         logger.warning(
-            "--text_encoder_offload: %.1f GB of host RAM available, too little to pin a copy of the text encoder's "
-            "%.1f GB up front; each layer is pinned as it moves instead (slower)",
-            psutil.virtual_memory().available / 1e9,
-            weights / 1e9,
+            "--text_encoder_offload: too little free host RAM to pin a copy of the text encoder up front (its size "
+            "again); each layer is pinned as it moves instead (slower)"
         )
     apply_group_offloading(
         text_encoder,
@@ -105,7 +102,7 @@ def offload_text_encoder(text_encoder, device: str | torch.device) -> None:
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=device.type == "cuda",
-        low_cpu_mem_usage=pin_as_needed,
+        low_cpu_mem_usage=low_ram,
     )
 
 
