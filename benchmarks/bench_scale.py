@@ -15,9 +15,9 @@ runs the trainer on one GPU with a compiled bf16 or fp8_matmul base instead (pea
 `one_gpu` in `main` lists the other one-GPU runs (eager weight transpose, no workers, bf16 at 22 GB, EMA, LoKr, a
 cache with masks and caption variants).
 
-On a device call, give `--out $OUT/scale.json --deadline_s` (the call's limit less ~60 s): each run's log and
-train_log.jsonl are copied beside the JSON as it finishes, and no run outlives the deadline, so a call that would
-have run out of time still brings back what it measured.
+On a device call, give `--out $OUT/scale.json --deadline_s` (the call's limit less ~60 s): each run's log (and
+train_log.jsonl) is copied beside the JSON as it finishes, precompute runs included, and no run outlives the
+deadline, so a call that would have run out of time still brings back what it measured.
 """
 
 import argparse
@@ -53,6 +53,7 @@ RUN_ENV = {
 }
 
 
+PAST_DEADLINE = "not started: past --deadline_s"
 VALIDATION_FLAGS = ["--validation_steps", "8", "--validation_num_inference_steps", "4"]
 
 
@@ -192,9 +193,10 @@ def jpeg_folders(work: Path, sizes: list[int], full: bool) -> dict[int, Path]:
     return folders
 
 
-def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: int = 16) -> dict:
-    """The precompute script on `gpus` processes over the JPEGs in `images`; images/s from wall time (process
-    start, model loading and the merge included) and the main process's own phase timings."""
+def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: int = 16, timeout: float = 0) -> dict:
+    """The precompute script on `gpus` processes over the JPEGs in `images` (killed after `timeout` s, 0 = never);
+    images/s from wall time (process start, model loading and the merge included) and the main process's own phase
+    timings."""
     out = work / f"precompute_{gpus}gpu_{images.name}"
     cmd = [
         "accelerate",
@@ -224,13 +226,13 @@ def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: 
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if full else {"ACCELERATE_USE_CPU": "1"})}
     launched_at, start = time.time(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    returncode, stdout, stderr = launch(cmd, env, timeout)
     wall, exited_at = time.perf_counter() - start, time.time()
-    (work / f"log_precompute_{gpus}.txt").write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
-    lines = (proc.stdout + proc.stderr).splitlines()
+    (work / f"log_precompute_{gpus}_{images.name}.txt").write_text(stdout[-20000:] + "\n" + stderr[-20000:])
+    lines = (stdout + stderr).splitlines()
     line = next((x for x in lines if "images/s over" in x), "")
     phases = next((x for x in lines if x.startswith("time: ")), "")
-    run = (cache_lib.read_manifest(out) or {}).get("last_run") if proc.returncode == 0 else None
+    run = (cache_lib.read_manifest(out) or {}).get("last_run") if returncode == 0 else None
     # Where the wall time goes, from the main process's clock readings: the launcher before the script's process
     # existed, the script's start-up (imports, accelerate), its phases, and the exit after main returned.
     wall_parts = None
@@ -246,7 +248,7 @@ def run_precompute(gpus: int, work: Path, full: bool, images: Path, batch_size: 
         "name": f"precompute_{gpus}gpu_{images.name}",
         "gpus": gpus,
         "images": sum(1 for f in images.iterdir() if f.suffix == ".jpg"),
-        "returncode": proc.returncode,
+        "returncode": returncode,
         "wall_s": wall,  # process start, imports and model loading included
         "script_s": run["seconds"]["total"] if run else None,  # the script's own time, from scan to merge
         "encode_images_per_s": run["encode_images_per_s"] if run else None,  # all images / encode phase
@@ -301,6 +303,21 @@ def same_cache(a: str, b: str) -> bool:
     return x["source"] == y["source"] and x["latents"] == y["latents"] and x["caption_embeds"] == y["caption_embeds"]
 
 
+def launch(cmd: list[str], env: dict, timeout: float = 0) -> tuple[int, str, str]:
+    """Run `cmd` in a process group of its own, so that one past `timeout` seconds (0 = none) is killed with its
+    workers; its return code, stdout and stderr."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += f"\nkilled after {timeout:g} s (--run_timeout, or what --deadline_s left)"
+    return proc.returncode, stdout, stderr
+
+
 def run_trainer(
     name, config, gpus, work, model, cache, steps, extra, tiny_mode, env_extra=None, timeout=0, logging_steps=0
 ) -> dict:
@@ -347,21 +364,12 @@ def run_trainer(
     if tiny_mode and not config.startswith("deepspeed"):  # DeepSpeed runs on the CPU over gloo without it
         env["ACCELERATE_USE_CPU"] = "1"
     start = time.perf_counter()
-    # Its own process group, so that a timed-out launch is killed with its workers
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout or None)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        stderr += f"\nkilled after {timeout:g} s (--run_timeout, or what --deadline_s left)"
+    returncode, stdout, stderr = launch(cmd, env, timeout)
     wall = time.perf_counter() - start
     (work / f"log_{name}.txt").write_text(stdout[-20000:] + "\n" + stderr[-20000:])
-    result = {"name": name, "config": config, "gpus": gpus, "returncode": proc.returncode, "wall_s": wall}
+    result = {"name": name, "config": config, "gpus": gpus, "returncode": returncode, "wall_s": wall}
     log = out / "train_log.jsonl"
-    if proc.returncode != 0 or not log.exists():
+    if returncode != 0 or not log.exists():
         result["error"] = (stderr or stdout)[-1500:]
         return result
     rows = [json.loads(line) for line in log.read_text().splitlines()]
@@ -420,8 +428,9 @@ def main() -> None:
         "--deadline_s",
         type=float,
         default=0,
-        help="Seconds from the start after which no training run starts, and each run is killed when it would go past "
-        "them (0 = none): give a device call's limit less a margin, so the call still ends with its JSON and logs.",
+        help="Seconds from the start after which no training or precompute run starts, and each run is killed when it "
+        "would go past them (0 = none): give a device call's limit less a margin, so the call still ends with its "
+        "JSON and logs.",
     )
     parser.add_argument(
         "--precompute_gpus", default=None, help="Also time precompute on these process counts, e.g. 1,2."
@@ -521,6 +530,21 @@ def main() -> None:
         wanted = args.only.split(",")
         runs = [r for r in runs + [(n, "single_gpu.yaml", 1, x) for n, x in one_gpu] if r[0] in wanted]
     start = time.perf_counter()
+
+    def time_left() -> float | None:
+        """Seconds to --deadline_s, or None without one."""
+        return args.deadline_s - (time.perf_counter() - start) if args.deadline_s else None
+
+    def keep_logs(log: Path, *renamed: tuple[Path, str]) -> None:
+        """Copy a run's log (and `renamed` files: (path, new name)) beside --out, so that a device call bringing
+        back only --out's folder has them too."""
+        keep = Path(args.out).resolve().parent if args.out else work.resolve()
+        if keep == work.resolve():
+            return
+        for path, name in [(log, log.name), *renamed]:
+            if path.exists():
+                shutil.copy(path, keep / name)
+
     make_model(work / "model", full, transformer_weights=bool(runs))
     cache_args = (work / "model", resolution, 64 if full else 8, 2560 if full else 16)
     if runs:
@@ -540,25 +564,20 @@ def main() -> None:
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
         cache = work / next((f"cache_{k}" for k in ("masked", "validation") if name.endswith(f"_{k}")), "cache")
-        timeout = args.run_timeout
-        if args.deadline_s:
-            left = args.deadline_s - (time.perf_counter() - start)
+        timeout, left = args.run_timeout, time_left()
+        if left is not None:
             if left <= 0:
-                error = "not started: past --deadline_s"
-                results.append({"name": name, "config": config, "gpus": gpus, "returncode": None, "error": error})
-                print(f"{name}: not started, past --deadline_s {args.deadline_s:g}", flush=True)
+                results.append(
+                    {"name": name, "config": config, "gpus": gpus, "returncode": None, "error": PAST_DEADLINE}
+                )
+                print(f"{name}: {PAST_DEADLINE} {args.deadline_s:g}", flush=True)
                 continue
             timeout = min(timeout or left, left)
         r = run_trainer(
             name, config, gpus, work, work / "model", cache, steps, extra, args.tiny, env, timeout, args.logging_steps
         )
         results.append(r)
-        if args.out:  # beside the JSON, so a device call that brings back only --out's folder has them too
-            keep = Path(args.out).resolve().parent
-            if keep != work.resolve():
-                shutil.copy(work / f"log_{name}.txt", keep)
-                if (work / f"run_{name}" / "train_log.jsonl").exists():
-                    shutil.copy(work / f"run_{name}" / "train_log.jsonl", keep / f"train_log_{name}.jsonl")
+        keep_logs(work / f"log_{name}.txt", (work / f"run_{name}" / "train_log.jsonl", f"train_log_{name}.jsonl"))
         print(json.dumps({k: v for k, v in r.items() if k != "error"}), flush=True)
         if "error" in r:
             print(r["error"], flush=True)
@@ -572,15 +591,27 @@ def main() -> None:
         folders = jpeg_folders(work, sizes + [64], full)
         gpu_counts = [int(x) for x in args.precompute_gpus.split(",")]
         # Untimed: the first launch pays for compiling Python bytecode and reading the model files into page cache
-        warmup = run_precompute(gpu_counts[0], work, full, folders[64])
-        print(f"warm-up run: rc {warmup['returncode']}, {warmup['wall_s']:.1f} s", flush=True)
+        if time_left() is None or time_left() > 0:
+            warmup = run_precompute(gpu_counts[0], work, full, folders[64], timeout=time_left() or 0)
+            print(f"warm-up run: rc {warmup['returncode']}, {warmup['wall_s']:.1f} s", flush=True)
         for size in sizes:
             runs_of_size = []
             for n in gpu_counts:
-                runs_of_size.append(run_precompute(n, work, full, folders[size]))
+                left = time_left()
+                if left is not None and left <= 0:
+                    name = f"precompute_{n}gpu_{folders[size].name}"
+                    runs_of_size.append(
+                        {"name": name, "gpus": n, "images": size, "returncode": None, "error": PAST_DEADLINE}
+                    )
+                    print(f"precompute on {n} process(es), {size} images: {PAST_DEADLINE}", flush=True)
+                    continue
+                runs_of_size.append(run_precompute(n, work, full, folders[size], timeout=left or 0))
                 print(json.dumps(runs_of_size[-1]), flush=True)
+                keep_logs(work / f"log_precompute_{n}_{folders[size].name}.txt")
             compare_precompute_runs(runs_of_size)
             precompute += runs_of_size
+            if args.out:
+                Path(args.out).write_text(json.dumps({"partial": True, "runs": results, "precompute": precompute}))
         if len(sizes) > 1:
             marginal = marginal_precompute_speedups(precompute, min(sizes), max(sizes))
 
@@ -627,6 +658,9 @@ def main() -> None:
         )
 
     for p in precompute:
+        if "wall_s" not in p:
+            print(f"{p['name']}: {p['error']}")
+            continue
         print(
             f"{p['name']}: rc {p['returncode']}, {p['wall_s']:.1f} s wall, x{p.get('speedup', 1.0):.2f} "
             f"(script x{p.get('script_speedup', 1.0):.2f}, encode loop x{p.get('encode_speedup', 1.0):.2f}), "

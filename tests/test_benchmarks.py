@@ -87,6 +87,10 @@ def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(t
     assert [(r["gpus"], r["images"]) for r in runs] == [(1, 8), (2, 8), (1, 24), (2, 24)]
     assert all(r["returncode"] == 0 for r in runs)
     assert [r.get("identical_to_first") for r in runs] == [None, True, None, True]
+    # each run's log beside --out, as a device call brings back only that folder
+    assert {f"log_precompute_{g}_jpegs_{n}.txt" for g in (1, 2) for n in (8, 24)} <= {
+        f.name for f in tmp_path.iterdir()
+    }
     marginal = report["precompute_marginal"]
     assert marginal["images"] == [8, 24] and marginal["speedup"]["1"] == 1.0
     for gpus in ("1", "2"):  # wall = fixed + images * per-image, at both sizes
@@ -144,6 +148,17 @@ def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     for run in report["runs"]:
         assert run["returncode"] != 0 and "killed after 0.1 s (--run_timeout" in run["error"]
         assert run["wall_s"] < 30  # not left to finish
+
+
+def test_scale_benchmark_starts_no_precompute_run_past_its_deadline(tmp_path):
+    # the multi-GPU precompute comparison on a device call: nothing starts once --deadline_s has passed
+    report = run_tiny_scale(
+        tmp_path, "--only", "none", "--precompute_gpus", "1,2", "--precompute_images", "8", "--deadline_s", "1e-9"
+    )
+    runs = report["precompute"]
+    assert [(r["gpus"], r["images"], r["returncode"]) for r in runs] == [(1, 8, None), (2, 8, None)]
+    assert all(r["error"] == "not started: past --deadline_s" for r in runs)
+    assert report["precompute_marginal"] == {}
 
 
 def test_scale_benchmark_starts_no_run_past_its_deadline(tmp_path):
