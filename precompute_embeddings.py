@@ -200,7 +200,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "while it runs, the next one copied while the current one computes (diffusers' group offloading): for cards "
         "under ~16 GB (on 8 GB with --batch_size 2). The same embeddings, only slower: every text-encoder call moves "
         "all 8 GB, so a larger --text_batch_size (32-64) makes fewer of them. Setting up takes 8 GB more of free host "
-        "RAM for the pinned copy; with less, each layer is pinned as it moves (slower, not timed).",
+        "RAM per process for the pinned copy; with less, each layer is pinned as it moves (slower, not timed).",
     )
     parser.add_argument(
         "--compile",

@@ -498,12 +498,16 @@ def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     assert cache_lib.load_prompt_embeddings(cache)[0].equal(cache_lib.load_prompt_embeddings(reference)[0])
 
 
-@pytest.mark.parametrize("available_gb, pinned_up_front", [(64.0, True), (4.0, False)])
+@pytest.mark.parametrize(
+    "available_gb, processes, pinned_up_front", [(64.0, 1, True), (4.0, 1, False), (64.0, 8, False)]
+)
 def test_offloading_pins_the_text_encoder_up_front_only_where_host_ram_holds_a_second_copy(
-    available_gb, pinned_up_front, tiny_model_dir, monkeypatch
+    available_gb, processes, pinned_up_front, tiny_model_dir, monkeypatch
 ):
-    # Pinning copies every weight before the originals go (8 GB more for Qwen3-4B while setting up): with too little
-    # free host RAM diffusers pins each layer as it moves instead. The tiny encoder is scaled up to Qwen3-4B's 8 GB.
+    # Pinning copies every weight before the originals go (8 GB more for Qwen3-4B while setting up), in every process
+    # on the machine at once: with too little free host RAM diffusers pins each layer as it moves instead. The tiny
+    # encoder is scaled up to Qwen3-4B's 8 GB.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     import diffusers.hooks
     import psutil
 

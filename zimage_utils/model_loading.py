@@ -271,11 +271,13 @@ def load_transformer(
 def pin_as_needed(*modules: torch.nn.Module) -> bool:
     """Whether diffusers' group offloading should pin each group as it moves (`low_cpu_mem_usage`) rather than pin a
     copy of every weight up front: pinning copies the weights before the unpinned originals are freed, so it needs
-    their size again in free host RAM (and a quarter more for the rest of the process)."""
+    their size again in free host RAM (and a quarter more for the rest of the process), in each of the processes
+    launched on this machine (LOCAL_WORLD_SIZE, set by accelerate and torchrun), which all do so at once."""
     import psutil
 
     weights = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
-    return psutil.virtual_memory().available < 1.25 * weights
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return psutil.virtual_memory().available < 1.25 * weights * processes
 
 
 def load_scheduler(path: str, revision: str | None = None, local_files_only: bool | None = None):
