@@ -45,6 +45,7 @@ from zimage_utils.precompute import (
     ShardWriter,
     encode_ahead,
     encode_batch,
+    gpu_memory_report,
     load_shards,
     merge,
     plan_batches,
@@ -531,6 +532,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             "encode_images_per_s": new / max(seconds["encode"], 1e-9),
             "processes": world,
         }
+        gpu_memory, gpu_memory_line = gpu_memory_report(device, args.batch_size, args.resolution)
+        if gpu_memory:
+            stats["gpu_memory_gib"] = gpu_memory
         num_masked = cache_lib.count_masked(merged)
         cache_lib.write_json_atomic(
             Path(args.output_dir) / cache_lib.MANIFEST_NAME,
@@ -568,6 +572,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             f"encode {seconds['encode']:.1f} s ({stats['encode_images_per_s']:.1f} images/s{compiling}), "
             f"merge and write {seconds['merge']:.1f} s"
         )
+        if gpu_memory_line:
+            logger.info(gpu_memory_line)
     accelerator.end_training()
     return stats
 

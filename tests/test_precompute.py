@@ -551,6 +551,24 @@ def test_precompute_lets_the_cuda_allocator_expand_its_segments_unless_the_user_
     assert seen == [user_setting or "expandable_segments:True"]
 
 
+def test_the_run_reports_its_peak_gpu_memory_and_an_images_cost_on_cuda_only(monkeypatch):
+    # so a user can size --batch_size to their card (CI has no GPU: CUDA's counters are stood in for)
+    from types import SimpleNamespace
+
+    from zimage_utils.precompute import gpu_memory_report
+
+    assert gpu_memory_report(torch.device("cpu"), 8, 1024) == (None, "")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 12.17 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 15.22 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * 2**30))
+    figures, line = gpu_memory_report(torch.device("cuda", 0), 8, 512)
+    assert figures == pytest.approx({"allocated": 12.17, "reserved": 15.22, "card": 24.0})
+    assert line == (
+        "GPU memory (this process): peak 12.2 GiB allocated, 15.2 reserved, of the card's 24.0; at --batch_size 8 "
+        "and 512 px each image of a batch takes ~0.4 GiB"
+    )
+
+
 def test_running_out_of_gpu_memory_ends_with_what_to_change_and_keeps_finished_parts(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys
 ):

@@ -47,6 +47,10 @@ from .images import (
 from .latents import encode_images, pil_to_tensor
 from .text_encoding import encode_captions
 
+# GPU memory the VAE's encoder takes per image of a batch, per 2^20 pixels: 12.2 GiB for 8 images at 1024² (H200,
+# docs/BENCHMARKS.md, session 14); the text encoder's activations peak lower.
+VAE_GIB_PER_MEGAPIXEL = 1.5
+
 
 def item_seed(seed: int, source: str) -> int:
     """A 63-bit seed that depends only on the run's seed and the item, not on which process or batch it is in."""
@@ -456,6 +460,25 @@ def merge(
     dropped = sorted(s for s in last if current is not None and s not in current)
     keep = [last[s] for s in sorted(last) if current is None or s in current]
     return merged.select(keep), dropped
+
+
+def gpu_memory_report(device: torch.device, batch_size: int, resolution: int) -> tuple[dict | None, str]:
+    """On CUDA, the process's peak GPU memory (GiB allocated and reserved, and the card's total) and a line saying it,
+    with what one more image per batch costs, so a user can size --batch_size to their card; else (None, "")."""
+    if device.type != "cuda":
+        return None, ""
+    gib = {
+        "allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+        "reserved": torch.cuda.max_memory_reserved(device) / 2**30,
+        "card": torch.cuda.get_device_properties(device).total_memory / 2**30,
+    }
+    # the VAE's activations, measured on an H200 at 1024² (docs/BENCHMARKS.md, session 14), scale with the area
+    per_image = VAE_GIB_PER_MEGAPIXEL * resolution**2 / 2**20
+    return gib, (
+        f"GPU memory (this process): peak {gib['allocated']:.1f} GiB allocated, {gib['reserved']:.1f} reserved, of "
+        f"the card's {gib['card']:.1f}; at --batch_size {batch_size} and {resolution} px each image of a batch takes "
+        f"~{per_image:.1f} GiB"
+    )
 
 
 def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:
