@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -202,17 +203,10 @@ def run_script(
         precompute_embeddings.encode_batch = lambda *a, text_stream=None, **k: encode_batch(*a, **k)
     if run["sdpa"]:  # the VAE's attention through diffusers' processor (SDPA), as before vae_attention.py
         precompute_embeddings.use_chunked_attention = lambda vae: vae.set_attn_processor(AttnProcessor2_0())
-    cuda = torch.cuda.is_available()
-    if cuda:  # what the run adds to the GPU memory the benchmark already holds (its own models, resident)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        held = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     try:
-        stats = precompute_embeddings.main(precompute_embeddings.parse_args(cli))
-        if cuda:
-            stats["added_gib"] = round((torch.cuda.max_memory_allocated() - held[0]) / 2**30, 2)
-            stats["added_reserved_gib"] = round((torch.cuda.max_memory_reserved() - held[1]) / 2**30, 2)
+        with added_gpu_memory(torch.cuda.is_available()) as added:
+            stats = precompute_embeddings.main(precompute_embeddings.parse_args(cli))
+        stats.update(added)
     finally:
         precompute_embeddings.encode_batch = encode_batch
         precompute_embeddings.use_chunked_attention = use_chunked_attention
@@ -220,6 +214,24 @@ def run_script(
     embeds = [e for _, e in sorted(zip(dataset["source"], dataset["caption_embeds"]))]
     shutil.rmtree(out)  # 2 GB per 1000 images at 1024², twice (parts and merged data)
     return stats, embeds
+
+
+@contextmanager
+def added_gpu_memory(cuda: bool):
+    """Yields a dict that, on leaving, holds the peak GPU memory the block added to what was already held (GiB
+    allocated and reserved: "added_gib", "added_reserved_gib"); stays empty when `cuda` is False."""
+    added = {}
+    if not cuda:
+        yield added
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    yield added
+    torch.cuda.synchronize()
+    added["added_gib"] = round((torch.cuda.max_memory_allocated() - allocated) / 2**30, 2)
+    added["added_reserved_gib"] = round((torch.cuda.max_memory_reserved() - reserved) / 2**30, 2)
 
 
 def top_kernels(fn, steps: int = 3, n: int = 10) -> list:
@@ -346,13 +358,9 @@ def text_offload_rows(text_encoder, tokenizer, captions, exact, device, repeats:
         model = offloaded_copy(text_encoder, device, way)
         for bs in (16, 64):
             call = partial(encode_captions, captions[:bs], tokenizer, model, 512, device, "longest")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-            s = timed(call, repeats, device)
-            added = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else 0.0
-            row(f"text offload {way} pad=longest", bs, bs / s, added_gib=round(added, 2))
+            with added_gpu_memory(device.type == "cuda") as added:
+                s = timed(call, repeats, device)
+            row(f"text offload {way} pad=longest", bs, bs / s, added_gib=added.get("added_gib", 0.0))
         offloaded, _ = encode_captions(captions[:16], tokenizer, model, 512, device, "max_length")
         results[f"text_offload_{way}_bit_identical"] = all(torch.equal(a, b) for a, b in zip(exact, offloaded))
         del model, offloaded
