@@ -9,6 +9,7 @@ A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors fi
 """
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +112,7 @@ def main(args: argparse.Namespace) -> None:
         pipe.to(device)
     defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]
     guidance = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
+    start = time.perf_counter()
     images = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt if guidance > 0 else None,
@@ -121,7 +123,21 @@ def main(args: argparse.Namespace) -> None:
         num_images_per_prompt=args.num_images,
         generator=torch.Generator(device=device).manual_seed(args.seed),
     ).images
+    print(sampling_report(len(images), time.perf_counter() - start, device))
     print(f"image written to {save_grid(images, args.output)}")
+
+
+def sampling_report(num_images: int, seconds: float, device: str) -> str:
+    """How long sampling took (prompt encoding and decoding included, loading not) and, on CUDA, the peak GPU memory
+    since the start (what a smaller card must hold)."""
+    line = f"sampled {num_images} image(s) in {seconds:.1f} s"
+    if device == "cuda":
+        gib = 2**30
+        line += (
+            f"; peak GPU memory {torch.cuda.max_memory_allocated() / gib:.2f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved() / gib:.2f} GiB reserved"
+        )
+    return line
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zimage_utils.base_precision import cpu_has_rowwise_fp8
 from zimage_utils.cache import load_prompt_embeddings
@@ -176,3 +178,34 @@ def test_saved_activations_benchmark_sees_checkpointing_keep_less(tmp_path):
     assert none["checkpointing"] == "none" and checkpointed["checkpointing"] == "all"
     assert 0 < checkpointed["saved_gib"] < none["saved_gib"] / 2
     assert none["s_per_step"] > 0 and sum(none["largest_saved_gib"].values()) <= none["saved_gib"]
+
+
+def test_generate_benchmark_samples_the_same_image_with_and_without_offload(tmp_path):
+    report = run_benchmark(
+        "bench_generate.py",
+        "--tiny",
+        "--work",
+        str(tmp_path),
+        "--ways",
+        "none,layers",
+        "--out",
+        str(tmp_path / "g.json"),
+    )
+    none, layers = report["runs"]
+    assert (none["way"], layers["way"]) == ("none", "layers")
+    assert none["sampling_s"] > 0 and layers["sampling_s"] > 0
+    assert np.asarray(Image.open(none["image"])).std() > 0  # a picture, not a blank
+    assert layers["max_pixel_diff_vs_first"] == 0
+
+
+def test_generate_benchmark_reads_the_peak_memory_generate_prints_on_cuda(monkeypatch):
+    import generate
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_generate import REPORT
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 4.5 * 2**30)
+    found = REPORT.search(generate.sampling_report(2, 12.34, "cuda"))
+    assert (found["seconds"], found["allocated"], found["reserved"]) == ("12.3", "3.00", "4.50")
+    assert REPORT.search(generate.sampling_report(1, 0.5, "cpu"))["allocated"] is None
