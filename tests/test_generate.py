@@ -83,7 +83,7 @@ def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, 
 
 
 def test_model_and_layer_offload_sample_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
-    """--cpu_offload (model) and --cpu_offload layers go through diffusers' offload hooks (here between the CPU and
+    """--cpu_offload model and --cpu_offload (layers) go through diffusers' offload hooks (here between the CPU and
     itself: CI has no GPU) and change nothing in the image."""
     offloaded, grouped, hooked = [], [], {}
     model, groups = ZImagePipeline.enable_model_cpu_offload, ZImagePipeline.enable_group_offload
@@ -99,7 +99,7 @@ def test_model_and_layer_offload_sample_the_same_image(tiny_model_dir, tmp_path,
     flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "lora")]
     flags += ["--prompt", "a red circle", "--height", "64", "--width", "64", "--num_inference_steps", "2"]
     pictures = []
-    for extra in ([], ["--cpu_offload"], ["--cpu_offload", "layers"]):
+    for extra in ([], ["--cpu_offload", "model"], ["--cpu_offload"]):  # bare: layers
         out = tmp_path / f"sample{len(pictures)}.png"
         generate.main(generate.parse_args(flags + extra + ["--output", str(out)]))
         pictures.append(np.asarray(Image.open(out)))
