@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
     require_zimage(args.pretrained_model_name_or_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype)
+    pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
     for i, spec in enumerate(args.lora):
         path, strength = split_strength(spec)

@@ -89,7 +89,7 @@ diffusers:
 import torch
 from diffusers import ZImagePipeline
 
-pipe = ZImagePipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = ZImagePipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("path/to/this/folder")  # or its hub id
 image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale={sampling["guidance"]}).images[0]
 ```

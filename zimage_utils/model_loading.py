@@ -203,7 +203,7 @@ def load_vae(
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", torch_dtype=dtype, revision=revision, local_files_only=offline_default(local_files_only)
+        path, subfolder="vae", dtype=dtype, revision=revision, local_files_only=offline_default(local_files_only)
     )
     vae.to(device).eval().requires_grad_(False)
     return vae
@@ -235,7 +235,7 @@ def load_transformer(
         quantized = {"quantization_config": quantization_config, "device_map": {"": str(torch.device(device))}}
     if single_file is None:
         transformer = ZImageTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype, revision=revision, local_files_only=offline, **quantized
+            path, subfolder="transformer", dtype=dtype, revision=revision, local_files_only=offline, **quantized
         )
     else:
         is_url = single_file.startswith(("https://", "http://"))
@@ -251,7 +251,7 @@ def load_transformer(
                 config=path,
                 subfolder="transformer",
                 config_revision=revision,
-                torch_dtype=dtype,
+                dtype=dtype,
                 local_files_only=offline,
                 **quantized,
             )
