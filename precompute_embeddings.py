@@ -39,6 +39,7 @@ from zimage_utils.model_loading import (
     require_zimage,
 )
 from zimage_utils.precompute import (
+    KEY_COLUMNS,
     CaptionGroups,
     PixelDataset,
     ScanDataset,
@@ -49,6 +50,7 @@ from zimage_utils.precompute import (
     load_shards,
     merge,
     plan_batches,
+    record_key,
     summarise,
 )
 from zimage_utils.step_options import raise_recompile_limit
@@ -114,6 +116,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Each line of a caption is a variant (a list in metadata.jsonl or a dataset column gives one per item): "
         "all are cached, and training draws one per item per epoch.",
+    )
+    parser.add_argument(
+        "--preservation_class",
+        default=None,
+        help='With --caption_prefix: also cache each caption with the trigger replaced by this class ("sks person, '
+        'smiling" -> "person, smiling"), for the trainer\'s --preservation_weight (ai-toolkit\'s differential '
+        "output preservation).",
     )
     parser.add_argument(
         "--mask_dir",
@@ -229,6 +238,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mask_column goes with --dataset_name and without --alpha_mask (masks come from one place)")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         parser.error(f"--mask_dir {args.mask_dir} is not a folder: point it at the folder holding the masks")
+    if args.preservation_class and not (args.caption_prefix or "").strip():
+        parser.error("--preservation_class replaces the trigger word: give it with --caption_prefix")
     return args
 
 
@@ -291,7 +302,9 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
         diffs = cache_lib.fingerprint_mismatches(
             {k: v for k, v in fingerprint.items() if k != "model"}, {k: v for k, v in previous.items() if k != "model"}
         )
-        if diffs or (manifest is not None and manifest.get("format_version") != cache_lib.CACHE_FORMAT_VERSION):
+        if diffs or (
+            manifest is not None and manifest.get("format_version") not in cache_lib.READABLE_FORMAT_VERSIONS
+        ):
             raise cache_lib.CacheError(
                 f"{out} holds a cache made differently ({'; '.join(diffs) or 'older format'}): "
                 "pass --overwrite to rebuild it, or choose another --output_dir."
@@ -354,11 +367,12 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         if not accelerator.is_main_process:
             existing = prepare_output_dir_readonly(args.output_dir)
     # An item is re-encoded when its image bytes or its final captions (edited .txt, new --caption_prefix) changed.
+    existing = cache_lib.add_missing_columns(existing) if existing is not None else None  # (an older format's)
     done = {
-        (r["source"], r["content_hash"], r["caption"], *r["caption_variants"])
+        record_key(r)
         for part in [existing, *load_shards(args.output_dir)]
         if part is not None
-        for r in part.select_columns(["source", "content_hash", "caption", "caption_variants"])
+        for r in part.select_columns(list(KEY_COLUMNS))
     }
 
     # Find items; this process takes every world-th one
@@ -388,7 +402,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             skipped.append({"source": result["source"], "reason": result["skipped"]})
             continue
         fitted.append(result["planned"])
-        if (result["planned"].item.source, result["planned"].content_hash, *result["planned"].texts) not in done:
+        if result["planned"].key not in done:
             planned.append(result["planned"])
 
     scanned = time.perf_counter()

@@ -268,6 +268,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "learned at all, e.g. 0.1 = a little background; 1 = masks ignored.",
     )
     p.add_argument(
+        "--preservation_weight",
+        type=float,
+        default=0.0,
+        help="Differential output preservation (ai-toolkit's): with the trigger replaced by the class (a cache made "
+        "with --preservation_class), the LoRA must predict what the base model does, weighted this much (e.g. 1); "
+        "keeps the LoRA from changing every person, not only yours. Slower: see docs/BENCHMARKS.md. 0 = off.",
+    )
+    p.add_argument(
         "--group_by_caption_length",
         action="store_true",
         help="Batch only equal caption lengths (no attention mask; needs enough same-length items).",
@@ -320,8 +328,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--loss_weights takes one weight of at least 0 per --precomputed_dir ({len(args.precomputed_dir)} given)"
         )
-    if not 0 <= args.mask_floor <= 1:
-        p.error("--mask_floor is a loss weight between 0 and 1")
+    if not 0 <= args.mask_floor <= 1 or args.preservation_weight < 0:
+        p.error("--mask_floor is a loss weight between 0 and 1, --preservation_weight one of at least 0")
     if not 0 <= args.sigma_range[0] < args.sigma_range[1] <= 1:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):

@@ -81,7 +81,8 @@ def finish(process: subprocess.Popen, log_path) -> str:
 
 
 def masked_cache_with_variants(model_dir, data_dir, folder: Path) -> Path:
-    """`tiny_data_dir` cached with a half-black loss mask per image and two caption variants per caption."""
+    """`tiny_data_dir` cached with a half-black loss mask per image, two caption variants per caption, and
+    preservation captions."""
     data, masks = shutil.copytree(data_dir, folder / "data"), folder / "masks"
     masks.mkdir()
     for image in data.glob("*.png"):
@@ -89,7 +90,16 @@ def masked_cache_with_variants(model_dir, data_dir, folder: Path) -> Path:
             half_mask(*picture.size).save(masks / image.name)
         caption = image.with_suffix(".txt")
         caption.write_text(f"{caption.read_text()}\nanother way to say it")
-    return precompute(model_dir, data, folder / "cache", "--mask_dir", str(masks), "--caption_variants")
+    flags = [
+        "--mask_dir",
+        str(masks),
+        "--caption_variants",
+        "--caption_prefix",
+        "sks",
+        "--preservation_class",
+        "shape",
+    ]
+    return precompute(model_dir, data, folder / "cache", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +124,7 @@ def runs(tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path_factory) -> dic
     run_together(("ddp", out["ddp"], {}), ("zero2", out["zero2"], {}))
     run_together(("zero3", out["zero3"], {}), ("zero3", out["zero3_resumed"], {"max_train_steps_this_run": 2}))
     out["checkpoints_at_stop"] = [p.name for p in list_checkpoints(out["zero3_resumed"])]
-    loraplus = {"loraplus_lr_ratio": 4, "max_train_steps": 1, "checkpointing_steps": 1}
+    loraplus = {"loraplus_lr_ratio": 4, "max_train_steps": 2, "checkpointing_steps": 1, "preservation_weight": 1.0}
     out["resume_log"], out["loraplus_log"] = run_together(
         ("zero3", out["zero3_resumed"], {"resume_from_checkpoint": "latest"}),
         ("zero3", out["zero3_loraplus"], loraplus),
@@ -182,8 +192,11 @@ def test_zero3_resume_reproduces_the_uninterrupted_run_exactly(runs):
 
 def test_loraplus_under_zero3_moves_the_b_factors_ratio_times_the_learning_rate(runs):
     """Adam's first step moves each B entry by lr · ratio where its gradient is not tiny (A gets none: B starts at
-    zero). Without the LoRA+ groups reaching DeepSpeed's optimiser, the largest move would be lr."""
+    zero; nor does the preservation loss, zero while the LoRA is). Without the LoRA+ groups reaching DeepSpeed's
+    optimiser, the largest move would be lr."""
     assert "12 items with a loss mask" in runs["loraplus_log"]  # masks and caption variants under ZeRO-3 too
+    # the base model's prediction (adapters off, no grad) on every rank, then a preservation loss once the LoRA moved
+    assert [r["loss/preservation"] > 1e-9 for r in losses(runs["zero3_loraplus"])] == [False, True]
     lora, _ = load_lora_file(runs["zero3_loraplus"] / "checkpoint-1" / LORA_WEIGHT_NAME)
     largest = max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k)
     assert largest == pytest.approx(4 * DEFAULT_FLAGS["learning_rate"], rel=1e-3)

@@ -604,6 +604,7 @@ def _record(i: int) -> dict:
         "latents": bytes([i]) * 8, "latents_flipped": b"", "caption_embeds": bytes([i]) * 4,
         "caption_length": 2, "caption_truncated": False, "mask": b"",
         "caption_variants": [], "variant_embeds": b"", "variant_lengths": [],
+        "preservation_caption": "", "preservation_embeds": b"", "preservation_length": 0,
     }  # fmt: skip
 
 

@@ -22,8 +22,10 @@ import torch
 from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # the trainer still reads version 1 (no loss masks, no caption variants)
+CACHE_FORMAT_VERSION = 3
+# the trainer still reads version 1 (no loss masks, no caption variants) and 2 (no preservation captions), and
+# precompute extends them (`add_missing_columns`)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
@@ -52,8 +54,23 @@ FEATURES = datasets.Features(
         "caption_variants": datasets.Sequence(datasets.Value("string")),  # the other captions (--caption_variants)
         "variant_embeds": datasets.Value("binary"),  # [sum(variant_lengths), embed_dim], one variant after the other
         "variant_lengths": datasets.Sequence(datasets.Value("int32")),  # tokens kept per variant
+        # --preservation_class: the caption with its trigger replaced by the class ("" when none), its embedding
+        # [preservation_length, embed_dim] (b"" when none) and tokens kept (0 when none)
+        "preservation_caption": datasets.Value("string"),
+        "preservation_embeds": datasets.Value("binary"),
+        "preservation_length": datasets.Value("int32"),
     }
 )
+# what each column added since version 1 holds in a record of an older cache
+ADDED_COLUMN_DEFAULTS = {
+    "mask": b"",
+    "caption_variants": [],
+    "variant_embeds": b"",
+    "variant_lengths": [],
+    "preservation_caption": "",
+    "preservation_embeds": b"",
+    "preservation_length": 0,
+}
 
 
 class CacheError(ValueError):
@@ -78,6 +95,15 @@ def records_to_dataset(records: list[dict[str, Any]], fingerprint: str) -> datas
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=FEATURES), fingerprint=fingerprint)
 
 
+def add_missing_columns(dataset: datasets.Dataset) -> datasets.Dataset:
+    """An older cache's records with the columns added since (`ADDED_COLUMN_DEFAULTS`), so that new records can be
+    merged into it (the columns come in FEATURES' order: each was added at the end)."""
+    for name, default in ADDED_COLUMN_DEFAULTS.items():
+        if name not in dataset.column_names:
+            dataset = dataset.add_column(name, [default] * len(dataset), feature=FEATURES[name])
+    return dataset
+
+
 def latent_shape(record: dict[str, Any], manifest: dict[str, Any]) -> tuple[int, int, int]:
     """[C, H/f, W/f] of a record's latents, f being the VAE's downsampling factor recorded in the manifest."""
     f = manifest["fingerprint"]["vae_downsample"]
@@ -88,7 +114,7 @@ def decode_record(record: dict[str, Any], manifest: dict[str, Any]) -> dict[str,
     """Tensors of one cache record, in the stored dtypes: `latents` [C, h, w], `latents_flipped` [C, h, w] or None
     when the cache has no mirrored latents, `caption_embeds` [L, D], and `mask` uint8 [1, h, w] (the loss weight of
     each latent pixel, 0-255) or None when the item has no loss mask, and `caption_variants`: the [L_i, D] embeddings
-    of the item's other captions ([] when it has none)."""
+    of the item's other captions ([] when it has none), `preservation_embeds` [L, D] or None (see FEATURES)."""
     fp = manifest["fingerprint"]
     dtype, shape = DTYPES[fp["latent_dtype"]], latent_shape(record, manifest)
     flipped, mask = record["latents_flipped"], record.get("mask")  # (version 1 has no mask column)
@@ -98,7 +124,13 @@ def decode_record(record: dict[str, Any], manifest: dict[str, Any]) -> dict[str,
         variants = list(
             bytes_to_tensor(record["variant_embeds"], DTYPES[fp["embedding_dtype"]], embed_shape).split(lengths)
         )
+    preservation = record.get("preservation_embeds")  # (versions 1 and 2 have none)
     return {
+        "preservation_embeds": bytes_to_tensor(
+            preservation, DTYPES[fp["embedding_dtype"]], (record["preservation_length"], fp["embed_dim"])
+        )
+        if preservation
+        else None,
         "caption_variants": variants,
         "mask": bytes_to_tensor(mask, torch.uint8, (1, *shape[1:])) if mask else None,
         "latents": bytes_to_tensor(record["latents"], dtype, shape),

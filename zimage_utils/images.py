@@ -310,10 +310,23 @@ def resolve_caption(
         else:
             missing = f"{TRIGGER_PLACEHOLDER} left as it is: pass --caption_prefix to put a trigger word there"
             note = f"{note}; {missing}" if note else missing
-    elif prefix and not re.search(rf"(?<!\w){re.escape(prefix)}(?!\w)", caption):
+    elif prefix and not _whole_words(prefix).search(caption):
         # "sks dog" and "a photo of sks dog" hold the trigger "sks"; "sksdog" does not
         caption = f"{prefix}, {caption}"
     return caption, note
+
+
+def _whole_words(text: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)")
+
+
+def preservation_caption(caption: str, trigger: str, class_words: str) -> str | None:
+    """The caption with every whole-word `trigger` replaced by `class_words` ("sks person, smiling" → "person,
+    smiling"): what the base model should still draw for it (differential output preservation). None when the
+    caption does not hold the trigger."""
+    trigger, class_words = trigger.strip(), class_words.strip()
+    found = _whole_words(trigger)
+    return found.sub(lambda _: class_words, caption) if trigger and found.search(caption) else None
 
 
 # ----------------------------------------------------------------------------------------------------------

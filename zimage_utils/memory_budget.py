@@ -258,17 +258,26 @@ def out_of_memory_explained(args, step: int, batch: dict, zero_stage: int = 0):
 
 
 def worst_case_batch(
-    bucket_sizes: list[tuple[int, int]], caption_lengths: list[int], batch_size: int, channels: int, cap_dim: int
+    bucket_sizes: list[tuple[int, int]],
+    caption_lengths: list[int],
+    batch_size: int,
+    channels: int,
+    cap_dim: int,
+    preservation: bool = False,
 ) -> dict:
     """A batch as large as any the dataset gives: the bucket with the most pixels and the longest caption, at the
-    training batch size (values are random; memory depends only on shapes). Latents are 8× smaller than pixels."""
+    training batch size (values are random; memory depends only on shapes). Latents are 8× smaller than pixels.
+    `preservation`: every item also has a preservation caption of that length (--preservation_weight)."""
     h, w = max(bucket_sizes, key=lambda hw: hw[0] * hw[1])
     length = max(caption_lengths)
     g = torch.Generator().manual_seed(0)
-    return {
+    batch = {
         "latents": torch.randn(batch_size, channels, h // 8, w // 8, generator=g),
         "caption_embeds": [torch.randn(length, cap_dim, generator=g) for _ in range(batch_size)],
     }
+    if preservation:
+        batch["preservation_embeds"] = [torch.randn(length, cap_dim, generator=g) for _ in range(batch_size)]
+    return batch
 
 
 def check_memory_options(args, accelerator) -> None:
@@ -280,6 +289,13 @@ def check_memory_options(args, accelerator) -> None:
                 f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
                 "--gradient_checkpointing_blocks N or --max_memory_gb"
             )
+    if args.checkpoint_keep_attention and args.preservation_weight and deepspeed_stage(accelerator) == 3:
+        # ZeRO-3 then gathers parameters a different number of times when the checkpoint recomputes a block than
+        # when it first ran, which selective checkpointing refuses ("... not found in storage")
+        raise ValueError(
+            "--checkpoint_keep_attention and --preservation_weight do not work together under ZeRO-3: drop "
+            "--checkpoint_keep_attention (plain --gradient_checkpointing works)"
+        )
     if not args.max_memory_gb:
         return
     if accelerator.device.type != "cuda":
@@ -291,12 +307,16 @@ def check_memory_options(args, accelerator) -> None:
 
 
 def item_shapes(train) -> tuple[list[tuple[int, int]], list[int]]:
-    """(bucket (h, w), longest caption in tokens: the first or any variant) of every item of `train`, a
-    `CachedLatentsDataset`."""
-    shapes = train.columns(
-        ["bucket_height", "bucket_width", "caption_length", "variant_lengths"], defaults={"variant_lengths": []}
-    )
-    lengths = [max([first, *variants]) for first, variants in zip(shapes["caption_length"], shapes["variant_lengths"])]
+    """(bucket (h, w), longest caption in tokens: the first, any variant or the preservation caption) of every item of
+    `train`, a `CachedLatentsDataset`."""
+    names = ["bucket_height", "bucket_width", "caption_length", "variant_lengths", "preservation_length"]
+    shapes = train.columns(names, defaults={"variant_lengths": [], "preservation_length": 0})
+    lengths = [
+        max([first, *variants, preserved])
+        for first, variants, preserved in zip(
+            shapes["caption_length"], shapes["variant_lengths"], shapes["preservation_length"]
+        )
+    ]
     return list(zip(shapes["bucket_height"], shapes["bucket_width"])), lengths
 
 
@@ -309,6 +329,7 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         args.train_batch_size,
         model.config.in_channels,
         model.config.cap_feat_dim,
+        preservation=config.preservation_weight > 0,
     )
     seeds = list(range(args.train_batch_size))
     reserve, reserve_for = optimizer_state_gib(params, args.optimizer), "optimiser state"

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
-from .cache import FEATURES, SHARDS_DIR, records_to_dataset, tensor_to_bytes
+from .cache import FEATURES, SHARDS_DIR, add_missing_columns, records_to_dataset, tensor_to_bytes
 from .images import (
     DATASET_MASK_COLUMN,
     BadImageError,
@@ -41,6 +41,7 @@ from .images import (
     kohya_folder,
     load_image,
     load_mask,
+    preservation_caption,
     read_image_size,
     resolve_caption,
 )
@@ -69,11 +70,25 @@ class Planned:
     crop: CropBox
     mask: ImageItem | None = None  # its loss mask: a file (--mask_dir) or a dataset cell (--mask_column)
     variants: tuple[str, ...] = ()  # its other captions (--caption_variants)
+    preservation: str = ""  # its caption with the trigger replaced by the class (--preservation_class); "": none
+
+    @property
+    def key(self) -> tuple:
+        """What makes its cached record current (`record_key`): an item whose key changed is encoded again."""
+        return (self.item.source, self.content_hash, self.caption, self.preservation, *self.variants)
 
     @property
     def texts(self) -> list[str]:
-        """Every caption to encode for this item, the first one first."""
-        return [self.caption, *self.variants]
+        """Every caption to encode for this item: the first one, its variants, its preservation caption."""
+        return [self.caption, *self.variants] + ([self.preservation] if self.preservation else [])
+
+
+KEY_COLUMNS = ("source", "content_hash", "caption", "preservation_caption", "caption_variants")
+
+
+def record_key(record: dict[str, Any]) -> tuple:
+    """A cache record's `Planned.key` (`record` holds at least KEY_COLUMNS)."""
+    return (*(record[c] for c in KEY_COLUMNS[:-1]), *record["caption_variants"])
 
 
 class ScanDataset(torch.utils.data.Dataset):
@@ -99,6 +114,11 @@ class ScanDataset(torch.utils.data.Dataset):
         if caption is None:
             return {"source": item.source, "skipped": note, "notes": []}
         variants = tuple(resolve_caption(line, args.caption_prefix, None)[0] for line in lines[1:])
+        preservation = ""
+        if args.preservation_class:
+            preservation = preservation_caption(caption, args.caption_prefix, args.preservation_class) or ""
+            if not preservation:
+                notes.append(f"caption holds no {args.caption_prefix!r}: no preservation caption for it")
         try:
             digest = content_hash(item, self.hf_dataset)
             height, width = read_image_size(item, self.hf_dataset)
@@ -120,7 +140,7 @@ class ScanDataset(torch.utils.data.Dataset):
             return {"source": item.source, "skipped": reason, "notes": []}
         rng = random.Random(item_seed(args.seed, item.source))
         crop = plan_crop(height, width, bucket, args.crop, rng)
-        planned = Planned(item, caption, digest, (height, width), bucket, crop, mask, variants)
+        planned = Planned(item, caption, digest, (height, width), bucket, crop, mask, variants, preservation)
         return {"planned": planned, "notes": notes}
 
     def find_mask(self, item: ImageItem) -> ImageItem | None:
@@ -258,7 +278,7 @@ class EncodedBatch:
         records = []
         for i, p in enumerate(self.planned):
             flipped = tensor_to_bytes(self.flipped[i], self.flipped.dtype) if self.flipped is not None else b""
-            n = len(p.texts)  # this item's captions: the first, then its variants
+            n = len(p.texts)  # this item's captions: the first, its variants, its preservation caption
             mine, embeds = embeds[:n], embeds[n:]
             mine_lengths, lengths = lengths[:n], lengths[n:]
             mine_truncated, truncated = truncated[:n], truncated[n:]
@@ -279,8 +299,11 @@ class EncodedBatch:
                     "caption_truncated": any(mine_truncated),
                     "mask": self.masks[i] if self.masks else b"",
                     "caption_variants": list(p.variants),
-                    "variant_embeds": b"".join(tensor_to_bytes(e, e.dtype) for e in mine[1:]),
-                    "variant_lengths": mine_lengths[1:],
+                    "variant_embeds": b"".join(tensor_to_bytes(e, e.dtype) for e in mine[1 : 1 + len(p.variants)]),
+                    "variant_lengths": mine_lengths[1 : 1 + len(p.variants)],
+                    "preservation_caption": p.preservation,
+                    "preservation_embeds": tensor_to_bytes(mine[-1], mine[-1].dtype) if p.preservation else b"",
+                    "preservation_length": mine_lengths[-1] if p.preservation else 0,
                 }
             )
         return records
@@ -443,7 +466,7 @@ def load_shards(cache_dir: str | Path) -> list[datasets.Dataset]:
         return []
     # Oldest first (names end in time_ns), so merge() lets a re-encoded item's newest record win whatever rank made it.
     parts = sorted((p for p in shard_dir.glob("rank*") if p.is_dir()), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    return [datasets.load_from_disk(str(p)) for p in parts]
+    return [add_missing_columns(datasets.load_from_disk(str(p))) for p in parts]  # (an older version's parts too)
 
 
 def merge(

@@ -229,14 +229,17 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latents [B,C,h,w] (one bucket per batch, so equal shapes); keep caption embeddings as a list of
     [L_i, D], which is what the transformer takes. "masks": uint8 [B,1,h,w] when any item has a loss mask (255
     everywhere for those without), else None. "caption_variants": per item, the list of its other captions'
-    embeddings, when any item has one, else None. "loss_weights": [B] float when any item's is not 1, else None."""
+    embeddings, when any item has one, else None. "loss_weights": [B] float when any item's is not 1, else None.
+    "preservation_embeds": per item, its preservation caption's embedding or None, when any item has one, else None."""
     masks = None
     if any(it.get("mask") is not None for it in items):
         whole = torch.full((1, *items[0]["latents"].shape[1:]), 255, dtype=torch.uint8)
         masks = torch.stack([it["mask"] if it.get("mask") is not None else whole for it in items])
     variants = [it.get("caption_variants") or [] for it in items]
     weights = [it.get("loss_weight", 1.0) for it in items]
+    preservation = [it.get("preservation_embeds") for it in items]
     return {
+        "preservation_embeds": preservation if any(p is not None for p in preservation) else None,
         "loss_weights": torch.tensor(weights) if any(w != 1.0 for w in weights) else None,
         "masks": masks,
         "caption_variants": variants if any(variants) else None,
@@ -264,8 +267,25 @@ def training_data(args, accelerator, expected: dict[str, Any]):
             f"--random_flip needs mirrored latents, which {', '.join(caches['without_flipped_latents'])} does not "
             "hold: re-run precompute_embeddings.py there with --cache_flipped, or drop --random_flip."
         )
+    if args.preservation_weight > 0:
+        check_preservation_captions(train, args.precomputed_dir)
     keys = train.group_keys(args.group_by_caption_length)
     sampler = BucketBatchSampler(
         keys, args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed
     )
     return train, val_data, sampler, caches
+
+
+def check_preservation_captions(train: CachedLatentsDataset, paths: list[str]) -> None:
+    """--preservation_weight needs the preservation captions `precompute_embeddings.py --preservation_class` caches:
+    an error when no cache holds any, a note when some items have none (they train without preservation)."""
+    lengths = train.columns(["preservation_length"], defaults={"preservation_length": 0})["preservation_length"]
+    without = sum(n == 0 for n in lengths)
+    if without == len(lengths):
+        raise ValueError(
+            f"--preservation_weight needs preservation captions, which {', '.join(map(str, paths))} does not hold: "
+            "re-run precompute_embeddings.py there with --caption_prefix TRIGGER --preservation_class CLASS (e.g. "
+            '"person"), or drop --preservation_weight.'
+        )
+    if without:
+        logger.info(f"--preservation_weight: {without} of {len(lengths)} cached items have no preservation caption")

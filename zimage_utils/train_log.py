@@ -23,6 +23,9 @@ class LogWindow:
     def __init__(self, device: torch.device | str, start_step: int, num_bins: int = 5):
         self.meter = SigmaBinMeter(num_bins, device=device)
         self.loss_sum = torch.zeros((), device=device)
+        self.preservation_sum = torch.zeros((), device=device)  # (--preservation_weight)
+        self.preserved_batches = 0
+        self.preserving = False  # whether the run has the preservation loss at all
         self.batches = 0
         self.first_bad_step = torch.full((), -1, device=device)  # -1: every loss so far was finite
         self.start_time, self.start_step = time.time(), start_step
@@ -32,6 +35,10 @@ class LogWindow:
         loss = out["loss"].detach()
         self.meter.update(out["sigma"], out["per_sample"])
         self.loss_sum += loss
+        if "preservation" in out:
+            self.preservation_sum += out["preservation"]
+            self.preserved_batches += 1
+            self.preserving = True
         self.batches += 1
         bad = ~torch.isfinite(loss)
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
@@ -47,7 +54,8 @@ class LogWindow:
 
     def read(self, accelerator, step: int, resume_from: Path) -> dict[str, float]:
         """The window's logs, over every micro-batch of every process: "loss" (mean), "steps_per_s" and the mean loss
-        per sigma bin ("loss/sigma_0.0-0.2", ...); on CUDA also the largest "peak_mem_gib" (allocated) and
+        per sigma bin ("loss/sigma_0.0-0.2", ...), with --preservation_weight "loss/preservation" (the mean
+        preservation loss, unweighted); on CUDA also the largest "peak_mem_gib" (allocated) and
         "peak_reserved_gib" (what the card must hold) over all GPUs. Starts the next window.
 
         Raises FloatingPointError naming the first step whose loss was not finite (on any process)."""
@@ -57,7 +65,9 @@ class LogWindow:
                 f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
                 f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {resume_from}."
             )
-        loss = float(accelerator.reduce(self.loss_sum / max(self.batches, 1), "mean"))
+        counts = torch.tensor([max(self.batches, 1), max(self.preserved_batches, 1)], device=self.loss_sum.device)
+        sums = accelerator.reduce(torch.stack([self.loss_sum, self.preservation_sum]) / counts, "mean")
+        loss, preservation = sums.tolist()
         self.meter.sums = accelerator.reduce(self.meter.sums, "sum")
         self.meter.counts = accelerator.reduce(self.meter.counts, "sum")
         now = time.time()
@@ -65,6 +75,7 @@ class LogWindow:
             "loss": loss,
             "steps_per_s": (step - self.start_step) / max(now - self.start_time, 1e-9),
             **self.meter.compute(),
+            **({"loss/preservation": preservation} if self.preserving else {}),
         }
         if torch.cuda.is_available():
             peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]) / 2**30
@@ -72,6 +83,8 @@ class LogWindow:
             logs["peak_mem_gib"], logs["peak_reserved_gib"] = peaks.tolist()
         self.meter.reset()
         self.loss_sum.zero_()
+        self.preservation_sum.zero_()
+        self.preserved_batches = 0
         self.batches = 0
         self.start_time, self.start_step = now, step
         return logs

@@ -20,6 +20,7 @@ class StepConfig:
     flip_prob: float = 0.0  # probability of using the cached mirrored latents
     mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
     sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
+    preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_loss`); 0 = off
 
     @classmethod
     def from_flags(cls, args) -> "StepConfig":
@@ -30,6 +31,7 @@ class StepConfig:
             flip_prob=args.random_flip,
             mask_floor=args.mask_floor,
             sigma_range=tuple(args.sigma_range),
+            preservation_weight=args.preservation_weight,
         )
 
 
@@ -73,10 +75,12 @@ def flow_matching_step(
     batch: "latents" [B, C, h, w] clean latents (x1), "caption_embeds" list of B [L_i, D], optionally
     "latents_flipped" [B, C, h, w], "masks" uint8 [B, 1, h, w] (loss masks, 255 = full weight) and
     "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn), "loss_weights" [B]
-    (each item's weight in the batch's loss, e.g. a regularisation set's). seeds: one int
-    per item; noise, timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B]
-    (validation loss) instead of sampling.
-    Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached).
+    (each item's weight in the batch's loss, e.g. a regularisation set's), "preservation_embeds" (per item, its
+    preservation caption's [L, D] or None; used when config.preservation_weight > 0). seeds: one int per item; noise,
+    timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B] (validation loss)
+    instead of sampling.
+    Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached), and with preservation
+    "preservation" (the mean preservation loss of the items that have it, detached; not weighted).
     """
     device, dtype = compute_device_and_dtype(transformer)
     # Non-blocking copies (the trainer's DataLoader pins its batches): the host queues the step without waiting
@@ -125,17 +129,51 @@ def flow_matching_step(
 
     # x_t = t·x1 + (1−t)·x0; the transformer predicts x1 − x0 (t = 1 is clean)
     x_t = fm.interpolate(x1, x0, t)
-    out = transformer(
-        list(x_t.to(dtype).unsqueeze(2).unbind(0)),  # B × [C, 1, h, w]: Z-Image takes a frame axis
-        t,  # fp32, as the pipeline passes it: bf16 would quantise the timestep
-        [c.to(device, non_blocking=True).to(dtype) for c in captions],
-        return_dict=False,
-    )[0]
-    pred = torch.stack(out).squeeze(2)
+    inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))  # B × [C, 1, h, w]: Z-Image takes a frame axis
+    captions = [c.to(device, non_blocking=True).to(dtype) for c in captions]
+    preserved = preserved_items(batch, config)
+    if preserved:  # the same noisy latents again, with the preservation captions, in the same forward pass
+        kept = [batch["preservation_embeds"][i].to(device, non_blocking=True).to(dtype) for i in preserved]
+        inputs += [inputs[i] for i in preserved]
+        t = torch.cat([t, t[preserved]])
+        base_pred = preservation_target(transformer, inputs[len(x1) :], t[len(x1) :], kept)
+        captions += kept
+    out = transformer(inputs, t, captions, return_dict=False)[0]  # t in fp32, as the pipeline passes it
+    pred = torch.stack(out[: len(x1)]).squeeze(2)
+    t = t[: len(x1)]
     sigma = 1.0 - t
     weights = None if config.loss_weighting == "none" else fm.loss_weighting(sigma, config.loss_weighting)
     if batch.get("loss_weights") is not None:
         item_weights = batch["loss_weights"].to(device, non_blocking=True).float()
         weights = item_weights if weights is None else weights * item_weights
     loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
-    return {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
+    result = {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
+    if preserved:
+        per_item = (torch.stack(out[len(x1) :]).squeeze(2).float() - base_pred.float()).pow(2).flatten(1).mean(1)
+        # each preserved item weighs what a trained item does; items without a preservation caption add nothing
+        result["loss"] = loss + config.preservation_weight * per_item.sum() / len(x1)
+        result["preservation"] = per_item.mean().detach()
+    return result
+
+
+def preserved_items(batch: dict, config: StepConfig) -> list[int]:
+    """Which items of the batch get the preservation loss: those with a preservation caption, when it is on."""
+    embeds = batch.get("preservation_embeds")
+    if not config.preservation_weight or embeds is None:
+        return []
+    return [i for i, e in enumerate(embeds) if e is not None]
+
+
+@torch.no_grad()
+def preservation_target(transformer, inputs: list, t: torch.Tensor, captions: list) -> torch.Tensor:
+    """Differential output preservation (ai-toolkit's): what the model without the trained LoRA predicts for the
+    preserved items' noisy latents with their preservation captions (the trigger replaced by the class, e.g.
+    "person"). The step's loss then pulls the LoRA's prediction for those captions towards it, so that the LoRA
+    changes what the trigger draws and leaves the class as the base model draws it. [P, C, h, w] for P inputs."""
+    model = getattr(transformer, "module", transformer)  # DDP and DeepSpeed wrap it; the adapters are inside
+    model.disable_adapters()
+    try:
+        out = transformer(inputs, t, captions, return_dict=False)[0]
+    finally:
+        model.enable_adapters()
+    return torch.stack(out).squeeze(2)
