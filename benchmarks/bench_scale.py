@@ -55,6 +55,7 @@ RUN_ENV = {
 
 PAST_DEADLINE = "not started: past --deadline_s"
 VALIDATION_FLAGS = ["--validation_steps", "8", "--validation_num_inference_steps", "4"]
+PRESERVE = ["--preservation_weight", "1"]
 
 
 def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> None:
@@ -86,11 +87,19 @@ def make_model(folder: Path, full: bool, transformer_weights: bool = True) -> No
 
 
 def make_cache(
-    folder: Path, model: Path, resolution: int, num_items: int, embed_dim: int, masked=False, prompts=0
+    folder: Path,
+    model: Path,
+    resolution: int,
+    num_items: int,
+    embed_dim: int,
+    masked=False,
+    prompts=0,
+    preserved=False,
 ) -> None:
     """A cache in our format with random tensors: one bucket, equal 128-token captions. `masked`: each item also
     has a loss mask (its left half black) and two caption variants (96 and 160 tokens). `prompts`: validation
-    prompts (random 128-token embeddings) for the trainer to sample."""
+    prompts (random 128-token embeddings) for the trainer to sample. `preserved`: each item also has a 128-token
+    preservation caption (--preservation_weight)."""
     if (folder / cache_lib.MANIFEST_NAME).exists():
         return
     import datasets
@@ -123,6 +132,11 @@ def make_cache(
             "variant_embeds": cache_lib.tensor_to_bytes(
                 torch.randn(sum(extra["variant_lengths"]), embed_dim, generator=g), torch.bfloat16
             ),
+            "preservation_caption": "class, synthetic" if preserved else "",
+            "preservation_embeds": cache_lib.tensor_to_bytes(torch.randn(128, embed_dim, generator=g), torch.bfloat16)
+            if preserved
+            else b"",
+            "preservation_length": 128 if preserved else 0,
         }
         for i in range(num_items)
     ]
@@ -494,6 +508,10 @@ def main() -> None:
         ("compile_lokr_full", ["--compile", "--adapter", "lokr", "--lokr_factor", "4", "--rank", "100000"]),
         # a cache with a loss mask and two caption variants per item (against compile_bf16)
         ("compile_bf16_masked", ["--compile"]),
+        # differential output preservation: a base pass (no grad) and the batch twice, per step (against compile_bf16
+        # and compile_fp8_max10)
+        ("compile_bf16_preserved", ["--compile"] + PRESERVE),
+        ("compile_fp8_max10_preserved", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"] + PRESERVE),
         # LoRA+ (two parameter groups in the fused AdamW)
         ("compile_bf16_loraplus", ["--compile", "--loraplus_lr_ratio", "16"]),
         # the weight-only fp8 base (any GPU): compiled, eager, and compiled under a 16 GB card's budget
@@ -551,6 +569,8 @@ def main() -> None:
         make_cache(work / "cache", *cache_args)
     if any(name.endswith("_masked") for name, *_ in runs):
         make_cache(work / "cache_masked", *cache_args, masked=True)
+    if any(name.endswith("_preserved") for name, *_ in runs):
+        make_cache(work / "cache_preserved", *cache_args, preserved=True)
     if any(name.endswith("_validation") for name, *_ in runs):
         add_vae_weights(work / "model", full)
         make_cache(work / "cache_validation", *cache_args, prompts=2)
@@ -563,7 +583,8 @@ def main() -> None:
             config = "multi_gpu.yaml"
         steps = args.steps if full else 4
         env = RUN_ENV.get(name)
-        cache = work / next((f"cache_{k}" for k in ("masked", "validation") if name.endswith(f"_{k}")), "cache")
+        suffixes = ("masked", "validation", "preserved")
+        cache = work / next((f"cache_{k}" for k in suffixes if name.endswith(f"_{k}")), "cache")
         timeout, left = args.run_timeout, time_left()
         if left is not None:
             if left <= 0:
