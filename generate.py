@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
 def sampling_report(num_images: int, seconds: float, device: str) -> str:
     """How long sampling took (prompt encoding and decoding included, loading not) and, on CUDA, the peak GPU memory
     since the start (what a smaller card must hold)."""
-    line = f"sampled {num_images} image(s) in {seconds:.1f} s"
+    line = f"sampled {num_images} image(s) in {seconds:.2f} s"
     if device == "cuda":
         gib = 2**30
         line += (

@@ -103,10 +103,10 @@ def main() -> None:
         if "sampling_s" not in r:
             print(f"{r['way']:8} failed: {r['error'][-200:]}")
             continue
-        ratio = r["sampling_s"] / first["sampling_s"]
+        ratio = r["sampling_s"] / first["sampling_s"] if first["sampling_s"] else float("nan")
         alloc, resv = r.get("peak_gpu_allocated_gib", float("nan")), r.get("peak_gpu_reserved_gib", float("nan"))
         print(
-            f"{r['way']:8} {r['sampling_s']:10.1f} {ratio:8.2f} {r['wall_s']:7.1f} {alloc:9.2f} {resv:9.2f} "
+            f"{r['way']:8} {r['sampling_s']:10.2f} {ratio:8.2f} {r['wall_s']:7.1f} {alloc:9.2f} {resv:9.2f} "
             f"{r['max_pixel_diff_vs_first']:7d}"
         )
     if any("error" in r for r in rows):
