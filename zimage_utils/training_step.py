@@ -20,7 +20,7 @@ class StepConfig:
     flip_prob: float = 0.0  # probability of using the cached mirrored latents
     mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
     sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
-    preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_loss`); 0 = off
+    preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_target`); 0 = off
 
     @classmethod
     def from_flags(cls, args) -> "StepConfig":
