@@ -93,12 +93,20 @@ def test_a_budget_below_full_checkpointing_says_what_to_do():
 
 
 def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
-    run = argparse.Namespace(train_batch_size=1, base_precision="fp8", cpu_offload_checkpointing=True)
+    run = argparse.Namespace(
+        train_batch_size=1, base_precision="fp8", cpu_offload_checkpointing=True, preservation_weight=0.0
+    )
     advice = remedies(run)
     assert "fp8 (any GPU)" not in advice and "--cpu_offload_checkpointing" not in advice
     assert "--train_batch_size" not in advice and "nf4" in advice and "zero3_offload" in advice
-    advice = remedies(argparse.Namespace(train_batch_size=4, base_precision="bf16", cpu_offload_checkpointing=False))
+    assert "--preservation_weight" not in advice
+    run = argparse.Namespace(
+        train_batch_size=4, base_precision="bf16", cpu_offload_checkpointing=False, preservation_weight=1.0
+    )
+    advice = remedies(run)
     assert all(x in advice for x in ("--train_batch_size", "fp8 (any GPU)", "--cpu_offload_checkpointing"))
+    # (H200, 1024², fp8: 11.0 GiB with every block checkpointed, where 10 GiB fits without preservation)
+    assert "drop --preservation_weight" in advice
     with pytest.raises(
         MemoryBudgetError,
         match=r"7.8 GiB \(\+ 0.80 GiB host copies\), above --max_memory_gb 7: lower --train_batch_size",

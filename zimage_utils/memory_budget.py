@@ -217,6 +217,8 @@ def remedies(args) -> str:
     steps = []
     if args.train_batch_size > 1:
         steps.append("lower --train_batch_size")
+    if args.preservation_weight:
+        steps.append("drop --preservation_weight (it trains each batch twice)")
     steps.append("lower the cache's resolution")
     if args.base_precision == "bf16":
         steps.append("use --base_precision fp8 (any GPU) or nf4")
