@@ -65,7 +65,7 @@ from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
-from zimage_utils.training_step import StepConfig, flow_matching_step
+from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
 from zimage_utils.validation import Validator, sample_size, validation_loss
 
 logger = logging.getLogger("train")
@@ -236,46 +236,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "memory), fp8_matmul (fp8 storage and fp8 tensor-core matmuls, GPUs of compute capability 8.9+; with "
         "--compile the fastest setting measured) or nf4 (bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
     )
-    # Flow matching
-    p.add_argument(
-        "--timestep_sampling", choices=["uniform", "logit_normal", "shift", "flux_shift"], default="logit_normal"
-    )
-    p.add_argument("--logit_mean", type=float, default=0.0)
-    p.add_argument("--logit_std", type=float, default=1.0)
-    p.add_argument("--timestep_shift", type=float, default=3.0, help="sigma shift for --timestep_sampling shift.")
-    p.add_argument(
-        "--sigma_range",
-        type=float,
-        nargs=2,
-        default=[0.0, 1.0],
-        metavar=("LO", "HI"),
-        help="Train only noise levels sigma in [LO, HI] (0 = clean, 1 = pure noise; kohya/musubi's min_timestep "
-        "and max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
-    )
-    p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
-    p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")
-    p.add_argument(
-        "--random_flip",
-        type=float,
-        default=0.0,
-        help="Probability of the mirrored latents (needs a cache made with --cache_flipped).",
-    )
-    p.add_argument(
-        "--mask_floor",
-        type=float,
-        default=0.0,
-        help="Loss weight of black pixels of the cache's loss masks (precompute --mask_dir/--alpha_mask): 0 = not "
-        "learned at all, e.g. 0.1 = a little background; 1 = masks ignored.",
-    )
-    p.add_argument(
-        "--preservation_weight",
-        type=float,
-        default=0.0,
-        help="Differential output preservation (ai-toolkit's): with the trigger replaced by the class (a cache made "
-        "with --preservation_class), the LoRA must predict what the base model does, weighted this much (e.g. 1); "
-        "keeps the LoRA from changing every person, not only yours. Each step then trains the batch twice: 2.3x the "
-        "time and +16 GiB at 1024² (H200, compiled bf16). 0 = off.",
-    )
+    add_step_flags(p)  # flow matching: the flags StepConfig reads
     p.add_argument(
         "--group_by_caption_length",
         action="store_true",

@@ -35,6 +35,49 @@ class StepConfig:
         )
 
 
+def add_step_flags(p) -> None:
+    """train_zimage_lora.py's flags that `StepConfig.from_flags` reads, on the argparse parser `p`."""
+    p.add_argument(
+        "--timestep_sampling", choices=["uniform", "logit_normal", "shift", "flux_shift"], default="logit_normal"
+    )
+    p.add_argument("--logit_mean", type=float, default=0.0)
+    p.add_argument("--logit_std", type=float, default=1.0)
+    p.add_argument("--timestep_shift", type=float, default=3.0, help="sigma shift for --timestep_sampling shift.")
+    p.add_argument(
+        "--sigma_range",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("LO", "HI"),
+        help="Train only noise levels sigma in [LO, HI] (0 = clean, 1 = pure noise; kohya/musubi's min_timestep "
+        "and max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
+    )
+    p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
+    p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")
+    p.add_argument(
+        "--random_flip",
+        type=float,
+        default=0.0,
+        help="Probability of the mirrored latents (needs a cache made with --cache_flipped).",
+    )
+    p.add_argument(
+        "--mask_floor",
+        type=float,
+        default=0.0,
+        help="Loss weight of black pixels of the cache's loss masks (precompute --mask_dir/--alpha_mask): 0 = not "
+        "learned at all, e.g. 0.1 = a little background; 1 = masks ignored.",
+    )
+    p.add_argument(
+        "--preservation_weight",
+        type=float,
+        default=0.0,
+        help="Differential output preservation (ai-toolkit's): with the trigger replaced by the class (a cache made "
+        "with --preservation_class), the LoRA must predict what the base model does, weighted this much (e.g. 1); "
+        "keeps the LoRA from changing every person, not only yours. Each step then trains the batch twice: 2.3x the "
+        "time and +16 GiB at 1024² (H200, compiled bf16). 0 = off.",
+    )
+
+
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where the transformer runs and the dtype its activations take: that of its first frozen floating-point
     weight (a LoRA parameter is fp32; an NF4 weight is stored as uint8 but computes in bf16, like the layers kept
