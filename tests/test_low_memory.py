@@ -583,6 +583,7 @@ def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
         train_batch_size=2,
         base_precision="fp8",
         cpu_offload_checkpointing=True,
+        preservation_weight=0.0,
     )
     batch = {"latents": torch.zeros(2, 16, 128, 96), "caption_embeds": [torch.zeros(77, 8), torch.zeros(120, 8)]}
     with pytest.raises(cli.OutOfGPUMemory) as error, out_of_memory_explained(run, 7, batch):
