@@ -512,6 +512,19 @@ def main() -> None:
         # and compile_fp8_max10)
         ("compile_bf16_preserved", ["--compile"] + PRESERVE),
         ("compile_fp8_max10_preserved", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "10"] + PRESERVE),
+        # which budgets preservation fits: 24 GB cards (22), 16 GB cards (14), 12 GB cards with the checkpointed
+        # blocks' inputs in host memory (10)
+        ("compile_bf16_max22_preserved", ["--compile", "--max_memory_gb", "22"] + PRESERVE),
+        ("compile_fp8_max14_preserved", ["--compile", "--base_precision", "fp8", "--max_memory_gb", "14"] + PRESERVE),
+        (
+            "compile_fp8_matmul_max14_preserved",
+            ["--compile", "--base_precision", "fp8_matmul", "--max_memory_gb", "14"] + PRESERVE,
+        ),
+        (
+            "compile_fp8_offload_max10_preserved",
+            ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "10"]
+            + PRESERVE,
+        ),
         # LoRA+ (two parameter groups in the fused AdamW)
         ("compile_bf16_loraplus", ["--compile", "--loraplus_lr_ratio", "16"]),
         # the weight-only fp8 base (any GPU): compiled, eager, and compiled under a 16 GB card's budget
