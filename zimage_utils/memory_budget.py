@@ -291,14 +291,6 @@ def check_memory_options(args, accelerator) -> None:
                 f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
                 "--gradient_checkpointing_blocks N or --max_memory_gb"
             )
-    if args.checkpoint_keep_attention and args.preservation_weight and deepspeed_stage(accelerator) == 3:
-        # seen on 2 CPU processes: the second step's backward failed in selective checkpointing ("c10d._allgather_base_
-        # invocation index 18 encountered during backward but not found in storage"): the recomputed block met other
-        # ZeRO-3 gathers than its first run did once a pass without the LoRA came before it. Why: not looked into
-        raise ValueError(
-            "--checkpoint_keep_attention and --preservation_weight do not work together under ZeRO-3: drop "
-            "--checkpoint_keep_attention (plain --gradient_checkpointing works)"
-        )
     if not args.max_memory_gb:
         return
     if accelerator.device.type != "cuda":

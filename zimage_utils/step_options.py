@@ -90,10 +90,31 @@ def _compiled_checkpoint_needs_policy() -> bool:
 COMPILED_CHECKPOINT_NEEDS_POLICY = _compiled_checkpoint_needs_policy()
 
 
-def _policy_context(policy):
+def _policy_context(policy, recompute_freely: bool = False):
+    """torch's two selective-checkpointing modes for `policy` (forward, recompute). recompute_freely (eager only):
+    the recompute runs every op the policy did not save as it comes, as a plain checkpoint does, and looks up only the
+    saved ones. torch 2.13's recompute mode otherwise expects the very ops of the first run, one by one, and ZeRO-3
+    breaks that: its hooks gather parameters inside the block when they are not there already, which differs
+    between the first run and the recompute (seen with --preservation_weight: "c10d._allgather_base_ invocation
+    index 18 encountered during backward but not found in storage"). Compiled, the modes only tag the traced graph,
+    so they stay as torch made them."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    return create_selective_checkpoint_contexts(policy)
+    forward, recompute = create_selective_checkpoint_contexts(policy)
+    if recompute_freely:
+        recompute.__class__ = _recompute_freely_class(type(recompute))
+    return forward, recompute
+
+
+@functools.cache
+def _recompute_freely_class(mode: type) -> type:
+    class RecomputeFreely(mode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in ATTENTION_OPS:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return RecomputeFreely
 
 
 _CHECKPOINTING_CLASSES: dict[tuple[type, bool], type] = {}
@@ -118,7 +139,8 @@ def _checkpointing_class(plain: type, keep_attention: bool) -> type:
                     policy = _recompute_everything
                 else:
                     policy = None
-                context = {"context_fn": functools.partial(_policy_context, policy)} if policy else {}
+                freely = keep_attention and not torch.compiler.is_compiling()
+                context = {"context_fn": functools.partial(_policy_context, policy, freely)} if policy else {}
                 return torch.utils.checkpoint.checkpoint(
                     super().forward, *args, use_reentrant=False, **context, **kwargs
                 )
