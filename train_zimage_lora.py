@@ -31,6 +31,7 @@ from zimage_utils.base_precision import (
 )
 from zimage_utils.checkpoints import (
     SaveTriggers,
+    batch_layout,
     mark_unfinished,
     prune_checkpoints,
     register_lora_state_hooks,
@@ -438,7 +439,15 @@ def run_training(args: argparse.Namespace) -> None:
     # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
     optimizer_flags = {"optimizer": args.optimizer, "loraplus_lr_ratio": args.loraplus_lr_ratio}
     global_step, epoch, start_batch = resume_training(
-        accelerator, output_dir, args.resume_from_checkpoint, len(train), ema, print0, optimizer_flags
+        accelerator,
+        output_dir,
+        args.resume_from_checkpoint,
+        len(train),
+        ema,
+        print0,
+        optimizer_flags,
+        batch_size=args.train_batch_size,
+        lr_scheduler=lr_scheduler,
     )
 
     config = StepConfig.from_flags(args)
@@ -478,6 +487,7 @@ def run_training(args: argparse.Namespace) -> None:
             write_training_state(
                 path,
                 {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
+                | batch_layout(accelerator, args.train_batch_size)
                 | optimizer_flags,
             )
         accelerator.wait_for_everyone()

@@ -17,10 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -30,7 +32,13 @@ import precompute_embeddings
 import train_zimage_lora
 from zimage_utils import cache as cache_lib
 from zimage_utils import flow_matching, step_options
-from zimage_utils.checkpoints import LORA_STATE_NAME, list_checkpoints, read_training_state
+from zimage_utils.checkpoints import (
+    LORA_STATE_NAME,
+    list_checkpoints,
+    read_training_state,
+    resume_training,
+    write_training_state,
+)
 from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, save_lora
 from zimage_utils.model_loading import load_transformer
@@ -542,6 +550,39 @@ def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # the log file holds both runs
 
 
+def test_resuming_with_another_batch_size_goes_on_after_the_items_already_seen(
+    tiny_model_dir, tiny_cache_dir, tmp_path, caplog
+):
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)  # 2 batches of 1
+    state = read_training_state(tmp_path / "checkpoint-2")
+    assert (state["processes"], state["train_batch_size"], state["next_batch"]) == (1, 1, 2)
+    caplog.set_level("INFO", logger="train")
+    train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path,
+        max_train_steps=3,
+        train_batch_size=2,
+        resume_from_checkpoint="latest",
+    )
+    assert "it goes on after the 2 items its epoch had reached" in caplog.text
+    assert re.search(
+        r"resumed from \S*checkpoint-2: step 2, epoch 0, batch 1\b", caplog.text
+    )  # 2 items = 1 batch of 2
+
+
+def test_a_deepspeed_checkpoint_is_refused_on_another_number_of_processes(tmp_path):
+    """ZeRO splits the optimiser state one part per process; refused before anything is loaded."""
+    (tmp_path / "checkpoint-4").mkdir()
+    write_training_state(tmp_path / "checkpoint-4", {"global_step": 4, "epoch": 0, "next_batch": 4, "processes": 2})
+    plugin = SimpleNamespace(zero_stage=2)
+    accelerator = SimpleNamespace(
+        num_processes=4, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    with pytest.raises(ValueError, match="saved by 2 processes, this run has 4.*--num_processes 2.*--init_lora"):
+        resume_training(accelerator, tmp_path, "latest", items=12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The conventions together: a LoRA trained on one image makes the pipeline sample that image
 # ---------------------------------------------------------------------------------------------------------------
@@ -868,6 +909,7 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     flags = dict(
         max_train_steps=6, learning_rate=3e-3, caption_dropout=0.3, random_flip=0.5, save_dtype="fp32", rank=8
     )
+    flags |= dict(lr_scheduler="cosine")  # a learning rate that depends on the step (for the resume below)
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
     # Always due: the ranks agree through their one-step-late vote, so they save together every other step
     checkpoint_every_chance = dict(checkpointing_steps=0, checkpointing_minutes=1e-9)
@@ -905,3 +947,20 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     assert max(lora_one[k].abs().max() for k in lora_one if "lora_B" in k) > 1e-3  # trained, not the zero init
     for key in lora_one:
         torch.testing.assert_close(lora_two[key], lora_one[key], rtol=0, atol=1e-5)
+
+    # The two processes' run moved to one process at step 2 (a cloud node swapped for a smaller one): accelerate
+    # stepped the schedule twice a step there, once here; the resume puts it at step 2's point and the epoch at
+    # the next global batch, so the run ends as the one-process run did
+    moved = tmp_path / "moved_to_one_process"
+    log = train(
+        tiny_model_dir,
+        flipped_cache_dir,
+        moved,
+        **flags,
+        train_batch_size=4,
+        resume_from_checkpoint=two / "checkpoint-2",
+    )
+    assert [r["lr"] for r in log] == pytest.approx([r["lr"] for r in read_log(one)][2:], rel=1e-6)
+    lora_moved, _ = load_lora_file(moved / LORA_WEIGHT_NAME)
+    for key in lora_one:
+        torch.testing.assert_close(lora_moved[key], lora_one[key], rtol=0, atol=1e-5)

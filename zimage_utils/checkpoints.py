@@ -115,15 +115,33 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def batch_layout(accelerator, batch_size: int) -> dict[str, int]:
+    """What a checkpoint's position in the epoch counts in (written into training_state.json)."""
+    return {"processes": accelerator.num_processes, "train_batch_size": batch_size}
+
+
 def resume_training(
-    accelerator, output_dir, resume_from: str | None, items: int, ema=None, log=print, settings: dict | None = None
+    accelerator,
+    output_dir,
+    resume_from: str | None,
+    items: int,
+    ema=None,
+    log=print,
+    settings: dict | None = None,
+    batch_size: int = 1,
+    lr_scheduler=None,
 ):
     """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
     scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
     epoch, next batch) to continue from; (0, 0, 0) without a checkpoint. `items`: training items an epoch now, to warn
     when the caches or --repeats changed since the checkpoint (the epoch order then differs). `settings`: flags
     (name → value, as written into training_state.json) the optimiser state depends on; a checkpoint saved with
-    others is refused before anything is loaded (absent from older checkpoints: not checked)."""
+    others is refused before anything is loaded (absent from older checkpoints: not checked).
+
+    A checkpoint saved by another number of processes (or --train_batch_size) goes on after as many of the epoch's
+    items as it had reached, and `lr_scheduler` (the prepared one: accelerate steps it once per process and step)
+    at the schedule's point for the global step. Under DeepSpeed, whose optimiser state is split across processes,
+    that is refused."""
     from .distributed import deepspeed_stage
 
     resume = resolve_resume_path(output_dir, resume_from)
@@ -132,6 +150,14 @@ def resume_training(
             log(f"no checkpoint in {output_dir} to resume from: starting a new run")
         return 0, 0, 0
     state = read_training_state(resume)
+    now = batch_layout(accelerator, batch_size)
+    saved = {k: state.get(k, v) for k, v in now.items()}  # older checkpoints: assumed unchanged
+    if saved["processes"] != now["processes"] and deepspeed_stage(accelerator):
+        raise ValueError(
+            f"{resume} was saved by {saved['processes']} processes, this run has {now['processes']}: DeepSpeed splits "
+            f"the optimiser state across them. Resume with --num_processes {saved['processes']}, or continue its LoRA "
+            f"in a new --output_dir with --init_lora {resume / 'pytorch_lora_weights.safetensors'}."
+        )
     changed = {k: (state[k], v) for k, v in (settings or {}).items() if k in state and state[k] != v}
     if changed:
         was = " ".join(f"--{k} {old}" for k, (old, _) in changed.items())
@@ -144,7 +170,20 @@ def resume_training(
     accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
     if ema is not None:
         ema.load(resume)
-    position = state["global_step"], state["epoch"], state["next_batch"]
+    step, epoch, next_batch = state["global_step"], state["epoch"], state["next_batch"]
+    if saved != now:
+        was, is_now = (v["train_batch_size"] * v["processes"] for v in (saved, now))
+        log(
+            f"note: {resume} was saved by {saved['processes']} process(es) with batches of {saved['train_batch_size']}, "
+            f"this run has {now['processes']} with {now['train_batch_size']}: it goes on after the {next_batch * was} "
+            "items its epoch had reached, in a different epoch order"
+        )
+        next_batch = next_batch * was // is_now
+    if saved["processes"] != now["processes"] and lr_scheduler is not None:
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        schedule.last_epoch = step * now["processes"] - 1
+        schedule.step()  # sets the optimiser's learning rates for the new position
+    position = step, epoch, next_batch
     if state.get("items", items) != items:
         log(
             f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {items}: the run "
