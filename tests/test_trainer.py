@@ -964,3 +964,46 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
     lora_moved, _ = load_lora_file(moved / LORA_WEIGHT_NAME)
     for key in lora_one:
         torch.testing.assert_close(lora_moved[key], lora_one[key], rtol=0, atol=1e-5)
+
+
+def test_two_nodes_launched_with_the_multi_node_config_train_what_one_process_does(
+    tiny_model_dir, tiny_cache_dir, tmp_path
+):
+    """accelerate_configs/multi_node.yaml as its first line says to run it, once per node (--machine_rank 0 and 1),
+    both "nodes" on this machine with one CPU process each and the address and port given on the command line:
+    they meet, train on one shared output folder (the main process writes), and give what one process gives with
+    the same global batch."""
+    flags = dict(max_train_steps=4, learning_rate=3e-3, save_dtype="fp32", rank=8, checkpointing_steps=2)
+    nodes, port = tmp_path / "two_nodes", str(free_port())
+    launched = []
+    for machine_rank in (0, 1):
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        launch += ["--config_file", "accelerate_configs/multi_node.yaml", "--machine_rank", str(machine_rank)]
+        launch += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        launch += ["--mixed_precision", "no", "train_zimage_lora.py"]
+        log = open(tmp_path / f"node_{machine_rank}.log", "w")
+        command = launch + trainer_args(tiny_model_dir, tiny_cache_dir, nodes, **flags)
+        env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
+        launched.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log, text=True))
+        log.close()
+    for node, process in enumerate(launched):
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in launched:
+                p.kill()
+            pytest.fail(f"node {node} hung: {(tmp_path / f'node_{node}.log').read_text()[-3000:]}")
+    logs = [(tmp_path / f"node_{node}.log").read_text() for node in (0, 1)]
+    assert [p.returncode for p in launched] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "effective batch 2" in logs[0] and "2 process(es)" in logs[0]
+    assert "effective batch" not in logs[1]  # the summary (and every file) comes from the main process only
+    assert [r["step"] for r in read_log(nodes)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in list_checkpoints(nodes)) == ["checkpoint-2", "checkpoint-4"]
+
+    one = tmp_path / "one_process"
+    train(tiny_model_dir, tiny_cache_dir, one, **flags, train_batch_size=2)
+    lora_nodes, _ = load_lora_file(nodes / LORA_WEIGHT_NAME)
+    lora_one, _ = load_lora_file(one / LORA_WEIGHT_NAME)
+    assert set(lora_nodes) == set(lora_one)
+    for key in lora_one:
+        torch.testing.assert_close(lora_nodes[key], lora_one[key], rtol=0, atol=1e-5)
