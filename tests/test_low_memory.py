@@ -126,6 +126,7 @@ def test_calibration_batch_is_the_largest_shape_in_the_cache():
     assert [c.shape for c in batch["caption_embeds"]] == [(300, 2560)] * 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it would train (CPU only)")
 def test_max_memory_gb_without_a_gpu_is_refused_with_a_message(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     reset_accelerate()
     args = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "out", max_memory_gb=20)
