@@ -118,6 +118,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "all are cached, and training draws one per item per epoch.",
     )
     parser.add_argument(
+        "--shuffle_caption",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Cache N orderings of each caption's comma-separated tags (the caption and N-1 seeded shuffles) as its "
+        "variants, one drawn per item per epoch: kohya's shuffle_caption, with the orderings fixed at caching. "
+        "Each costs one more text encoding and embedding (0 = off).",
+    )
+    parser.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="With --shuffle_caption: the first K tags of a caption stay in front (kohya's keep_tokens). A trigger "
+        "that --caption_prefix adds stays in front; one already in the caption is a tag like the others.",
+    )
+    parser.add_argument(
         "--preservation_class",
         default=None,
         help='With --caption_prefix: also cache each caption with the trigger replaced by this class ("sks person, '
@@ -240,6 +256,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--mask_dir {args.mask_dir} is not a folder: point it at the folder holding the masks")
     if args.preservation_class and not (args.caption_prefix or "").strip():
         parser.error("--preservation_class replaces the trigger word: give it with --caption_prefix")
+    if args.keep_tokens and args.shuffle_caption < 2:
+        parser.error(
+            "--keep_tokens says which tags --shuffle_caption leaves in front: add --shuffle_caption N (N >= 2)"
+        )
     return args
 
 

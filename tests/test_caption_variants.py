@@ -3,6 +3,7 @@ metadata list) as the pipeline would encode it, and the trainer draws one of the
 
 import json
 import logging
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_masks import precompute
 from test_trainer import train
 
 from zimage_utils import cache as cache_lib
+from zimage_utils.images import shuffled_tags
 from zimage_utils.memory_budget import item_shapes
 from zimage_utils.train_data import collate, load_caches
 from zimage_utils.training_step import StepConfig, flow_matching_step, variant_choices
@@ -159,3 +161,52 @@ def test_the_text_encoder_gets_no_more_texts_per_call_than_without_variants(
     grouped, _ = precompute(tiny_model_dir, folder, tmp_path / "grouped", *flags)
     assert max(text_encoder_calls) <= 2 and sum(text_encoder_calls) == 6 + 1
     assert [r["variant_lengths"] for r in grouped.values()] == [r["variant_lengths"] for r in records.values()]
+
+
+def test_shuffled_tags_keep_the_first_tags_and_draw_distinct_orderings():
+    rng = random.Random(0)
+    orderings = shuffled_tags("sks, red hair,  smiling , outdoors,, night", 5, keep=1, rng=rng)
+    assert len(orderings) == 5 and len(set(orderings)) == 5
+    for ordering in orderings:
+        tags = ordering.split(", ")
+        assert tags[0] == "sks" and sorted(tags[1:]) == ["night", "outdoors", "red hair", "smiling"]
+        assert ordering != "sks, red hair, smiling, outdoors, night"  # other orderings than the caption's own
+    assert shuffled_tags("a, b", 5, keep=0, rng=rng) == ["b, a"]  # all the orderings there are
+    assert shuffled_tags("a photo of a cat", 3, keep=0, rng=rng) == []  # one tag: nothing to shuffle
+
+
+def test_shuffle_caption_caches_seeded_orderings_as_variants_and_a_re_run_encodes_nothing(
+    tiny_model_dir, folder, tmp_path, caplog
+):
+    from diffusers import ZImagePipeline
+
+    (folder / "a.txt").write_text("blue, square, plain background, centered\n")
+    flags = ["--shuffle_caption", "3", "--keep_tokens", "1", "--caption_prefix", "sks", "--cache_dtype", "fp32"]
+    records, manifest = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)
+    a = records["a.png"]
+    assert a["caption"] == "sks, blue, square, plain background, centered"
+    assert len(a["caption_variants"]) == 2 and len(set(a["caption_variants"])) == 2
+    for variant in a["caption_variants"]:  # the trigger in front, then the kept tag, then the rest in another order
+        assert variant.startswith("sks, blue, ") and variant != a["caption"]
+        assert sorted(variant.split(", ")) == sorted(a["caption"].split(", "))
+    assert records["b.png"]["caption_variants"] == []  # "one caption only": a single tag
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    for text, embeds in zip(a["caption_variants"], cache_lib.decode_record(a, manifest)["caption_variants"]):
+        reference, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False)
+        assert torch.equal(embeds, reference[0])
+
+    caplog.set_level(logging.INFO, logger="precompute")
+    again, _ = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)
+    assert "(0 new, 3 kept)" in caplog.text and again["a.png"]["caption_variants"] == a["caption_variants"]
+
+
+def test_keep_tokens_without_shuffle_caption_is_refused(tiny_model_dir, folder, tmp_path, capsys):
+    import precompute_embeddings
+
+    with pytest.raises(SystemExit):
+        precompute_embeddings.parse_args(
+            ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(folder)]
+            + ["--output_dir", str(tmp_path / "cache"), "--keep_tokens", "1"]
+        )
+    assert "add --shuffle_caption N" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import struct
 from dataclasses import dataclass
@@ -314,6 +315,23 @@ def resolve_caption(
         # "sks dog" and "a photo of sks dog" hold the trigger "sks"; "sksdog" does not
         caption = f"{prefix}, {caption}"
     return caption, note
+
+
+def shuffled_tags(caption: str, count: int, keep: int, rng: random.Random) -> list[str]:
+    """Up to `count` other orderings of a caption's comma-separated tags, the first `keep` left in front (kohya's
+    shuffle_caption and keep_tokens, drawn once for the cache rather than every step). Fewer when the tags have
+    fewer orderings; none for a caption of one tag."""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    seen, orderings = {tuple(tail)}, []
+    for _ in range(10 * count):  # enough draws to find `count` new orderings when the tags have that many
+        if len(orderings) == count:
+            break
+        order = rng.sample(tail, len(tail))
+        if tuple(order) not in seen:
+            seen.add(tuple(order))
+            orderings.append(", ".join(head + order))
+    return orderings
 
 
 def _whole_words(text: str) -> re.Pattern:

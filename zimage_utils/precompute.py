@@ -44,6 +44,7 @@ from .images import (
     preservation_caption,
     read_image_size,
     resolve_caption,
+    shuffled_tags,
 )
 from .latents import encode_images, pil_to_tensor
 from .text_encoding import encode_captions
@@ -106,6 +107,13 @@ class ScanDataset(torch.utils.data.Dataset):
         notes = []
         lines = [line for line in (item.caption or "").splitlines() if line.strip()] if args.caption_variants else []
         raw = lines[0] if lines else item.caption
+        if args.shuffle_caption > 1 and (raw or "").strip():
+            # the shuffles are variants too, drawn from the item's seed: a re-run draws the same (nothing re-encoded)
+            rng = random.Random(item_seed(args.seed, item.source) + 1)
+            lines = lines or [raw]
+            lines += [
+                s for line in lines for s in shuffled_tags(line, args.shuffle_caption - 1, args.keep_tokens, rng)
+            ]
         folder = kohya_folder(item.source) if args.folder_captions and not (raw or "").strip() else None
         default, source = (folder[1], "its folder's name") if folder else (args.default_caption, "--default_caption")
         caption, note = resolve_caption(raw, args.caption_prefix, default, source)
