@@ -508,6 +508,7 @@ def run_training(args: argparse.Namespace) -> None:
     )
 
     zero_stage = deepspeed_stage(accelerator)
+    backward = None if zero_stage else accelerator.backward  # the step's own backward passes; DeepSpeed takes one
     zero3 = zero_stage == 3
     if zero3 and adapter_state is not None:
         print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
@@ -551,8 +552,9 @@ def run_training(args: argparse.Namespace) -> None:
             seeds = [item_generator_seed(args.seed, epoch, int(i)) for i in batch["indices"]]
             oom_explained = out_of_memory_explained(args, global_step + 1, batch, zero_stage)
             with accelerator.accumulate(transformer), oom_explained:
-                out = flow_matching_step(transformer, batch, config, seeds, empty)
-                accelerator.backward(out["loss"])
+                out = flow_matching_step(transformer, batch, config, seeds, empty, backward=backward)
+                if backward is None:
+                    accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()

@@ -105,17 +105,23 @@ def test_the_base_prediction_is_the_model_without_the_lora_which_stays_on(tiny_m
     assert all(p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n)
 
 
-def test_the_step_adds_the_weighted_preservation_loss_and_trains_through_it(tiny_model_dir, caches):
-    transformer = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
+def lora_and_batch(model_dir, cache) -> tuple[torch.nn.Module, dict]:
+    """The tiny transformer with a non-zero LoRA, and a batch of two of the cache's items with preservation captions."""
+    transformer = ZImagePipeline.from_pretrained(model_dir).transformer
     add_lora(transformer, rank=4, targets="all")
     for name, p in transformer.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    train_set, _, _ = load_caches([caches[0]], {})
+    train_set, _, _ = load_caches([cache], {})
     items = [train_set[i] for i in range(len(train_set))]
     items = [it for it in items if it["latents"].shape == items[0]["latents"].shape][:2]  # one bucket
     batch = collate(items)
     assert all(e is not None for e in batch["preservation_embeds"])
+    return transformer, batch
+
+
+def test_the_step_adds_the_weighted_preservation_loss_and_trains_through_it(tiny_model_dir, caches):
+    transformer, batch = lora_and_batch(tiny_model_dir, caches[0])
     plain = flow_matching_step(transformer, batch, StepConfig(), [1, 2])
     weighted = flow_matching_step(transformer, batch, StepConfig(preservation_weight=0.5), [1, 2])
     assert "preservation" not in plain and weighted["preservation"] > 0
@@ -125,6 +131,38 @@ def test_the_step_adds_the_weighted_preservation_loss_and_trains_through_it(tiny
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for n, p in transformer.named_parameters() if "lora_" in n
     )
+
+
+def test_with_its_own_backward_the_step_runs_the_preservation_pass_after_the_batchs_backward(tiny_model_dir, caches):
+    """What the trainer does outside DeepSpeed: the batch's forward and backward, then the preservation captions',
+    so a step never holds the activations of both (the memory of a step without preservation); the gradients are
+    those of the one forward pass over both."""
+    transformer, batch = lora_and_batch(tiny_model_dir, caches[0])
+    config = StepConfig(preservation_weight=0.5)
+    together = flow_matching_step(transformer, batch, config, [1, 2])
+    together["loss"].backward()
+    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    expected = {n: p.grad.clone() for n, p in lora.items()}
+    transformer.zero_grad(set_to_none=True)
+
+    events = []
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args: events.append(("forward", len(args[0]), torch.is_grad_enabled()))
+    )
+
+    def backward(loss: torch.Tensor) -> None:
+        events.append(("backward",))
+        loss.backward()
+
+    apart = flow_matching_step(transformer, batch, config, [1, 2], backward=backward)
+    hook.remove()
+    base_pass, batch_pass, preservation_pass = ("forward", 2, False), ("forward", 2, True), ("forward", 2, True)
+    assert events == [base_pass, batch_pass, ("backward",), preservation_pass, ("backward",)]
+    assert not apart["loss"].requires_grad
+    torch.testing.assert_close(apart["loss"], together["loss"].detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(apart["preservation"], together["preservation"], rtol=1e-5, atol=0)
+    for name, p in lora.items():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7)
 
 
 def test_the_memory_budget_measures_a_batch_with_preservation_captions(caches):

@@ -132,8 +132,9 @@ def calibrate_checkpointing(
     **choose_kwargs,
 ) -> Calibration:
     """Choose and set the checkpointed blocks of the (prepared) `model` for `budget_gib`: each setting runs
-    `loss_fn(model, batch)` forward + backward once, without gradient sync and without an optimiser step (training
-    state is untouched); a setting's peak is the largest over all processes, so every process picks the same.
+    `loss_fn(model, batch)` forward + backward once (a loss_fn returning a detached loss has run its backward),
+    without gradient sync and without an optimiser step (training state is untouched); a setting's peak is the
+    largest over all processes, so every process picks the same.
     offload, keep_attention: how checkpointed blocks run (`set_gradient_checkpointing`), measured so.
     choose_kwargs: passed on to `choose_checkpointing` (reserve_for, remedies)."""
     unwrapped = accelerator.unwrap_model(model)
@@ -143,7 +144,9 @@ def calibrate_checkpointing(
 
         def run() -> None:
             with accelerator.no_sync(model):
-                accelerator.backward(loss_fn(model, batch))
+                loss = loss_fn(model, batch)
+                if loss.requires_grad:
+                    accelerator.backward(loss)
             for p in unwrapped.parameters():
                 p.grad = None
 
@@ -336,7 +339,7 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         accelerator,
         transformer,
         batch,
-        lambda m, b: flow_matching_step(m, b, config, seeds)["loss"],
+        lambda m, b: flow_matching_step(m, b, config, seeds, backward=accelerator.backward)["loss"],
         args.max_memory_gb,
         reserve,
         args.cpu_offload_checkpointing,

@@ -2,6 +2,7 @@
 call this function, so an optimisation made here is one the trainer really runs."""
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,7 @@ def flow_matching_step(
     seeds: list[int],
     empty_embeds: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of `transformer` on one batch.
 
@@ -121,9 +123,12 @@ def flow_matching_step(
     (each item's weight in the batch's loss, e.g. a regularisation set's), "preservation_embeds" (per item, its
     preservation caption's [L, D] or None; used when config.preservation_weight > 0). seeds: one int per item; noise,
     timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B] (validation loss)
-    instead of sampling.
-    Returns "loss" (scalar, fp32, grad), "per_sample" [B] and "sigma" [B] (detached), and with preservation
-    "preservation" (the mean preservation loss of the items that have it, detached; not weighted).
+    instead of sampling. backward: when given (e.g. `accelerator.backward`), the step runs the backward pass itself
+    and returns the loss detached; with preservation it then runs the preservation captions' forward and backward
+    after the batch's backward, so that the two never hold their activations at once (the same gradients as one pass
+    over the batch twice, at the memory of one batch). DeepSpeed, which takes one backward a step, needs None.
+    Returns "loss" (scalar, fp32, grad unless `backward` ran), "per_sample" [B] and "sigma" [B] (detached), and with
+    preservation "preservation" (the mean preservation loss of the items that have it, detached; not weighted).
     """
     device, dtype = compute_device_and_dtype(transformer)
     # Non-blocking copies (the trainer's DataLoader pins its batches): the host queues the step without waiting
@@ -175,15 +180,15 @@ def flow_matching_step(
     inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))  # B × [C, 1, h, w]: Z-Image takes a frame axis
     captions = [c.to(device, non_blocking=True).to(dtype) for c in captions]
     preserved = preserved_items(batch, config)
-    if preserved:  # the same noisy latents again, with the preservation captions, in the same forward pass
+    batch_inputs = (inputs, t, captions)
+    if preserved:  # the same noisy latents again, with the preservation captions
         kept = [batch["preservation_embeds"][i].to(device, non_blocking=True).to(dtype) for i in preserved]
-        inputs += [inputs[i] for i in preserved]
-        t = torch.cat([t, t[preserved]])
-        base_pred = preservation_target(transformer, inputs[len(x1) :], t[len(x1) :], kept)
-        captions += kept
-    out = transformer(inputs, t, captions, return_dict=False)[0]  # t in fp32, as the pipeline passes it
+        preserved_inputs = ([inputs[i] for i in preserved], t[preserved], kept)
+        base_pred = preservation_target(transformer, *preserved_inputs)
+        if backward is None:  # in the same forward pass as the batch
+            batch_inputs = (inputs + preserved_inputs[0], torch.cat([t, preserved_inputs[1]]), captions + kept)
+    out = transformer(*batch_inputs, return_dict=False)[0]  # t in fp32, as the pipeline passes it
     pred = torch.stack(out[: len(x1)]).squeeze(2)
-    t = t[: len(x1)]
     sigma = 1.0 - t
     weights = None if config.loss_weighting == "none" else fm.loss_weighting(sigma, config.loss_weighting)
     if batch.get("loss_weights") is not None:
@@ -191,10 +196,21 @@ def flow_matching_step(
         weights = item_weights if weights is None else weights * item_weights
     loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
     result = {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
+    if backward is not None:
+        backward(loss)
+        result["loss"] = loss.detach()
     if preserved:
-        per_item = (torch.stack(out[len(x1) :]).squeeze(2).float() - base_pred.float()).pow(2).flatten(1).mean(1)
+        if backward is not None:  # the batch's activations are freed: now the preservation captions'
+            out = transformer(*preserved_inputs, return_dict=False)[0]
+        per_item = (
+            (torch.stack(out[-len(preserved) :]).squeeze(2).float() - base_pred.float()).pow(2).flatten(1).mean(1)
+        )
         # each preserved item weighs what a trained item does; items without a preservation caption add nothing
-        result["loss"] = loss + config.preservation_weight * per_item.sum() / len(x1)
+        preservation = config.preservation_weight * per_item.sum() / len(x1)
+        if backward is not None:
+            backward(preservation)
+            preservation = preservation.detach()
+        result["loss"] = result["loss"] + preservation
         result["preservation"] = per_item.mean().detach()
     return result
 
