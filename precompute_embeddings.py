@@ -44,6 +44,7 @@ from zimage_utils.precompute import (
     PixelDataset,
     ScanDataset,
     ShardWriter,
+    add_caption_flags,
     encode_ahead,
     encode_batch,
     gpu_memory_report,
@@ -95,51 +96,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
-    parser.add_argument(
-        "--caption_prefix",
-        default=None,
-        help='Trigger word: prepended to captions that do not hold it ("sks, ..."), and put in place of [trigger].',
-    )
-    parser.add_argument(
-        "--default_caption",
-        default=None,
-        help="Caption for images without one (default: such images are skipped and reported).",
-    )
-    parser.add_argument(
-        "--folder_captions",
-        action="store_true",
-        help="kohya-style folders: an image without a caption under a top folder named N_words ('10_sks woman/') is "
-        "captioned with its words ('sks woman'); the trainer's --folder_repeats reads the N.",
-    )
-    parser.add_argument(
-        "--caption_variants",
-        action="store_true",
-        help="Each line of a caption is a variant (a list in metadata.jsonl or a dataset column gives one per item): "
-        "all are cached, and training draws one per item per epoch.",
-    )
-    parser.add_argument(
-        "--shuffle_caption",
-        type=int,
-        default=0,
-        metavar="N",
-        help="Cache N orderings of each caption's comma-separated tags (the caption and N-1 seeded shuffles) as its "
-        "variants, one drawn per item per epoch: kohya's shuffle_caption, with the orderings fixed at caching. "
-        "Each costs one more text encoding and embedding (0 = off).",
-    )
-    parser.add_argument(
-        "--keep_tokens",
-        type=int,
-        default=0,
-        help="With --shuffle_caption: the first K tags of a caption stay in front (kohya's keep_tokens). A trigger "
-        "that --caption_prefix adds stays in front; one already in the caption is a tag like the others.",
-    )
-    parser.add_argument(
-        "--preservation_class",
-        default=None,
-        help='With --caption_prefix: also cache each caption with the trigger replaced by this class ("sks person, '
-        'smiling" -> "person, smiling"), for the trainer\'s --preservation_weight (ai-toolkit\'s differential '
-        "output preservation).",
-    )
+    add_caption_flags(parser)
     parser.add_argument(
         "--mask_dir",
         default=None,

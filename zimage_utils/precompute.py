@@ -13,6 +13,7 @@ in the last bits, because convolution kernels pick their algorithm by batch size
 batch of 6 and a batch of 1 differ by ~1e-7); with `--batch_size 1` and equal threads the records are identical.
 """
 
+import argparse
 import hashlib
 import os
 import random
@@ -90,6 +91,56 @@ KEY_COLUMNS = ("source", "content_hash", "caption", "preservation_caption", "cap
 def record_key(record: dict[str, Any]) -> tuple:
     """A cache record's `Planned.key` (`record` holds at least KEY_COLUMNS)."""
     return (*(record[c] for c in KEY_COLUMNS[:-1]), *record["caption_variants"])
+
+
+def add_caption_flags(parser: argparse.ArgumentParser) -> None:
+    """precompute_embeddings.py's flags for what each item's captions become (`ScanDataset` reads them): the trigger
+    word, captions for images without one, variants, tag shuffles and preservation captions."""
+    parser.add_argument(
+        "--caption_prefix",
+        default=None,
+        help='Trigger word: prepended to captions that do not hold it ("sks, ..."), and put in place of [trigger].',
+    )
+    parser.add_argument(
+        "--default_caption",
+        default=None,
+        help="Caption for images without one (default: such images are skipped and reported).",
+    )
+    parser.add_argument(
+        "--folder_captions",
+        action="store_true",
+        help="kohya-style folders: an image without a caption under a top folder named N_words ('10_sks woman/') is "
+        "captioned with its words ('sks woman'); the trainer's --folder_repeats reads the N.",
+    )
+    parser.add_argument(
+        "--caption_variants",
+        action="store_true",
+        help="Each line of a caption is a variant (a list in metadata.jsonl or a dataset column gives one per item): "
+        "all are cached, and training draws one per item per epoch.",
+    )
+    parser.add_argument(
+        "--shuffle_caption",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Cache N orderings of each caption's comma-separated tags (the caption and N-1 seeded shuffles) as its "
+        "variants, one drawn per item per epoch: kohya's shuffle_caption, with the orderings fixed at caching. "
+        "Each costs one more text encoding and embedding (0 = off).",
+    )
+    parser.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="With --shuffle_caption: the first K tags of a caption stay in front (kohya's keep_tokens). A trigger "
+        "that --caption_prefix adds stays in front; one already in the caption is a tag like the others.",
+    )
+    parser.add_argument(
+        "--preservation_class",
+        default=None,
+        help='With --caption_prefix: also cache each caption with the trigger replaced by this class ("sks person, '
+        'smiling" -> "person, smiling"), for the trainer\'s --preservation_weight (ai-toolkit\'s differential '
+        "output preservation).",
+    )
 
 
 class ScanDataset(torch.utils.data.Dataset):
