@@ -152,24 +152,27 @@ def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
         assert run["wall_s"] < 30  # not left to finish
 
 
-def test_scale_benchmark_starts_no_precompute_run_past_its_deadline(tmp_path):
-    # the multi-GPU precompute comparison on a device call: nothing starts once --deadline_s has passed
+def test_scale_benchmark_starts_nothing_past_its_deadline(tmp_path):
+    # A device call's limit less a margin, here already past when the set-up ends: no trainer run and no multi-GPU
+    # precompute run starts, and the call still ends with its JSON
     report = run_tiny_scale(
-        tmp_path, "--only", "none", "--precompute_gpus", "1,2", "--precompute_images", "8", "--deadline_s", "1e-9"
+        tmp_path,
+        "--only",
+        "compile_bf16",
+        "--precompute_gpus",
+        "1,2",
+        "--precompute_images",
+        "8",
+        "--deadline_s",
+        "1e-9",
     )
+    (run,) = report["runs"]
+    assert run["name"] == "compile_bf16" and run["returncode"] is None
+    assert run["error"] == "not started: past --deadline_s" and "wall_s" not in run
     runs = report["precompute"]
     assert [(r["gpus"], r["images"], r["returncode"]) for r in runs] == [(1, 8, None), (2, 8, None)]
     assert all(r["error"] == "not started: past --deadline_s" for r in runs)
     assert report["precompute_marginal"] == {}
-
-
-def test_scale_benchmark_starts_no_run_past_its_deadline(tmp_path):
-    # A device call's limit less a margin, here already past when the set-up ends: nothing starts, and the call still
-    # ends with its JSON
-    report = run_tiny_scale(tmp_path, "--only", "compile_bf16", "--deadline_s", "1e-9")
-    (run,) = report["runs"]
-    assert run["name"] == "compile_bf16" and run["returncode"] is None
-    assert run["error"] == "not started: past --deadline_s" and "wall_s" not in run
 
 
 def test_saved_activations_benchmark_sees_checkpointing_keep_less(tmp_path):
