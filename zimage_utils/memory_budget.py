@@ -215,13 +215,14 @@ def block_input_gib(batch: dict, dim: int, patch_size: int) -> float:
     return latents.shape[0] * tokens * dim * 2 / 2**30
 
 
-def remedies(args) -> str:
-    """What could make a step fit a smaller budget, leaving out what this run already does."""
+def remedies(args, zero_stage: int = 0) -> str:
+    """What could make a step fit a smaller budget, leaving out what this run already does. `zero_stage`: DeepSpeed's,
+    where preservation puts each batch through the model twice in one pass (elsewhere it needs no more memory)."""
     steps = []
     if args.train_batch_size > 1:
         steps.append("lower --train_batch_size")
-    if args.preservation_weight:
-        steps.append("drop --preservation_weight (it trains each batch twice)")
+    if args.preservation_weight and zero_stage:
+        steps.append("drop --preservation_weight (it trains each batch twice in one pass under DeepSpeed)")
     steps.append("lower the cache's resolution")
     if args.base_precision == "bf16":
         steps.append("use --base_precision fp8 (any GPU) or nf4")
@@ -258,7 +259,7 @@ def out_of_memory_explained(args, step: int, batch: dict, zero_stage: int = 0):
         else:
             change = "give --max_memory_gb (a little under the card, e.g. 22 on a 24 GB one) to fit it, or "
         raise OutOfGPUMemory(
-            f"{where}: {change}{remedies(args)}. --resume_from_checkpoint latest continues from the last checkpoint."
+            f"{where}: {change}{remedies(args, zero_stage)}. --resume_from_checkpoint latest continues from the last checkpoint."
         ) from error
 
 
