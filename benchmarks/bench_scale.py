@@ -550,6 +550,17 @@ def main() -> None:
             "compile_fp8_offload_max7",
             ["--compile", "--base_precision", "fp8", "--cpu_offload_checkpointing", "--max_memory_gb", "7"],
         ),
+        # block swap: every block checkpointed, and the first 16 or all 32 keeping their weights in host memory
+        ("compile_fp8_gc", ["--compile", "--base_precision", "fp8"] + ckpt),
+        ("compile_fp8_swap16", ["--compile", "--base_precision", "fp8", "--blocks_to_swap", "16"] + ckpt),
+        ("compile_fp8_swap32", ["--compile", "--base_precision", "fp8", "--blocks_to_swap", "32"] + ckpt),
+        ("compile_bf16_gc", ["--compile"] + ckpt),
+        ("compile_bf16_swap32", ["--compile", "--blocks_to_swap", "32"] + ckpt),
+        # 8 GB cards: the budget with half the blocks swapped
+        (
+            "compile_fp8_max7_swap16",
+            ["--compile", "--base_precision", "fp8", "--blocks_to_swap", "16", "--max_memory_gb", "7"],
+        ),
         # the 12 GB budget with validation sampling (2 prompts, 4 steps with guidance, the VAE decoding at the cache's
         # resolution, in bf16 tiles under the budget) every 8 steps: what the calibration does not measure
         (

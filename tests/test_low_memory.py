@@ -79,6 +79,15 @@ def test_an_out_of_memory_probe_falls_back_to_safe_settings():
     assert cal.checkpointed == 30 and cal.measured[28] == math.inf
 
 
+@pytest.mark.parametrize("budget", [14.0, 18.5, 24.0])
+def test_swapped_blocks_are_always_checkpointed_and_never_measured_without(budget):
+    calls = []
+    cal = choose_checkpointing(linear_memory(13.8, 0.5, 32, calls), 32, budget, min_blocks=20)
+    fitting = [k for k in range(20, 33) if 13.8 + 0.5 * (32 - k) <= budget]
+    assert cal.checkpointed == min(fitting) and min(calls) >= 20
+    assert f"checkpointing {cal.checkpointed} of 32 blocks (20 swapped)" in cal.summary()
+
+
 def test_optimiser_state_is_kept_out_of_the_budget():
     with_reserve = choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 20.0, reserve_gib=2.0)
     without = choose_checkpointing(linear_memory(13.8, 0.5, 32, []), 32, 20.0)
@@ -94,14 +103,25 @@ def test_a_budget_below_full_checkpointing_says_what_to_do():
 
 def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
     run = argparse.Namespace(
-        train_batch_size=1, base_precision="fp8", cpu_offload_checkpointing=True, preservation_weight=0.0
+        train_batch_size=1,
+        base_precision="fp8",
+        cpu_offload_checkpointing=True,
+        preservation_weight=0.0,
+        blocks_to_swap=0,
     )
     advice = remedies(run)
     assert "fp8 (any GPU)" not in advice and "--cpu_offload_checkpointing" not in advice
+    assert "swap blocks' weights to host memory (--blocks_to_swap N" in advice
+    run.blocks_to_swap = 8
+    assert "swap more blocks'" in remedies(run) and "--blocks_to_swap" not in remedies(run, zero_stage=3)
     assert "--train_batch_size" not in advice and "nf4" in advice and "zero3_offload" in advice
     assert "--preservation_weight" not in advice
     run = argparse.Namespace(
-        train_batch_size=4, base_precision="bf16", cpu_offload_checkpointing=False, preservation_weight=1.0
+        train_batch_size=4,
+        base_precision="bf16",
+        cpu_offload_checkpointing=False,
+        preservation_weight=1.0,
+        blocks_to_swap=0,
     )
     advice = remedies(run)
     assert all(x in advice for x in ("--train_batch_size", "fp8 (any GPU)", "--cpu_offload_checkpointing"))
@@ -587,6 +607,7 @@ def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
         base_precision="fp8",
         cpu_offload_checkpointing=True,
         preservation_weight=0.0,
+        blocks_to_swap=0,
     )
     batch = {"latents": torch.zeros(2, 16, 128, 96), "caption_embeds": [torch.zeros(77, 8), torch.zeros(120, 8)]}
     with pytest.raises(cli.OutOfGPUMemory) as error, out_of_memory_explained(run, 7, batch):

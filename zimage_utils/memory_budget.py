@@ -17,7 +17,7 @@ import torch
 
 from .cli import OutOfGPUMemory
 from .distributed import deepspeed_stage
-from .step_options import checkpointable_blocks, set_gradient_checkpointing
+from .step_options import checkpointable_blocks, set_gradient_checkpointing, swapped_blocks
 from .training_step import flow_matching_step
 
 SAFETY = 0.97  # aim below the budget: later batches allocate in a different order and fragment differently
@@ -44,13 +44,16 @@ class Calibration:
     reserve_for: str = "optimiser state"
     checkpointed: int = -1  # the chosen number of recomputed blocks
     measured: dict[int, float] = field(default_factory=dict)  # checkpointed blocks → peak GiB (inf: out of memory)
+    swapped: int = 0  # of the checkpointed blocks, the first ones whose weights wait in host memory (--blocks_to_swap)
 
     def summary(self) -> str:
         tried = ", ".join(
             f"{k}: {'OOM' if math.isinf(v) else f'{v:.2f} GiB'}" for k, v in sorted(self.measured.items())
         )
         return (
-            f"--max_memory_gb {self.budget_gib:g}: checkpointing {self.checkpointed} of {self.total_blocks} blocks, "
+            f"--max_memory_gb {self.budget_gib:g}: checkpointing {self.checkpointed} of {self.total_blocks} blocks"
+            + (f" ({self.swapped} swapped)" if self.swapped else "")
+            + ", "
             f"measured peak {self.measured[self.checkpointed]:.2f} GiB + {self.reserve_gib:.2f} GiB {self.reserve_for} "
             f"(checkpointed blocks → peak: {tried})"
         )
@@ -65,8 +68,9 @@ def choose_checkpointing(
     max_tries: int = 6,
     reserve_for: str = "optimiser state",
     remedies: str = REMEDIES,
+    min_blocks: int = 0,
 ) -> Calibration:
-    """The fewest checkpointed blocks whose measured peak is ≤ `budget_gib` − `reserve_gib`.
+    """The fewest checkpointed blocks, at least `min_blocks`, whose measured peak is ≤ `budget_gib` − `reserve_gib`.
 
     Args:
         measure: runs one forward + backward with k blocks checkpointed and returns its peak GiB (inf when it ran
@@ -77,8 +81,9 @@ def choose_checkpointing(
             it is for (`reserve_for`, in messages).
         probe: blocks left un-checkpointed for the second measurement (the per-block slope).
         remedies: what to do when even full checkpointing does not fit, for the error.
+        min_blocks: blocks that are always checkpointed (the swapped ones).
     """
-    cal = Calibration(budget_gib, total_blocks, reserve_gib, reserve_for)
+    cal = Calibration(budget_gib, total_blocks, reserve_gib, reserve_for, swapped=min_blocks)
     limit = budget_gib - reserve_gib
 
     def run(k: int) -> float:
@@ -93,19 +98,19 @@ def choose_checkpointing(
             f"{'more than the card has' if math.isinf(floor) else f'{floor:.1f} GiB'} (+ {reserve_gib:.2f} GiB "
             f"{reserve_for}), above --max_memory_gb {budget_gib:g}: {remedies}"
         )
-    probe = min(probe, total_blocks)
+    probe = min(probe, total_blocks - min_blocks)
     probed = run(total_blocks - probe) if probe > 0 else floor
     per_block = (probed - floor) / probe if probe > 0 else 0.0
     if not 0 < per_block < math.inf:
         # The probe ran out of memory (or showed no slope): bisect between a setting that fits and one that doesn't
-        fit, fail = (total_blocks, total_blocks - probe) if probed > limit else (total_blocks - probe, -1)
+        fit, fail = (total_blocks, total_blocks - probe) if probed > limit else (total_blocks - probe, min_blocks - 1)
         for _ in range(max_tries):
             if fit - fail <= 1:
                 break
             mid = (fit + fail) // 2
             fit, fail = (mid, fail) if run(mid) <= limit else (fit, mid)
     else:
-        k = max(0, total_blocks - math.floor((limit * SAFETY - floor) / per_block))
+        k = max(min_blocks, total_blocks - math.floor((limit * SAFETY - floor) / per_block))
         for _ in range(max_tries):
             peak = run(k)
             if peak <= limit:
@@ -113,8 +118,8 @@ def choose_checkpointing(
             k = min(total_blocks, k + math.ceil((peak - limit) / per_block) + 1)
         # Room left under the limit at the best fitting setting: try keeping that many more blocks (measured)
         best = min(kk for kk, v in cal.measured.items() if v <= limit)
-        if (spare := math.floor((limit - cal.measured[best]) / per_block)) > 0 and best > 0:
-            run(max(0, best - spare))
+        if (spare := math.floor((limit - cal.measured[best]) / per_block)) > 0 and best > min_blocks:
+            run(max(min_blocks, best - spare))
     # The best measured setting that fits (a fitting measurement with fewer checkpointed blocks may already exist)
     cal.checkpointed = min(kk for kk, v in cal.measured.items() if v <= limit)
     return cal
@@ -154,7 +159,12 @@ def calibrate_checkpointing(
         return float(accelerator.reduce(torch.full((), peak, device=accelerator.device), "max"))
 
     cal = choose_checkpointing(
-        measure, len(checkpointable_blocks(unwrapped)), budget_gib, reserve_gib, **choose_kwargs
+        measure,
+        len(checkpointable_blocks(unwrapped)),
+        budget_gib,
+        reserve_gib,
+        min_blocks=swapped_blocks(unwrapped),
+        **choose_kwargs,
     )
     set_gradient_checkpointing(unwrapped, cal.checkpointed, offload, keep_attention)
     torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -230,6 +240,9 @@ def remedies(args, zero_stage: int = 0) -> str:
         steps.append("use --base_precision nf4 (a quarter of bf16's weights; fp8 is half)")
     if not args.cpu_offload_checkpointing:
         steps.append("add --cpu_offload_checkpointing")
+    if not zero_stage and args.base_precision != "nf4":
+        more = "more " if args.blocks_to_swap else ""
+        steps.append(f"swap {more}blocks' weights to host memory (--blocks_to_swap N, up to 32)")
     steps.append("use DeepSpeed ZeRO-3 with CPU offload (accelerate_configs/deepspeed_zero3_offload.yaml)")
     return ", ".join(steps[:-1]) + ", or " + steps[-1]
 
@@ -287,13 +300,23 @@ def worst_case_batch(
 
 
 def check_memory_options(args, accelerator) -> None:
-    """The trainer's checkpointing flags, checked together before anything loads."""
-    checkpointing = args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb
+    """The trainer's checkpointing and block-swap flags, checked together before anything loads."""
+    if args.blocks_to_swap:
+        if deepspeed_stage(accelerator):
+            raise ValueError(
+                "--blocks_to_swap does not work under DeepSpeed, which places the weights itself: drop it, or use "
+                "accelerate_configs/deepspeed_zero3_offload.yaml alone to keep the weights in host memory"
+            )
+        if args.base_precision == "nf4":
+            raise ValueError("--blocks_to_swap cannot move NF4 weights (bitsandbytes): use --base_precision fp8")
+    checkpointing = (
+        args.gradient_checkpointing or args.gradient_checkpointing_blocks or args.max_memory_gb or args.blocks_to_swap
+    )
     for flag in ("cpu_offload_checkpointing", "checkpoint_keep_attention"):
         if getattr(args, flag) and not checkpointing:
             raise ValueError(
                 f"--{flag} changes what checkpointed blocks keep: add --gradient_checkpointing, "
-                "--gradient_checkpointing_blocks N or --max_memory_gb"
+                "--gradient_checkpointing_blocks N, --max_memory_gb or --blocks_to_swap"
             )
     if not args.max_memory_gb:
         return

@@ -27,9 +27,11 @@ def set_gradient_checkpointing(
     memory until backward recomputes the block, instead of on the GPU (`HostOffload`).
     keep_attention: a checkpointed block also keeps its attention output (+0.75 GiB over 32 blocks at 1024²), so
     backward recomputes the projections around it but not the attention itself (selective activation checkpointing).
-    Returns the number of blocks checkpointed."""
+    Blocks whose weights are swapped (`block_swap.swap_blocks`, the first ones) are checkpointed whatever
+    `num_blocks` says. Returns the number of blocks checkpointed."""
     blocks = checkpointable_blocks(transformer)
     n = len(blocks) if num_blocks < 0 else min(num_blocks, len(blocks))
+    n = max(n, swapped_blocks(transformer))  # a swapped block must not keep its weights for backward
     for i, block in enumerate(blocks):
         plain = getattr(type(block), "_plain_class", type(block))
         block.__class__ = _checkpointing_class(plain, keep_attention) if i < n else plain
@@ -49,6 +51,12 @@ def set_gradient_checkpointing(
     # diffusers calls this for every block while checkpointing is on: the place to wrap a block in the hooks.
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=call_block)
     return n
+
+
+def swapped_blocks(transformer) -> int:
+    """How many of the first `checkpointable_blocks` keep their weights in host memory (`block_swap`)."""
+    swap = getattr(transformer, "_block_swap", None)
+    return len(swap.blocks) if swap is not None else 0
 
 
 ATTENTION_OPS = {
@@ -129,6 +137,19 @@ def _checkpointing_class(plain: type, keep_attention: bool) -> type:
 
         class Checkpointing(plain):
             _plain_class = plain
+
+            def __call__(self, *args, **kwargs):
+                # Outside the compiled forward: a swapped block's weights come in before it runs (training or
+                # sampling), and again before its backward, which recomputes it (`block_swap.BlockSwap`)
+                swap = self.__dict__.get("_weight_swap")
+                if swap is None:
+                    return super().__call__(*args, **kwargs)
+                owner, index = swap
+                owner.onload(index)
+                out = super().__call__(*args, **kwargs)
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(functools.partial(owner.before_backward, index))
+                return out
 
             def forward(self, *args, **kwargs):
                 # A plain checkpoint gets a policy only while compiling, where torch does not add one itself
@@ -261,9 +282,9 @@ def freeze_gc() -> bool:
 
 def apply_step_flags(args, transformer) -> None:
     """The trainer's `--gradient_checkpointing(_blocks)` (with `--cpu_offload_checkpointing` and
-    `--checkpoint_keep_attention`) and `--compile` (with `--activation_memory_budget`) on the LoRA-wrapped
+    `--checkpoint_keep_attention`; swapped blocks are checkpointed too) and `--compile` (with `--activation_memory_budget`) on the LoRA-wrapped
     transformer, checkpointing first so compiled blocks compile their recomputation."""
-    if args.gradient_checkpointing or args.gradient_checkpointing_blocks:
+    if args.gradient_checkpointing or args.gradient_checkpointing_blocks or swapped_blocks(transformer):
         set_gradient_checkpointing(
             transformer,
             -1 if args.gradient_checkpointing else args.gradient_checkpointing_blocks,

@@ -1,0 +1,173 @@
+"""`--blocks_to_swap N`: swapped blocks train and sample exactly as resident ones, their weights are on the device
+only while they run, and the LoRA never leaves it. (The GPU memory it saves and its speed: docs/BENCHMARKS.md.)"""
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_step_options import batch, lora_transformer, loss_and_grads
+from test_trainer import train
+
+from zimage_utils.block_swap import move_except_swapped, swap_blocks
+from zimage_utils.lora_io import LORA_WEIGHT_NAME
+from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
+from zimage_utils.training_step import StepConfig, flow_matching_step
+
+
+def weights_on_the_device(block, swap) -> bool:
+    """Whether a swapped block's frozen tensors are device copies rather than their host copies."""
+    index = swap.blocks.index(block)
+    return all(t.data_ptr() != host.data_ptr() for t, host in swap.host[index])
+
+
+def record_residency(swap) -> list[tuple[int, list[int]]]:
+    """Calls `swap.onload` as usual and appends (the block asked for, the swapped blocks whose weights are then on
+    the device) to the returned list, for every call."""
+    calls, real_onload = [], swap.onload
+
+    def onload(index, backward=False):
+        real_onload(index, backward)
+        resident = [i for i, b in enumerate(swap.blocks) if weights_on_the_device(b, swap)]
+        calls.append((index, resident))
+
+    swap.onload = onload
+    return calls
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_swapped_blocks_give_the_resident_loss_and_gradients(compiled):
+    transformer = lora_transformer()
+    set_gradient_checkpointing(transformer, -1)
+    if compiled:
+        compile_blocks(transformer)
+    reference_loss, reference_grads = loss_and_grads(transformer)
+
+    swap = swap_blocks(transformer, 3, "cpu")
+    assert set_gradient_checkpointing(transformer, 0) == 3  # swapped blocks stay checkpointed
+    calls = record_residency(swap)
+    loss, grads = loss_and_grads(transformer)
+    assert torch.equal(loss, reference_loss)
+    for name, g in grads.items():
+        assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+
+    # forward in order, then backward in reverse, each block's weights in just before it runs, beside the next one's
+    assert [index for index, _ in calls] == [0, 1, 2, 2, 1, 0]
+    assert calls[0][1] == [0, 1] and calls[1][1] == [1, 2] and calls[2][1] == [2]  # forward
+    assert calls[4][1] == [0, 1] and calls[5][1] == [0]  # backward: the block before comes in
+    # between steps the host copies are the weights, except the block the next step starts with
+    assert [weights_on_the_device(b, swap) for b in swap.blocks] == [True, False, False]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_computes_with_the_weights_brought_in_for_it(compiled):
+    # What makes the swap free memory: nothing of forward's copy is kept; backward (compiled too) reads the weights the
+    # block holds when it runs. Here the host copy of block 0 changes between forward and backward, and the
+    # gradients follow.
+    transformer = lora_transformer()
+    swap = swap_blocks(transformer, 3, "cpu")
+    set_gradient_checkpointing(transformer, 0)
+    if compiled:
+        compile_blocks(transformer)
+    _, reference_grads = loss_and_grads(transformer)
+    out = flow_matching_step(transformer, batch(), StepConfig("uniform"), seeds=[1, 2])
+    for _, host in swap.host[0]:
+        host.mul_(2)
+    out["loss"].backward()
+    changed = [n for n, p in transformer.named_parameters() if p.requires_grad and p.grad is not None]
+    changed = [
+        n for n in changed if not torch.allclose(dict(transformer.named_parameters())[n].grad, reference_grads[n])
+    ]
+    assert changed and all(n.startswith("noise_refiner.0.") for n in changed)
+
+
+def test_a_step_under_no_grad_brings_in_each_block_once_and_keeps_no_hooks():
+    # validation sampling and the preservation pass without the LoRA run the blocks without gradient
+    transformer = lora_transformer()
+    swap = swap_blocks(transformer, 2, "cpu")
+    set_gradient_checkpointing(transformer, 0)
+    calls = record_residency(swap)
+    with torch.no_grad():
+        out = flow_matching_step(transformer, batch(), StepConfig("uniform"), seeds=[1, 2])
+    assert torch.isfinite(out["loss"])
+    assert [index for index, _ in calls] == [0, 1]
+
+
+def test_only_the_frozen_weights_stay_in_host_memory():
+    transformer = lora_transformer()
+    swap = swap_blocks(transformer, 2, "cpu")
+    swapped = {id(t) for pairs in swap.host for t, _ in pairs}
+    blocks = checkpointable_blocks(transformer)
+    lora = [p for b in blocks[:2] for n, p in b.named_parameters() if "lora_" in n]
+    assert lora and not any(id(p) in swapped for p in lora)  # the LoRA trains on the device
+    frozen = [p for b in blocks[:2] for p in b.parameters() if not p.requires_grad]
+    assert {id(p) for p in frozen} <= swapped
+    assert not any(id(p) in swapped for b in blocks[2:] for p in b.parameters())
+    assert swap.weight_gib() == pytest.approx(sum(p.numel() * p.element_size() for p in frozen) / 2**30)
+
+    # moving the model leaves them where they are ("meta" stands in for a GPU: no data, but a device of its own)
+    move_except_swapped(transformer, "meta")
+    assert all(p.device.type == "cpu" for p in frozen)
+    assert {p.device.type for b in blocks[:2] for n, p in b.named_parameters() if "lora_" in n} == {"meta"}
+    assert {p.device.type for b in blocks[2:] for p in b.parameters()} == {"meta"}
+    assert {p.device.type for p in transformer.all_x_embedder.parameters()} == {"meta"}
+
+
+def test_a_run_with_swapped_blocks_trains_and_samples_what_a_resident_run_does(
+    tiny_model_dir, tiny_cache_dir, tmp_path
+):
+    # compiled, with a validation grid half-way (the pipeline calls the blocks without gradient) and at the end
+    flags = {"gradient_checkpointing": True, "compile": True, "validation_steps": 3, "learning_rate": 5e-3}
+    resident = train(tiny_model_dir, tiny_cache_dir, tmp_path / "resident", **flags)
+    swapped = train(tiny_model_dir, tiny_cache_dir, tmp_path / "swapped", blocks_to_swap=3, **flags)
+    assert [r["loss"] for r in swapped if "loss" in r] == [r["loss"] for r in resident if "loss" in r]
+    state, reference = (load_file(str(tmp_path / run / LORA_WEIGHT_NAME)) for run in ("swapped", "resident"))
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
+    grids = [Image.open(tmp_path / run / "samples" / "grid.png") for run in ("swapped", "resident")]
+    assert grids[0].tobytes() == grids[1].tobytes()
+
+
+def test_swapping_needs_no_checkpointing_flag_of_its_own(tiny_model_dir, tiny_cache_dir, tmp_path):
+    # the swapped blocks are checkpointed, so what changes checkpointed blocks needs nothing more
+    log = train(tiny_model_dir, tiny_cache_dir, tmp_path, blocks_to_swap=2, checkpoint_keep_attention=True)
+    assert len([r for r in log if "loss" in r]) == 6
+
+
+@pytest.mark.parametrize(
+    "stage, precision, message",
+    [(3, "bf16", "does not work under DeepSpeed.*deepspeed_zero3_offload"), (0, "nf4", "cannot move NF4 weights")],
+)
+def test_swapping_is_refused_where_something_else_places_the_weights(stage, precision, message):
+    from test_low_memory import fake_deepspeed_accelerator
+
+    from zimage_utils.memory_budget import check_memory_options
+
+    accelerator = fake_deepspeed_accelerator(stage, {}) if stage else SimpleNamespace(distributed_type="NO")
+    args = argparse.Namespace(blocks_to_swap=4, base_precision=precision, max_memory_gb=None)
+    with pytest.raises(ValueError, match=message):
+        check_memory_options(args, accelerator)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies between a GPU and pinned host memory")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_on_a_gpu_swapped_weights_leave_the_card_and_come_back_for_each_block(compiled):
+    transformer = lora_transformer().to("cuda")
+    set_gradient_checkpointing(transformer, -1)
+    if compiled:
+        compile_blocks(transformer)
+    reference_loss, reference_grads = loss_and_grads(transformer)
+    before = torch.cuda.memory_allocated()
+    swap = swap_blocks(transformer, 3, "cuda")
+    assert all(host.is_pinned() for pairs in swap.host for _, host in pairs)
+    assert before - torch.cuda.memory_allocated() >= 0.99 * swap.weight_gib() * 2**30  # they left the card
+    calls = record_residency(swap)
+    for _ in range(2):  # the second step starts with block 0 still on the card from the first one's backward
+        loss, grads = loss_and_grads(transformer)
+        assert torch.equal(loss, reference_loss)
+        for name, g in grads.items():
+            assert torch.allclose(g, reference_grads[name], atol=1e-6), name
+    assert [index for index, _ in calls] == [0, 1, 2, 2, 1, 0] * 2
+    assert calls[0][1] == [0, 1] and calls[5][1] == [0]

@@ -1,0 +1,116 @@
+"""`--blocks_to_swap N`: the frozen base weights of N transformer blocks wait in pinned host memory, and each block's
+are copied to the GPU only while it runs (musubi-tuner's block swap). Saves N blocks' weights (~0.17 GiB each in fp8,
+~0.35 GiB in bf16) for PCIe copies that run on a side stream beside the compute.
+
+A swapped block is always a checkpointed one (`step_options.set_gradient_checkpointing`): its forward then keeps
+nothing of the weights for backward, and backward, which recomputes the block, copies them in again first. At most
+two swapped blocks are on the GPU at once: the one running and the next one, being copied. The next one is the block
+after it in forward and the one before it in backward, which walks the blocks in reverse.
+
+Only the frozen tensors move (the base Linears, norms, fp8 row scales); the LoRA stays on the GPU with its optimiser.
+Copies are by reference swap (`tensor.data = ...`), which autograd and compiled blocks both read at the time they
+run: a block's compiled backward sees the weights copied in for it (tests/test_block_swap.py).
+
+diffusers' group offloading does the forward half of this, but prefetches in forward order only, also in backward,
+and would move the LoRA parameters with the rest of each block.
+"""
+
+import torch
+
+from .step_options import checkpointable_blocks
+
+
+class BlockSwap:
+    """The swapped blocks (the first `len(blocks)` of `checkpointable_blocks`, in forward order) and their weights.
+
+    Each block gets the instance attribute `_weight_swap = (self, index)`, which the checkpointing block class reads
+    in `__call__`: `onload` before the block runs, and again from a hook on its output before its backward."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str):
+        self.blocks = blocks
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.host: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per block: (module tensor, host copy)
+        self.incoming: dict[int, torch.cuda.Event | None] = {}  # blocks on the device (or on their way) → copy done
+        for index, block in enumerate(blocks):
+            tensors = {}
+            for t in [p for p in block.parameters() if not p.requires_grad] + list(block.buffers()):
+                tensors.setdefault(id(t), t)
+            pairs = []
+            for t in tensors.values():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+                host.copy_(t.data)
+                t.data = host
+                pairs.append((t, host))
+            self.host.append(pairs)
+            block._weight_swap = (self, index)
+        if cuda:
+            torch.cuda.empty_cache()  # what they took on the GPU (fp8 weights are made there) goes back to the card
+
+    def weight_gib(self) -> float:
+        """GiB the swapped weights take, in host memory instead of on the GPU."""
+        return sum(h.numel() * h.element_size() for pairs in self.host for _, h in pairs) / 2**30
+
+    def _copy_in(self, index: int) -> None:
+        """Start bringing block `index`'s weights to the device (on the side stream on a GPU)."""
+        if self.stream is None:  # CPU: a real copy all the same, so tests see the weights come and go
+            for t, host in self.host[index]:
+                t.data = host.clone()
+            self.incoming[index] = None
+            return
+        with torch.cuda.stream(self.stream):
+            for t, host in self.host[index]:
+                t.data = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.incoming[index] = ready
+
+    def _drop(self, index: int) -> None:
+        for t, host in self.host[index]:
+            t.data = host  # the device copy is freed once the work queued on it is done (record_stream below)
+        del self.incoming[index]
+
+    def onload(self, index: int, backward: bool = False) -> None:
+        """Block `index` is about to run (its forward, or its recompute and backward): have its weights on the device,
+        let every other swapped block's go, and start copying the block that runs next."""
+        if index not in self.incoming:
+            self._copy_in(index)
+        ready = self.incoming[index]
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for t, _ in self.host[index]:
+                t.data.record_stream(current)  # made on the side stream, used here
+            self.incoming[index] = None
+        for other in [i for i in self.incoming if i != index]:
+            self._drop(other)
+        following = index - 1 if backward else index + 1
+        if 0 <= following < len(self.blocks) and following not in self.incoming:
+            self._copy_in(following)
+
+    def before_backward(self, index: int, grad: torch.Tensor) -> None:
+        """Tensor hook on a swapped block's output: its gradient is complete, so the block's backward runs next."""
+        self.onload(index, backward=True)
+
+
+def swap_blocks(transformer: torch.nn.Module, num_blocks: int, device: torch.device | str) -> BlockSwap | None:
+    """Keep the frozen weights of the first `num_blocks` of `checkpointable_blocks(transformer)` in (pinned) host
+    memory from now on (0 = none; more than exist = all); wherever they are now, they leave it. Call before the
+    blocks' checkpointing is set (`set_gradient_checkpointing` always checkpoints swapped blocks) and before
+    `move_except_swapped`."""
+    if num_blocks <= 0:
+        return None
+    blocks = checkpointable_blocks(transformer)[:num_blocks]
+    swap = BlockSwap(blocks, device)
+    transformer._block_swap = swap
+    return swap
+
+
+def move_except_swapped(model: torch.nn.Module, device: torch.device | str) -> None:
+    """`model.to(device)`, except for the swapped blocks' frozen tensors, which stay in host memory (the LoRA inside
+    those blocks moves)."""
+    swap = getattr(model, "_block_swap", None)
+    staying = {id(t) for pairs in swap.host for t, _ in pairs} if swap else set()
+    # What Module.to runs, given each parameter and buffer in turn
+    model._apply(lambda t: t if id(t) in staying else t.to(device))
