@@ -114,6 +114,7 @@ def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
     assert "swap blocks' weights to host memory (--blocks_to_swap N" in advice
     run.blocks_to_swap = 8
     assert "swap more blocks'" in remedies(run) and "--blocks_to_swap" not in remedies(run, zero_stage=3)
+    assert "(--blocks_to_swap N, up to 32, 0.17 GiB less each)" in remedies(run, block_weight_gib=0.17)
     assert "--train_batch_size" not in advice and "nf4" in advice and "zero3_offload" in advice
     assert "--preservation_weight" not in advice
     run = argparse.Namespace(

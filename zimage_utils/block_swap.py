@@ -34,11 +34,8 @@ class BlockSwap:
         self.host: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per block: (module tensor, host copy)
         self.incoming: dict[int, torch.cuda.Event | None] = {}  # blocks on the device (or on their way) → copy done
         for index, block in enumerate(blocks):
-            tensors = {}
-            for t in [p for p in block.parameters() if not p.requires_grad] + list(block.buffers()):
-                tensors.setdefault(id(t), t)
             pairs = []
-            for t in tensors.values():
+            for t in frozen_tensors(block):
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
                 host.copy_(t.data)
                 t.data = host
@@ -92,6 +89,17 @@ class BlockSwap:
     def before_backward(self, index: int, grad: torch.Tensor) -> None:
         """Tensor hook on a swapped block's output: its gradient is complete, so the block's backward runs next."""
         self.onload(index, backward=True)
+
+
+def frozen_tensors(block: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a swap moves: the block's frozen parameters and its buffers, each once."""
+    frozen = {id(t): t for t in [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())}
+    return list(frozen.values())
+
+
+def block_weight_gib(block: torch.nn.Module) -> float:
+    """GiB of a block's frozen tensors: what swapping it takes off the GPU."""
+    return sum(t.numel() * t.element_size() for t in frozen_tensors(block)) / 2**30
 
 
 def swap_blocks(transformer: torch.nn.Module, num_blocks: int, device: torch.device | str) -> BlockSwap | None:

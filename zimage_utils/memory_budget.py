@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .block_swap import block_weight_gib
 from .cli import OutOfGPUMemory
 from .distributed import deepspeed_stage
 from .step_options import checkpointable_blocks, set_gradient_checkpointing, swapped_blocks
@@ -225,9 +226,10 @@ def block_input_gib(batch: dict, dim: int, patch_size: int) -> float:
     return latents.shape[0] * tokens * dim * 2 / 2**30
 
 
-def remedies(args, zero_stage: int = 0) -> str:
+def remedies(args, zero_stage: int = 0, block_weight_gib: float | None = None) -> str:
     """What could make a step fit a smaller budget, leaving out what this run already does. `zero_stage`: DeepSpeed's,
-    where preservation puts each batch through the model twice in one pass (elsewhere it needs no more memory)."""
+    where preservation puts each batch through the model twice in one pass (elsewhere it needs no more memory).
+    `block_weight_gib`: what swapping one more block would save, when known (`block_swap.block_weight_gib`)."""
     steps = []
     if args.train_batch_size > 1:
         steps.append("lower --train_batch_size")
@@ -242,7 +244,8 @@ def remedies(args, zero_stage: int = 0) -> str:
         steps.append("add --cpu_offload_checkpointing")
     if not zero_stage and args.base_precision != "nf4":
         more = "more " if args.blocks_to_swap else ""
-        steps.append(f"swap {more}blocks' weights to host memory (--blocks_to_swap N, up to 32)")
+        each = f", {block_weight_gib:.2f} GiB less each" if block_weight_gib else ""
+        steps.append(f"swap {more}blocks' weights to host memory (--blocks_to_swap N, up to 32{each})")
     steps.append("use DeepSpeed ZeRO-3 with CPU offload (accelerate_configs/deepspeed_zero3_offload.yaml)")
     return ", ".join(steps[:-1]) + ", or " + steps[-1]
 
@@ -369,6 +372,6 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         args.cpu_offload_checkpointing,
         args.checkpoint_keep_attention,
         reserve_for=reserve_for,
-        remedies=remedies(args),
+        remedies=remedies(args, block_weight_gib=block_weight_gib(checkpointable_blocks(model)[-1])),
     )
     print0(calibration.summary())
