@@ -52,6 +52,7 @@ from zimage_utils.precompute import (
     merge,
     plan_batches,
     record_key,
+    refuse_an_empty_cache,
     summarise,
 )
 from zimage_utils.step_options import raise_recompile_limit
@@ -288,7 +289,9 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
             )
     shards_fingerprint.parent.mkdir(exist_ok=True)
     cache_lib.write_json_atomic(shards_fingerprint, fingerprint)
-    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR)) if manifest is not None else None
+    if manifest is None or manifest.get("num_items") == 0:  # (older versions wrote a cache of no item)
+        return None
+    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR))
 
 
 def main(args: argparse.Namespace) -> dict | None:
@@ -339,6 +342,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     if args.dry_run:  # reads what is there; checks, deletes and writes nothing
         existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)
     else:
+        created = not Path(args.output_dir).exists()  # for the main process; the others read it only
         existing = prepare_output_dir(args, fingerprint) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
@@ -387,6 +391,10 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         report = report_dry_run(accelerator, args, fitted, skipped, notes, len(planned), items, hf_dataset)
         accelerator.end_training()  # as a full run does: the process group ends before the interpreter does
         return report
+    reports = gather_object([{"kept": len(fitted) - len(planned), "planned": len(planned), "skipped": skipped}])
+    kept = sum(r["kept"] for r in reports) if existing is None or not args.keep_missing else 1
+    if not kept and not sum(r["planned"] for r in reports):
+        refuse_an_empty_cache(accelerator, args.output_dir, created, by_source(reports, "skipped"), notes)
 
     # Load the encoders, while DataLoader workers start decoding the first batches
     planned_batches = plan_batches(planned, args.batch_size)
@@ -473,6 +481,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     reports = gather_object([{"skipped": skipped, "notes": notes, "encoded": encoded, "truncated": truncated}])
     accelerator.wait_for_everyone()
     encoded_all = time.perf_counter()  # every process has finished encoding
+    if not kept and not sum(r["encoded"] for r in reports):  # every image failed to decode
+        refuse_an_empty_cache(accelerator, args.output_dir, created, by_source(reports, "skipped"), notes)
     stats = None
     if accelerator.is_main_process:
         empty, _ = encode_captions([""], tokenizer, text_encoder, args.max_sequence_length, device)
@@ -606,9 +616,9 @@ def by_source(reports: list[dict], key: str) -> list[dict[str, str]]:
 
 def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
     # Same rule as the main process: data/ without a manifest is a half-written cache that will be replaced.
-    data = Path(output_dir) / cache_lib.DATA_DIR
-    has_manifest = cache_lib.read_manifest(output_dir) is not None
-    return datasets.load_from_disk(str(data)) if data.exists() and has_manifest else None
+    data, manifest = Path(output_dir) / cache_lib.DATA_DIR, cache_lib.read_manifest(output_dir)
+    has_items = manifest is not None and manifest.get("num_items") != 0
+    return datasets.load_from_disk(str(data)) if data.exists() and has_items else None
 
 
 if __name__ == "__main__":

@@ -319,6 +319,42 @@ def test_a_rerun_drops_images_deleted_or_broken_since_unless_told_to_keep_them(
     assert sum(manifest["buckets"].values()) == 10
 
 
+def test_a_run_that_can_cache_no_image_says_why_and_writes_nothing(tiny_model_dir, tiny_data_dir, tmp_path, summary):
+    # A first run at the default resolution on small images: every one is below its bucket
+    with pytest.raises(
+        ValueError,
+        match=r"cached in .*new: all 12 were skipped \(.*shape_000.png: image is 64x64.*lower --resolution\)",
+    ):
+        precompute(tiny_model_dir, tmp_path / "new", "--resolution", "256", data_dir=tiny_data_dir)
+    assert not (tmp_path / "new").exists()
+    assert summary.text.count("smaller than its") == 12  # each one listed, with the fix
+
+    # A re-run after the captions went missing keeps the cache it had, instead of writing one of 0 items
+    data = shutil.copytree(tiny_data_dir, tmp_path / "data")
+    out = precompute(tiny_model_dir, tmp_path / "cache", data_dir=data)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    with pytest.raises(ValueError, match="all 12 were skipped .*, and the cache there is as it was"):
+        precompute(tiny_model_dir, out, data_dir=data)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert len(cache_lib.load_cache(out)[0]) == 12
+
+
+def test_a_cache_of_no_item_from_an_older_version_is_refused_with_the_fix_and_rebuilt_over(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path
+):
+    with pytest.raises(cache_lib.CacheError, match="does not exist: give --precomputed_dir the --output_dir"):
+        cache_lib.load_cache(tmp_path / "nowhere")
+    old = shutil.copytree(tiny_cache_dir, tmp_path / "old")
+    manifest = json.loads((old / cache_lib.MANIFEST_NAME).read_text())
+    (old / cache_lib.MANIFEST_NAME).write_text(json.dumps({**manifest, "num_items": 0}))
+    with pytest.raises(cache_lib.CacheError, match="holds no items: every image was skipped.*--overwrite"):
+        cache_lib.load_cache(old)
+    precompute(tiny_model_dir, old, data_dir=tiny_data_dir)  # a re-run treats it as empty and writes a whole cache
+    assert len(cache_lib.load_cache(old)[0]) == 12
+
+
 def test_a_dry_run_reports_buckets_skips_and_what_a_run_would_encode_and_writes_nothing(
     tiny_model_dir, tiny_data_dir, tmp_path, summary
 ):

@@ -186,6 +186,10 @@ def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | Non
     """Open a finished cache: (`datasets.Dataset`, manifest). Checks the format version and, when given, that
     the fingerprint matches the model about to be trained (only the keys given are compared)."""
     cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise CacheError(
+            f"{cache_dir} does not exist: give --precomputed_dir the --output_dir of a precompute_embeddings.py run."
+        )
     manifest = read_manifest(cache_dir)
     if manifest is None or not (cache_dir / DATA_DIR).exists():
         raise CacheError(
@@ -196,6 +200,11 @@ def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | Non
         raise CacheError(
             f"{cache_dir} has cache format {manifest.get('format_version')}, this code reads "
             f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}: re-run precompute_embeddings.py with --overwrite."
+        )
+    if manifest.get("num_items") == 0:  # written by versions before 2026-12-03, which saved a cache of no item
+        raise CacheError(
+            f"{cache_dir} holds no items: every image was skipped when it was made (its {MANIFEST_NAME} lists why). "
+            "Fix them and re-run precompute_embeddings.py with --overwrite."
         )
     if expected_fingerprint is not None:
         found = {k: manifest["fingerprint"].get(k) for k in expected_fingerprint}

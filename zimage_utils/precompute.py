@@ -15,8 +15,10 @@ batch of 6 and a batch of 1 differ by ~1e-7); with `--batch_size 1` and equal th
 
 import argparse
 import hashlib
+import logging
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +51,8 @@ from .images import (
 )
 from .latents import encode_images, pil_to_tensor
 from .text_encoding import encode_captions
+
+logger = logging.getLogger(__name__)
 
 # GPU memory the VAE's encoder takes per image of a batch, per 2^20 pixels: 12.2 GiB for 8 images at 1024² (H200,
 # docs/BENCHMARKS.md, session 14); the text encoder's activations peak lower.
@@ -574,3 +578,26 @@ def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: 
         lines.append(f"{len(skipped)} skipped:")
         lines += [f"  {s['source']}: {s['reason']}" for s in skipped]
     return "\n".join(lines)
+
+
+def refuse_an_empty_cache(
+    accelerator, output_dir: str | Path, created: bool, skipped: list[dict[str, str]], notes: list[dict[str, str]]
+) -> None:
+    """No image can be cached (every one skipped, none kept from before), so every process raises; the main process
+    first lists why and leaves the output folder as it was before this run (removed if this run made it). An empty
+    dataset on disk would be one that neither the trainer nor a later precompute could open. `skipped`: every
+    process's; `notes`: this process's."""
+    out = Path(output_dir)
+    if not accelerator.is_main_process:
+        raise ValueError(f"no image could be cached in {out} (the main process lists why)")
+    logger.info(summarise(Counter(), skipped, notes))
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    first = f", the first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+    raise ValueError(
+        f"no image could be cached in {out}: all {len(skipped)} were skipped (each is listed above{first}). "
+        f"Nothing was written{'' if created else ', and the cache there is as it was'}. --dry_run checks a fix "
+        "without encoding."
+    )
