@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from zimage_utils import cli
+from zimage_utils.lora_io import read_lora
 from zimage_utils.model_loading import pin_as_needed, require_zimage
 from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
 
@@ -31,9 +32,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
     p.add_argument("--num_images", type=int, default=1, help="Images (one grid PNG).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="sample.png", help="PNG path.")
+    p.add_argument("--output", default="sample.png", help="Image path: .png, .jpg or .webp.")
     p.add_argument(
-        "--fuse_to", default=None, help="Instead of sampling: save base + LoRAs fused into this folder (on the CPU)."
+        "--fuse_to",
+        default=None,
+        help="Instead of sampling: save base + LoRAs fused into this new (or empty) folder (on the CPU).",
     )
     p.add_argument(
         "--cpu_offload",
@@ -61,6 +64,37 @@ def split_strength(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The mistakes found before the pipeline loads (minutes for the real model): each --lora read once (a Z-Image
+    LoRA that is there), and --fuse_to, --num_images and --output. Returns the LoRAs as (path, strength)."""
+    loras = []
+    for spec in args.lora:
+        path, strength = split_strength(spec)
+        if path == spec and ":" in spec[2:] and not Path(spec).exists():  # (past a Windows drive letter)
+            raise ValueError(f"--lora {spec}: write PATH or PATH:STRENGTH with a number, e.g. my_lora:0.8")
+        read_lora(path)
+        loras.append((path, strength))
+    if args.fuse_to:
+        target = Path(args.fuse_to)
+        if not args.lora:
+            raise ValueError("--fuse_to writes the base model with LoRAs fused in: give at least one --lora")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ValueError(
+                f"--fuse_to {target} exists and is not an empty folder: give a new folder (a model there, the base "
+                "included, is never written over)"
+            )
+        return loras
+    if args.num_images < 1:
+        raise ValueError(f"--num_images {args.num_images}: give 1 or more")
+    output = Path(args.output)
+    if output.is_dir() or output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--output {output}: give an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
+    return loras
+
+
 def offload_in_layers(pipe, device: str) -> None:
     """Group offloading a block at a time for the transformer and the text encoder (their ModuleLists of blocks and
     layers), the VAE whole: on CUDA from pinned host RAM, the next group copied on a side stream while one runs.
@@ -84,12 +118,12 @@ def main(args: argparse.Namespace) -> None:
     from diffusers import ZImagePipeline
 
     require_zimage(args.pretrained_model_name_or_path)
+    loras = check_args(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
-    for i, spec in enumerate(args.lora):
-        path, strength = split_strength(spec)
+    for i, (path, strength) in enumerate(loras):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
         names.append(f"lora_{i}")
         weights.append(strength)

@@ -27,6 +27,35 @@ def test_strength_parsing_keeps_paths_and_reads_weights():
     assert generate.split_strength("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
 
 
+def test_mistakes_are_refused_before_the_pipeline_loads_and_the_base_is_never_written_over(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from safetensors.torch import save_file
+
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the checks"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    xl = "lora_unet_down_blocks_0_attentions_0_proj_in"  # an SDXL LoRA's key, kohya's layout
+    xl_lora = {f"{xl}.lora_down.weight": torch.zeros(4, 8), f"{xl}.lora_up.weight": torch.zeros(8, 4)}
+    save_file({**xl_lora, f"{xl}.alpha": torch.tensor(4.0)}, tmp_path / "xl.safetensors")
+    lora, base = str(tmp_path / "lora"), str(tiny_model_dir)
+    cases = [
+        (["--lora", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--lora", f"{lora}:abc"], "write PATH or PATH:STRENGTH with a number"),
+        (["--lora", str(tmp_path / "empty")], "holds no pytorch_lora_weights.safetensors"),
+        (["--lora", str(tmp_path / "text.safetensors")], "could not be read"),
+        (["--lora", str(tmp_path / "xl.safetensors")], "is not a Z-Image LoRA"),
+        (["--lora", lora, "--fuse_to", base], "is not an empty folder.*never written over"),
+        (["--fuse_to", str(tmp_path / "new")], "give at least one --lora"),
+        (["--lora", lora, "--num_images", "0"], "--num_images 0: give 1 or more"),
+        (["--lora", lora, "--output", str(tmp_path)], "give an image file name"),
+    ]
+    for flags, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            generate.main(generate.parse_args(["--pretrained_model_name_or_path", base] + flags))
+
+
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
 def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir, tmp_path, adapter):
     with_lora = write_lora(tiny_model_dir, tmp_path / "lora", adapter)

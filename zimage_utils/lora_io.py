@@ -260,13 +260,36 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata
 
 
+# The transformer's top-level modules (ZImageTransformer2DModel): every key of a Z-Image LoRA starts with one
+ZIMAGE_MODULES = ("layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "t_embedder.",
+                  "cap_embedder.")  # fmt: skip
+
+
 def read_lora(path: str) -> dict[str, torch.Tensor]:
     """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya), as diffusers keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight` with any alpha folded in (the update at strength 1 is
     B @ A); a LoKr as `transformer.<module>.lokr_w1`, ... with its alpha baked in likewise. `path`: a .safetensors
-    file, a folder holding pytorch_lora_weights.safetensors, or a hub id. Pickled weights are refused."""
+    file, a folder holding pytorch_lora_weights.safetensors, or a hub id. Pickled weights are refused, and so are a
+    path that is not there, a file that is not safetensors and a LoRA for another model, each with a message."""
     from diffusers import ZImagePipeline
 
-    if Path(path).is_file() and Path(path).suffix != ".safetensors":
+    local = Path(path)
+    if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") or path.count("/") != 1 or path.startswith(".")):
+        raise FileNotFoundError(f"LoRA {path}: no such file or folder")
+    if local.is_file() and local.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
-    return ZImagePipeline.lora_state_dict(path, use_safetensors=True)
+    if local.is_dir() and not (local / LORA_WEIGHT_NAME).is_file():
+        files = sorted(p.name for p in local.glob("*.safetensors"))
+        raise FileNotFoundError(
+            f"LoRA folder {path} holds no {LORA_WEIGHT_NAME}"
+            + (f": give one of its files instead ({', '.join(files[:5])})" if files else "")
+        )
+    try:
+        state = ZImagePipeline.lora_state_dict(path, use_safetensors=True)
+    except (OSError, safetensors.SafetensorError, KeyError) as error:  # (KeyError: a layout diffusers half knows)
+        raise ValueError(f"LoRA {path} could not be read (damaged, or not a LoRA file): {error!r}") from None
+    foreign = [k for k in state if not k.removeprefix(DIFFUSERS_PREFIX).startswith(ZIMAGE_MODULES)]
+    if foreign or not state:
+        example = f" (e.g. {foreign[0]})" if foreign else ""
+        raise ValueError(f"{path} is not a Z-Image LoRA: it adapts modules Z-Image does not have{example}")
+    return state

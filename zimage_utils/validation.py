@@ -146,11 +146,12 @@ def save_grid(images: list[Image.Image], path: str | Path, columns: int | None =
 
 
 def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
-    """Write to a temporary name, then rename: a viewer or a crash never sees half a PNG."""
+    """Write to a temporary name, then rename: a viewer or a crash never sees half a PNG. A name ending in .jpg or
+    .webp gets that format instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     tmp.replace(path)
     return path
 
