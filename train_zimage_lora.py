@@ -33,6 +33,7 @@ from zimage_utils.block_swap import move_except_swapped, swap_blocks
 from zimage_utils.checkpoints import (
     SaveTriggers,
     batch_layout,
+    check_new_run,
     mark_unfinished,
     prune_checkpoints,
     register_lora_state_hooks,
@@ -352,6 +353,7 @@ def run_training(args: argparse.Namespace) -> None:
     check_process_group(accelerator)
     check_base_precision(args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter)
     check_memory_options(args, accelerator)
+    check_new_run(output_dir, args.resume_from_checkpoint)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
     output_dir.mkdir(parents=True, exist_ok=True)

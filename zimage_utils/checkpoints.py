@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -24,6 +25,16 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
     return [p for _, p in sorted(found) if (p / TRAINING_STATE_NAME).exists()]
+
+
+def check_new_run(output_dir: str | Path, resume_from: str | None) -> None:
+    """A run that does not resume must not start in a folder holding another run's checkpoints: its own would mix
+    with them, and a later `--resume_from_checkpoint latest` could pick the other run's newest."""
+    if resume_from is None and (found := list_checkpoints(output_dir)):
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found[-3:])}): continue "
+            "it with --resume_from_checkpoint latest, or give this run a new --output_dir"
+        )
 
 
 def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path | None:
@@ -69,7 +80,14 @@ def write_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> N
 
 
 def read_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint_dir) / TRAINING_STATE_NAME).read_text())
+    path = Path(checkpoint_dir) / TRAINING_STATE_NAME
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged ({error}): {DAMAGED_ADVICE}") from None
+
+
+DAMAGED_ADVICE = "delete that checkpoint folder to resume from the one before it"
 
 
 LORA_STATE_NAME = "lora_state.safetensors"
@@ -106,6 +124,7 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
             if is_transformer(models[i]):
                 model = accelerator.unwrap_model(models.pop(i))
                 state = load_file(str(Path(input_dir) / LORA_STATE_NAME))
+                check_same_lora(input_dir, state, get_lora_state_dict(model))
                 state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in state.items()}
                 result = set_peft_model_state_dict(model, state, adapter_name="default")
                 if getattr(result, "unexpected_keys", None):
@@ -113,6 +132,25 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def check_same_lora(checkpoint: str | Path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose LoRA has other modules or shapes than this run's (another --rank, --lora_targets or
+    --adapter; e.g. an earlier run in the same --output_dir), naming what differs."""
+    if saved.keys() != own.keys():
+        odd = sorted(saved.keys() ^ own.keys())[0]
+        where = "the checkpoint" if odd in saved else "this run"
+        raise ValueError(
+            f"{checkpoint} holds a LoRA on other modules than this run's (e.g. {odd} only in {where}): resume with the "
+            "--lora_targets, --lora_exclude_refiners and --adapter it was trained with, or give a new --output_dir"
+        )
+    for key, tensor in saved.items():
+        if tensor.shape != own[key].shape:
+            raise ValueError(
+                f"{checkpoint} holds a LoRA of other shapes than this run's ({key}: {tuple(tensor.shape)}, here "
+                f"{tuple(own[key].shape)}): resume with the --rank (and --lokr_factor) it was trained with, or give "
+                "a new --output_dir"
+            )
 
 
 def batch_layout(accelerator, batch_size: int) -> dict[str, int]:
@@ -167,7 +205,10 @@ def resume_training(
             "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
         )
     # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
-    accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
+    try:
+        accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
+    except (RuntimeError, OSError, EOFError, safetensors.SafetensorError) as error:  # a truncated or damaged file
+        raise ValueError(f"{resume} could not be loaded ({str(error).splitlines()[0]}): {DAMAGED_ADVICE}") from None
     if ema is not None:
         ema.load(resume)
     step, epoch, next_batch = state["global_step"], state["epoch"], state["next_batch"]
