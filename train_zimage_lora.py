@@ -65,7 +65,7 @@ from zimage_utils.model_loading import component_config_hash, load_transformer, 
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import apply_step_flags, freeze_gc
-from zimage_utils.train_data import collate, item_generator_seed, training_data
+from zimage_utils.train_data import collate, item_generator_seed, run_notes, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
@@ -309,6 +309,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
         p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
+    cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
+                         num_train_epochs=1, checkpointing_steps=0, validation_steps=0, blocks_to_swap=0,
+                         lr_warmup_steps=0, learning_rate=1e-12)  # fmt: skip
     if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
         args.lr_scheduler = "constant_with_warmup"
     return args
@@ -472,15 +475,13 @@ def run_training(args: argparse.Namespace) -> None:
         # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
         hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
-    masks = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
-    if args.mask_floor and not caches["num_masked"]:
-        masks = "; no loss masks in the cache(s), so --mask_floor does nothing"
+    notes = run_notes(args, caches, sampler, global_step, max_steps)
     print0(
         f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
         f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); "
         f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
         f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
-        + masks
+        + notes
     )
 
     # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit

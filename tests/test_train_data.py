@@ -171,3 +171,21 @@ def test_each_caches_loss_weight_reaches_the_batch_and_weighs_its_items_in_the_l
     torch.testing.assert_close(out["loss"], (out["per_sample"] * torch.tensor([1.0, 0.25])).mean())
     with pytest.raises(ValueError, match="one loss weight of at least 0 per cache"):
         load_caches([tiny_cache_dir], {}, loss_weights=[1.0, 2.0])
+
+
+def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
+    from argparse import Namespace
+
+    from zimage_utils.train_data import BucketBatchSampler, run_notes
+
+    sampler = BucketBatchSampler([(64, 64)] * 5 + [(48, 96)] * 3, batch_size=4)  # the second bucket fills no batch
+    args = Namespace(mask_floor=0.1, validation_steps=100)
+    caches = {"num_masked": 0, "validation_prompts": []}
+    notes = run_notes(args, caches, sampler, global_step=1500, max_steps=1500)
+    assert "no loss masks in the cache(s), so --mask_floor does nothing" in notes
+    assert "3 items never train: their buckets hold fewer than a global batch (lower --train_batch_size)" in notes
+    assert "validation gives the held-out loss only, no samples" in notes
+    assert "the checkpoint is at step 1500: nothing left to train (raise --max_train_steps)" in notes
+    caches = {"num_masked": 8, "validation_prompts": [("a photo", None)]}
+    sampler = BucketBatchSampler([(64, 64)] * 8, batch_size=4)
+    assert run_notes(args, caches, sampler, 0, 1500) == "; 8 items with a loss mask"

@@ -420,6 +420,22 @@ def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, 
     assert "--loss_weights takes one weight of at least 0 per --precomputed_dir (1 given)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("rank", 0, "--rank 0: give 1 or more"),
+        ("train_batch_size", 0, "--train_batch_size 0: give 1 or more"),
+        ("max_train_steps", 0, "--max_train_steps 0: give 1 or more"),
+        ("checkpointing_steps", -1, "--checkpointing_steps -1: give 0 or more (0 = off)"),
+        ("learning_rate", 0, "--learning_rate 0.0: give a positive value"),
+    ],
+)
+def test_values_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(trainer_args(tmp_path, tmp_path, tmp_path, **{flag: value}))
+    assert message in capsys.readouterr().err
+
+
 def test_caches_weighted_zero_teach_the_lora_nothing(tiny_model_dir, tiny_cache_dir, tmp_path):
     log = train(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, loss_weights=[0, 0], max_train_steps=3)
     state = load_file(str(tmp_path / LORA_WEIGHT_NAME))

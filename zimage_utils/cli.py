@@ -28,6 +28,14 @@ def run(main: Callable, parse_args: Callable) -> None:
         sys.exit(2)
 
 
+def require_at_least(parser, args, **least: float) -> None:
+    """`parser.error` for the first flag (name=least) given below its least value; None (not given) passes."""
+    for flag, low in least.items():
+        if (value := getattr(args, flag)) is not None and value < low:
+            off = " (0 = off)" if low == 0 else ""
+            parser.error(f"--{flag} {value}: give {'a positive value' if 0 < low < 1 else f'{low} or more'}{off}")
+
+
 def setup_logging(script_logger: str) -> None:
     """Plain lines: the script's own logger and ours at INFO, other libraries' at WARNING (accelerate would print four
     lines per checkpoint it saves, e.g. "[RANK 0] Optimizer state saved in ...")."""
