@@ -608,10 +608,44 @@ def lokr_variants(args, cfg, accelerator, device, big, record) -> dict:
     return out
 
 
+def swap_variants(args, cfg, accelerator, device, big, record) -> None:
+    """--part swap: `--blocks_to_swap` over an fp8 and a bf16 base, eager, every block checkpointed, 1024² bs1: none,
+    half and all of the 32 image-token blocks' weights in pinned host memory, each timed with its peak. Also checks
+    that the LoRA gradients of the swapped model equal the resident one's (the side-stream copies arrive in time)."""
+    from zimage_utils.block_swap import swap_blocks
+
+    batch = make_batch(16, big, big, 1, cfg["cap_feat_dim"], device)
+    for precision in args.precisions.split(","):
+        transformer = build_transformer(cfg, device, torch.bfloat16)
+        if precision == "fp8":
+            quantize_fp8_(transformer, device)
+        add_lora(transformer, rank=32, alpha=32, targets="attention")
+        use_real_rope(transformer)
+        model = accelerator.prepare_model(transformer)
+        nonzero_lora(model)
+        snapshot = lora_snapshot(model)
+        reference = loss_and_grads(model, batch)
+        blocks = set_gradient_checkpointing(transformer, -1)
+        for swapped in [0, blocks // 2, blocks]:
+            if swapped:
+                swap_blocks(transformer, swapped, device)
+                set_gradient_checkpointing(transformer, -1)
+                restore_lora(model, snapshot)
+                agreement = against(loss_and_grads(model, batch), reference)
+            else:
+                agreement = {}
+            record(f"{precision} eager ckpt swap{swapped}", model, big, 1, blocks, blocks_to_swap=swapped, **agreement)
+        accelerator._models.remove(model)
+        del model, transformer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
-    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "lokr", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "lokr", "swap", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument(
@@ -796,6 +830,9 @@ def main() -> None:
         result["lokr"] = lokr_variants(args, cfg, accelerator, device, big, record)
         gc.collect()
         torch._dynamo.reset()
+
+    if args.part == "swap":
+        swap_variants(args, cfg, accelerator, device, big, record)
 
     if args.part in ("memory", "all"):
         # Low-precision bases, loaded by the trainer's own code path from a saved random model
