@@ -9,17 +9,24 @@
 # Every step is an ordinary command you can also run yourself; EXTRA_PRECOMPUTE_ARGS / EXTRA_TRAIN_ARGS are
 # passed through (e.g. EXTRA_TRAIN_ARGS="--gradient_checkpointing --optimizer adamw8bit").
 set -euo pipefail
+# Paths given relative to where you run this are taken from there (the script itself runs in its own folder)
+here() { if [ -n "$1" ] && [ -e "$1" ] && [[ "$1" != /* ]]; then echo "$PWD/$1"; else echo "$1"; fi; }
+MODEL=$(here "${MODEL:-}")
+DATA=$(here "${DATA:-}")
+ACCELERATE_CONFIG=$(here "${ACCELERATE_CONFIG:-}")
+[ -n "${OUT:-}" ] && [[ "$OUT" != /* ]] && OUT=$PWD/$OUT
+if [ -n "$DATA" ] && [ ! -d "$DATA" ]; then
+  echo "error: DATA=$DATA is not a folder (relative paths are taken from $PWD)" >&2
+  exit 2
+fi
 cd "$(dirname "$0")"
 
 OUT=${OUT:-demo_output}
-MODEL=${MODEL:-}
-DATA=${DATA:-}
 TRIGGER=${TRIGGER:-}
 RESOLUTION=${RESOLUTION:-}
 STEPS=${STEPS:-}
 LORA_RANK=${LORA_RANK:-}  # not RANK: torchrun and SLURM export RANK as the process number
 LR=${LR:-}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
 PROMPT=${PROMPT:-"a red circle on a blue background"}
 
 if [ -z "$MODEL" ]; then

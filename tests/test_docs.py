@@ -308,11 +308,12 @@ def test_run_training_demo_runs_end_to_end(tmp_path):
     # shell (torchrun and SLURM wrappers export RANK) cannot change the demo.
     reads = set(re.findall(r"\$\{(\w+)", (REPO_ROOT / "run_training.sh").read_text()))
     env = {k: v for k, v in os.environ.items() if k not in reads}
-    env.update(OUT=str(out), STEPS="6", HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-    result = subprocess.run(
-        ["bash", str(REPO_ROOT / "run_training.sh")], env=env, capture_output=True, text=True, timeout=300
-    )
+    # OUT relative to where the script is run from, as a user gives it, not to the script's folder
+    env.update(OUT="demo", STEPS="6", HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run(["bash", str(REPO_ROOT / "run_training.sh")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert out.is_dir() and not (REPO_ROOT / "demo").exists()
 
     printed = dict(re.findall(r"^([\w ()]+):\s+(\S+)$", result.stdout.split("== 3/3")[-1], re.M))
     assert set(printed) == {"LoRA (diffusers)", "LoRA (ComfyUI)", "validation samples", "sample image"}, printed
@@ -325,3 +326,10 @@ def test_run_training_demo_runs_end_to_end(tmp_path):
     assert list(Path(printed["validation samples"]).glob("*.png"))
     with Image.open(printed["sample image"]) as image:
         assert image.size == (64, 64)  # the demo's RESOLUTION
+
+    # a DATA folder that is not there, relative to where the script runs, is named before anything starts
+    missing = run(["bash", str(REPO_ROOT / "run_training.sh")], env={**env, "DATA": "my_photos"})
+    assert (
+        missing.returncode == 2
+        and f"DATA=my_photos is not a folder (relative paths are taken from {tmp_path})" in (missing.stderr)
+    )
