@@ -338,6 +338,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
+    cli.check_output_dir(args.output_dir)
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():  # before the output folder is made
+        raise FileNotFoundError(f"image folder {args.train_data_dir} does not exist or is not a folder: check the path")
     fingerprint = make_fingerprint(args)
     if args.dry_run:  # reads what is there; checks, deletes and writes nothing
         existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)

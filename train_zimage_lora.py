@@ -356,6 +356,7 @@ def run_training(args: argparse.Namespace) -> None:
     check_process_group(accelerator)
     check_base_precision(args.base_precision, accelerator.device, deepspeed_stage(accelerator), args.training_adapter)
     check_memory_options(args, accelerator)
+    cli.check_output_dir(output_dir)
     check_new_run(output_dir, args.resume_from_checkpoint)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")

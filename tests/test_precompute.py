@@ -854,3 +854,17 @@ def test_batches_keep_one_bucket_and_group_captions_of_similar_length():
         ranges = [[len(p.caption) for p in b] for b in batches if b[0].bucket == bucket]
         # consecutive batches of a bucket cover consecutive, non-overlapping caption lengths
         assert all(max(a) <= min(b) for a, b in zip(ranges, ranges[1:]))
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_anything_is_made(tiny_model_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="--output_dir .*afile is a file: give a folder"):
+        precompute(tiny_model_dir, afile, data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="image folder .*nowhere does not exist"):
+        precompute(tiny_model_dir, tmp_path / "cache", data_dir=tmp_path / "nowhere")
+    assert not (tmp_path / "cache").exists()  # no empty cache folder left behind
+    from test_trainer import train
+
+    with pytest.raises(ValueError, match="--output_dir .*afile is a file: give a folder"):
+        train(tiny_model_dir, tmp_path, afile)

@@ -36,6 +36,14 @@ def require_at_least(parser, args, **least: float) -> None:
             parser.error(f"--{flag} {value}: give {'a positive value' if 0 < low < 1 else f'{low} or more'}{off}")
 
 
+def check_output_dir(path, flag: str = "--output_dir") -> None:
+    """A folder to write into must not be a file (else mkdir ends in a traceback)."""
+    from pathlib import Path
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a file: give a folder")
+
+
 def setup_logging(script_logger: str) -> None:
     """Plain lines: the script's own logger and ours at INFO, other libraries' at WARNING (accelerate would print four
     lines per checkpoint it saves, e.g. "[RANK 0] Optimizer state saved in ...")."""
