@@ -115,6 +115,12 @@ def test_other_caption_extension(tmp_path):
     assert discover_folder(tmp_path, caption_extension=".caption")[0].caption == "from .caption"
 
 
+def test_an_upper_case_caption_extension_is_found_too(tmp_path):
+    _noise(8, 8).save(tmp_path / "A.PNG")
+    (tmp_path / "A.TXT").write_text("from A.TXT")
+    assert discover_folder(tmp_path)[0].caption == "from A.TXT"
+
+
 def test_missing_folder_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         discover_folder(tmp_path / "nope")

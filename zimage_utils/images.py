@@ -129,7 +129,10 @@ def discover_folder(
         if metadata is not None:
             caption = metadata.pop(source, None)
         else:
-            caption = _read_sidecar(path.with_suffix(caption_extension))
+            sidecar = path.with_suffix(caption_extension)
+            if not sidecar.is_file():  # a.PNG + a.TXT, as some cameras and Windows tools name them
+                sidecar = path.with_suffix(caption_extension.upper())
+            caption = _read_sidecar(sidecar)
         items.append(ImageItem(source=source, caption=caption, path=str(path)))
     if metadata:
         # Not fatal: the rows are useless without their files, and the rest of the data set is fine.
