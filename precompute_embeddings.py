@@ -340,7 +340,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     require_zimage(args.pretrained_model_name_or_path)
     cli.check_output_dir(args.output_dir)
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():  # before the output folder is made
-        raise FileNotFoundError(f"image folder {args.train_data_dir} does not exist or is not a folder: check the path")
+        raise FileNotFoundError(
+            f"image folder {args.train_data_dir} does not exist or is not a folder: check the path"
+        )
     fingerprint = make_fingerprint(args)
     if args.dry_run:  # reads what is there; checks, deletes and writes nothing
         existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)
@@ -362,7 +364,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     # Find items; this process takes every world-th one
     hf_dataset = None
     if args.train_data_dir:
-        items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension, exclude=args.mask_dir)
+        exclude = [args.mask_dir, args.output_dir]
+        items = discover_folder(args.train_data_dir, caption_extension=args.caption_extension, exclude=exclude)
     else:
         hf_dataset, items = items_from_dataset(
             args.dataset_name, args.image_column, args.caption_column, args.dataset_split, args.mask_column

@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -295,6 +296,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     args = p.parse_args(input_args)
+    if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
+        p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
         p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
     if args.loss_weights and (len(args.loss_weights) != len(args.precomputed_dir) or min(args.loss_weights) < 0):
@@ -311,7 +314,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
                          num_train_epochs=1, checkpointing_steps=0, validation_steps=0, blocks_to_swap=0,
-                         lr_warmup_steps=0, learning_rate=1e-12)  # fmt: skip
+                         lr_warmup_steps=0)  # fmt: skip
+    if args.learning_rate < 0:  # (0 has a use: --init_lora and one step re-save a LoRA unchanged)
+        p.error(f"--learning_rate {args.learning_rate}: give a positive rate (Prodigy: 1.0)")
     if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
         args.lr_scheduler = "constant_with_warmup"
     return args

@@ -121,6 +121,16 @@ def test_an_upper_case_caption_extension_is_found_too(tmp_path):
     assert discover_folder(tmp_path)[0].caption == "from A.TXT"
 
 
+def test_a_cache_and_masks_inside_the_data_folder_are_not_images_to_train(tmp_path):
+    for name in ("a.png", "masks/a.png", "cache/contact_sheet.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _noise(8, 8).save(tmp_path / name)
+    found = discover_folder(tmp_path, exclude=[tmp_path / "masks", tmp_path / "cache"])
+    assert [item.source for item in found] == ["a.png"]
+    # a cache folder that holds the data folder excludes nothing
+    assert len(discover_folder(tmp_path / "masks", exclude=[tmp_path, tmp_path / "masks"])) == 1
+
+
 def test_missing_folder_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         discover_folder(tmp_path / "nope")

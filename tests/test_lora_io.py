@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -130,6 +131,17 @@ def test_files_written_atomically_with_readable_metadata(saved):
     adapter = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
     assert adapter["transformer.r"] == saved["rank"]
     assert adapter["transformer.lora_alpha"] == saved["rank"]  # alpha is folded into the weights
+
+
+def test_files_get_the_permissions_the_umask_gives_not_safetensors_own_0600(tmp_path):
+    from zimage_utils.lora_io import save_safetensors_atomic
+
+    previous = os.umask(0o022)
+    try:
+        save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644  # others can read a LoRA meant for sharing
 
 
 def test_key_names(saved):

@@ -868,3 +868,21 @@ def test_output_paths_that_cannot_be_written_are_refused_before_anything_is_made
 
     with pytest.raises(ValueError, match="--output_dir .*afile is a file: give a folder"):
         train(tiny_model_dir, tmp_path, afile)
+
+
+def test_a_crop_that_throws_most_of_an_image_away_is_noted(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _noise(2000, 50).save(data / "banner.png")  # 40:1, four times wider than the widest bucket
+    (data / "banner.txt").write_text("a banner")
+    _noise(96, 64).save(data / "photo.png")
+    (data / "photo.txt").write_text("a photo")
+    flags = ["--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", data, "--output_dir", tmp_path]
+    report = precompute_embeddings.main(
+        precompute_embeddings.parse_args([str(f) for f in flags] + ["--dry_run", "--resolution", "64"])
+    )
+    [note] = [n for n in report["notes"] if "crop keeps" in n["reason"]]
+    assert (
+        note["source"] == "banner.png"
+        and "of the 2000x50 image: crop it yourself, or raise --max_aspect" in (note["reason"])
+    )

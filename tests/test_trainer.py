@@ -413,8 +413,11 @@ def test_caches_at_two_resolutions_train_together_with_repeats(
 
 def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_zimage_lora.parse_args(trainer_args(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, repeats=[2]))
+        train_zimage_lora.parse_args(trainer_args(tiny_model_dir, [tiny_cache_dir, tmp_path], tmp_path, repeats=[2]))
     assert "--repeats takes one count of at least 1 per --precomputed_dir (2 given)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same cache twice would train each item twice an epoch, unasked
+        train_zimage_lora.parse_args(trainer_args(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path))
+    assert "--precomputed_dir names one cache twice: give it once, with --repeats" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_zimage_lora.parse_args(trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, loss_weights=[1, 2]))
     assert "--loss_weights takes one weight of at least 0 per --precomputed_dir (1 given)" in capsys.readouterr().err
@@ -427,7 +430,7 @@ def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, 
         ("train_batch_size", 0, "--train_batch_size 0: give 1 or more"),
         ("max_train_steps", 0, "--max_train_steps 0: give 1 or more"),
         ("checkpointing_steps", -1, "--checkpointing_steps -1: give 0 or more (0 = off)"),
-        ("learning_rate", 0, "--learning_rate 0.0: give a positive value"),
+        ("learning_rate", -0.001, "--learning_rate -0.001: give a positive rate"),
     ],
 )
 def test_values_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
@@ -437,8 +440,9 @@ def test_values_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag,
 
 
 def test_caches_weighted_zero_teach_the_lora_nothing(tiny_model_dir, tiny_cache_dir, tmp_path):
-    log = train(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, loss_weights=[0, 0], max_train_steps=3)
-    state = load_file(str(tmp_path / LORA_WEIGHT_NAME))
+    caches = [tiny_cache_dir, shutil.copytree(tiny_cache_dir, tmp_path / "copy")]
+    log = train(tiny_model_dir, caches, tmp_path / "run", loss_weights=[0, 0], max_train_steps=3)
+    state = load_file(str(tmp_path / "run" / LORA_WEIGHT_NAME))
     rows = [r for r in log if "loss" in r]
     assert [r["loss"] for r in rows] == [0.0] * 3  # "loss" is what is optimised: weighted
     assert all(v > 0 for r in rows for k, v in r.items() if k.startswith("loss/sigma"))  # the per-σ losses are not
@@ -584,7 +588,8 @@ def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
 ):
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)
     caplog.set_level("INFO", logger="train")
-    log = train(tiny_model_dir, [tiny_cache_dir] * 2, tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
+    caches = [tiny_cache_dir, shutil.copytree(tiny_cache_dir, tmp_path / "copy")]
+    log = train(tiny_model_dir, caches, tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
     assert "was trained on 12 items an epoch, the caches now give 24" in caplog.text
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # the log file holds both runs
 

@@ -33,7 +33,7 @@ def require_at_least(parser, args, **least: float) -> None:
     for flag, low in least.items():
         if (value := getattr(args, flag)) is not None and value < low:
             off = " (0 = off)" if low == 0 else ""
-            parser.error(f"--{flag} {value}: give {'a positive value' if 0 < low < 1 else f'{low} or more'}{off}")
+            parser.error(f"--{flag} {value}: give {low} or more{off}")
 
 
 def check_output_dir(path, flag: str = "--output_dir") -> None:

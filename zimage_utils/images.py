@@ -94,7 +94,7 @@ def discover_folder(
     root: str | os.PathLike,
     caption_extension: str = ".txt",
     caption_column: str = "text",
-    exclude: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | list | None = None,
 ) -> list[ImageItem]:
     """All images under `root` (recursive), sorted by relative path so the order is the same on every machine.
 
@@ -102,7 +102,8 @@ def discover_folder(
     relative to `root`, the caption in `caption_column`); otherwise from a sidecar with the image's stem and
     `caption_extension` next to it (``cats/01.jpg`` → ``cats/01.txt``). No caption → `caption=None`.
     Files and folders whose name starts with "." are ignored (macOS ``._*`` files, ``.ipynb_checkpoints``), and so
-    is the folder `exclude` when it lies inside `root` (loss masks kept beside the images are not images to train).
+    are the folders `exclude` (one or a list) when they lie inside `root` (loss masks kept beside the images, a cache
+    written inside the data folder with its contact sheet: not images to train).
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -113,9 +114,13 @@ def discover_folder(
         key=lambda p: p.relative_to(root).as_posix(),
     )
     paths = [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    if exclude is not None:
-        exclude = Path(exclude).expanduser().resolve()
-        paths = [p for p in paths if not p.is_relative_to(exclude)]
+    for folder in exclude if isinstance(exclude, list) else [exclude]:
+        if (
+            folder is not None
+            and (folder := Path(folder).expanduser().resolve()).is_relative_to(root)
+            and folder != root
+        ):
+            paths = [p for p in paths if not p.is_relative_to(folder)]
     if not paths:
         raise ValueError(
             f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}): "

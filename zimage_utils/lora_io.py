@@ -160,9 +160,16 @@ def save_safetensors_atomic(
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the bytes reach the disk before the name does
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; a LoRA is for sharing, as files usually are
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_lora(

@@ -203,6 +203,11 @@ class ScanDataset(torch.utils.data.Dataset):
             return {"source": item.source, "skipped": reason, "notes": []}
         rng = random.Random(item_seed(args.seed, item.source))
         crop = plan_crop(height, width, bucket, args.crop, rng)
+        if (kept := crop.height * crop.width / (crop.resized_h * crop.resized_w)) < 0.5:  # beyond --max_aspect
+            notes.append(
+                f"the {bucket[1]}x{bucket[0]} crop keeps {kept:.0%} of the {width}x{height} image: crop it yourself, "
+                "or raise --max_aspect"
+            )
         planned = Planned(item, caption, digest, (height, width), bucket, crop, mask, variants, preservation)
         return {"planned": planned, "notes": notes}
 
