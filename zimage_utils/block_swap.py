@@ -11,8 +11,8 @@ Only the frozen tensors move (the base Linears, norms, fp8 row scales); the LoRA
 Copies are by reference swap (`tensor.data = ...`), which autograd and compiled blocks both read at the time they
 run: a block's compiled backward sees the weights copied in for it (tests/test_block_swap.py).
 
-diffusers' group offloading does the forward half of this, but prefetches in forward order only, also in backward,
-and would move the LoRA parameters with the rest of each block.
+Not diffusers' group offloading: it moves whole modules, the LoRA parameters inside a block with the rest, and its
+prefetching follows the order of the first forward, which backward's recomputation reverses.
 """
 
 import torch

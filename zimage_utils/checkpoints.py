@@ -208,6 +208,8 @@ def resume_training(
     try:
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
     except (RuntimeError, OSError, EOFError, safetensors.SafetensorError) as error:  # a truncated or damaged file
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
         raise ValueError(f"{resume} could not be loaded ({str(error).splitlines()[0]}): {DAMAGED_ADVICE}") from None
     if ema is not None:
         ema.load(resume)

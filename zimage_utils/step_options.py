@@ -282,8 +282,9 @@ def freeze_gc() -> bool:
 
 def apply_step_flags(args, transformer) -> None:
     """The trainer's `--gradient_checkpointing(_blocks)` (with `--cpu_offload_checkpointing` and
-    `--checkpoint_keep_attention`; swapped blocks are checkpointed too) and `--compile` (with `--activation_memory_budget`) on the LoRA-wrapped
-    transformer, checkpointing first so compiled blocks compile their recomputation."""
+    `--checkpoint_keep_attention`; swapped blocks are checkpointed too) and `--compile` (with
+    `--activation_memory_budget`) on the LoRA-wrapped transformer, checkpointing first so compiled blocks compile
+    their recomputation."""
     if args.gradient_checkpointing or args.gradient_checkpointing_blocks or swapped_blocks(transformer):
         set_gradient_checkpointing(
             transformer,
