@@ -142,6 +142,14 @@ def test_folder_without_images_says_what_was_searched(tmp_path):
         discover_folder(tmp_path)
 
 
+def test_two_metadata_rows_for_one_image_are_refused(tmp_path):
+    _noise(8, 8).save(tmp_path / "a.png")
+    rows = [{"file_name": "a.png", "text": "first"}, {"file_name": "./a.png", "text": "second"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="metadata.jsonl has two rows for a.png: keep one"):
+        discover_folder(tmp_path)
+
+
 def test_metadata_jsonl_captions_override_sidecars(tmp_path):
     (tmp_path / "sub").mkdir()
     _noise(8, 8).save(tmp_path / "a.png")

@@ -199,6 +199,11 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | N
     for row in rows:
         # Normalise "./a.png" and Windows "sub\\a.png" to the POSIX relative paths used as item sources.
         name = PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix()
+        if name in captions:
+            raise ValueError(
+                f"{meta_path} has two rows for {name}: keep one (several captions for an image go in one row as a list, "
+                "with --caption_variants)"
+            )
         captions[name] = _caption_text(row.get(caption_column))
     return captions
 
