@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class OutOfGPUMemory(MemoryError):
@@ -38,8 +39,6 @@ def require_at_least(parser, args, **least: float) -> None:
 
 def check_output_dir(path, flag: str = "--output_dir") -> None:
     """A folder to write into must not be a file (else mkdir ends in a traceback)."""
-    from pathlib import Path
-
     if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{flag} {path} is a file: give a folder")
 
