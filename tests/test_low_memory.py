@@ -137,6 +137,44 @@ def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
         choose_checkpointing(lambda k: 7.8, 32, 7.0, 0.8, reserve_for="host copies", remedies=advice)
 
 
+def test_a_refusal_estimates_how_many_blocks_to_swap():
+    from zimage_utils.memory_budget import swap_estimate
+
+    with pytest.raises(MemoryBudgetError) as error:
+        choose_checkpointing(linear_memory(8.3, 0.5, 32, []), 32, 7.0, reserve_gib=0.25)
+    assert error.value.shortfall_gib == pytest.approx(1.55)
+    # fp8 weights, 0.17 GiB a block: 10 blocks cover 1.55 GiB, and two more are on the card while swapping
+    assert "--blocks_to_swap 12 would cover the 1.55 GiB missing (0.17 GiB a block): an estimate" in swap_estimate(
+        1.55, 0.17, 0, 32
+    )
+    assert "--blocks_to_swap 18 would cover" in swap_estimate(1.55, 0.17, 8, 32)  # 8 already: in flight measured
+    assert swap_estimate(9.0, 0.17, 0, 32) == "" and swap_estimate(math.inf, 0.17, 0, 32) == ""  # none would do
+
+
+def test_the_trainers_budget_refusal_carries_the_swap_estimate(monkeypatch):
+    from types import SimpleNamespace
+
+    from zimage_utils import memory_budget, tiny
+
+    model = tiny.make_tiny_pipeline(seed=0).transformer.requires_grad_(False)  # the frozen base, as the trainer's
+    per_block = memory_budget.block_weight_gib(memory_budget.checkpointable_blocks(model)[-1])
+    shortfall = 0.5 * per_block  # one block covers it, and two are on the card while swapping: 3 of the 3
+
+    def refuse(*args, **kwargs):
+        raise MemoryBudgetError("even with all blocks checkpointed one step needs more: remedies", shortfall)
+
+    monkeypatch.setattr(memory_budget, "calibrate_checkpointing", refuse)
+    monkeypatch.setattr(memory_budget, "item_shapes", lambda train: ([(64, 64)], [8]))
+    args = argparse.Namespace(
+        train_batch_size=1, optimizer="adamw", cpu_offload_checkpointing=False, checkpoint_keep_attention=False,
+        max_memory_gb=1.0, base_precision="bf16", blocks_to_swap=0, preservation_weight=0.0,
+    )  # fmt: skip
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    config = SimpleNamespace(preservation_weight=0.0)
+    with pytest.raises(MemoryBudgetError, match=r"remedies. By the weights alone --blocks_to_swap 3 would cover"):
+        memory_budget.fit_memory_budget(args, accelerator, model, None, config, [], print)
+
+
 def test_offload_slack_is_counted_in_block_inputs_of_the_largest_batch():
     # 1024² in latents (128²) at patch 2: 4096 image tokens + 300 caption tokens, 3840 wide, bf16, two items
     batch = worst_case_batch([(1024, 1024)], [300], 2, 16, 2560)

@@ -34,7 +34,12 @@ REMEDIES = (
 
 
 class MemoryBudgetError(ValueError):
-    """The budget is below what the step needs even with every block checkpointed."""
+    """The budget is below what the step needs even with every block checkpointed, by `shortfall_gib` (inf: the
+    step ran out of memory)."""
+
+    def __init__(self, message: str, shortfall_gib: float = math.inf):
+        super().__init__(message)
+        self.shortfall_gib = shortfall_gib
 
 
 @dataclass
@@ -97,7 +102,8 @@ def choose_checkpointing(
         raise MemoryBudgetError(
             f"even with all {total_blocks} blocks checkpointed one step needs "
             f"{'more than the card has' if math.isinf(floor) else f'{floor:.1f} GiB'} (+ {reserve_gib:.2f} GiB "
-            f"{reserve_for}), above --max_memory_gb {budget_gib:g}: {remedies}"
+            f"{reserve_for}), above --max_memory_gb {budget_gib:g}: {remedies}",
+            floor - limit,
         )
     probe = min(probe, total_blocks - min_blocks)
     probed = run(total_blocks - probe) if probe > 0 else floor
@@ -362,16 +368,39 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         patch = model.config.all_patch_size[0]
         reserve += OFFLOAD_SLACK_BLOCK_INPUTS * block_input_gib(batch, model.config.dim, patch)
         reserve_for = "optimiser state and host copies in flight"
-    calibration = calibrate_checkpointing(
-        accelerator,
-        transformer,
-        batch,
-        lambda m, b: flow_matching_step(m, b, config, seeds, backward=accelerator.backward)["loss"],
-        args.max_memory_gb,
-        reserve,
-        args.cpu_offload_checkpointing,
-        args.checkpoint_keep_attention,
-        reserve_for=reserve_for,
-        remedies=remedies(args, block_weight_gib=block_weight_gib(checkpointable_blocks(model)[-1])),
-    )
+    blocks = checkpointable_blocks(model)
+    per_block = block_weight_gib(blocks[-1])
+    try:
+        calibration = calibrate_checkpointing(
+            accelerator,
+            transformer,
+            batch,
+            lambda m, b: flow_matching_step(m, b, config, seeds, backward=accelerator.backward)["loss"],
+            args.max_memory_gb,
+            reserve,
+            args.cpu_offload_checkpointing,
+            args.checkpoint_keep_attention,
+            reserve_for=reserve_for,
+            remedies=remedies(args, block_weight_gib=per_block),
+        )
+    except MemoryBudgetError as error:
+        if args.base_precision == "nf4":
+            raise
+        estimate = swap_estimate(error.shortfall_gib, per_block, args.blocks_to_swap, len(blocks))
+        raise MemoryBudgetError(f"{error}{estimate}", error.shortfall_gib) from None
     print0(calibration.summary())
+
+
+def swap_estimate(shortfall_gib: float, per_block_gib: float, swapped: int, total: int) -> str:
+    """For the budget refusal: how many swapped blocks would cover `shortfall_gib` by the weights they take off the
+    card (`per_block_gib` each; two swapped blocks are on the card at a time, which the step measured already when
+    some were swapped). An estimate from sizes, not a measurement; "" when no number of blocks would do."""
+    in_flight = 0 if swapped else 2
+    finite = math.isfinite(shortfall_gib) and per_block_gib > 0
+    needed = swapped + math.ceil(shortfall_gib / per_block_gib) + in_flight if finite else None
+    if needed is None or needed > total:
+        return ""
+    return (
+        f". By the weights alone --blocks_to_swap {needed} would cover the {shortfall_gib:.2f} GiB missing "
+        f"({per_block_gib:.2f} GiB a block): an estimate; the next run measures it"
+    )
