@@ -30,7 +30,7 @@ from zimage_utils import cli
 from zimage_utils.buckets import make_buckets
 from zimage_utils.contact_sheet import CONTACT_SHEET_NAME, write_contact_sheet
 from zimage_utils.distributed import check_process_group
-from zimage_utils.images import discover_folder, items_from_dataset
+from zimage_utils.images import check_image_folder, discover_folder, items_from_dataset
 from zimage_utils.model_loading import (
     component_config_hash,
     load_text_encoder_and_tokenizer,
@@ -339,10 +339,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
     cli.check_output_dir(args.output_dir)
-    if args.train_data_dir and not Path(args.train_data_dir).is_dir():  # before the output folder is made
-        raise FileNotFoundError(
-            f"image folder {args.train_data_dir} does not exist or is not a folder: check the path"
-        )
+    if args.train_data_dir:  # before the output folder is made
+        check_image_folder(args.train_data_dir)
     fingerprint = make_fingerprint(args)
     if args.dry_run:  # reads what is there; checks, deletes and writes nothing
         existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)

@@ -90,6 +90,15 @@ class BadImageError(Exception):
 # Finding items
 
 
+def check_image_folder(root: str | os.PathLike) -> Path:
+    """`root` resolved, or a FileNotFoundError when it is not a folder (the precompute asks before making its output
+    folder, so a wrong data path leaves nothing behind)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder: check the data path")
+    return root
+
+
 def discover_folder(
     root: str | os.PathLike,
     caption_extension: str = ".txt",
@@ -105,9 +114,7 @@ def discover_folder(
     are the folders `exclude` (one or a list) when they lie inside `root` (loss masks kept beside the images, a cache
     written inside the data folder with its contact sheet: not images to train).
     """
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder: check the data path")
+    root = check_image_folder(root)
 
     paths = sorted(
         (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
