@@ -30,7 +30,7 @@ from zimage_utils.base_precision import (
     nf4_config,
     quantize_after_loading_,
 )
-from zimage_utils.block_swap import move_except_swapped, swap_blocks
+from zimage_utils.block_swap import first_blocks, move_except_swapped, swap_blocks
 from zimage_utils.checkpoints import (
     SaveTriggers,
     batch_layout,
@@ -384,7 +384,8 @@ def run_training(args: argparse.Namespace) -> None:
     adapter_state = None
     if args.training_adapter:
         adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
-    quantize_after_loading_(transformer, args.base_precision, accelerator.device)  # fp8: after the merge
+    swapped = first_blocks(transformer, args.blocks_to_swap)  # their fp8 weights are made on the GPU, then kept off it
+    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped)  # fp8: after the merge
     use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
     swap_blocks(transformer, args.blocks_to_swap, accelerator.device)  # their weights wait in host memory
     if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory

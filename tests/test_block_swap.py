@@ -12,6 +12,7 @@ from test_step_options import batch, lora_transformer, loss_and_grads
 from test_trainer import train
 
 from zimage_utils.block_swap import move_except_swapped, swap_blocks
+from zimage_utils.lora import add_lora
 from zimage_utils.lora_io import LORA_WEIGHT_NAME
 from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
 from zimage_utils.training_step import StepConfig, flow_matching_step
@@ -171,3 +172,69 @@ def test_on_a_gpu_swapped_weights_leave_the_card_and_come_back_for_each_block(co
             assert torch.allclose(g, reference_grads[name], atol=1e-6), name
     assert [index for index, _ in calls] == [0, 1, 2, 2, 1, 0] * 2
     assert calls[0][1] == [0, 1] and calls[5][1] == [0]
+
+
+def wide_transformer(device: str, lora: bool = True) -> torch.nn.Module:
+    """A Z-Image of the tiny one's shape but 1024 wide (~27 MiB of bf16 weights a block), with a LoRA on attention
+    (`lora`)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_utils.tiny import TINY_TRANSFORMER
+
+    config = dict(TINY_TRANSFORMER, dim=1024, n_layers=6, n_heads=8, n_kv_heads=8, axes_dims=[64, 32, 32])
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(**config).to(device, torch.bfloat16).requires_grad_(False)
+    if lora:
+        add_lora(transformer, rank=4, alpha=4, targets="attention")
+    return transformer.to(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator")
+def test_on_a_gpu_blocks_copied_in_reuse_the_memory_of_blocks_that_ran():
+    """With the CPU far ahead of the GPU (as it is ahead of a compiled model), every copy is queued before the blocks
+    before it have run: the memory they give back must still serve the next copies, not stay reserved."""
+    transformer = wide_transformer("cuda")
+    set_gradient_checkpointing(transformer, -1)
+
+    def reserved_peak_of_steps() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            torch.cuda._sleep(200_000_000)  # the GPU busy while the CPU queues the whole step
+            out = flow_matching_step(transformer, wide_batch(), StepConfig("uniform"), seeds=[1])
+            out["loss"].backward()
+            transformer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_reserved()
+
+    resident = reserved_peak_of_steps()
+    swap = swap_blocks(transformer, len(checkpointable_blocks(transformer)), "cuda")
+    swapped = reserved_peak_of_steps()
+    weights = swap.weight_gib() * 2**30
+    # Resident: all the weights and the step's own memory; swapped: that less all but ~3 blocks' weights
+    assert swapped <= resident - 0.6 * weights, (resident / 2**20, swapped / 2**20, weights / 2**20)
+
+
+def wide_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(1, 16, 32, 32, generator=g).cuda(),
+        "caption_embeds": [torch.randn(7, 16, generator=g).cuda()],
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 made on a GPU")
+def test_on_a_gpu_swapped_blocks_fp8_weights_are_made_there_and_kept_in_host_memory():
+    from zimage_utils.base_precision import quantize_after_loading_
+    from zimage_utils.block_swap import first_blocks
+
+    transformer = wide_transformer("cpu", lora=False)
+    swapped = first_blocks(transformer, 4)
+    assert quantize_after_loading_(transformer, "fp8", torch.device("cuda"), swapped) > 0
+    on_host = {id(t) for b in swapped for t in b.parameters()} | {id(t) for b in swapped for t in b.buffers()}
+    for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if "weight_scale" in name or t.dtype == torch.uint8:  # what the quantisation made
+            assert t.device.type == ("cpu" if id(t) in on_host else "cuda"), name
+    fp8_on_gpu = torch.cuda.memory_allocated()
+    assert fp8_on_gpu < sum(t.numel() for t in transformer.parameters() if t.dtype == torch.uint8)

@@ -251,13 +251,22 @@ class Fp8Linear(Fp8StoredLinear):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
-def store_fp8_(transformer: torch.nn.Module, linear_class: type, device: torch.device | str | None = None) -> int:
+def store_fp8_(
+    transformer: torch.nn.Module,
+    linear_class: type,
+    device: torch.device | str | None = None,
+    host_blocks: list[torch.nn.Module] = (),
+) -> int:
     """Quantise the block Linears' weights to e4m3 with per-row scales and make them `linear_class`, in place, one
-    Linear at a time on `device` (so the bf16 model never needs to fit there). Returns the number converted."""
+    Linear at a time on `device` (so the bf16 model never needs to fit there); those inside `host_blocks` (swapped
+    blocks, whose weights wait in host memory) go back there once quantised. Returns the number converted."""
+    on_host = {id(m) for block in host_blocks for m in block.modules()}
     names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
     for name in names:
         linear = transformer.get_submodule(name)
         values, scale = quantize_rows(linear.weight.detach().to(device or linear.weight.device))
+        if id(linear) in on_host:
+            values, scale = values.cpu(), scale.cpu()
         linear.weight = torch.nn.Parameter(values.view(torch.uint8), requires_grad=False)
         linear.register_buffer("weight_scale", scale.view(torch.int32))
         if linear.bias is not None:
@@ -266,23 +275,26 @@ def store_fp8_(transformer: torch.nn.Module, linear_class: type, device: torch.d
     return len(names)
 
 
-def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
+def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks=()) -> int:
     """`--base_precision fp8`: the block Linears as `Fp8Linear` (see `store_fp8_`)."""
-    return store_fp8_(transformer, Fp8Linear, device)
+    return store_fp8_(transformer, Fp8Linear, device, host_blocks)
 
 
-def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None) -> int:
+def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks=()) -> int:
     """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`)."""
-    return store_fp8_(transformer, Fp8MatmulLinear, device)
+    return store_fp8_(transformer, Fp8MatmulLinear, device, host_blocks)
 
 
-def quantize_after_loading_(transformer: torch.nn.Module, base_precision: str, device: torch.device) -> int:
-    """The fp8 precisions, applied to a loaded (and possibly adapter-merged) bf16 model layer by layer onto `device`;
-    bf16 stays as it is and NF4 was quantised while loading. Returns the number of Linears quantised."""
+def quantize_after_loading_(
+    transformer: torch.nn.Module, base_precision: str, device: torch.device, host_blocks: list[torch.nn.Module] = ()
+) -> int:
+    """The fp8 precisions, applied to a loaded (and possibly adapter-merged) bf16 model layer by layer onto `device`
+    (`host_blocks`' Linears back to host memory once quantised); bf16 stays as it is and NF4 was quantised while
+    loading. Returns the number of Linears quantised."""
     if base_precision == "fp8":
-        return quantize_fp8_(transformer, device)
+        return quantize_fp8_(transformer, device, host_blocks)
     if base_precision == "fp8_matmul":
-        return use_fp8_matmul_(transformer, device)
+        return use_fp8_matmul_(transformer, device, host_blocks)
     return 0
 
 
