@@ -181,7 +181,7 @@ def wide_transformer(device: str, lora: bool = True) -> torch.nn.Module:
 
     from zimage_utils.tiny import TINY_TRANSFORMER
 
-    config = dict(TINY_TRANSFORMER, dim=1024, n_layers=6, n_heads=8, n_kv_heads=8, axes_dims=[64, 32, 32])
+    config = dict(TINY_TRANSFORMER, dim=1024, n_layers=14, n_heads=8, n_kv_heads=8, axes_dims=[64, 32, 32])
     torch.manual_seed(0)
     transformer = ZImageTransformer2DModel(**config).to(device, torch.bfloat16).requires_grad_(False)
     if lora:
@@ -212,7 +212,7 @@ def test_on_a_gpu_blocks_copied_in_reuse_the_memory_of_blocks_that_ran():
     swap = swap_blocks(transformer, len(checkpointable_blocks(transformer)), "cuda")
     swapped = reserved_peak_of_steps()
     weights = swap.weight_gib() * 2**30
-    # Resident: all the weights and the step's own memory; swapped: that less all but ~3 blocks' weights
+    # Resident: all the weights and the step's own memory; swapped: that less all but 3-4 of the 15 blocks' weights
     assert swapped <= resident - 0.6 * weights, (resident / 2**20, swapped / 2**20, weights / 2**20)
 
 
@@ -231,10 +231,13 @@ def test_on_a_gpu_swapped_blocks_fp8_weights_are_made_there_and_kept_in_host_mem
 
     transformer = wide_transformer("cpu", lora=False)
     swapped = first_blocks(transformer, 4)
+    before = torch.cuda.memory_allocated()
     assert quantize_after_loading_(transformer, "fp8", torch.device("cuda"), swapped) > 0
     on_host = {id(t) for b in swapped for t in b.parameters()} | {id(t) for b in swapped for t in b.buffers()}
-    for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]:
+    tensors = [*transformer.named_parameters(), *transformer.named_buffers()]
+    for name, t in tensors:
         if "weight_scale" in name or t.dtype == torch.uint8:  # what the quantisation made
             assert t.device.type == ("cpu" if id(t) in on_host else "cuda"), name
-    fp8_on_gpu = torch.cuda.memory_allocated()
-    assert fp8_on_gpu < sum(t.numel() for t in transformer.parameters() if t.dtype == torch.uint8)
+    # Nothing else stayed on the GPU: what it holds now is the other blocks' fp8 weights, scales and biases
+    on_gpu = sum(t.numel() * t.element_size() for _, t in tensors if t.is_cuda)
+    assert 0 < torch.cuda.memory_allocated() - before <= on_gpu + 2**20
