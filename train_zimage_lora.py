@@ -387,7 +387,9 @@ def run_training(args: argparse.Namespace) -> None:
     swapped = first_blocks(transformer, args.blocks_to_swap)  # their fp8 weights are made on the GPU, then kept off it
     quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped)  # fp8: after the merge
     use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
-    swap_blocks(transformer, args.blocks_to_swap, accelerator.device)  # their weights wait in host memory
+    swap = swap_blocks(transformer, args.blocks_to_swap, accelerator.device)
+    if swap:
+        print0(f"{len(swap.blocks)} blocks' frozen weights ({swap.weight_gib():.2f} GiB) wait in pinned host memory")
     if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory
         move_except_swapped(transformer, accelerator.device)
 

@@ -1016,7 +1016,8 @@ def test_two_nodes_launched_with_the_multi_node_config_train_what_one_process_do
     """accelerate_configs/multi_node.yaml as its first line says to run it, once per node (--machine_rank 0 and 1),
     both "nodes" on this machine with one CPU process each and the address and port given on the command line:
     they meet, train on one shared output folder (the main process writes), and give what one process gives with
-    the same global batch."""
+    the same global batch. The nodes swap their first two blocks' weights to host memory (--blocks_to_swap, which
+    DDP must leave where they are), the one process does not."""
     flags = dict(max_train_steps=4, learning_rate=3e-3, save_dtype="fp32", rank=8, checkpointing_steps=2)
     nodes, port = tmp_path / "two_nodes", str(free_port())
     launched = []
@@ -1026,7 +1027,7 @@ def test_two_nodes_launched_with_the_multi_node_config_train_what_one_process_do
         launch += ["--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
         launch += ["--mixed_precision", "no", "train_zimage_lora.py"]
         log = open(tmp_path / f"node_{machine_rank}.log", "w")
-        command = launch + trainer_args(tiny_model_dir, tiny_cache_dir, nodes, **flags)
+        command = launch + trainer_args(tiny_model_dir, tiny_cache_dir, nodes, **flags, blocks_to_swap=2)
         env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
         launched.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log, text=True))
         log.close()
@@ -1041,6 +1042,7 @@ def test_two_nodes_launched_with_the_multi_node_config_train_what_one_process_do
     assert [p.returncode for p in launched] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "effective batch 2" in logs[0] and "2 process(es)" in logs[0]
     assert "effective batch" not in logs[1]  # the summary (and every file) comes from the main process only
+    assert "2 blocks' frozen weights" in logs[0]
     assert [r["step"] for r in read_log(nodes)] == [1, 2, 3, 4]
     assert sorted(p.name for p in list_checkpoints(nodes)) == ["checkpoint-2", "checkpoint-4"]
 
