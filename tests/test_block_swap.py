@@ -195,13 +195,14 @@ def test_on_a_gpu_blocks_copied_in_reuse_the_memory_of_blocks_that_ran():
     before it have run: the memory they give back must still serve the next copies, not stay reserved."""
     transformer = wide_transformer("cuda")
     set_gradient_checkpointing(transformer, -1)
+    for block in checkpointable_blocks(transformer):  # each block (and its recompute) keeps the GPU busy for a while
+        block.register_forward_pre_hook(lambda *_: torch.cuda._sleep(20_000_000))
 
     def reserved_peak_of_steps() -> int:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
-            torch.cuda._sleep(200_000_000)  # the GPU busy while the CPU queues the whole step
             out = flow_matching_step(transformer, wide_batch(), StepConfig("uniform"), seeds=[1])
             out["loss"].backward()
             transformer.zero_grad(set_to_none=True)
