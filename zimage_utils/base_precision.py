@@ -20,6 +20,7 @@ are small. The LoRA stays fp32 over each (PEFT wraps the fp8 Linears as Linears,
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -255,7 +256,7 @@ def store_fp8_(
     transformer: torch.nn.Module,
     linear_class: type,
     device: torch.device | str | None = None,
-    host_blocks: list[torch.nn.Module] = (),
+    host_blocks: Sequence[torch.nn.Module] = (),
 ) -> int:
     """Quantise the block Linears' weights to e4m3 with per-row scales and make them `linear_class`, in place, one
     Linear at a time on `device` (so the bf16 model never needs to fit there); those inside `host_blocks` (swapped
@@ -275,18 +276,25 @@ def store_fp8_(
     return len(names)
 
 
-def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks=()) -> int:
+def quantize_fp8_(
+    transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks: Sequence[torch.nn.Module] = ()
+) -> int:
     """`--base_precision fp8`: the block Linears as `Fp8Linear` (see `store_fp8_`)."""
     return store_fp8_(transformer, Fp8Linear, device, host_blocks)
 
 
-def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks=()) -> int:
+def use_fp8_matmul_(
+    transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks: Sequence[torch.nn.Module] = ()
+) -> int:
     """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`)."""
     return store_fp8_(transformer, Fp8MatmulLinear, device, host_blocks)
 
 
 def quantize_after_loading_(
-    transformer: torch.nn.Module, base_precision: str, device: torch.device, host_blocks: list[torch.nn.Module] = ()
+    transformer: torch.nn.Module,
+    base_precision: str,
+    device: torch.device,
+    host_blocks: Sequence[torch.nn.Module] = (),
 ) -> int:
     """The fp8 precisions, applied to a loaded (and possibly adapter-merged) bf16 model layer by layer onto `device`
     (`host_blocks`' Linears back to host memory once quantised); bf16 stays as it is and NF4 was quantised while

@@ -56,11 +56,11 @@ class BlockSwap:
                 t.data = host.clone()
             self.incoming[index] = None
             return
-        # The copies' memory comes from the compute stream's pool, which takes back a dropped block's at once (the
-        # stream orders its reuse after the work queued on it). Made on the side stream, a copy's memory could go back
-        # only once the compute had passed it, which the CPU, running ahead of a compiled model, does not wait for:
-        # every block would get new memory (session 18: 11.6 GiB reserved for 3.5 allocated, bf16, 32 swapped).
-        # The side stream waits for the work queued so far, as a copy may land where the previous block still runs.
+        # The copies' memory comes from the compute stream's pool, which takes a dropped block's back at once. From the
+        # side stream's pool it would come back only once the compute had passed it, and the CPU, far ahead of a
+        # compiled model, queues the next copy before that: every block got new memory (bf16, all swapped: 11.6 GiB
+        # reserved for 3.5 allocated; docs/BENCHMARKS.md, session 18). A copy may land where the block before still
+        # runs, so the side stream waits for the work queued so far.
         current = torch.cuda.current_stream(self.device)
         arriving = [torch.empty_like(host, device=self.device) for _, host in self.host[index]]
         self.stream.wait_stream(current)
