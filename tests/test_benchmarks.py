@@ -143,6 +143,16 @@ def test_vae_decode_benchmark_compares_each_decode_with_fp32_full_frame(tmp_path
     assert all(row["ms"] > 0 for row in rows.values())
 
 
+def test_pinned_memory_calculation_finds_the_swapped_tensors_and_packs_them_tighter(tmp_path):
+    report = run_benchmark("pinned_swap_memory.py", "--tiny", "--blocks", "2", "--out", str(tmp_path / "pinned.json"))
+    rows = {row["base"]: row for row in report["rows"]}
+    # fp8 adds a row-scale tensor for each quantised Linear and halves their weights
+    assert 0 < rows["bf16"]["tensors"] < rows["fp8"]["tensors"]
+    assert rows["fp8"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
+    for row in rows.values():  # (the tiny model's tensors, under the 512-byte alignment, pack no tighter)
+        assert row["weight_bytes"] <= min(row["packed_bytes"], row["one_by_one_bytes"])
+
+
 def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
     report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
