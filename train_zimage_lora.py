@@ -54,7 +54,7 @@ from zimage_utils.distributed import (
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
-from zimage_utils.lora_io import save_lora
+from zimage_utils.lora_io import read_lora, save_lora
 from zimage_utils.memory_budget import (
     budget_overshoot,
     check_memory_options,
@@ -68,7 +68,7 @@ from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, run_notes, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
-from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
+from zimage_utils.training_adapter import LinearUpdates, merge_training_adapter, training_adapter_removed
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
 from zimage_utils.validation import Validator, sample_size, validation_loss
 
@@ -385,11 +385,17 @@ def run_training(args: argparse.Namespace) -> None:
         quantization_config=nf4_config(weight_dtype) if nf4 else None,
     )
     transformer.requires_grad_(False)
-    adapter_state = None
+    adapter_state, updates = None, None
     if args.training_adapter:
-        adapter_state = merge_training_adapter(transformer, args.training_adapter, args.training_adapter_scale)
+        adapter_state = read_lora(args.training_adapter)
+        if args.base_precision in ("fp8", "fp8_matmul"):  # merged on the GPU as each Linear is quantised
+            updates = LinearUpdates.of(adapter_state, args.training_adapter_scale)
+        if updates is None:
+            merge_training_adapter(transformer, adapter_state, args.training_adapter_scale)
     swapped = first_blocks(transformer, args.blocks_to_swap)  # their fp8 weights are made on the GPU, then kept off it
-    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped)  # fp8: after the merge
+    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped, updates)
+    if updates is not None:
+        updates.finish(transformer)  # the Linears kept in bf16
     use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
     swap = swap_blocks(transformer, args.blocks_to_swap, accelerator.device)
     if swap:

@@ -828,8 +828,49 @@ def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny
     assert not any("training_adapter" in name for name, _ in model.named_parameters())
 
 
-def test_training_with_an_adapter_saves_only_the_trained_lora(tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path):
-    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=3, training_adapter=adapter_file)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_an_fp8_base_takes_the_training_adapter_linear_by_linear_as_peft_merges_it(
+    tiny_model_dir, adapter_file, adapter_dtype
+):
+    """`--base_precision fp8` adds each Linear's update just before quantising it (on the GPU in a run), and the rest
+    (here a modulation Linear, which stays bf16) afterwards: the same base as PEFT's whole-model merge, then fp8."""
+    from zimage_utils.base_precision import quantize_after_loading_
+    from zimage_utils.lora_io import read_lora
+    from zimage_utils.training_adapter import LinearUpdates
+
+    state = {k: v.to(adapter_dtype) for k, v in read_lora(str(adapter_file)).items()}
+    g = torch.Generator().manual_seed(5)
+    kept = "layers.0.adaLN_modulation.0"
+    linear = load_transformer(str(tiny_model_dir), torch.bfloat16).get_submodule(kept)
+    state[f"transformer.{kept}.lora_A.weight"] = torch.randn(4, linear.in_features, generator=g).to(adapter_dtype)
+    state[f"transformer.{kept}.lora_B.weight"] = torch.randn(linear.out_features, 4, generator=g).to(adapter_dtype)
+
+    reference = load_transformer(str(tiny_model_dir), torch.bfloat16)
+    merge_training_adapter(reference, dict(state), scale=0.7)
+    quantize_after_loading_(reference, "fp8", torch.device("cpu"))
+
+    model = load_transformer(str(tiny_model_dir), torch.bfloat16)
+    updates = LinearUpdates.of(state, 0.7)
+    quantized = quantize_after_loading_(model, "fp8", torch.device("cpu"), update=updates)
+    assert quantized > 0 and list(updates.updates) == [kept]  # every other update went in before quantising
+    updates.finish(model)
+    expected, merged = reference.state_dict(), model.state_dict()
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+    base = load_transformer(str(tiny_model_dir), torch.bfloat16).get_submodule(kept).weight
+    assert not torch.equal(model.get_submodule(kept).weight, base)  # the bf16 Linear took its update too
+
+    lokr = {"transformer.layers.0.attention.to_q.lokr_w1": torch.ones(2, 2)}
+    assert LinearUpdates.of(lokr, 1.0) is None  # merged by PEFT, on the CPU
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])  # fp8: merged Linear by Linear as they are quantised
+def test_training_with_an_adapter_saves_only_the_trained_lora(
+    tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path, precision
+):
+    flags = dict(max_train_steps=3, training_adapter=adapter_file, base_precision=precision)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
     saved, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
     adapter, _ = load_lora_file(adapter_file)
     attention = lora_target_modules(load_transformer(str(tiny_model_dir), torch.float32), "attention")

@@ -20,7 +20,7 @@ are small. The LoRA stays fp32 over each (PEFT wraps the fp8 Linears as Linears,
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -257,15 +257,18 @@ def store_fp8_(
     linear_class: type,
     device: torch.device | str | None = None,
     host_blocks: Sequence[torch.nn.Module] = (),
+    update: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """Quantise the block Linears' weights to e4m3 with per-row scales and make them `linear_class`, in place, one
     Linear at a time on `device` (so the bf16 model never needs to fit there); those inside `host_blocks` (swapped
-    blocks, whose weights wait in host memory) go back there once quantised. Returns the number converted."""
+    blocks, whose weights wait in host memory) go back there once quantised. `update(name, weight)`, if given, changes
+    each bf16 weight on `device` first (a training adapter's merge). Returns the number converted."""
     on_host = {id(m) for block in host_blocks for m in block.modules()}
     names = [name for name, module in transformer.named_modules() if quantizable(name, module)]
     for name in names:
         linear = transformer.get_submodule(name)
-        values, scale = quantize_rows(linear.weight.detach().to(device or linear.weight.device))
+        weight = linear.weight.detach().to(device or linear.weight.device)
+        values, scale = quantize_rows(update(name, weight) if update else weight)
         if id(linear) in on_host:
             values, scale = values.cpu(), scale.cpu()
         linear.weight = torch.nn.Parameter(values.view(torch.uint8), requires_grad=False)
@@ -276,18 +279,14 @@ def store_fp8_(
     return len(names)
 
 
-def quantize_fp8_(
-    transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks: Sequence[torch.nn.Module] = ()
-) -> int:
+def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
     """`--base_precision fp8`: the block Linears as `Fp8Linear` (see `store_fp8_`)."""
-    return store_fp8_(transformer, Fp8Linear, device, host_blocks)
+    return store_fp8_(transformer, Fp8Linear, device, **kwargs)
 
 
-def use_fp8_matmul_(
-    transformer: torch.nn.Module, device: torch.device | str | None = None, host_blocks: Sequence[torch.nn.Module] = ()
-) -> int:
+def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
     """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`)."""
-    return store_fp8_(transformer, Fp8MatmulLinear, device, host_blocks)
+    return store_fp8_(transformer, Fp8MatmulLinear, device, **kwargs)
 
 
 def quantize_after_loading_(
@@ -295,14 +294,15 @@ def quantize_after_loading_(
     base_precision: str,
     device: torch.device,
     host_blocks: Sequence[torch.nn.Module] = (),
+    update: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """The fp8 precisions, applied to a loaded (and possibly adapter-merged) bf16 model layer by layer onto `device`
-    (`host_blocks`' Linears back to host memory once quantised); bf16 stays as it is and NF4 was quantised while
-    loading. Returns the number of Linears quantised."""
+    (`host_blocks`' Linears back to host memory once quantised, `update` applied to each weight first: see
+    `store_fp8_`); bf16 stays as it is and NF4 was quantised while loading. Returns the number of Linears quantised."""
     if base_precision == "fp8":
-        return quantize_fp8_(transformer, device, host_blocks)
+        return quantize_fp8_(transformer, device, host_blocks=host_blocks, update=update)
     if base_precision == "fp8_matmul":
-        return use_fp8_matmul_(transformer, device, host_blocks)
+        return use_fp8_matmul_(transformer, device, host_blocks=host_blocks, update=update)
     return 0
 
 

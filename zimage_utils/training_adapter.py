@@ -1,7 +1,10 @@
 """The Z-Image-Turbo "training adapter": a LoRA that undoes the step distillation, merged into the base at +scale
 while training so that our LoRA learns only the new concept, and applied at −scale when sampling so that the
-merged base is Turbo again and few-step sampling keeps working. Everything goes through diffusers/PEFT."""
+merged base is Turbo again and few-step sampling keeps working. Everything goes through diffusers/PEFT, except the
+merge into an fp8 base (`LinearUpdates`): PEFT merges a whole model where it lies, and the fp8 base is made from a bf16
+one on the CPU, Linear by Linear on the GPU, where each of its Linears' update is added just before quantising."""
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -11,10 +14,13 @@ from .lora_io import read_lora
 ADAPTER_NAME = "training_adapter"
 
 
-def merge_training_adapter(transformer, path: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Fold the adapter into the base weights at +scale (no LoRA layers remain). Call before adding the LoRA
-    being trained. Returns the adapter's state dict, to apply at −scale when sampling."""
-    state_dict = read_lora(path)
+def merge_training_adapter(
+    transformer, path: str | dict[str, torch.Tensor], scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Fold the adapter (a file, or `read_lora`'s state dict of one) into the base weights at +scale, where they are (no
+    LoRA layers remain). Call before adding the LoRA being trained. Returns the adapter's state dict, to apply at
+    −scale when sampling."""
+    state_dict = read_lora(path) if isinstance(path, str) else path
     transformer.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=ADAPTER_NAME)
     transformer.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER_NAME])
     transformer.unload_lora()  # keeps the fused weights, removes the adapter layers
@@ -38,3 +44,43 @@ def training_adapter_removed(
         transformer.delete_adapters(f"{ADAPTER_NAME}_inverse")
         # set_adapters also restores requires_grad on the trained LoRA parameters
         transformer.set_adapters([trained_adapter], [1.0])
+
+
+class LinearUpdates:
+    """A plain LoRA's updates, added to base weights as they pass by: `store_fp8_` calls it with each Linear's bf16
+    weight on the GPU just before quantising it, and `finish` adds the rest in place, where those weights are. The
+    sum is PEFT's merge on a CPU, bit for bit: A and B in the weight's dtype, B @ A · scale in fp32, rounded to that
+    dtype, then added."""
+
+    def __init__(self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float):
+        self.updates, self.scale = dict(updates), scale
+
+    @classmethod
+    def of(cls, state_dict: dict[str, torch.Tensor], scale: float) -> "LinearUpdates | None":
+        """From `read_lora`'s layout (`transformer.<module>.lora_A.weight` / `.lora_B.weight`); None for anything
+        else (a LoKr), which `merge_training_adapter` merges."""
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            match = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
+            if match is None:
+                return None
+            pairs.setdefault(match[1], {})[match[2]] = value
+        if any(len(pair) != 2 for pair in pairs.values()):
+            return None
+        return cls({name: (pair["B"], pair["A"]) for name, pair in pairs.items()}, scale)
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (of the Linear `name`) with its update added, if it has one (once: it is then used up)."""
+        if name not in self.updates:
+            return weight
+        up, down = (t.to(weight.device, weight.dtype).float() for t in self.updates.pop(name))
+        return weight + ((up @ down) * self.scale).to(weight.dtype)
+
+    def finish(self, transformer: torch.nn.Module) -> None:
+        """Add the updates not used yet (Linears that were not quantised) to their weights, in place."""
+        for name in list(self.updates):
+            try:
+                linear = transformer.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"the training adapter updates {name}, which this transformer lacks") from None
+            linear.weight.data = self(name, linear.weight.data)
