@@ -373,8 +373,9 @@ def run_training(args: argparse.Namespace) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
     # A bf16 base that will sit whole on this process's device goes there straight from the (memory-mapped) files, and
-    # a training adapter merges there: on the CPU the full model's merge took 92 s and 10.5 GiB of host memory (2 CPU
-    # cores). fp8 is made Linear by Linear from a base on the CPU, swapped blocks stay there, ZeRO-3 partitions it.
+    # a training adapter merges there: on the CPU the full model's merge took 73 s and 10.3 GiB of host memory (2 CPU
+    # cores, docs/BENCHMARKS.md). fp8 is made Linear by Linear from a base on the CPU, swapped blocks stay there, and
+    # ZeRO-3 partitions it.
     resident = args.base_precision == "bf16" and not args.blocks_to_swap and deepspeed_stage(accelerator) != 3
     transformer = load_transformer(
         args.pretrained_model_name_or_path,

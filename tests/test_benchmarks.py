@@ -153,6 +153,16 @@ def test_pinned_memory_calculation_finds_the_swapped_tensors_and_packs_them_tigh
         assert row["weight_bytes"] <= min(row["packed_bytes"], row["one_by_one_bytes"])
 
 
+def test_load_memory_benchmark_measures_each_variant_in_its_own_process(tmp_path):
+    flags = ["--tiny", "--work", str(tmp_path / "work"), "--variants", "load,fp8_streamed"]
+    report = run_benchmark("bench_load_memory.py", *flags, "--out", str(tmp_path / "load.json"))
+    assert [row["variant"] for row in report["rows"]] == ["load", "fp8_streamed"]
+    for row in report["rows"]:
+        assert row["weights_gib"] > 0 and row["anon_after_load_gib"] > 0 and row["anon_peak_above_load_gib"] >= 0
+    # fp8 stores the block Linears in one byte a weight: fewer bytes than the bf16 model loaded
+    assert report["rows"][1]["weights_gib"] < report["rows"][0]["weights_gib"]
+
+
 def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
     report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
