@@ -372,10 +372,10 @@ def run_training(args: argparse.Namespace) -> None:
     require_zimage(args.pretrained_model_name_or_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
-    # A bf16 base that will sit whole on this process's device goes there straight from the (memory-mapped) files, and
-    # a training adapter merges there: on the CPU the full model's merge took 73 s and 10.3 GiB of host memory (2 CPU
-    # cores, docs/BENCHMARKS.md). fp8 is made Linear by Linear from a base on the CPU, swapped blocks stay there, and
-    # ZeRO-3 partitions it.
+    # A bf16 base that will sit whole on this process's device goes there straight from the (memory-mapped) files,
+    # so that PEFT merges a LoKr training adapter there too: on the CPU the full model's merge took 73 s and 10.3 GiB
+    # of host memory (2 CPU cores, docs/BENCHMARKS.md). fp8 is made Linear by Linear from a base on the CPU, swapped
+    # blocks stay there, and ZeRO-3 partitions it.
     resident = args.base_precision == "bf16" and not args.blocks_to_swap and deepspeed_stage(accelerator) != 3
     transformer = load_transformer(
         args.pretrained_model_name_or_path,
@@ -387,22 +387,21 @@ def run_training(args: argparse.Namespace) -> None:
     )
     transformer.requires_grad_(False)
     adapter_state, updates = None, None
-    if args.training_adapter:
+    if args.training_adapter:  # a LoRA is added on the GPU, Linear by Linear (below); a LoKr by PEFT, here
         adapter_state = read_lora(args.training_adapter)
-        if args.base_precision in ("fp8", "fp8_matmul"):  # merged on the GPU as each Linear is quantised
-            updates = LinearUpdates.of(adapter_state, args.training_adapter_scale)
+        updates = LinearUpdates.of(adapter_state, args.training_adapter_scale)
         if updates is None:
             merge_training_adapter(transformer, adapter_state, args.training_adapter_scale)
     swapped = first_blocks(transformer, args.blocks_to_swap)  # their fp8 weights are made on the GPU, then kept off it
-    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped, updates)
-    if updates is not None:
-        updates.finish(transformer)  # the Linears kept in bf16
+    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped, updates)  # fp8: + updates
     use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
     swap = swap_blocks(transformer, args.blocks_to_swap, accelerator.device)
     if swap:
         print0(f"{len(swap.blocks)} blocks' frozen weights ({swap.weight_gib():.2f} GiB) wait in pinned host memory")
     if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory
         move_except_swapped(transformer, accelerator.device)
+    if updates is not None:
+        updates.finish(transformer, accelerator.device)  # the updates of bf16 Linears, where they now are
 
     # Data
     expected = {

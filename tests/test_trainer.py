@@ -828,12 +828,14 @@ def test_training_adapter_is_merged_for_training_and_cancelled_for_sampling(tiny
     assert not any("training_adapter" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_an_fp8_base_takes_the_training_adapter_linear_by_linear_as_peft_merges_it(
-    tiny_model_dir, adapter_file, adapter_dtype
+def test_the_base_takes_the_training_adapter_linear_by_linear_as_peft_merges_it(
+    tiny_model_dir, adapter_file, adapter_dtype, precision
 ):
     """`--base_precision fp8` adds each Linear's update just before quantising it (on the GPU in a run), and the rest
-    (here a modulation Linear, which stays bf16) afterwards: the same base as PEFT's whole-model merge, then fp8."""
+    (here a modulation Linear, which stays bf16) once the weights are in place, as a bf16 base takes all of them: the
+    same base as PEFT's whole-model merge (then fp8)."""
     from zimage_utils.base_precision import quantize_after_loading_
     from zimage_utils.lora_io import read_lora
     from zimage_utils.training_adapter import LinearUpdates
@@ -847,13 +849,15 @@ def test_an_fp8_base_takes_the_training_adapter_linear_by_linear_as_peft_merges_
 
     reference = load_transformer(str(tiny_model_dir), torch.bfloat16)
     merge_training_adapter(reference, dict(state), scale=0.7)
-    quantize_after_loading_(reference, "fp8", torch.device("cpu"))
+    quantize_after_loading_(reference, precision, torch.device("cpu"))
 
     model = load_transformer(str(tiny_model_dir), torch.bfloat16)
     updates = LinearUpdates.of(state, 0.7)
-    quantized = quantize_after_loading_(model, "fp8", torch.device("cpu"), update=updates)
-    assert quantized > 0 and list(updates.updates) == [kept]  # every other update went in before quantising
-    updates.finish(model)
+    quantized = quantize_after_loading_(model, precision, torch.device("cpu"), update=updates)
+    if precision == "fp8":
+        assert quantized > 0 and list(updates.updates) == [kept]  # every other update went in before quantising
+    updates.finish(model, "cpu")
+    assert not updates.updates
     expected, merged = reference.state_dict(), model.state_dict()
     assert merged.keys() == expected.keys()
     for key in expected:
@@ -878,6 +882,17 @@ def test_training_with_an_adapter_saves_only_the_trained_lora(
     assert not any(torch.equal(saved[k], adapter[k]) for k in saved)
     assert metadata["training_adapter"] == str(adapter_file)
     assert (tmp_path / "samples" / "step_000003.png").exists()  # sampled with the adapter cancelled
+
+
+def test_a_training_adapter_merges_into_swapped_blocks_as_into_resident_ones(
+    tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path
+):
+    # the swapped blocks' updates are added to their host copies in place, after the swap
+    flags = {"gradient_checkpointing": True, "training_adapter": adapter_file, "max_train_steps": 3}
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "resident", **flags)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "swapped", blocks_to_swap=3, **flags)
+    state, reference = (load_file(str(tmp_path / run / LORA_WEIGHT_NAME)) for run in ("swapped", "resident"))
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The Z-Image-Turbo "training adapter": a LoRA that undoes the step distillation, merged into the base at +scale
 while training so that our LoRA learns only the new concept, and applied at −scale when sampling so that the
-merged base is Turbo again and few-step sampling keeps working. Everything goes through diffusers/PEFT, except the
-merge into an fp8 base (`LinearUpdates`): PEFT merges a whole model where it lies, and the fp8 base is made from a bf16
-one on the CPU, Linear by Linear on the GPU, where each of its Linears' update is added just before quantising."""
+merged base is Turbo again and few-step sampling keeps working. Everything goes through diffusers/PEFT, except a
+plain LoRA's merge into the base (`LinearUpdates`): PEFT merges a whole model where it lies, on the CPU for a base made
+fp8 Linear by Linear on the GPU, or swapped into host memory: 10.3 GiB of host memory for the full model
+(docs/BENCHMARKS.md). Ours adds each Linear's update on the GPU, just before it is quantised, or once it has landed."""
 
 import re
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ def training_adapter_removed(
 
 class LinearUpdates:
     """A plain LoRA's updates, added to base weights as they pass by: `store_fp8_` calls it with each Linear's bf16
-    weight on the GPU just before quantising it, and `finish` adds the rest in place, where those weights are. The
+    weight on the GPU just before quantising it, and `finish` adds the rest once the weights are in place. The
     sum is PEFT's merge on a CPU, bit for bit: A and B in the weight's dtype, B @ A · scale in fp32, rounded to that
     dtype, then added."""
 
@@ -76,11 +77,13 @@ class LinearUpdates:
         up, down = (t.to(weight.device, weight.dtype).float() for t in self.updates.pop(name))
         return weight + ((up @ down) * self.scale).to(weight.dtype)
 
-    def finish(self, transformer: torch.nn.Module) -> None:
-        """Add the updates not used yet (Linears that were not quantised) to their weights, in place."""
+    def finish(self, transformer: torch.nn.Module, device: torch.device | str | None = None) -> None:
+        """Add the updates not used yet to their Linears' weights in place, wherever those are (a swapped block's in
+        its pinned host buffer), computing on `device` (default: where each weight is)."""
         for name in list(self.updates):
             try:
                 linear = transformer.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"the training adapter updates {name}, which this transformer lacks") from None
-            linear.weight.data = self(name, linear.weight.data)
+            weight = linear.weight.data
+            weight.copy_(self(name, weight.to(device or weight.device)))
