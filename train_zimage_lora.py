@@ -23,14 +23,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from zimage_utils import cli
-from zimage_utils.attention import use_real_rope
-from zimage_utils.base_precision import (
-    BASE_PRECISIONS,
-    check_base_precision,
-    nf4_config,
-    quantize_after_loading_,
-)
-from zimage_utils.block_swap import first_blocks, move_except_swapped, swap_blocks
+from zimage_utils.base_precision import BASE_PRECISIONS, check_base_precision
+from zimage_utils.block_swap import move_except_swapped
 from zimage_utils.checkpoints import (
     SaveTriggers,
     batch_layout,
@@ -54,7 +48,7 @@ from zimage_utils.distributed import (
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
-from zimage_utils.lora_io import read_lora, save_lora
+from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import (
     budget_overshoot,
     check_memory_options,
@@ -62,13 +56,14 @@ from zimage_utils.memory_budget import (
     out_of_memory_explained,
 )
 from zimage_utils.model_card import training_metadata, write_model_card
-from zimage_utils.model_loading import component_config_hash, load_transformer, require_zimage
+from zimage_utils.model_loading import component_config_hash
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, run_notes, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
-from zimage_utils.training_adapter import LinearUpdates, merge_training_adapter, training_adapter_removed
+from zimage_utils.training_adapter import training_adapter_removed
+from zimage_utils.training_base import load_training_base
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
 from zimage_utils.validation import Validator, sample_size, validation_loss
 
@@ -368,40 +363,8 @@ def run_training(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
-    # Load the transformer (never the text encoder) in the precision the base is kept in
-    require_zimage(args.pretrained_model_name_or_path)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
-    # A bf16 base that will sit whole on this process's device goes there straight from the (memory-mapped) files,
-    # so that PEFT merges a LoKr training adapter there too: on the CPU the full model's merge took 73 s and 10.3 GiB
-    # of host memory (2 CPU cores, docs/BENCHMARKS.md). fp8 is made Linear by Linear from a base on the CPU, swapped
-    # blocks stay there, and ZeRO-3 partitions it.
-    resident = args.base_precision == "bf16" and not args.blocks_to_swap and deepspeed_stage(accelerator) != 3
-    transformer = load_transformer(
-        args.pretrained_model_name_or_path,
-        weight_dtype,
-        device=accelerator.device if nf4 or resident else "cpu",
-        revision=args.revision,
-        single_file=args.transformer_single_file,
-        quantization_config=nf4_config(weight_dtype) if nf4 else None,
-    )
-    transformer.requires_grad_(False)
-    adapter_state, updates = None, None
-    if args.training_adapter:  # a LoRA is added on the GPU, Linear by Linear (below); a LoKr by PEFT, here
-        adapter_state = read_lora(args.training_adapter)
-        updates = LinearUpdates.of(adapter_state, args.training_adapter_scale)
-        if updates is None:
-            merge_training_adapter(transformer, adapter_state, args.training_adapter_scale)
-    swapped = first_blocks(transformer, args.blocks_to_swap)  # their fp8 weights are made on the GPU, then kept off it
-    quantize_after_loading_(transformer, args.base_precision, accelerator.device, swapped, updates)  # fp8: + updates
-    use_real_rope(transformer)  # same attention, fusable rotary embedding (zimage_utils/attention.py)
-    swap = swap_blocks(transformer, args.blocks_to_swap, accelerator.device)
-    if swap:
-        print0(f"{len(swap.blocks)} blocks' frozen weights ({swap.weight_gib():.2f} GiB) wait in pinned host memory")
-    if deepspeed_stage(accelerator) != 3 and not nf4:  # ZeRO-3 partitions the base from host memory
-        move_except_swapped(transformer, accelerator.device)
-    if updates is not None:
-        updates.finish(transformer, accelerator.device)  # the updates of bf16 Linears, where they now are
+    # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
+    transformer, adapter_state = load_training_base(args, accelerator, print0)
 
     # Data
     expected = {
