@@ -20,7 +20,7 @@ from bench_train_step import FULL  # noqa: E402
 
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.base_precision import quantizable  # noqa: E402
-from zimage_utils.block_swap import first_blocks, frozen_tensors, pack  # noqa: E402
+from zimage_utils.block_swap import first_blocks, frozen_tensors, pack, pinned_bytes  # noqa: E402
 
 
 def swapped_sizes(transformer: torch.nn.Module, blocks: int, precision: str) -> list[int]:
@@ -58,7 +58,7 @@ def main() -> None:
                 "blocks": args.blocks,
                 "tensors": len(sizes),
                 "weight_bytes": sum(sizes),
-                "one_by_one_bytes": sum(1 << max(s - 1, 0).bit_length() for s in sizes),
+                "one_by_one_bytes": sum(pinned_bytes(s) for s in sizes),
                 "packed_bytes": sum(size for size, _ in pack(sizes)),
             }
         )

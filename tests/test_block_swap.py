@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_step_options import batch, lora_transformer, loss_and_grads
 from test_trainer import train
 
-from zimage_utils.block_swap import move_except_swapped, move_to_host_buffers, pack, swap_blocks
+from zimage_utils.block_swap import move_except_swapped, move_to_host_buffers, pack, pinned_bytes, swap_blocks
 from zimage_utils.lora import add_lora
 from zimage_utils.lora_io import LORA_WEIGHT_NAME
 from zimage_utils.step_options import checkpointable_blocks, compile_blocks, set_gradient_checkpointing
@@ -165,7 +165,7 @@ def test_host_copies_are_packed_into_power_of_two_buffers_with_little_left_over(
         spans = sorted((offset, offset + sizes[i]) for i, offset in placed)
         assert all(offset % 512 == 0 for offset, _ in spans) and spans[-1][1] <= size
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
-    one_by_one = sum(1 << (s - 1).bit_length() for s in sizes)
+    one_by_one = sum(pinned_bytes(s) for s in sizes)
     assert sum(size for size, _ in buffers) <= 1.05 * sum(sizes) < one_by_one / 1.4
 
 

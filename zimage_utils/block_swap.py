@@ -100,6 +100,11 @@ PINNED_BUFFER_BYTES = 2**28
 ALIGNMENT = 512  # bytes, of each copy's start in its buffer
 
 
+def pinned_bytes(size: int) -> int:
+    """What torch's pinned-memory allocator takes for a request of `size` bytes: the next power of two."""
+    return 1 << max(size - 1, 0).bit_length()
+
+
 def pack(sizes: list[int], buffer_bytes: int = PINNED_BUFFER_BYTES) -> list[tuple[int, list[tuple[int, int]]]]:
     """Where `move_to_host_buffers` puts tensors of `sizes` bytes: per buffer, its size (a power of two) and its
     (tensor index, byte offset) pairs."""
@@ -113,7 +118,7 @@ def pack(sizes: list[int], buffer_bytes: int = PINNED_BUFFER_BYTES) -> list[tupl
             contents.append([])
         contents[buffer].append((i, used[buffer]))
         used[buffer] += size
-    return [(1 << max(taken - 1, 0).bit_length(), placed) for taken, placed in zip(used, contents)]
+    return [(pinned_bytes(taken), placed) for taken, placed in zip(used, contents)]
 
 
 def move_to_host_buffers(
