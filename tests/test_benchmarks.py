@@ -143,7 +143,7 @@ def test_vae_decode_benchmark_compares_each_decode_with_fp32_full_frame(tmp_path
     assert all(row["ms"] > 0 for row in rows.values())
 
 
-def test_pinned_memory_calculation_finds_the_swapped_tensors_and_packs_them_tighter(tmp_path):
+def test_pinned_memory_calculation_counts_the_swapped_tensors_both_ways(tmp_path):
     report = run_benchmark("pinned_swap_memory.py", "--tiny", "--blocks", "2", "--out", str(tmp_path / "pinned.json"))
     rows = {row["base"]: row for row in report["rows"]}
     # fp8 adds a row-scale tensor for each quantised Linear and halves their weights
