@@ -520,7 +520,9 @@ def run_training(args: argparse.Namespace) -> None:
             if accelerator.is_main_process or zero3:
                 adapter = None if zero3 else adapter_state
                 model = accelerator.unwrap_model(transformer)
-                with training_adapter_removed(model, adapter, args.training_adapter_scale) as model:
+                with training_adapter_removed(
+                    model, adapter, args.training_adapter_scale, device=accelerator.device
+                ) as model:
                     path = validator.sample_grid(
                         model, step, accelerator.device, accelerator.is_main_process, accelerator.trackers
                     )

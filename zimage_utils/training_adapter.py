@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .block_swap import move_except_swapped
 from .lora_io import read_lora
 
 ADAPTER_NAME = "training_adapter"
@@ -30,14 +31,21 @@ def merge_training_adapter(
 
 @contextmanager
 def training_adapter_removed(
-    transformer, state_dict: dict[str, torch.Tensor] | None, scale: float = 1.0, trained_adapter: str = "default"
+    transformer,
+    state_dict: dict[str, torch.Tensor] | None,
+    scale: float = 1.0,
+    trained_adapter: str = "default",
+    device: torch.device | str | None = None,
 ):
     """Within the block the model is base + trained LoRA: the merged adapter is cancelled by applying it again at
-    −scale as a second adapter. Without a training adapter (state_dict None) this does nothing."""
+    −scale as a second adapter, whose layers go to `device` (default: beside each base weight, as PEFT puts them).
+    Without a training adapter (state_dict None) this does nothing."""
     if state_dict is None:
         yield transformer
         return
     transformer.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=f"{ADAPTER_NAME}_inverse")
+    if device is not None:  # PEFT made a swapped block's beside its base weights, in host memory
+        move_except_swapped(transformer, device)
     transformer.set_adapters([trained_adapter, f"{ADAPTER_NAME}_inverse"], [1.0, -scale])
     try:
         yield transformer
