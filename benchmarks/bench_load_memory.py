@@ -32,14 +32,9 @@ def anonymous_gib() -> float:
     raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
 
 
-def run_variant(model: str, adapter: str, variant: str) -> dict:
-    """In this process: load, then the variant's work, measuring anonymous memory throughout."""
-    from zimage_utils.base_precision import quantize_after_loading_
-    from zimage_utils.lora_io import read_lora
-    from zimage_utils.model_loading import load_transformer
-    from zimage_utils.training_adapter import LinearUpdates, merge_training_adapter
-
-    peak = [0.0]
+def start_peak_sampler() -> list[float]:
+    """A one-element list whose value a daemon thread keeps at the highest anonymous memory seen (every 20 ms)."""
+    peak = [anonymous_gib()]
 
     def sample() -> None:
         while True:
@@ -47,6 +42,17 @@ def run_variant(model: str, adapter: str, variant: str) -> dict:
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
+    return peak
+
+
+def run_variant(model: str, adapter: str, variant: str) -> dict:
+    """In this process: load, then the variant's work, measuring anonymous memory throughout."""
+    from zimage_utils.base_precision import quantize_after_loading_
+    from zimage_utils.lora_io import read_lora
+    from zimage_utils.model_loading import load_transformer
+    from zimage_utils.training_adapter import LinearUpdates, merge_training_adapter
+
+    peak = start_peak_sampler()
     start = time.perf_counter()
     transformer = load_transformer(model, torch.bfloat16, "cpu")
     loaded, load_s = anonymous_gib(), time.perf_counter() - start

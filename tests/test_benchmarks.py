@@ -163,6 +163,14 @@ def test_load_memory_benchmark_measures_each_variant_in_its_own_process(tmp_path
     assert report["rows"][1]["weights_gib"] < report["rows"][0]["weights_gib"]
 
 
+def test_training_base_benchmark_checks_the_swapped_adapter_merge_against_peft(tmp_path):
+    flags = ["--tiny", "--work", str(tmp_path / "work"), "--variants", "bf16:2"]
+    (row,) = run_benchmark("bench_training_base.py", *flags, "--out", str(tmp_path / "base.json"))["rows"]
+    assert row["blocks_to_swap"] == 2 and row["swapped_weight_gib"] > 0
+    assert row["swapped_weight_gib"] <= row["pinned_predicted_gib"] and row["pinned_gib"] is None  # no GPU here
+    assert len(row["adapter_checked"]) == 4 and all(row["adapter_checked"].values())
+
+
 def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
     # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
     report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
