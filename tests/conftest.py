@@ -21,6 +21,33 @@ import torch  # noqa: E402
 # --num_cpu_threads_per_process 1`, so in-process and launched runs do the same float arithmetic.
 torch.set_num_threads(1)
 
+# Where the scripts run in this process and in what dtype (a GPU's bf16 when there is one, else the CPU's fp32), so
+# that a reference is made as they make their output: run on a GPU, the suite then compares like with like.
+SCRIPT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCRIPT_DTYPE = torch.bfloat16 if SCRIPT_DEVICE == "cuda" else torch.float32
+# Latents computed in SCRIPT_DTYPE by two routes (other batch sizes) agree to this; stored bf16 rounds too (8 bits)
+LATENT_TOLERANCE = dict(rtol=1 / 128, atol=1e-3) if SCRIPT_DTYPE == torch.float32 else dict(rtol=1 / 32, atol=2e-2)
+
+# Tests that launch CPU processes (`accelerate launch` with ACCELERATE_USE_CPU=1) and compare them with an in-process
+# run, which on a GPU host would run on the GPU: other arithmetic.
+LAUNCHES_CPU_PROCESSES = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compares launched CPU processes with an in-process run, here on the GPU"
+)
+
+
+def script_pipeline(model_dir):
+    """`ZImagePipeline` from `model_dir`, on the device and in the dtype the scripts use here."""
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline.from_pretrained(str(model_dir), dtype=SCRIPT_DTYPE).to(SCRIPT_DEVICE)
+
+
+def pipeline_embeddings(pipe, text: str) -> torch.Tensor:
+    """`encode_prompt`'s embeddings of `text` ([tokens, hidden]), on the CPU and in fp32 (exact from bf16)."""
+    reference, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False)
+    return reference[0].float().cpu()
+
+
 # The validation prompts `tiny_cache_dir` stores embeddings for.
 TINY_CACHE_VALIDATION_PROMPTS = ["a red circle", "a blue square on a white background"]
 

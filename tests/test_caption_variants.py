@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import pipeline_embeddings, script_pipeline
 from PIL import Image
 from test_masks import precompute
 from test_trainer import train
@@ -31,8 +32,6 @@ def folder(tmp_path):
 
 
 def test_each_line_is_a_variant_encoded_as_the_pipeline_encodes_a_prompt(tiny_model_dir, folder, tmp_path):
-    from diffusers import ZImagePipeline
-
     flags = ["--caption_variants", "--caption_prefix", "sks", "--cache_dtype", "fp32"]
     records, manifest = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)
     a = records["a.png"]
@@ -41,13 +40,12 @@ def test_each_line_is_a_variant_encoded_as_the_pipeline_encodes_a_prompt(tiny_mo
     assert records["b.png"]["caption_variants"] == [] and manifest["fingerprint"]["caption_variants"]
     assert a["variant_lengths"] == [len(e) for e in cache_lib.decode_record(a, manifest)["caption_variants"]]
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    pipe = script_pipeline(tiny_model_dir)
     tensors = cache_lib.decode_record(a, manifest)
     for text, embeds in zip(
         [a["caption"], *a["caption_variants"]], [tensors["caption_embeds"], *tensors["caption_variants"]]
     ):
-        reference, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False)
-        assert torch.equal(embeds, reference[0])
+        assert torch.equal(embeds, pipeline_embeddings(pipe, text))
 
 
 def test_without_the_flag_a_multi_line_caption_stays_one_caption(tiny_model_dir, folder, tmp_path):
@@ -178,8 +176,6 @@ def test_shuffled_tags_keep_the_first_tags_and_draw_distinct_orderings():
 def test_shuffle_caption_caches_seeded_orderings_as_variants_and_a_re_run_encodes_nothing(
     tiny_model_dir, folder, tmp_path, caplog
 ):
-    from diffusers import ZImagePipeline
-
     (folder / "a.txt").write_text("blue, square, plain background, centered\n")
     flags = ["--shuffle_caption", "3", "--keep_tokens", "1", "--caption_prefix", "sks", "--cache_dtype", "fp32"]
     records, manifest = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)
@@ -191,10 +187,9 @@ def test_shuffle_caption_caches_seeded_orderings_as_variants_and_a_re_run_encode
         assert sorted(variant.split(", ")) == sorted(a["caption"].split(", "))
     assert records["b.png"]["caption_variants"] == []  # "one caption only": a single tag
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    pipe = script_pipeline(tiny_model_dir)
     for text, embeds in zip(a["caption_variants"], cache_lib.decode_record(a, manifest)["caption_variants"]):
-        reference, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False)
-        assert torch.equal(embeds, reference[0])
+        assert torch.equal(embeds, pipeline_embeddings(pipe, text))
 
     caplog.set_level(logging.INFO, logger="precompute")
     again, _ = precompute(tiny_model_dir, folder, tmp_path / "cache", *flags)

@@ -21,6 +21,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    LATENT_TOLERANCE,
+    LAUNCHES_CPU_PROCESSES,
+    SCRIPT_DEVICE,
+    SCRIPT_DTYPE,
+    pipeline_embeddings,
+    script_pipeline,
+)
 from PIL import Image
 
 import precompute_embeddings
@@ -213,7 +221,7 @@ def _cropped_pixels(data_dir, record) -> torch.Tensor:
 def test_cached_records_decode_to_the_vae_latents_of_the_cropped_image(tiny_model_dir, tiny_data_dir, tiny_cache_dir):
     records, manifest = load(tiny_cache_dir)
     assert len(records) == 12 and manifest["fingerprint"]["latent_dtype"] == "bf16"
-    vae = load_vae(str(tiny_model_dir))
+    vae = load_vae(str(tiny_model_dir), SCRIPT_DTYPE, SCRIPT_DEVICE)
 
     for source in ("shape_000.png", "shape_001.png", "shape_003.png"):  # 64x64, 64x96 and 48x112 originals
         record = records[source]
@@ -223,36 +231,34 @@ def test_cached_records_decode_to_the_vae_latents_of_the_cropped_image(tiny_mode
         assert tensors["caption_embeds"].shape == (record["caption_length"], 16)
         assert tensors["caption_embeds"].dtype == torch.bfloat16
 
-        expected = encode_images(vae, _cropped_pixels(tiny_data_dir, record))[0]
-        torch.testing.assert_close(tensors["latents"].float(), expected, rtol=1 / 128, atol=1e-3)  # bf16: 8 bits
+        pixels = _cropped_pixels(tiny_data_dir, record).to(SCRIPT_DEVICE, SCRIPT_DTYPE)
+        expected = encode_images(vae, pixels)[0].float().cpu()
+        torch.testing.assert_close(tensors["latents"].float(), expected, **LATENT_TOLERANCE)
 
 
 def test_fp32_cache_holds_the_pipeline_caption_embeddings_bit_for_bit_and_decodable_latents(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
-    from diffusers import ZImagePipeline
-
     out = precompute(tiny_model_dir, tmp_path / "cache", "--cache_dtype", "fp32", data_dir=tiny_data_dir)
     records, manifest = load(out)
-    pipe = ZImagePipeline.from_pretrained(str(tiny_model_dir))
+    pipe = script_pipeline(tiny_model_dir)
     vae = pipe.vae
 
     for record in list(records.values())[:4]:
         tensors = cache_lib.decode_record(record, manifest)
-        reference, _ = pipe.encode_prompt([record["caption"]], do_classifier_free_guidance=False)
-        assert torch.equal(tensors["caption_embeds"], reference[0])
+        assert torch.equal(tensors["caption_embeds"], pipeline_embeddings(pipe, record["caption"]))
 
         # The pipeline's inverse of the cached latents decodes to the VAE's own reconstruction of the cropped image.
-        pixels = _cropped_pixels(tiny_data_dir, record)
+        pixels = _cropped_pixels(tiny_data_dir, record).to(SCRIPT_DEVICE, SCRIPT_DTYPE)
         with torch.no_grad():
             reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-            latents = tensors["latents"][None]
+            latents = tensors["latents"][None].to(SCRIPT_DEVICE, SCRIPT_DTYPE)  # fp32 storage: exact
             decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-        torch.testing.assert_close(decoded, reconstruction, rtol=1e-4, atol=1e-4)
+        tolerance = dict(rtol=1e-4, atol=1e-4) if SCRIPT_DTYPE == torch.float32 else LATENT_TOLERANCE
+        torch.testing.assert_close(decoded.float().cpu(), reconstruction.float().cpu(), **tolerance)
 
     empty, validation = cache_lib.load_prompt_embeddings(out)
-    reference, _ = pipe.encode_prompt([""], do_classifier_free_guidance=False)
-    assert torch.equal(empty, reference[0]) and validation == []
+    assert torch.equal(empty, pipeline_embeddings(pipe, "")) and validation == []
 
 
 def test_validation_prompt_embeddings_are_cached_in_order(tiny_cache_dir):
@@ -524,7 +530,7 @@ def test_a_text_encoder_offloaded_to_host_ram_gives_the_same_cache(
     assert not offloaded
     cache = precompute(tiny_model_dir, tmp_path / "offload", *flags, "--text_encoder_offload", data_dir=tiny_data_dir)
     [(device, model)] = offloaded
-    assert device == "cpu"
+    assert device == SCRIPT_DEVICE
     layers = model.layers
     assert all(getattr(layer, "_diffusers_hook", None) is not None for layer in layers)  # one group per layer
     dataset, _ = cache_lib.load_cache(cache)
@@ -706,6 +712,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@LAUNCHES_CPU_PROCESSES
 @pytest.mark.parametrize("crop, sampling", [("center", "mode"), ("random", "sample")])
 def test_two_processes_write_the_same_cache_as_one(tiny_model_dir, tiny_data_dir, tmp_path, crop, sampling):
     # With random crops and sampled latents, equal records prove that each item is seeded by itself, not by its
@@ -808,7 +815,7 @@ def test_a_saved_datasets_dataset_is_cached_end_to_end(tiny_model_dir, tiny_data
         from_folder = cache_lib.decode_record(folder_records[f"shape_{row:03d}.png"], folder_manifest)["latents"]
         # bf16 storage: batches of another size may round a few values the other way
         torch.testing.assert_close(
-            cache_lib.decode_record(record, manifest)["latents"], from_folder, rtol=1 / 128, atol=1e-3
+            cache_lib.decode_record(record, manifest)["latents"], from_folder, **LATENT_TOLERANCE
         )
 
 
