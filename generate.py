@@ -16,7 +16,7 @@ import torch
 
 from zimage_utils import cli
 from zimage_utils.lora_io import read_lora
-from zimage_utils.model_loading import pin_as_needed, require_zimage
+from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
 from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
 
 
@@ -121,6 +121,11 @@ def main(args: argparse.Namespace) -> None:
     loras = check_args(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.fuse_to:  # the fused model keeps each component's stored dtype, on any machine
+        stored = {
+            c: stored_dtype(args.pretrained_model_name_or_path, c) for c in ("transformer", "vae", "text_encoder")
+        }
+        dtype = {c: d for c, d in stored.items() if d is not None}
     pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
     for i, (path, strength) in enumerate(loras):

@@ -58,8 +58,7 @@ def test_mistakes_are_refused_before_the_pipeline_loads_and_the_base_is_never_wr
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
-def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir, tmp_path, adapter, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # fused in fp32, as the reference: 1e-5 holds
+def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir, tmp_path, adapter):
     with_lora = write_lora(tiny_model_dir, tmp_path / "lora", adapter)
     fused_dir = tmp_path / "fused"
     generate.main(
@@ -79,6 +78,29 @@ def test_fused_model_equals_base_plus_lora_without_any_lora_file(tiny_model_dir,
     base = transformer_output(ZImagePipeline.from_pretrained(tiny_model_dir).transformer)
     assert not torch.allclose(with_lora, base, atol=1e-3)  # the LoRA does change the output
     assert torch.allclose(transformer_output(fused), with_lora, atol=1e-5)
+
+
+def test_a_fused_model_keeps_each_components_stored_dtype(tiny_model_dir, tmp_path):
+    """A bf16 transformer and text encoder stay bf16 and an fp32 VAE fp32, with or without a GPU (sampling loads
+    bf16 on a GPU and fp32 on the CPU, which written out would double a bf16 base's size)."""
+    from safetensors import safe_open
+
+    base = tmp_path / "base"
+    dtypes = {"transformer": torch.bfloat16, "text_encoder": torch.bfloat16, "default": torch.float32}
+    ZImagePipeline.from_pretrained(tiny_model_dir, dtype=dtypes).save_pretrained(base)
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    flags = ["--pretrained_model_name_or_path", str(base), "--lora", str(tmp_path / "lora")]
+    generate.main(generate.parse_args(flags + ["--fuse_to", str(tmp_path / "fused")]))
+
+    def file_dtypes(component: str) -> set[str]:
+        [path] = (tmp_path / "fused" / component).glob("*.safetensors")
+        with safe_open(str(path), "pt") as f:
+            return {f.get_slice(key).get_dtype() for key in f.keys()}
+
+    assert file_dtypes("transformer") == file_dtypes("text_encoder") == {"BF16"} and file_dtypes("vae") == {"F32"}
+    fused = ZImagePipeline.from_pretrained(tmp_path / "fused", dtype=torch.bfloat16).transformer
+    unfused = ZImagePipeline.from_pretrained(base, dtype=torch.bfloat16).transformer
+    assert not torch.equal(fused.layers[0].attention.to_q.weight, unfused.layers[0].attention.to_q.weight)
 
 
 def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, tmp_path, monkeypatch):

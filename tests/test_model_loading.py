@@ -1,5 +1,6 @@
 """What a model path holds, loading the Z-Image components, and the config fingerprint that guards caches."""
 
+import copy
 import json
 import logging
 import shutil
@@ -16,6 +17,7 @@ from zimage_utils.model_loading import (
     load_transformer,
     load_vae,
     require_zimage,
+    stored_dtype,
 )
 from zimage_utils.tiny import make_tiny_pipeline
 
@@ -127,6 +129,16 @@ def test_component_loaders_load_the_tiny_folder(tiny):
 
     bf16 = load_transformer(str(folder), dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
+
+
+def test_stored_dtype_reads_a_single_or_a_sharded_components_files(tiny, tmp_path):
+    folder, pipe = tiny
+    assert stored_dtype(str(folder), "transformer") == stored_dtype(str(folder), "text_encoder") == torch.float32
+    sharded = tmp_path / "sharded"
+    copy.deepcopy(pipe.transformer).to(torch.bfloat16).save_pretrained(sharded / "transformer", max_shard_size="200KB")
+    assert len(list((sharded / "transformer").glob("*.safetensors"))) > 1
+    assert stored_dtype(str(sharded), "transformer") == torch.bfloat16
+    assert stored_dtype(str(sharded), "vae") is None  # no weights there
 
 
 def to_original_layout(state_dict: dict, prefix: str = "") -> dict:

@@ -111,6 +111,35 @@ def read_model_index(path_or_id: str, revision: str | None = None, local_files_o
     return index
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def stored_dtype(
+    path_or_id: str, component: str, revision: str | None = None, local_files_only: bool | None = None
+) -> torch.dtype | None:
+    """The dtype a component's weights are stored in (its first floating-point tensor's, read from the safetensors
+    header of its first file), or None where it has no safetensors weights."""
+    from safetensors import safe_open
+
+    first = None
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = _fetch_file(
+            path_or_id, f"{component}/{stem}.safetensors.index.json", revision, local_files_only, False
+        )
+        name = min(json.loads(index.read_text())["weight_map"].values()) if index else f"{stem}.safetensors"
+        first = _fetch_file(path_or_id, f"{component}/{name}", revision, local_files_only, required=False)
+        if first is not None:
+            break
+    if first is None:
+        return None
+    with safe_open(str(first), "pt") as f:
+        for key in f.keys():
+            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return None
+
+
 def _component_classes(index: dict) -> dict[str, str]:
     # Components are `"name": [library, class]`; None entries mark optional components left out.
     return {
