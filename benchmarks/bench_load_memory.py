@@ -99,20 +99,18 @@ def random_adapter(model: str, path: Path, rank: int) -> None:
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser, work: str) -> None:
+    """The options both load benchmarks take, and the hidden one a child process gets."""
     parser.add_argument("--model", help="A Z-Image folder (transformer weights and config).")
     parser.add_argument("--tiny", action="store_true", help="The tiny random model, made in --work.")
-    parser.add_argument("--work", default="/tmp/bench_load_memory")
+    parser.add_argument("--work", default=work)
     parser.add_argument("--adapter_rank", type=int, default=16)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--_variant", help=argparse.SUPPRESS)
-    parser.add_argument("--_adapter", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._variant:  # a child process
-        print(json.dumps(run_variant(args.model, args._adapter, args._variant)))
-        return
+
+
+def model_and_adapter(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model folder (with --tiny, the tiny one, made in --work) and a random adapter for it in --work."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -120,17 +118,36 @@ def main() -> None:
         from zimage_utils.tiny import save_tiny_pipeline
 
         model = str(save_tiny_pipeline(work / "tiny_model"))
-    adapter = work / "adapter.safetensors"
-    random_adapter(model, adapter, args.adapter_rank)
+    random_adapter(model, work / "adapter.safetensors", args.adapter_rank)
+    return model, work / "adapter.safetensors"
+
+
+def run_children(script: str, args: argparse.Namespace, model: str) -> list[dict]:
+    """Each of `args.variants` in a fresh process of `script`, whose last stdout line is its row; the rows so far
+    written to --out after each, so a run cut short keeps what it measured."""
     rows = []
     for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--model", model, "--_variant", variant, "--_adapter", str(adapter)]
+        command = [sys.executable, script, "--model", model, "--work", args.work, "--_variant", variant]
         result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"{variant} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"model": model, "rows": rows}, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"model": model, "rows": rows}, indent=2))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser, "/tmp/bench_load_memory")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    if args._variant:  # a child process
+        adapter = str(Path(args.work) / "adapter.safetensors")
+        print(json.dumps(run_variant(args.model, adapter, args._variant)))
+        return
+    model, _ = model_and_adapter(args)
+    rows = run_children(__file__, args, model)
     print(f"{'variant':26s} {'weights GiB':>11s} {'anon after load':>15s} {'anon peak above':>15s} {'work s':>7s}")
     for r in rows:
         print(

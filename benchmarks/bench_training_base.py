@@ -10,7 +10,6 @@ CPU, for Linears in swapped and in resident blocks: the same bits.
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_load_memory import anonymous_gib, random_adapter, start_peak_sampler  # noqa: E402
+from bench_load_memory import add_arguments, anonymous_gib, model_and_adapter, run_children, start_peak_sampler  # noqa: E402
 
 ADAPTER_SCALE = 0.8
 
@@ -102,39 +101,20 @@ def run_variant(model: str, adapter: str, reference: str, precision: str, blocks
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="A Z-Image folder (transformer weights and config).")
-    parser.add_argument("--tiny", action="store_true", help="The tiny random model, made in --work.")
-    parser.add_argument("--work", default="/tmp/bench_training_base")
-    parser.add_argument("--adapter_rank", type=int, default=16)
+    add_arguments(parser, "/tmp/bench_training_base")
     parser.add_argument(
         "--variants", default="bf16:0,bf16:32,fp8:0,fp8:16", help="precision:blocks_to_swap pairs, comma-separated."
     )
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--_variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(args.work)
-    adapter, reference = work / "adapter.safetensors", work / "reference.safetensors"
+    reference = Path(args.work) / "reference.safetensors"
     if args._variant:  # a child process
         precision, blocks = args._variant.split(":")
-        print(json.dumps(run_variant(args.model, str(adapter), str(reference), precision, int(blocks))))
+        adapter = str(Path(args.work) / "adapter.safetensors")
+        print(json.dumps(run_variant(args.model, adapter, str(reference), precision, int(blocks))))
         return
-    work.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if args.tiny:
-        from zimage_utils.tiny import save_tiny_pipeline
-
-        model = str(save_tiny_pipeline(work / "tiny_model"))
-    random_adapter(model, adapter, args.adapter_rank)
+    model, adapter = model_and_adapter(args)
     write_reference(model, adapter, reference)
-    rows = []
-    for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--model", model, "--work", str(work), "--_variant", variant]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-        if result.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        if args.out:  # after each variant, so a run cut short keeps what it measured
-            Path(args.out).write_text(json.dumps({"model": model, "rows": rows}, indent=2))
+    rows = run_children(__file__, args, model)
     gib = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     print(
         f"{'variant':9s} {'load s':>6s} {'anon peak':>9s} {'GPU alloc':>9s} {'swapped':>7s} {'pinned':>6s} "
