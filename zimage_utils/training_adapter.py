@@ -6,6 +6,7 @@ fp8 Linear by Linear on the GPU, or swapped into host memory: 10.3 GiB of host m
 (docs/BENCHMARKS.md). Ours adds each Linear's update on the GPU, just before it is quantised, or once it has landed."""
 
 import re
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -43,7 +44,9 @@ def training_adapter_removed(
     if state_dict is None:
         yield transformer
         return
-    transformer.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=f"{ADAPTER_NAME}_inverse")
+    with warnings.catch_warnings():  # a second adapter beside the trained one is what this wants
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        transformer.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=f"{ADAPTER_NAME}_inverse")
     if device is not None:  # PEFT made a swapped block's beside its base weights, in host memory
         move_except_swapped(transformer, device)
     transformer.set_adapters([trained_adapter, f"{ADAPTER_NAME}_inverse"], [1.0, -scale])
