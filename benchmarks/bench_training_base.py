@@ -1,8 +1,8 @@
 """The trainer's whole loading phase (`training_base.load_training_base`) with a training adapter, each variant (base
 precision and blocks swapped) in a fresh process: seconds, the peak of anonymous host memory above the process's
 start, GPU memory, and the pinned host memory the swapped blocks took (`torch.cuda.host_memory_stats()`) against what
-`block_swap.pack` predicts for them. For a bf16 base it also checks the adapter's update against PEFT's merge on the
-CPU, for Linears in swapped and in resident blocks: the same bits.
+`block_swap.pack` predicts for them. It also checks the adapter's update against PEFT's merge on the CPU, for Linears
+in swapped and in resident blocks: the same bf16 bits, or for an fp8 base the same e4m3 bytes and row scales.
 
     python benchmarks/bench_training_base.py --model /tmp/s/model --variants bf16:0,bf16:32,fp8:0,fp8:16 --out x.json
     python benchmarks/bench_training_base.py --tiny --variants bf16:2 --out x.json   # CPU smoke test (CI)
@@ -20,7 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_load_memory import add_arguments, anonymous_gib, model_and_adapter, run_children, start_peak_sampler  # noqa: E402
+from bench_load_memory import (  # noqa: E402
+    add_arguments,
+    anonymous_gib,
+    model_and_adapter,
+    run_children,
+    start_peak_sampler,
+)
+
+from zimage_utils.base_precision import Fp8StoredLinear, quantize_rows  # noqa: E402
 
 ADAPTER_SCALE = 0.8
 
@@ -90,13 +98,23 @@ def run_variant(model: str, adapter: str, reference: str, precision: str, blocks
         "pinned_predicted_gib": sum(size for size, _ in pack(sizes)) / 2**30 if sizes else 0.0,
         "pinned_gib": torch.cuda.host_memory_stats()["allocated_bytes.current"] / 2**30 if cuda else None,
     }
-    if precision == "bf16":
-        expected = load_file(reference)
-        row["adapter_checked"] = {
-            name: torch.equal(transformer.get_submodule(name).weight.detach().cpu(), weight)
-            for name, weight in expected.items()
-        }
+    row["adapter_checked"] = {
+        name: merged_as_expected(transformer.get_submodule(name), weight, accelerator.device)
+        for name, weight in load_file(reference).items()
+    }
     return row
+
+
+def merged_as_expected(linear: torch.nn.Module, expected: torch.Tensor, device: torch.device) -> bool:
+    """Whether `linear` holds PEFT's merged weight `expected` (bf16) as its precision stores it: the same bf16 values,
+    or for an fp8 Linear the e4m3 bytes and row scales `quantize_rows` makes of it on `device`, where the load made
+    them."""
+    if not isinstance(linear, Fp8StoredLinear):
+        return torch.equal(linear.weight.detach().cpu(), expected)
+    values, scale = quantize_rows(expected.to(device))
+    return torch.equal(linear.weight.cpu(), values.view(torch.uint8).cpu()) and torch.equal(
+        linear.weight_scale.view(torch.float32).cpu(), scale.cpu()
+    )
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def test_load_memory_benchmark_measures_each_variant_in_its_own_process(tmp_path
 
 
 def test_training_base_benchmark_checks_the_swapped_adapter_merge_against_peft(tmp_path):
-    flags = ["--tiny", "--work", str(tmp_path / "work"), "--variants", "bf16:2"]
+    flags = ["--tiny", "--work", str(tmp_path / "work"), "--variants", "fp8:2"]  # quantised, swapped, adapter added
     (row,) = run_benchmark("bench_training_base.py", *flags, "--out", str(tmp_path / "base.json"))["rows"]
     assert row["blocks_to_swap"] == 2 and row["swapped_weight_gib"] > 0
     assert row["swapped_weight_gib"] <= row["pinned_predicted_gib"] and row["pinned_gib"] is None  # no GPU here
