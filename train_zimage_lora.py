@@ -56,7 +56,7 @@ from zimage_utils.memory_budget import (
     out_of_memory_explained,
 )
 from zimage_utils.model_card import training_metadata, write_model_card
-from zimage_utils.model_loading import component_config_hash
+from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.step_options import apply_step_flags, freeze_gc
@@ -106,6 +106,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "(kohya's prior_loss_weight).",
     )
     p.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Check the flags and the caches against the model, print what the run would train (items, buckets, LoRA "
+        "parameters, steps) and stop, without loading the transformer or writing anything.",
+    )
     p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
     p.add_argument("--seed", type=int, default=0)
     # LoRA
@@ -317,6 +323,49 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def schedule_steps(args, sampler) -> tuple[int, int]:
+    """Optimiser steps per epoch, and in the whole run."""
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    return steps_per_epoch, args.max_train_steps or args.num_train_epochs * steps_per_epoch
+
+
+def start_line(args, accelerator, train, sampler, caches, trainable: int, modules: int, global_step: int) -> str:
+    """What the run trains on and for how long, with `run_notes`' warnings: the line a run (or a dry run) starts with."""
+    steps_per_epoch, max_steps = schedule_steps(args, sampler)
+    return (
+        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
+        f"{trainable:,} trainable LoRA parameters ({modules} modules); "
+        f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
+        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+        + run_notes(args, caches, sampler, global_step, max_steps)
+    )
+
+
+def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches) -> str:
+    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
+    targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
+    add_lora(
+        model,
+        args.rank,
+        args.lora_alpha or args.rank,
+        args.lora_dropout,
+        args.lora_targets,
+        args.lora_exclude_refiners,
+        adapter=args.adapter,
+        lokr_factor=args.lokr_factor,
+    )
+    base_gib = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2 / 2**30
+    line = start_line(args, accelerator, train, sampler, caches, count_trainable_parameters(model), len(targets), 0)
+    return (
+        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (a {base_gib:.1f} GiB transformer in "
+        f"bf16); nothing was loaded or written. Drop --dry_run to train."
+    )
+
+
 def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype, card=False):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
     gathers the LoRA from all of them), with the metadata users and tools look for; `card`: and a README.md."""
@@ -360,19 +409,24 @@ def run_training(args: argparse.Namespace) -> None:
     check_new_run(output_dir, args.resume_from_checkpoint)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
-    output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
+
+    # Data first: caches that do not fit the model are refused before its 12 GB load
+    require_zimage(args.pretrained_model_name_or_path, revision=args.revision)
+    base_config = transformer_config(args.pretrained_model_name_or_path, revision=args.revision)
+    expected = {
+        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
+        "embed_dim": base_config["cap_feat_dim"],
+        "latent_channels": base_config["in_channels"],
+    }
+    train, val_data, sampler, caches = training_data(args, accelerator, expected)
+    if args.dry_run:
+        print0(dry_run_report(args, accelerator, base_config, train, sampler, caches))
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
     transformer, adapter_state = load_training_base(args, accelerator, print0)
-
-    # Data
-    expected = {
-        "component_config_hash": component_config_hash(args.pretrained_model_name_or_path, revision=args.revision),
-        "embed_dim": transformer.config.cap_feat_dim,
-        "latent_channels": transformer.config.in_channels,
-    }
-    train, val_data, sampler, caches = training_data(args, accelerator, expected)
     empty_embeds = caches["empty_embeds"]
     if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
         empty_embeds = empty_embeds.to(accelerator.device)
@@ -416,8 +470,7 @@ def run_training(args: argparse.Namespace) -> None:
         loraplus_lr_ratio=args.loraplus_lr_ratio,
         model=transformer,
     )
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    steps_per_epoch, max_steps = schedule_steps(args, sampler)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -457,14 +510,8 @@ def run_training(args: argparse.Namespace) -> None:
         # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
         hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
         accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
-    notes = run_notes(args, caches, sampler, global_step, max_steps)
-    print0(
-        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
-        f"{count_trainable_parameters(transformer):,} trainable LoRA parameters ({len(targets)} modules); "
-        f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
-        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
-        + notes
-    )
+    trainable = count_trainable_parameters(transformer)
+    print0(start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step))
 
     # Preemption: SIGTERM/SIGINT finish the current step, save a checkpoint and exit
     triggers = SaveTriggers(accelerator, args.checkpointing_minutes, global_step)

@@ -931,14 +931,33 @@ def test_a_diverging_learning_rate_is_reported_with_its_step(tiny_model_dir, tin
         train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=10, learning_rate=1e30, rank=8)
 
 
-def test_a_cache_made_for_another_model_is_refused(tiny_model_dir, tiny_cache_dir, tmp_path):
+def test_a_cache_made_for_another_model_is_refused_before_the_model_loads(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
     other_model = tmp_path / "other_model"
     shutil.copytree(tiny_model_dir, other_model)
     vae_config = json.loads((other_model / "vae" / "config.json").read_text())
     vae_config["scaling_factor"] = 0.5
     (other_model / "vae" / "config.json").write_text(json.dumps(vae_config))
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
     with pytest.raises(cache_lib.CacheError, match=re.escape(str(tiny_cache_dir))):
         train(other_model, tiny_cache_dir, tmp_path / "out")
+
+
+def test_a_dry_run_prints_the_runs_start_line_and_loads_and_writes_nothing(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
+):
+    caplog.set_level("INFO", logger="train")
+    flags = dict(max_train_steps=5, rank=8, lora_targets="attention_ffn", train_batch_size=2)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "run", **flags)
+    [start] = [r.getMessage() for r in caplog.records if "trainable LoRA parameters" in r.getMessage()]
+    caplog.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded"))
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "dry", dry_run=True, **flags)
+    [report] = [r.getMessage() for r in caplog.records if "trainable LoRA parameters" in r.getMessage()]
+    assert report.splitlines()[0] == start and "nothing was loaded or written" in report
+    assert not (tmp_path / "dry").exists()
 
 
 def test_random_flip_over_a_cache_without_mirrored_latents_is_refused(

@@ -99,6 +99,15 @@ def read_component_config(
     return json.loads(_fetch_file(path_or_id, f"{component}/config.json", revision, local_files_only).read_text())
 
 
+def transformer_config(path_or_id: str, revision: str | None = None, local_files_only: bool | None = None) -> dict:
+    """The transformer's constructor arguments, its config.json with the class's defaults filled in, without loading
+    any weights."""
+    from diffusers import ZImageTransformer2DModel
+
+    config = read_component_config(path_or_id, "transformer", revision, local_files_only)
+    return ZImageTransformer2DModel.extract_init_dict(config)[0]
+
+
 def read_model_index(path_or_id: str, revision: str | None = None, local_files_only: bool | None = None) -> dict:
     """The parsed `model_index.json` of a diffusers folder or hub repo; `ValueError` naming the path otherwise."""
     index_path = _fetch_file(path_or_id, "model_index.json", revision, local_files_only)
