@@ -11,7 +11,6 @@ at the end OUTPUT/README.md, a model card for the hub.
 import argparse
 import gc
 import logging
-import math
 import os
 import signal
 from pathlib import Path
@@ -47,7 +46,7 @@ from zimage_utils.distributed import (
     skip_frozen_in_ddp,
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
-from zimage_utils.lora import ADAPTERS, add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
+from zimage_utils.lora import ADAPTERS, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import (
     budget_overshoot,
@@ -59,8 +58,9 @@ from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
+from zimage_utils.run_plan import add_run_lora, dry_run_report, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
-from zimage_utils.train_data import collate, item_generator_seed, run_notes, training_data
+from zimage_utils.train_data import collate, item_generator_seed, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
@@ -323,49 +323,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def schedule_steps(args, sampler) -> tuple[int, int]:
-    """Optimiser steps per epoch, and in the whole run."""
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    return steps_per_epoch, args.max_train_steps or args.num_train_epochs * steps_per_epoch
-
-
-def start_line(args, accelerator, train, sampler, caches, trainable: int, modules: int, global_step: int) -> str:
-    """What the run trains on and for how long, with `run_notes`' warnings: the line a run (or a dry run) starts with."""
-    steps_per_epoch, max_steps = schedule_steps(args, sampler)
-    return (
-        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
-        f"{trainable:,} trainable LoRA parameters ({modules} modules); "
-        f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
-        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
-        + run_notes(args, caches, sampler, global_step, max_steps)
-    )
-
-
-def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches) -> str:
-    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model."""
-    from diffusers import ZImageTransformer2DModel
-
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
-    targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
-    add_lora(
-        model,
-        args.rank,
-        args.lora_alpha or args.rank,
-        args.lora_dropout,
-        args.lora_targets,
-        args.lora_exclude_refiners,
-        adapter=args.adapter,
-        lokr_factor=args.lokr_factor,
-    )
-    base_gib = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2 / 2**30
-    line = start_line(args, accelerator, train, sampler, caches, count_trainable_parameters(model), len(targets), 0)
-    return (
-        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (a {base_gib:.1f} GiB transformer in "
-        f"bf16); nothing was loaded or written. Drop --dry_run to train."
-    )
-
-
 def save_lora_files(args, accelerator, transformer, lora_config, targets, directory, step, caches, dtype, card=False):
     """Both LoRA formats into `directory` (written by the main process; every rank must call this, since ZeRO-3
     gathers the LoRA from all of them), with the metadata users and tools look for; `card`: and a README.md."""
@@ -443,16 +400,7 @@ def run_training(args: argparse.Namespace) -> None:
 
     # LoRA: fp32 parameters over the frozen base
     targets = lora_target_modules(transformer, args.lora_targets, args.lora_exclude_refiners)
-    lora_config = add_lora(
-        transformer,
-        args.rank,
-        args.lora_alpha or args.rank,
-        args.lora_dropout,
-        args.lora_targets,
-        args.lora_exclude_refiners,
-        adapter=args.adapter,
-        lokr_factor=args.lokr_factor,
-    )
+    lora_config = add_run_lora(transformer, args)
     if args.init_lora:
         fresh = init_lora_from(transformer, args.init_lora, lora_config, targets)
         print0(f"LoRA starts from {args.init_lora} ({len(fresh)} targeted modules it lacks start from zero)")

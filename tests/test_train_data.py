@@ -176,7 +176,8 @@ def test_each_caches_loss_weight_reaches_the_batch_and_weighs_its_items_in_the_l
 def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     from argparse import Namespace
 
-    from zimage_utils.train_data import BucketBatchSampler, run_notes
+    from zimage_utils.run_plan import run_notes
+    from zimage_utils.train_data import BucketBatchSampler
 
     sampler = BucketBatchSampler([(64, 64)] * 5 + [(48, 96)] * 3, batch_size=4)  # the second bucket fills no batch
     args = Namespace(mask_floor=0.1, validation_steps=100)

@@ -289,20 +289,3 @@ def check_preservation_captions(train: CachedLatentsDataset, paths: list[str]) -
         )
     if without:
         logger.info(f"--preservation_weight: {without} of {len(lengths)} cached items have no preservation caption")
-
-
-def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int) -> str:
-    """What the trainer's start-up line adds about the data and the flags ("; ..." each): loss masks, items no
-    batch takes, validation without prompts, a resumed run that is already done."""
-    notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
-    if args.mask_floor and not caches["num_masked"]:
-        notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
-    if never := sum(len(g) for g in sampler.groups if len(g) < sampler.global_batch):
-        notes += (
-            f"; {never} items never train: their buckets hold fewer than a global batch (lower --train_batch_size)"
-        )
-    if args.validation_steps and not caches["validation_prompts"]:
-        notes += "; no --validation_prompts in the cache(s): validation gives the held-out loss only, no samples"
-    if global_step >= max_steps:
-        notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
-    return notes

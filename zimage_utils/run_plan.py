@@ -1,0 +1,75 @@
+"""What a run will do, from its flags and caches alone: its steps, the LoRA it trains, and the line it starts with
+(also all `--dry_run` prints, on a weightless model)."""
+
+import argparse
+import math
+
+import torch
+
+from .lora import add_lora, count_trainable_parameters, lora_target_modules
+from .train_data import BucketBatchSampler
+
+
+def add_run_lora(model: torch.nn.Module, args: argparse.Namespace):
+    """The LoRA (or LoKr) the flags ask for, added to `model`; returns its PEFT config."""
+    return add_lora(
+        model,
+        args.rank,
+        args.lora_alpha or args.rank,
+        args.lora_dropout,
+        args.lora_targets,
+        args.lora_exclude_refiners,
+        adapter=args.adapter,
+        lokr_factor=args.lokr_factor,
+    )
+
+
+def schedule_steps(args, sampler) -> tuple[int, int]:
+    """Optimiser steps per epoch, and in the whole run."""
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    return steps_per_epoch, args.max_train_steps or args.num_train_epochs * steps_per_epoch
+
+
+def start_line(args, accelerator, train, sampler, caches, trainable: int, modules: int, global_step: int) -> str:
+    """What the run trains on and for how long, with `run_notes`' warnings: the line a run (or a dry run) starts with."""
+    steps_per_epoch, max_steps = schedule_steps(args, sampler)
+    return (
+        f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
+        f"{trainable:,} trainable LoRA parameters ({modules} modules); "
+        f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
+        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+        + run_notes(args, caches, sampler, global_step, max_steps)
+    )
+
+
+def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches) -> str:
+    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
+    targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
+    add_run_lora(model, args)
+    base_gib = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2 / 2**30
+    line = start_line(args, accelerator, train, sampler, caches, count_trainable_parameters(model), len(targets), 0)
+    return (
+        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (a {base_gib:.1f} GiB transformer in "
+        f"bf16); nothing was loaded or written. Drop --dry_run to train."
+    )
+
+
+def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int) -> str:
+    """What the trainer's start-up line adds about the data and the flags ("; ..." each): loss masks, items no
+    batch takes, validation without prompts, a resumed run that is already done."""
+    notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
+    if args.mask_floor and not caches["num_masked"]:
+        notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
+    if never := sum(len(g) for g in sampler.groups if len(g) < sampler.global_batch):
+        notes += (
+            f"; {never} items never train: their buckets hold fewer than a global batch (lower --train_batch_size)"
+        )
+    if args.validation_steps and not caches["validation_prompts"]:
+        notes += "; no --validation_prompts in the cache(s): validation gives the held-out loss only, no samples"
+    if global_step >= max_steps:
+        notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
+    return notes
