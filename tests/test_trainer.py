@@ -948,16 +948,26 @@ def test_a_dry_run_prints_the_runs_start_line_and_loads_and_writes_nothing(
     tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
 ):
     caplog.set_level("INFO", logger="train")
-    flags = dict(max_train_steps=5, rank=8, lora_targets="attention_ffn", train_batch_size=2)
+    flags = dict(max_train_steps=5, rank=8, lora_targets="attention_ffn", train_batch_size=2, checkpointing_steps=5)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "run", **flags)
-    [start] = [r.getMessage() for r in caplog.records if "trainable LoRA parameters" in r.getMessage()]
-    caplog.clear()
-    with monkeypatch.context() as patched:
-        patched.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded"))
-        train(tiny_model_dir, tiny_cache_dir, tmp_path / "dry", dry_run=True, **flags)
-    [report] = [r.getMessage() for r in caplog.records if "trainable LoRA parameters" in r.getMessage()]
+
+    def start_lines() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if "trainable LoRA parameters" in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    [start] = start_lines()
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded"))
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "dry", dry_run=True, **flags)
+    [report] = start_lines()
     assert report.splitlines()[0] == start and "nothing was loaded or written" in report
     assert not (tmp_path / "dry").exists()
+
+    files = sorted(tmp_path.rglob("*"))  # resuming the finished run: where it would start, and that it is done
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "run", dry_run=True, resume_from_checkpoint="latest", **flags)
+    [report] = start_lines()
+    assert f"resume from {tmp_path / 'run' / 'checkpoint-5'} (step 5)" in report and "nothing left to train" in report
+    assert sorted(tmp_path.rglob("*")) == files
 
 
 def test_random_flip_over_a_cache_without_mirrored_latents_is_refused(

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .checkpoints import read_training_state, resolve_resume_path
 from .lora import add_lora, count_trainable_parameters, lora_target_modules
 from .train_data import BucketBatchSampler
 
@@ -43,18 +44,24 @@ def start_line(args, accelerator, train, sampler, caches, trainable: int, module
 
 
 def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches) -> str:
-    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model."""
+    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model,
+    and the checkpoint it would resume from."""
     from diffusers import ZImageTransformer2DModel
+
+    checkpoint = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    global_step = read_training_state(checkpoint)["global_step"] if checkpoint else 0
+    resumes = f"it would resume from {checkpoint} (step {global_step}); " if checkpoint else ""
 
     with torch.device("meta"):
         model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
     targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
     add_run_lora(model, args)
     base_gib = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2 / 2**30
-    line = start_line(args, accelerator, train, sampler, caches, count_trainable_parameters(model), len(targets), 0)
+    trainable = count_trainable_parameters(model)
+    line = start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step)
     return (
         f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (a {base_gib:.1f} GiB transformer in "
-        f"bf16); nothing was loaded or written. Drop --dry_run to train."
+        f"bf16); {resumes}nothing was loaded or written. Drop --dry_run to train."
     )
 
 
