@@ -1,0 +1,98 @@
+"""benchmarks/bench_scale.py keeps working: at tiny size on CPU processes, its DDP and precompute runs, their
+per-run timeouts and the call's deadline (a file of its own so the two test workers share the benchmark tests)."""
+
+import importlib.util
+
+import torch
+from test_benchmarks import ROOT, run_benchmark
+
+from zimage_utils.cache import load_prompt_embeddings
+from zimage_utils.model_loading import load_vae
+
+
+def run_tiny_scale(tmp_path, *args: str) -> dict:
+    return run_benchmark(
+        "bench_scale.py", "--tiny", "--work", str(tmp_path / "work"), *args, "--out", str(tmp_path / "s.json")
+    )
+
+
+def test_scale_benchmark_splits_precompute_time_into_fixed_and_per_image_costs(tmp_path):
+    # Two dataset sizes on 1 and 2 processes (CPU processes here): the fixed costs cancel in the marginal speed-up
+    report = run_tiny_scale(tmp_path, "--only", "none", "--precompute_gpus", "1,2", "--precompute_images", "8,24")
+    runs = report["precompute"]
+    assert [(r["gpus"], r["images"]) for r in runs] == [(1, 8), (2, 8), (1, 24), (2, 24)]
+    assert all(r["returncode"] == 0 for r in runs)
+    assert [r.get("identical_to_first") for r in runs] == [None, True, None, True]
+    # each run's log beside --out, as a device call brings back only that folder
+    assert {f"log_precompute_{g}_jpegs_{n}.txt" for g in (1, 2) for n in (8, 24)} <= {
+        f.name for f in tmp_path.iterdir()
+    }
+    marginal = report["precompute_marginal"]
+    assert marginal["images"] == [8, 24] and marginal["speedup"]["1"] == 1.0
+    for gpus in ("1", "2"):  # wall = fixed + images * per-image, at both sizes
+        wall = {r["images"]: r["wall_s"] for r in runs if r["gpus"] == int(gpus)}
+        per_image, fixed = marginal["wall_s_per_image"][gpus], marginal["fixed_s"][gpus]
+        assert abs(fixed + 24 * per_image - wall[24]) < 1e-6
+
+
+def test_scale_benchmark_trains_on_its_synthetic_caches_and_checks_the_loras(tmp_path):
+    # the plain cache, and one with loss masks and caption variants
+    report = run_tiny_scale(tmp_path, "--only", "ddp_1gpu,compile_bf16_masked")
+    assert [run["name"] for run in report["runs"]] == ["ddp_1gpu", "compile_bf16_masked"]
+    for run in report["runs"]:
+        assert run["returncode"] == 0 and run["s_per_step"] > 0
+        check = run["lora_check"]
+        assert check["tensors"] > 0 and check["empty"] == 0 and check["loaded_params"] == check["tensors"]
+    log = (tmp_path / "work" / "log_compile_bf16_masked.txt").read_text()
+    assert "8 items with a loss mask" in log
+    # and a copy of each run's logs beside the JSON (a device call brings back $OUT only)
+    assert (tmp_path / "log_compile_bf16_masked.txt").read_text() == log
+    assert (tmp_path / "train_log_ddp_1gpu.jsonl").read_text() == (
+        tmp_path / "work/run_ddp_1gpu/train_log.jsonl"
+    ).read_text()
+
+
+def test_scale_benchmarks_validation_cache_holds_prompts_and_the_model_a_vae(tmp_path):
+    # What the `_validation` variants add to a run (the trainer's sampling itself: test_pictures.py)
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
+    bench_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scale)
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    bench_scale.make_model(model, full=False)
+    bench_scale.add_vae_weights(model, full=False)
+    bench_scale.make_cache(cache, model, 64, 4, 16, prompts=2)
+    _, prompts = load_prompt_embeddings(cache)
+    assert [(name, e.shape) for name, e in prompts] == [(f"synthetic prompt {i}", (128, 16)) for i in range(2)]
+    assert load_vae(str(model), torch.float32, "cpu").config.latent_channels == 16
+
+
+def test_scale_benchmark_kills_a_run_past_its_timeout_and_goes_on(tmp_path):
+    # One stuck variant must not take a whole device call: it is killed, recorded, and the next one runs
+    report = run_tiny_scale(tmp_path, "--only", "compile_bf16,compile_bf16_masked", "--run_timeout", "0.1")
+    assert [run["name"] for run in report["runs"]] == ["compile_bf16", "compile_bf16_masked"]
+    for run in report["runs"]:
+        assert run["returncode"] != 0 and "killed after 0.1 s (--run_timeout" in run["error"]
+        assert run["wall_s"] < 30  # not left to finish
+
+
+def test_scale_benchmark_starts_nothing_past_its_deadline(tmp_path):
+    # A device call's limit less a margin, here already past when the set-up ends: no trainer run and no multi-GPU
+    # precompute run starts, and the call still ends with its JSON
+    report = run_tiny_scale(
+        tmp_path,
+        "--only",
+        "compile_bf16",
+        "--precompute_gpus",
+        "1,2",
+        "--precompute_images",
+        "8",
+        "--deadline_s",
+        "1e-9",
+    )
+    (run,) = report["runs"]
+    assert run["name"] == "compile_bf16" and run["returncode"] is None
+    assert run["error"] == "not started: past --deadline_s" and "wall_s" not in run
+    runs = report["precompute"]
+    assert [(r["gpus"], r["images"], r["returncode"]) for r in runs] == [(1, 8, None), (2, 8, None)]
+    assert all(r["error"] == "not started: past --deadline_s" for r in runs)
+    assert report["precompute_marginal"] == {}
