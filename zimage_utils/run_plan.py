@@ -60,8 +60,8 @@ def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches)
     trainable = count_trainable_parameters(model)
     line = start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step)
     return (
-        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (a {base_gib:.1f} GiB transformer in "
-        f"bf16); {resumes}nothing was loaded or written. Drop --dry_run to train."
+        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (its transformer: {base_gib:.1f} GiB "
+        f"in bf16); {resumes}nothing was loaded or written. Drop --dry_run to train."
     )
 
 
