@@ -58,7 +58,7 @@ from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
-from zimage_utils.run_plan import add_run_lora, dry_run_report, schedule_steps, start_line
+from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
@@ -109,8 +109,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dry_run",
         action="store_true",
-        help="Check the flags and the caches against the model, print what the run would train (items, buckets, LoRA "
-        "parameters, steps) and stop, without loading the transformer or writing anything.",
+        help="Check the flags, the caches, --init_lora and --training_adapter against the model, print what the run "
+        "would train (items, buckets, LoRA parameters, steps) and stop, without loading the transformer or writing "
+        "anything.",
     )
     p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
     p.add_argument("--seed", type=int, default=0)
@@ -368,7 +369,7 @@ def run_training(args: argparse.Namespace) -> None:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
     set_seed(args.seed)
 
-    # Data first: caches that do not fit the model are refused before its 12 GB load
+    # Data and adapters first: what does not fit the model is refused before its 12 GB load
     require_zimage(args.pretrained_model_name_or_path, revision=args.revision)
     base_config = transformer_config(args.pretrained_model_name_or_path, revision=args.revision)
     expected = {
@@ -377,13 +378,14 @@ def run_training(args: argparse.Namespace) -> None:
         "latent_channels": base_config["in_channels"],
     }
     train, val_data, sampler, caches = training_data(args, accelerator, expected)
+    plan = check_lora_plan(args, base_config)  # --init_lora and --training_adapter too
     if args.dry_run:
-        print0(dry_run_report(args, accelerator, base_config, train, sampler, caches))
+        print0(dry_run_report(args, accelerator, plan, train, sampler, caches))
         return
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
-    transformer, adapter_state = load_training_base(args, accelerator, print0)
+    transformer, adapter_state = load_training_base(args, accelerator, print0, plan.adapter_state)
     empty_embeds = caches["empty_embeds"]
     if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
         empty_embeds = empty_embeds.to(accelerator.device)

@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType
 from conftest import LAUNCHES_CPU_PROCESSES
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_lora_io import fail_on_loader_warnings, lora_delta, transformer_output
 
 import precompute_embeddings
@@ -247,11 +247,24 @@ def test_init_lora_starts_training_from_a_saved_lora(
         (dict(rank=8, lora_targets="attention"), "adapts 15 module\\(s\\) this run does not target"),
     ],
 )
-def test_init_lora_that_does_not_fit_the_run_is_refused(
-    finished_run, tiny_model_dir, tiny_cache_dir, tmp_path, flags, message
+def test_init_lora_that_does_not_fit_the_run_is_refused_before_the_model_loads(
+    finished_run, tiny_model_dir, tiny_cache_dir, tmp_path, flags, message, monkeypatch
 ):
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
     with pytest.raises(ValueError, match=message):
         train(tiny_model_dir, tiny_cache_dir, tmp_path, init_lora=finished_run["dir"], **flags)
+
+
+def test_a_training_adapter_for_modules_the_model_lacks_is_refused_before_the_model_loads(
+    tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path, monkeypatch
+):
+    """(an adapter for a deeper Z-Image: its keys are Z-Image's, but the tiny model has no layers.9)"""
+    state = load_file(str(adapter_file))
+    state = {key.replace("layers.1.", "layers.9."): value for key, value in state.items()}
+    save_file(state, str(tmp_path / "deeper.safetensors"))
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match="adapts layers.9.attention.* which .*transformer lacks"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "out", training_adapter=tmp_path / "deeper.safetensors")
 
 
 def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffusers(

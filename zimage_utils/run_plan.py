@@ -3,11 +3,15 @@
 
 import argparse
 import math
+import re
+import warnings
+from typing import NamedTuple
 
 import torch
 
 from .checkpoints import read_training_state, resolve_resume_path
-from .lora import add_lora, count_trainable_parameters, lora_target_modules
+from .lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
+from .lora_io import DIFFUSERS_PREFIX, read_lora
 from .train_data import BucketBatchSampler
 
 
@@ -43,25 +47,49 @@ def start_line(args, accelerator, train, sampler, caches, trainable: int, module
     )
 
 
-def dry_run_report(args, accelerator, base_config: dict, train, sampler, caches) -> str:
-    """`--dry_run`: the start line of the run these flags would make, its LoRA counted on a weightless (meta) model,
-    and the checkpoint it would resume from."""
-    from diffusers import ZImageTransformer2DModel
+class LoraPlan(NamedTuple):
+    trainable: int  # LoRA parameters
+    modules: int  # modules the LoRA targets
+    base_gib: float  # the transformer's weights in bf16
+    adapter_state: dict[str, torch.Tensor] | None  # the training adapter, read
 
-    checkpoint = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    global_step = read_training_state(checkpoint)["global_step"] if checkpoint else 0
-    resumes = f"it would resume from {checkpoint} (step {global_step}); " if checkpoint else ""
+
+def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
+    """The run's adapters, checked on a weightless (meta) transformer before the real one loads: the LoRA the flags
+    ask for, `--init_lora` against it (its kind, modules and rank: `init_lora_from`'s errors), and the training
+    adapter, read and checked to adapt only modules this model has."""
+    from diffusers import ZImageTransformer2DModel
 
     with torch.device("meta"):
         model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
+    base_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
     targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
-    add_run_lora(model, args)
-    base_gib = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2 / 2**30
-    trainable = count_trainable_parameters(model)
-    line = start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step)
+    config = add_run_lora(model, args)
+    if args.init_lora:
+        with warnings.catch_warnings():  # its values are copied into meta tensors: nothing, as meant
+            warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+            init_lora_from(model, args.init_lora, config, targets)
+    adapter_state = read_lora(args.training_adapter) if args.training_adapter else None
+    names = {re.split(r"\.(?:lora_[AB]|lokr_)", key.removeprefix(DIFFUSERS_PREFIX))[0] for key in adapter_state or {}}
+    present = {name for name, _ in model.named_modules()}
+    if missing := sorted(names - present):
+        raise ValueError(
+            f"--training_adapter {args.training_adapter} adapts {missing[0]}, which "
+            f"{args.pretrained_model_name_or_path}'s transformer lacks: is it made for another Z-Image model?"
+        )
+    return LoraPlan(count_trainable_parameters(model), len(targets), base_gib, adapter_state)
+
+
+def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) -> str:
+    """`--dry_run`: the start line of the run these flags would make (`plan` counted its LoRA), and the checkpoint it
+    would resume from."""
+    checkpoint = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    global_step = read_training_state(checkpoint)["global_step"] if checkpoint else 0
+    resumes = f"it would resume from {checkpoint} (step {global_step}); " if checkpoint else ""
+    line = start_line(args, accelerator, train, sampler, caches, plan.trainable, plan.modules, global_step)
     return (
-        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (its transformer: {base_gib:.1f} GiB "
-        f"in bf16); {resumes}nothing was loaded or written. Drop --dry_run to train."
+        f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (its transformer: {plan.base_gib:.1f} "
+        f"GiB in bf16); {resumes}nothing was loaded or written. Drop --dry_run to train."
     )
 
 

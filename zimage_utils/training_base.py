@@ -17,10 +17,13 @@ from .training_adapter import LinearUpdates, merge_training_adapter
 
 
 def load_training_base(
-    args: argparse.Namespace, accelerator, print0: Callable[[str], None]
+    args: argparse.Namespace,
+    accelerator,
+    print0: Callable[[str], None],
+    adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """The transformer, frozen and placed, and the training adapter's state dict (None without one), which sampling
-    applies at −scale."""
+    applies at −scale. `adapter_state`: `--training_adapter` already read (else it is read here)."""
     require_zimage(args.pretrained_model_name_or_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
@@ -38,9 +41,9 @@ def load_training_base(
         quantization_config=nf4_config(weight_dtype) if nf4 else None,
     )
     transformer.requires_grad_(False)
-    adapter_state, updates = None, None
+    updates = None
     if args.training_adapter:  # a LoRA is added on the GPU, Linear by Linear (below); a LoKr by PEFT, here
-        adapter_state = read_lora(args.training_adapter)
+        adapter_state = adapter_state if adapter_state is not None else read_lora(args.training_adapter)
         updates = LinearUpdates.of(adapter_state, args.training_adapter_scale)
         if updates is None:
             merge_training_adapter(transformer, adapter_state, args.training_adapter_scale)
