@@ -1,5 +1,6 @@
-"""What a run will do, from its flags and caches alone: its steps, the LoRA it trains, and the line it starts with
-(also all `--dry_run` prints, on a weightless model)."""
+"""What a run will do, from its flags, its caches and the model's config alone: its steps, the LoRA it trains (with
+`--init_lora` and the training adapter checked on a weightless model, before the real one loads), and the line it
+starts with, which is all `--dry_run` prints."""
 
 import argparse
 import math
