@@ -255,6 +255,19 @@ def test_init_lora_that_does_not_fit_the_run_is_refused_before_the_model_loads(
         train(tiny_model_dir, tiny_cache_dir, tmp_path, init_lora=finished_run["dir"], **flags)
 
 
+def test_the_checks_before_the_load_leave_the_runs_random_numbers_alone(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """The meta model they build initialises its weights; drawn from the global generator, that would change the
+    LoRA the run then initialises (and did: a 2-process run's LoRA then missed the 1-process one's by 1.6e-5)."""
+    from zimage_utils.model_loading import transformer_config
+    from zimage_utils.run_plan import check_lora_plan
+
+    args = train_zimage_lora.parse_args(trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, rank=8))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    plan = check_lora_plan(args, transformer_config(str(tiny_model_dir)))
+    assert plan.trainable > 0 and torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_training_adapter_for_modules_the_model_lacks_is_refused_before_the_model_loads(
     tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path, monkeypatch
 ):

@@ -58,14 +58,15 @@ class LoraPlan(NamedTuple):
 def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
     """The run's adapters, checked on a weightless (meta) transformer before the real one loads: the LoRA the flags
     ask for, `--init_lora` against it (its kind, modules and rank: `init_lora_from`'s errors), and the training
-    adapter, read and checked to adapt only modules this model has."""
+    adapter, read and checked to adapt only modules this model has. Draws nothing from the global random generator
+    (the meta model's initialisation would, and so change the LoRA the run then initialises)."""
     from diffusers import ZImageTransformer2DModel
 
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = ZImageTransformer2DModel.from_config(base_config).requires_grad_(False)
-    base_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
-    targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
-    config = add_run_lora(model, args)
+        base_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+        targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
+        config = add_run_lora(model, args)
     if args.init_lora:
         with warnings.catch_warnings():  # its values are copied into meta tensors: nothing, as meant
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
