@@ -130,7 +130,6 @@ def stored_dtype(
     header of its first file), or None where it has no safetensors weights."""
     from safetensors import safe_open
 
-    first = None
     for stem in ("diffusion_pytorch_model", "model"):
         index = _fetch_file(
             path_or_id, f"{component}/{stem}.safetensors.index.json", revision, local_files_only, False

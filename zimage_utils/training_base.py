@@ -12,7 +12,7 @@ from .base_precision import nf4_config, quantize_after_loading_
 from .block_swap import first_blocks, move_except_swapped, swap_blocks
 from .distributed import deepspeed_stage
 from .lora_io import read_lora
-from .model_loading import load_transformer, require_zimage
+from .model_loading import load_transformer
 from .training_adapter import LinearUpdates, merge_training_adapter
 
 
@@ -23,8 +23,8 @@ def load_training_base(
     adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """The transformer, frozen and placed, and the training adapter's state dict (None without one), which sampling
-    applies at −scale. `adapter_state`: `--training_adapter` already read (else it is read here)."""
-    require_zimage(args.pretrained_model_name_or_path)
+    applies at −scale. `adapter_state`: `--training_adapter` already read (else it is read here). The caller has
+    checked that the model is a Z-Image (`model_loading.require_zimage`), as the trainer does before its caches."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     nf4 = args.base_precision == "nf4"  # quantised while loading, straight onto this process's GPU
     # A bf16 base that will sit whole on this process's device goes there straight from the (memory-mapped) files,
