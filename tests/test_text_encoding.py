@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import SCRIPT_DEVICE, SCRIPT_DTYPE
 
 from zimage_utils.text_encoding import count_tokens, encode_captions, mask_to_slice
 from zimage_utils.tiny import make_tiny_pipeline
@@ -16,7 +17,8 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def pipe():
-    return make_tiny_pipeline(seed=0)
+    """On a GPU host, in the dtype the scripts use there (bf16): equal there too, not only in fp32 on the CPU."""
+    return make_tiny_pipeline(seed=0).to(SCRIPT_DEVICE, SCRIPT_DTYPE)
 
 
 @pytest.mark.parametrize("max_sequence_length", [512, 32])
