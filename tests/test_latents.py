@@ -66,7 +66,11 @@ def test_shift_and_scale_come_from_the_vae_config(vae, pixels):
 
     latents = encode_images(other, pixels, sampling="mode")
     assert torch.equal(latents, (mode + 0.25) * 0.5)
-    torch.testing.assert_close(decode_latents(other, latents), decode_latents(vae, encode_images(vae, pixels)))
+    # Both latents come back to `mode` up to the round trip's rounding, which the decoder amplifies (1.1e-5 seen on
+    # one pixel of 55296 in a CI-like run); a config ignored on either side would be off by the whole shift.
+    torch.testing.assert_close(
+        decode_latents(other, latents), decode_latents(vae, encode_images(vae, pixels)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_bad_arguments_are_refused(vae, pixels):
