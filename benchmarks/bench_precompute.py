@@ -395,6 +395,8 @@ def text_encoder_load_rows(text_encoder, tokenizer, tmp: Path, row, rounds: int 
 def benchmark(args, runs: list[dict], resolution: int, tmp: Path) -> dict:
     """The results JSON: encoders alone on random inputs, then each whole-script run on the JPEGs in tmp/images."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cpu":  # --tiny on a GPU host: the script's runs too, where the models they are given are
+        os.environ["ACCELERATE_USE_CPU"] = "1"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae, text_encoder, tokenizer = build_models("tiny" if args.tiny else "full", device, dtype)
     rows, results = (

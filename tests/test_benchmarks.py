@@ -108,7 +108,9 @@ def test_training_base_benchmark_checks_the_swapped_adapter_merge_against_peft(t
     flags = ["--tiny", "--work", str(tmp_path / "work"), "--variants", "fp8:2"]  # quantised, swapped, adapter added
     (row,) = run_benchmark("bench_training_base.py", *flags, "--out", str(tmp_path / "base.json"))["rows"]
     assert row["blocks_to_swap"] == 2 and row["swapped_weight_gib"] > 0
-    assert row["swapped_weight_gib"] <= row["pinned_predicted_gib"] and row["pinned_gib"] is None  # no GPU here
+    assert row["swapped_weight_gib"] <= row["pinned_predicted_gib"]
+    # pinned host memory is measured where there is a GPU, and is then what `pack` predicts
+    assert row["pinned_gib"] == (row["pinned_predicted_gib"] if torch.cuda.is_available() else None)
     assert len(row["adapter_checked"]) == 4 and all(row["adapter_checked"].values())
 
 
