@@ -311,6 +311,9 @@ def test_fp8_matmul_base_trains_close_to_bf16_and_survives_dtype_casts():
     assert use_fp8_matmul_(fp8, "cpu") == 7 * 4
     to_q = fp8.layers[0].attention.to_q
     assert isinstance(to_q, Fp8MatmulLinear) and to_q.weight.dtype == torch.uint8
+    # the tiny FFN's 85-wide Linears are not for the GPU's fp8 matmul (sides multiples of 16): fp8 storage, bf16 matmul
+    ffn = fp8.layers[0].feed_forward
+    assert ffn.w1.out_features % 16 and type(ffn.w1) is Fp8Linear and ffn.w1.weight.dtype == torch.uint8
     assert base_weight_gib(fp8) < base_weight_gib(bf16)
     fp8.to(torch.float32).to(torch.bfloat16)  # casts of the whole model leave the e4m3 bytes alone
     assert to_q.weight.dtype == torch.uint8 and fp8.dtype == torch.bfloat16

@@ -275,8 +275,16 @@ def store_fp8_(
         linear.register_buffer("weight_scale", scale.view(torch.int32))
         if linear.bias is not None:
             linear.bias.data = linear.bias.data.to(values.device)
-        linear.__class__ = linear_class
+        fits = linear_class is not Fp8MatmulLinear or fp8_matmul_fits(linear)
+        linear.__class__ = linear_class if fits else Fp8Linear
     return len(names)
+
+
+def fp8_matmul_fits(linear: torch.nn.Linear) -> bool:
+    """Whether a GPU's `_scaled_mm` can multiply by this Linear's weight: both its sides a multiple of 16. Every block
+    Linear of Z-Image's is; a Linear that is not (a tiny test model's 85-wide FFN: "mat2 shape (32x85) must be
+    divisible by 16" on an H200) keeps fp8 storage and multiplies in bf16 (`Fp8Linear`), on every device alike."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
 def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
@@ -285,7 +293,8 @@ def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | Non
 
 
 def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
-    """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`)."""
+    """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`), those whose shape
+    the fp8 matmul cannot take as `Fp8Linear` (`fp8_matmul_fits`)."""
     return store_fp8_(transformer, Fp8MatmulLinear, device, **kwargs)
 
 
