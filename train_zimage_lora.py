@@ -259,6 +259,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # Checkpoints, validation, logging
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
     p.add_argument(
+        "--checkpointing_epochs",
+        type=int,
+        default=0,
+        help="Also save one when every N-th epoch is done, at its last optimiser step (kohya's save_every_n_epochs; "
+        "0 = off).",
+    )
+    p.add_argument(
         "--checkpointing_minutes",
         type=float,
         default=0.0,
@@ -315,7 +322,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
         p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
-                         num_train_epochs=1, checkpointing_steps=0, validation_steps=0, blocks_to_swap=0,
+                         num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
+                         blocks_to_swap=0,
                          lr_warmup_steps=0)  # fmt: skip
     if args.learning_rate < 0:  # (0 has a use: --init_lora and one step re-save a LoRA unchanged)
         p.error(f"--learning_rate {args.learning_rate}: give a positive rate (Prodigy: 1.0)")
@@ -543,6 +551,7 @@ def run_training(args: argparse.Namespace) -> None:
     if args.validation_at_start and global_step == 0:
         with window.paused():
             validate(0)
+    epochs_done = epoch  # epochs completed by the last optimiser step (--checkpointing_epochs)
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
@@ -568,7 +577,13 @@ def run_training(args: argparse.Namespace) -> None:
             progress.update(1)
             stop, due = triggers.poll(global_step)
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
-            checkpoint_now = (args.checkpointing_steps > 0 and global_step % args.checkpointing_steps == 0) or due
+            next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
+            every = args.checkpointing_epochs  # (with accumulation an epoch can end inside a step: the step counts)
+            epoch_due = every > 0 and next_position[0] // every > epochs_done // every
+            epochs_done = next_position[0]
+            checkpoint_now = (
+                due or epoch_due or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0)
+            )
             if log_now or checkpoint_now:
                 lrs = lr_scheduler.get_last_lr()  # LoRA+: the A factors' group first, the B factors' last
                 logs = {"lr": lrs[0], **({"lr_lora_B": lrs[-1]} if args.loraplus_lr_ratio else {})}
@@ -583,7 +598,6 @@ def run_training(args: argparse.Namespace) -> None:
                 if accelerator.is_main_process:
                     append_jsonl(output_dir / "train_log.jsonl", {"step": global_step, **logs})
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
             if checkpoint_now or stop:
                 with window.paused():
                     path = save_checkpoint(global_step, *next_position)
