@@ -58,7 +58,7 @@ from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
-from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, schedule_steps, start_line
+from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, training_data
 from zimage_utils.train_log import LogWindow, append_jsonl
@@ -280,6 +280,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
     )
     p.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=0,
+        help="Also validate when every N-th epoch is done, at its last optimiser step (kohya's sample_every_n_epochs; "
+        "0 = off).",
+    )
+    p.add_argument(
         "--validation_at_start",
         action="store_true",
         help="Also validate before the first step of a new run: the untrained model's samples (and held-out loss) as "
@@ -323,7 +330,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
                          num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
-                         blocks_to_swap=0,
+                         validation_epochs=0, blocks_to_swap=0,
                          lr_warmup_steps=0)  # fmt: skip
     if args.learning_rate < 0:  # (0 has a use: --init_lora and one step re-save a LoRA unchanged)
         p.error(f"--learning_rate {args.learning_rate}: give a positive rate (Prodigy: 1.0)")
@@ -551,7 +558,8 @@ def run_training(args: argparse.Namespace) -> None:
     if args.validation_at_start and global_step == 0:
         with window.paused():
             validate(0)
-    epochs_done = epoch  # epochs completed by the last optimiser step (--checkpointing_epochs)
+    epochs_done = epoch  # epochs completed by the last optimiser step (--checkpointing_epochs, --validation_epochs)
+    validate_now = False  # whether the last step validated
     while global_step < stop_at:
         sampler.set_epoch(epoch, start_batch)
         for batch_index, batch in enumerate(loader, start=start_batch):
@@ -578,11 +586,12 @@ def run_training(args: argparse.Namespace) -> None:
             stop, due = triggers.poll(global_step)
             log_now = global_step % args.logging_steps == 0 or global_step == stop_at or stop
             next_position = (epoch, batch_index + 1) if batch_index + 1 < len(sampler) else (epoch + 1, 0)
-            every = args.checkpointing_epochs  # (with accumulation an epoch can end inside a step: the step counts)
-            epoch_due = every > 0 and next_position[0] // every > epochs_done // every
-            epochs_done = next_position[0]
-            checkpoint_now = (
-                due or epoch_due or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0)
+            epochs_before, epochs_done = epochs_done, next_position[0]
+            checkpoint_now = due or is_due(
+                global_step, args.checkpointing_steps, epochs_before, epochs_done, args.checkpointing_epochs
+            )
+            validate_now = is_due(
+                global_step, args.validation_steps, epochs_before, epochs_done, args.validation_epochs
             )
             if log_now or checkpoint_now:
                 lrs = lr_scheduler.get_last_lr()  # LoRA+: the A factors' group first, the B factors' last
@@ -606,7 +615,7 @@ def run_training(args: argparse.Namespace) -> None:
                 print0(f"stopped by signal at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if args.validation_steps > 0 and global_step % args.validation_steps == 0:
+            if validate_now:
                 with window.paused():
                     validate(global_step)
             if global_step >= stop_at:
@@ -624,7 +633,7 @@ def run_training(args: argparse.Namespace) -> None:
             save_lora_files(
                 args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype, True
             )
-        if not (args.validation_steps > 0 and global_step % args.validation_steps == 0):
+        if not validate_now:  # (unless the last step's just ran)
             validate(global_step)
         print0(
             f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui, and README.md, its model card)"

@@ -544,15 +544,18 @@ def test_checkpointing_minutes_saves_when_that_much_time_has_passed(
 
 
 @pytest.mark.parametrize("every, expected", [(1, [(2, 1, 2), (3, 2, 1), (4, 3, 0)]), (2, [(3, 2, 1)])])
-def test_checkpointing_epochs_saves_at_the_step_that_completes_every_nth_epoch(
+def test_checkpointing_and_validation_epochs_act_at_the_step_that_completes_every_nth_epoch(
     tiny_model_dir, tiny_cache_dir, tmp_path, every, expected
 ):
     """The tiny cache's buckets (6, 3 and 3 items) in batches of 3 make 4 batches an epoch; three batches a step, so
     epochs 1 and 2 end inside steps 2 and 3, and epoch 3 with step 4. (global step, next epoch, next batch) each."""
-    flags = dict(max_train_steps=4, train_batch_size=3, gradient_accumulation_steps=3, checkpointing_epochs=every)
-    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
+    flags = dict(max_train_steps=4, train_batch_size=3, gradient_accumulation_steps=3)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags, checkpointing_epochs=every, validation_epochs=every)
     states = [read_training_state(p) for p in list_checkpoints(tmp_path)]
     assert [(s["global_step"], s["epoch"], s["next_batch"]) for s in states] == expected
+    # the same steps validated, and the last step (every run validates at its end)
+    sampled = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "samples").glob("step_*.png"))
+    assert sampled == sorted({step for step, _, _ in expected} | {4})
 
 
 def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):

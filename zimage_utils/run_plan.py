@@ -36,6 +36,14 @@ def schedule_steps(args, sampler) -> tuple[int, int]:
     return steps_per_epoch, args.max_train_steps or args.num_train_epochs * steps_per_epoch
 
 
+def is_due(step: int, every_steps: int, epochs_before: int, epochs_done: int, every_epochs: int) -> bool:
+    """Whether optimiser step `step` is one to save or validate at: every `every_steps`-th step, or the step that
+    completed every `every_epochs`-th epoch (`epochs_before` epochs were complete before it, `epochs_done` after: with
+    gradient accumulation an epoch can end inside a step, which then counts). 0 turns either off."""
+    by_steps = every_steps > 0 and step % every_steps == 0
+    return by_steps or (every_epochs > 0 and epochs_done // every_epochs > epochs_before // every_epochs)
+
+
 def start_line(args, accelerator, train, sampler, caches, trainable: int, modules: int, global_step: int) -> str:
     """What the run trains on and for how long, with `run_notes`' warnings: the line a run (or a dry run) starts with."""
     steps_per_epoch, max_steps = schedule_steps(args, sampler)
@@ -105,7 +113,7 @@ def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int,
         notes += (
             f"; {never} items never train: their buckets hold fewer than a global batch (lower --train_batch_size)"
         )
-    if args.validation_steps and not caches["validation_prompts"]:
+    if (args.validation_steps or args.validation_epochs) and not caches["validation_prompts"]:
         notes += "; no --validation_prompts in the cache(s): validation gives the held-out loss only, no samples"
     if global_step >= max_steps:
         notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
