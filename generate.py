@@ -50,7 +50,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "1.1x the time without offload on an H200. `--cpu_offload model`: each whole model moves to the GPU only "
         "while it runs (diffusers' model offload): 12.1 GiB, 5.2x the time (docs/BENCHMARKS.md).",
     )
-    return p.parse_args(input_args)
+    return cli.parse_with_config(p, input_args)
 
 
 def split_strength(spec: str) -> tuple[str, float]:

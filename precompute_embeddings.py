@@ -203,7 +203,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Write OUTPUT/contact_sheet.png: each image's crop outlined on its original, grouped by bucket, for up to "
         "MAX_IMAGES images (64 when the number is left out; 0 = none).",
     )
-    args = parser.parse_args(input_args)
+    args = cli.parse_with_config(parser, input_args)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("pass exactly one of --train_data_dir or --dataset_name")
     if args.mask_dir and (args.alpha_mask or args.dataset_name):

@@ -311,7 +311,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
-    args = p.parse_args(input_args)
+    args = cli.parse_with_config(p, input_args)
     if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
         p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")
     if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
@@ -398,6 +398,10 @@ def run_training(args: argparse.Namespace) -> None:
         print0(dry_run_report(args, accelerator, plan, train, sampler, caches))
         return
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
+        cli.write_config(
+            output_dir / "run_config.yaml", args, leave_out=("config", "dry_run", "max_train_steps_this_run")
+        )
 
     # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
     transformer, adapter_state = load_training_base(args, accelerator, print0, plan.adapter_state)

@@ -556,6 +556,12 @@ def test_checkpointing_and_validation_epochs_act_at_the_step_that_completes_ever
     # the same steps validated, and the last step (every run validates at its end)
     sampled = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "samples").glob("step_*.png"))
     assert sampled == sorted({step for step, _, _ in expected} | {4})
+    # and the run's flags, as a --config file that repeats it
+    argv = trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, **flags, checkpointing_epochs=every)
+    again = train_zimage_lora.parse_args(["--config", str(tmp_path / "run_config.yaml")])
+    assert vars(again) | {"config": None} == vars(
+        train_zimage_lora.parse_args(argv + ["--validation_epochs", str(every)])
+    )
 
 
 def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):

@@ -1,5 +1,7 @@
 """How the scripts end on a user's mistake: one line naming the problem and the fix, not a traceback."""
 
+import argparse
+import difflib
 import logging
 import os
 import sys
@@ -49,3 +51,67 @@ def setup_logging(script_logger: str) -> None:
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     for name in (script_logger, "zimage_utils"):
         logging.getLogger(name).setLevel(logging.INFO)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, with `--config FILE` added: a YAML mapping of flags (names without the dashes, as
+    `rank: 16`, `gradient_checkpointing: true`, `precomputed_dir: [a, b]`) that comes first, so a flag on the command
+    line wins. The file's flags go through the parser as typed ones do: the same types, choices and checks."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="A YAML file of flags (names without --, e.g. `rank: 16`); flags on the command line override it.",
+    )
+    argv = sys.argv[1:] if input_args is None else list(input_args)
+    find = argparse.ArgumentParser(add_help=False)
+    find.add_argument("--config", default=None)
+    config = find.parse_known_args(argv)[0].config
+    return parser.parse_args((config_argv(parser, Path(config)) if config else []) + argv)
+
+
+def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
+    """The command-line flags a `--config` YAML file stands for (see `parse_with_config`)."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        flags = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path} is not valid YAML: {error}") from error
+    if not isinstance(flags, dict):
+        raise ValueError(f"--config {path}: give a mapping of flag names to values (e.g. `rank: 16`)")
+    known = {name[2:]: action for name, action in parser._option_string_actions.items() if name.startswith("--")}
+    argv = []
+    for key, value in flags.items():
+        action = known.get(str(key).removeprefix("--"))
+        if action is None or key in ("config", "help"):
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--config {path}: {key!r} is not a flag of this script{hint}; see --help")
+        flag = action.option_strings[-1]
+        if value is None or value is False:
+            continue  # not given (a switch left off)
+        if value is True:
+            argv += [flag] if action.nargs in (0, "?") else [flag, "true"]
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...] = ("config",)) -> None:
+    """The flags of this run as a `--config` file that repeats it: every flag set (None and off switches left out),
+    written to a temporary name first, so the file is whole or absent."""
+    import yaml
+
+    flags = {k: v for k, v in vars(args).items() if k not in leave_out and v is not None and v is not False}
+    flags = {
+        k: [str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, (list, tuple)) else v
+        for k, v in flags.items()
+    }
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(flags, sort_keys=False))
+    temporary.replace(path)

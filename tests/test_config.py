@@ -1,0 +1,78 @@
+"""`--config FILE`: flags from a YAML file, checked as typed ones, the command line winning; and the trainer's
+run_config.yaml, which repeats a run."""
+
+import pytest
+import yaml
+
+import generate
+import precompute_embeddings
+import train_zimage_lora
+from zimage_utils.cli import write_config
+
+REQUIRED = ["--pretrained_model_name_or_path", "model", "--precomputed_dir", "cache", "--output_dir", "out"]
+
+
+def write_yaml(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_files_flags_come_first_and_the_command_line_wins(tmp_path):
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        "pretrained_model_name_or_path: model\nprecomputed_dir: [a, b]\noutput_dir: out\nrank: 8\n"
+        "learning_rate: 3e-4\ngradient_checkpointing: true\ncompile: false\nsigma_range: [0.2, 0.9]\n",
+    )
+    args = train_zimage_lora.parse_args(["--config", config, "--rank", "4"])
+    assert args.rank == 4 and args.precomputed_dir == ["a", "b"] and args.learning_rate == 3e-4
+    assert args.gradient_checkpointing is True and args.compile is False and args.sigma_range == [0.2, 0.9]
+    assert train_zimage_lora.parse_args(["--config", config]).rank == 8
+
+
+@pytest.mark.parametrize("line", ["optimizer: adamw9bit", "rank: many", "rank: 0"])
+def test_the_files_values_go_through_the_parsers_checks(tmp_path, line, capsys):
+    config = write_yaml(tmp_path / "run.yaml", line + "\n")
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(REQUIRED + ["--config", config])
+    assert "error:" in capsys.readouterr().err
+
+
+def test_an_unknown_key_names_the_file_and_the_nearest_flag(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", "learning_rat: 1e-4\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: 'learning_rat' is not a flag .*did you mean 'learning_rate'"):
+        train_zimage_lora.parse_args(REQUIRED + ["--config", config])
+    with pytest.raises(ValueError, match="give a mapping"):
+        train_zimage_lora.parse_args(REQUIRED + ["--config", write_yaml(tmp_path / "list.yaml", "- rank\n")])
+    with pytest.raises(FileNotFoundError, match="missing.yaml: no such file"):
+        train_zimage_lora.parse_args(REQUIRED + ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_the_precompute_and_generate_take_a_config_too(tmp_path):
+    config = write_yaml(
+        tmp_path / "cache.yaml",
+        "pretrained_model_name_or_path: model\ntrain_data_dir: images\noutput_dir: cache\nresolution: 512\n"
+        "contact_sheet: true\ncaption_variants: true\n",
+    )
+    args = precompute_embeddings.parse_args(["--config", config])
+    assert args.resolution == 512 and args.caption_variants is True
+    assert (
+        args.contact_sheet == precompute_embeddings.parse_args(["--config", config, "--contact_sheet"]).contact_sheet
+    )
+    assert precompute_embeddings.parse_args(["--config", config, "--contact_sheet", "9"]).contact_sheet == 9
+    sample = write_yaml(tmp_path / "sample.yaml", "pretrained_model_name_or_path: model\nprompt: a red circle\n")
+    assert generate.parse_args(["--config", sample, "--seed", "3"]).prompt == "a red circle"
+
+
+def test_a_written_config_repeats_the_parsed_flags(tmp_path):
+    argv = REQUIRED + ["--precomputed_dir", "a", "b", "--repeats", "1", "3", "--rank", "32", "--compile"]
+    argv += ["--sigma_range", "0.1", "0.8", "--learning_rate", "2.5e-5", "--lora_targets", "attention_ffn"]
+    argv += ["--resume_from_checkpoint", "latest", "--max_train_steps_this_run", "2"]
+    args = train_zimage_lora.parse_args(argv)
+    path = tmp_path / "run_config.yaml"
+    write_config(path, args, leave_out=("config", "max_train_steps_this_run"))
+    assert not (tmp_path / "run_config.yaml.tmp").exists()
+    written = yaml.safe_load(path.read_text())
+    assert written["precomputed_dir"] == ["a", "b"] and written["compile"] is True and "config" not in written
+    assert "dry_run" not in written and "max_train_steps_this_run" not in written  # off, and left out
+    again = train_zimage_lora.parse_args(["--config", str(path)])
+    assert {**vars(again), "config": None, "max_train_steps_this_run": 2} == vars(args)
