@@ -637,7 +637,7 @@ def run_training(args: argparse.Namespace) -> None:
             save_lora_files(
                 args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype, True
             )
-        if not validate_now:  # (unless the last step's just ran)
+        if not validate_now:  # (unless the last step just validated)
             validate(global_step)
         print0(
             f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui, and README.md, its model card)"

@@ -1,4 +1,5 @@
-"""How the scripts end on a user's mistake: one line naming the problem and the fix, not a traceback."""
+"""The scripts' command lines: flags from a `--config` file, and how a run ends on a user's mistake (one line naming
+the problem and the fix, not a traceback)."""
 
 import argparse
 import difflib
@@ -107,11 +108,6 @@ def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...
     import yaml
 
     flags = {k: v for k, v in vars(args).items() if k not in leave_out and v is not None and v is not False}
-    flags = {
-        k: [str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, (list, tuple)) else v
-        for k, v in flags.items()
-    }
-    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(yaml.safe_dump(flags, sort_keys=False))
     temporary.replace(path)
