@@ -180,8 +180,11 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     from zimage_utils.train_data import BucketBatchSampler
 
     sampler = BucketBatchSampler([(64, 64)] * 5 + [(48, 96)] * 3, batch_size=4)  # the second bucket fills no batch
-    args = Namespace(mask_floor=0.1, validation_steps=100)
+    args = Namespace(mask_floor=0.1, validation_steps=100, validation_epochs=0, checkpointing_minutes=0)
+    args.checkpointing_steps = args.checkpointing_epochs = 0
     caches = {"num_masked": 0, "validation_prompts": []}
+    assert "no checkpoint will be saved before step 1500: a run stopped" in run_notes(args, caches, sampler, 0, 1500)
+    assert "no checkpoint" not in run_notes(args, caches, sampler, 1000, 1500)  # 500 steps to go: cheap to redo
     notes = run_notes(args, caches, sampler, global_step=1500, max_steps=1500)
     assert "no loss masks in the cache(s), so --mask_floor does nothing" in notes
     assert "3 items never train: their buckets hold fewer than a global batch (lower --train_batch_size)" in notes
@@ -189,4 +192,5 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     assert "the checkpoint is at step 1500: nothing left to train (raise --max_train_steps)" in notes
     caches = {"num_masked": 8, "validation_prompts": [("a photo", None)]}
     sampler = BucketBatchSampler([(64, 64)] * 8, batch_size=4)
+    args.checkpointing_epochs = 1
     assert run_notes(args, caches, sampler, 0, 1500) == "; 8 items with a loss mask"

@@ -105,7 +105,7 @@ def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) ->
 
 def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int) -> str:
     """What the trainer's start-up line adds about the data and the flags ("; ..." each): loss masks, items no
-    batch takes, validation without prompts, a resumed run that is already done."""
+    batch takes, validation without prompts, a long run that saves no checkpoint, a resumed run that is already done."""
     notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
     if args.mask_floor and not caches["num_masked"]:
         notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
@@ -115,6 +115,12 @@ def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int,
         )
     if (args.validation_steps or args.validation_epochs) and not caches["validation_prompts"]:
         notes += "; no --validation_prompts in the cache(s): validation gives the held-out loss only, no samples"
+    no_checkpoints = not (args.checkpointing_steps or args.checkpointing_epochs or args.checkpointing_minutes)
+    if no_checkpoints and max_steps - global_step > 500:
+        notes += (
+            f"; no checkpoint will be saved before step {max_steps}: a run stopped before then starts over "
+            "(--checkpointing_steps or --checkpointing_minutes)"
+        )
     if global_step >= max_steps:
         notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
     return notes
