@@ -178,6 +178,7 @@ def test_a_finished_run_writes_both_lora_files_a_checkpoint_and_validation_sampl
         "train_log.jsonl",
         "loss_per_sigma.png",
         "README.md",  # the model card (tests/test_model_card.py)
+        "run_config.yaml",  # the flags, which --config repeats (tests/test_config.py)
     }
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["grid.png", f"step_{FINISHED_STEPS:06d}.png"]
     assert read_training_state(out / f"checkpoint-{FINISHED_STEPS}")["global_step"] == FINISHED_STEPS
@@ -1115,6 +1116,7 @@ def test_two_processes_train_the_same_lora_as_one_process_with_the_same_global_b
         LORA_WEIGHT_NAME,
         COMFYUI_WEIGHT_NAME,
         "README.md",
+        "run_config.yaml",
         "train_log.jsonl",
         "loss_per_sigma.png",
         "checkpoint-2",
