@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import (
     LATENT_TOLERANCE,
     LAUNCHES_CPU_PROCESSES,
@@ -288,7 +289,10 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     changed.putpixel((0, 0), (1, 2, 3))
     changed.save(data / "shape_005.png")
     (data / "shape_007.txt").write_text("a better caption")  # an edited caption is re-encoded too
-    precompute(tiny_model_dir, out, data_dir=data)
+    # this time from the flags the last run left in the cache (the same run, as a --config file)
+    config = out / cache_lib.CONFIG_NAME
+    assert yaml.safe_load(config.read_text())["train_data_dir"] == str(data)
+    precompute_embeddings.main(precompute_embeddings.parse_args(["--config", str(config)]))
 
     assert sorted(encoded_sources) == ["added.png", "shape_005.png", "shape_007.png"]
     assert new_and_kept(summary) == (3, 10)

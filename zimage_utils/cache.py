@@ -29,6 +29,7 @@ READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 SHARDS_DIR = "shards"
+CONFIG_NAME = "precompute_config.yaml"  # the flags of the last run that finished, as a --config file (not read back)
 SHARDS_FINGERPRINT_NAME = "fingerprint.json"  # in shards/: the settings the unfinished parts were made with
 PROMPT_EMBEDDINGS_NAME = "prompt_embeddings.safetensors"
 EMPTY_CAPTION_KEY = "empty_caption"
