@@ -557,9 +557,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             },
         )
         # `--config CACHE/precompute_config.yaml` runs it again (without --overwrite): only new or changed images encode
-        cli.write_config(
-            Path(args.output_dir) / cache_lib.CONFIG_NAME, args, leave_out=("config", "dry_run", "overwrite")
-        )
+        cli.write_config(Path(args.output_dir) / cache_lib.CONFIG_NAME, args, leave_out=("overwrite",))
         if args.contact_sheet:
             sheet, shown = write_contact_sheet(
                 merged, items, hf_dataset, Path(args.output_dir) / CONTACT_SHEET_NAME, args.contact_sheet

@@ -399,9 +399,7 @@ def run_training(args: argparse.Namespace) -> None:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
-        cli.write_config(
-            output_dir / "run_config.yaml", args, leave_out=("config", "dry_run", "max_train_steps_this_run")
-        )
+        cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))
 
     # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
     transformer, adapter_state = load_training_base(args, accelerator, print0, plan.adapter_state)

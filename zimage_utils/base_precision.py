@@ -188,11 +188,22 @@ class Fp8StoredLinear(torch.nn.Linear):
     """A frozen Linear stored in fp8 (`store_fp8_`): its weight is the e4m3 data viewed as uint8 and its fp32 row
     scales `weight_scale` (out, 1) are viewed as int32, so nothing that casts floating-point tensors
     (`Module.to(dtype)`, PEFT matching its adapter to the base weight's dtype) can touch them, and the model's
-    dtype stays that of its bf16 layers. The subclasses say how it multiplies."""
+    dtype stays that of its bf16 layers. The subclasses say how it multiplies, and which Linears they can take."""
+
+    @staticmethod
+    def takes(linear: torch.nn.Linear) -> bool:
+        return True
 
 
 class Fp8MatmulLinear(Fp8StoredLinear):
     """Computing in fp8 (`_Fp8Matmul`): `--base_precision fp8_matmul`."""
+
+    @staticmethod
+    def takes(linear: torch.nn.Linear) -> bool:
+        """Whether a GPU's `_scaled_mm` can multiply by this Linear's weight: both its sides a multiple of 16. Every
+        block Linear of Z-Image's is; one that is not (a tiny test model's 85-wide FFN: "mat2 shape (32x85) must be
+        divisible by 16" on an H200) becomes an `Fp8Linear` instead (`store_fp8_`), on every device alike."""
+        return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _Fp8Matmul.apply(x, self.weight, self.weight_scale.view(torch.float32))
@@ -275,16 +286,8 @@ def store_fp8_(
         linear.register_buffer("weight_scale", scale.view(torch.int32))
         if linear.bias is not None:
             linear.bias.data = linear.bias.data.to(values.device)
-        fits = linear_class is not Fp8MatmulLinear or fp8_matmul_fits(linear)
-        linear.__class__ = linear_class if fits else Fp8Linear
+        linear.__class__ = linear_class if linear_class.takes(linear) else Fp8Linear
     return len(names)
-
-
-def fp8_matmul_fits(linear: torch.nn.Linear) -> bool:
-    """Whether a GPU's `_scaled_mm` can multiply by this Linear's weight: both its sides a multiple of 16. Every block
-    Linear of Z-Image's is; a Linear that is not (a tiny test model's 85-wide FFN: "mat2 shape (32x85) must be
-    divisible by 16" on an H200) keeps fp8 storage and multiplies in bf16 (`Fp8Linear`), on every device alike."""
-    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
 def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
@@ -294,7 +297,7 @@ def quantize_fp8_(transformer: torch.nn.Module, device: torch.device | str | Non
 
 def use_fp8_matmul_(transformer: torch.nn.Module, device: torch.device | str | None = None, **kwargs) -> int:
     """`--base_precision fp8_matmul`: the block Linears as `Fp8MatmulLinear` (see `store_fp8_`), those whose shape
-    the fp8 matmul cannot take as `Fp8Linear` (`fp8_matmul_fits`)."""
+    the fp8 matmul cannot take as `Fp8Linear` (`Fp8MatmulLinear.takes`)."""
     return store_fp8_(transformer, Fp8MatmulLinear, device, **kwargs)
 
 

@@ -102,11 +102,13 @@ def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     return argv
 
 
-def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...] = ("config",)) -> None:
-    """The flags of this run as a `--config` file that repeats it: every flag set (None and off switches left out),
-    written to a temporary name first, so the file is whole or absent."""
+def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> None:
+    """The flags of this run as a `--config` file that repeats it: every flag set (None and off switches left out;
+    `--config` and `--dry_run` never repeat a run, `leave_out` names more), written to a temporary name first, so the
+    file is whole or absent."""
     import yaml
 
+    leave_out = ("config", "dry_run", *leave_out)
     flags = {k: v for k, v in vars(args).items() if k not in leave_out and v is not None and v is not False}
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(yaml.safe_dump(flags, sort_keys=False))
