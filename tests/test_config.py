@@ -29,6 +29,26 @@ def test_the_files_flags_come_first_and_the_command_line_wins(tmp_path):
     assert train_zimage_lora.parse_args(["--config", config]).rank == 8
 
 
+def test_no_name_turns_off_what_the_file_turns_on(tmp_path):
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        "gradient_checkpointing: true\ncompile: true\ninit_lora: old_lora\nlora_alpha: 8\nrank: 8\n",
+    )
+    args = train_zimage_lora.parse_args(REQUIRED + ["--config", config, "--no_compile", "--no_init_lora"])
+    assert args.compile is False and args.init_lora is None  # back to the defaults
+    assert args.gradient_checkpointing is True and args.lora_alpha == 8 and args.rank == 8  # the rest as the file says
+    assert train_zimage_lora.parse_args(REQUIRED + ["--config", config, "--no_lora_alpha"]).lora_alpha is None
+    # the later flag wins, as for any flag given twice
+    assert train_zimage_lora.parse_args(REQUIRED + ["--no_compile", "--compile"]).compile is True
+    sample = write_yaml(tmp_path / "sample.yaml", "pretrained_model_name_or_path: model\ncpu_offload: model\n")
+    assert generate.parse_args(["--config", sample]).cpu_offload == "model"
+    assert generate.parse_args(["--config", sample, "--no_cpu_offload"]).cpu_offload is None
+    # a flag with a value of its own is changed by giving another one: it has no --no_ form
+    for flag in ("--no_rank", "--no_seed"):
+        with pytest.raises(SystemExit):
+            train_zimage_lora.parse_args(REQUIRED + [flag])
+
+
 @pytest.mark.parametrize("line", ["optimizer: adamw9bit", "rank: many", "rank: 0"])
 def test_the_files_values_go_through_the_parsers_checks(tmp_path, line, capsys):
     config = write_yaml(tmp_path / "run.yaml", line + "\n")

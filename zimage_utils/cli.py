@@ -61,13 +61,40 @@ def parse_with_config(parser: argparse.ArgumentParser, input_args: list[str] | N
     parser.add_argument(
         "--config",
         default=None,
-        help="A YAML file of flags (names without --, e.g. `rank: 16`); flags on the command line override it.",
+        help="A YAML file of flags (names without --, e.g. `rank: 16`); flags on the command line override it, and "
+        "--no_NAME turns off a flag that is off unless given (e.g. --no_compile, --no_init_lora).",
     )
+    add_off_flags(parser)
     argv = sys.argv[1:] if input_args is None else list(input_args)
     find = argparse.ArgumentParser(add_help=False)
     find.add_argument("--config", default=None)
     config = find.parse_known_args(argv)[0].config
     return parser.parse_args((config_argv(parser, Path(config)) if config else []) + argv)
+
+
+def add_off_flags(parser: argparse.ArgumentParser) -> None:
+    """`--no_NAME` for each flag that is off unless given (a switch, or a flag whose default is None): it puts the
+    default back, so a flag that a `--config` file sets can be turned off on the command line (the later one wins).
+    Left out of `--help`; `--config`'s help names them."""
+    for action in list(parser._actions):
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if (
+            not flags
+            or action.required
+            or action.dest == "config"
+            or not (action.default is None or action.default is False)
+        ):
+            continue
+        off = "--no_" + flags[-1].removeprefix("--")
+        if off not in parser._option_string_actions:
+            parser.add_argument(
+                off,
+                action="store_const",
+                dest=action.dest,
+                const=action.default,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
 
 
 def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
