@@ -121,6 +121,20 @@ def test_an_upper_case_caption_extension_is_found_too(tmp_path):
     assert discover_folder(tmp_path)[0].caption == "from A.TXT"
 
 
+def test_every_caption_file_that_is_not_utf8_is_named_in_one_error(tmp_path):
+    for name in ("a", "sub/b", "c"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _noise(8, 8).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "sub/b.txt").write_bytes("naïve".encode("latin-1"))
+    (tmp_path / "c.txt").write_bytes("\ufeffa BOM from Notepad".encode())  # UTF-8 with a BOM is fine
+    with pytest.raises(ValueError, match=r"2 caption file\(s\) in .* are not UTF-8 text \(a\.txt, sub/b\.txt\)"):
+        discover_folder(tmp_path)
+    (tmp_path / "a.txt").write_text("café")
+    (tmp_path / "sub/b.txt").write_text("naïve")
+    assert [i.caption for i in discover_folder(tmp_path)] == ["café", "a BOM from Notepad", "naïve"]
+
+
 def test_a_cache_and_masks_inside_the_data_folder_are_not_images_to_train(tmp_path):
     for name in ("a.png", "masks/a.png", "cache/contact_sheet.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -135,7 +135,7 @@ def discover_folder(
         )
 
     metadata = _read_metadata(root, caption_column)
-    items = []
+    items, not_utf8 = [], []
     for path in paths:
         source = path.relative_to(root).as_posix()
         if metadata is not None:
@@ -144,8 +144,18 @@ def discover_folder(
             sidecar = path.with_suffix(caption_extension)
             if not sidecar.is_file():  # a.PNG + a.TXT, as some cameras and Windows tools name them
                 sidecar = path.with_suffix(caption_extension.upper())
-            caption = _read_sidecar(sidecar)
+            try:
+                caption = _read_sidecar(sidecar)
+            except UnicodeDecodeError:
+                not_utf8.append(sidecar)
+                continue
         items.append(ImageItem(source=source, caption=caption, path=str(path)))
+    if not_utf8:  # all of them at once: a data set re-saved in one go, not one file per failed run
+        shown = ", ".join(str(p.relative_to(root)) for p in not_utf8[:5]) + (", ..." if len(not_utf8) > 5 else "")
+        raise ValueError(
+            f"{len(not_utf8)} caption file(s) in {root} are not UTF-8 text ({shown}): save them as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`) and run again"
+        )
     if metadata:
         # Not fatal: the rows are useless without their files, and the rest of the data set is fine.
         missing = sorted(metadata)
@@ -161,10 +171,7 @@ def discover_folder(
 def _read_sidecar(path: Path) -> str | None:
     if not path.is_file():
         return None
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
-    except UnicodeDecodeError as e:
-        raise ValueError(f"caption file {path} is not UTF-8 text: save it as UTF-8") from e
+    return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
 
 
 def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | None:
