@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,3 +250,53 @@ def test_a_deepspeed_config_with_use_cpu_is_refused_rather_than_run_as_ddp(
         train(tiny_model_dir, tiny_cache_dir, tmp_path)
     reset_accelerate()
     assert not os.listdir(tmp_path)  # refused before writing anything
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls `Path.touch` on `marker`: what a malicious checkpoint could do with any function."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_deepspeed_checkpoints_are_read_weights_only(tmp_path):
+    """DeepSpeed unpickles its checkpoint files whole; the trainer makes its engine read them weights only, allowing
+    the few DeepSpeed classes its LoRA checkpoints hold (the ZeRO-3 resume above reads real ones through it)."""
+    from accelerate.utils import DistributedType
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from zimage_utils.distributed import weights_only_checkpoint_loads
+
+    marker = tmp_path / "code_ran"
+    torch.save({"optimizer": _RunsCodeWhenUnpickled(marker)}, tmp_path / "tampered.pt")
+    TorchCheckpointEngine().load(str(tmp_path / "tampered.pt"))  # DeepSpeed's own load runs it
+    assert marker.exists()
+    marker.unlink()
+
+    engine = TorchCheckpointEngine()
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+        deepspeed_engine_wrapped=SimpleNamespace(engine=SimpleNamespace(checkpoint_engine=engine)),
+    )
+    weights_only_checkpoint_loads(accelerator)
+    with pytest.raises(ValueError, match=r"tampered\.pt holds \w+, which .* --init_lora"):
+        engine.load(str(tmp_path / "tampered.pt"))
+    assert not marker.exists()
+
+    saved = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.weights,
+        "param_slice_mappings": [{"lora_A": fragment_address(numel=4, start=8)}],
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
+    }
+    torch.save(saved, tmp_path / "optim_states.pt")
+    loaded = engine.load(str(tmp_path / "optim_states.pt"), map_location="cpu")
+    assert loaded["zero_stage"] is ZeroStageEnum.weights and loaded["loss_scaler"].cur_scale == 1.0
+    assert loaded["param_slice_mappings"][0]["lora_A"].start == 8 and loaded["state"][0]["step"] == 3

@@ -180,7 +180,7 @@ def resume_training(
     items as it had reached, and `lr_scheduler` (the prepared one: accelerate steps it once per process and step)
     at the schedule's point for the global step. Under DeepSpeed, whose optimiser state is split across processes,
     that is refused."""
-    from .distributed import deepspeed_stage
+    from .distributed import deepspeed_stage, weights_only_checkpoint_loads
 
     resume = resolve_resume_path(output_dir, resume_from)
     if resume is None:
@@ -204,6 +204,7 @@ def resume_training(
             f"{resume} was saved with {was}, this run has {now}: its optimiser state does not fit. Resume with "
             "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
         )
+    weights_only_checkpoint_loads(accelerator)
     # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
     try:
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))

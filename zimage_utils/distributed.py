@@ -4,6 +4,7 @@ reading them under ZeRO-3."""
 
 import copy
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -60,6 +61,45 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_live_parameters:
         zero = config.setdefault("zero_optimization", {})
         zero.setdefault("stage3_max_live_parameters", max_live_parameters)
         zero.setdefault("stage3_max_reuse_distance", max_live_parameters)
+
+
+# What DeepSpeed's checkpoints of a LoRA hold besides tensors and plain containers (ZeRO-2 and -3, fp32/bf16/fp16).
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def weights_only_checkpoint_loads(accelerator) -> None:
+    """Make DeepSpeed read its checkpoints as accelerate reads the others, weights only (`weights_only_load`).
+    DeepSpeed itself unpickles them whole (`weights_only=False`), which runs any code a file names: a checkpoint
+    downloaded from elsewhere could. Elsewhere: nothing."""
+    if deepspeed_stage(accelerator):
+        accelerator.deepspeed_engine_wrapped.engine.checkpoint_engine.load = weights_only_load
+
+
+def weights_only_load(path, map_location=None):
+    """`torch.load(weights_only=True)` allowing `DEEPSPEED_CHECKPOINT_CLASSES` too; a file holding anything else is
+    refused with a ValueError that names it and says how to keep the checkpoint's LoRA."""
+    import importlib
+    import pickle
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_CLASSES:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ValueError(
+            f"{path} holds {refused[1] if refused else 'objects'}, which this trainer's DeepSpeed checkpoints do not; "
+            "it is not loaded, as unpickling it could run code. To keep the checkpoint's LoRA, start a new "
+            "--output_dir with --init_lora on its pytorch_lora_weights.safetensors."
+        ) from None
 
 
 def optimizer_offloaded(accelerator) -> bool:
