@@ -77,97 +77,97 @@ IMPORT_SECONDS = process_age()  # the start-up figure: process start → here is
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Model
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
-    parser.add_argument("--revision", default=None, help="Hub revision of the model.")
-    parser.add_argument(
+    group = parser.add_argument_group("Model")
+    group.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
+    group.add_argument("--revision", default=None, help="Hub revision of the model.")
+    group.add_argument(
         "--dtype",
         choices=["auto", "bf16", "fp16", "fp32"],
         default="auto",
         help="Precision the VAE and text encoder run in (auto: bf16 on GPU, fp32 on CPU).",
     )
-    # Data
-    parser.add_argument(
+    group = parser.add_argument_group("Data")
+    group.add_argument(
         "--train_data_dir",
         default=None,
         help="Folder of images with .txt captions (recursive), or with metadata.jsonl/metadata.csv.",
     )
-    parser.add_argument("--dataset_name", default=None, help="A `datasets` dataset: hub id or save_to_disk folder.")
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="text")
-    parser.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
-    add_caption_flags(parser)
-    parser.add_argument(
+    group.add_argument("--dataset_name", default=None, help="A `datasets` dataset: hub id or save_to_disk folder.")
+    group.add_argument("--dataset_split", default="train")
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
+    add_caption_flags(group)
+    group.add_argument(
         "--mask_dir",
         default=None,
         help="Loss masks: a folder mirroring --train_data_dir with a grayscale image per image, same name, any image "
         "extension (white = learn, black = ignore, e.g. the background). Images without one are trained whole.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--mask_column",
         default=None,
         help="With --dataset_name: the Image column holding each row's loss mask (an empty cell: trained whole).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--alpha_mask",
         action="store_true",
         help="Use each transparent image's alpha channel as its loss mask (opaque = learn).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_prompts",
         nargs="*",
         default=[],
         help="Prompts whose embeddings are cached for validation images during training.",
     )
-    # Buckets and encoding
-    parser.add_argument("--resolution", type=int, default=1024, help="Target side in pixels; buckets keep ~res² area.")
-    parser.add_argument("--max_aspect", type=float, default=4.0, help="Widest bucket aspect ratio (both ways).")
-    parser.add_argument(
+    group = parser.add_argument_group("Buckets and encoding")
+    group.add_argument("--resolution", type=int, default=1024, help="Target side in pixels; buckets keep ~res² area.")
+    group.add_argument("--max_aspect", type=float, default=4.0, help="Widest bucket aspect ratio (both ways).")
+    group.add_argument(
         "--max_upscale",
         type=float,
         default=2.0,
         help="Skip images that would need more than this upscaling to fill their bucket.",
     )
-    parser.add_argument("--crop", choices=["center", "random"], default="center", help="Crop inside the bucket.")
-    parser.add_argument("--cache_flipped", action="store_true", help="Also cache latents of the mirrored image.")
-    parser.add_argument(
+    group.add_argument("--crop", choices=["center", "random"], default="center", help="Crop inside the bucket.")
+    group.add_argument("--cache_flipped", action="store_true", help="Also cache latents of the mirrored image.")
+    group.add_argument(
         "--latent_sampling",
         choices=["mode", "sample"],
         default="mode",
         help="VAE posterior mode (deterministic) or a seeded sample per image.",
     )
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="Caption tokens kept (Z-Image: 512).")
-    parser.add_argument(
+    group.add_argument("--max_sequence_length", type=int, default=512, help="Caption tokens kept (Z-Image: 512).")
+    group.add_argument(
         "--text_padding",
         choices=["max_length", "longest"],
         default="max_length",
         help="max_length: embeddings bit-identical to ZImagePipeline.encode_prompt; longest: pad each batch only to "
         "its longest caption (faster for short captions, equal up to kernel rounding).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cache_dtype",
         choices=["bf16", "fp16", "fp32"],
         default="bf16",
         help="Storage dtype of latents and embeddings.",
     )
-    # Run
-    parser.add_argument("--output_dir", required=True, help="Cache folder (created; re-runs add to it).")
-    parser.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it.")
-    parser.add_argument(
+    group = parser.add_argument_group("Run")
+    group.add_argument("--output_dir", required=True, help="Cache folder (created; re-runs add to it).")
+    group.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it.")
+    group.add_argument(
         "--dry_run",
         action="store_true",
         help="Only scan: print the buckets, the images that would be skipped (and why) and how many a run would "
         "encode, without loading the encoders or writing anything (but the --contact_sheet of the crops, if asked).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--keep_missing",
         action="store_true",
         help="Keep cached items whose image is gone from the folder or dataset, or unreadable now (default: a re-run "
         "drops them, listing them, so that the cache holds what the data holds).",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per VAE batch.")
-    parser.add_argument(
+    group.add_argument("--batch_size", type=int, default=8, help="Images per VAE batch.")
+    group.add_argument(
         "--text_batch_size",
         type=int,
         default=None,
@@ -175,9 +175,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "faster where memory allows, e.g. 64 on 40-80 GB GPUs; embeddings equal to ZImagePipeline's up to kernel "
         "rounding then, as with --text_padding longest.",
     )
-    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="Processes decoding images (0 = main).")
-    parser.add_argument("--shard_size", type=int, default=256, help="Records per finished part (crash granularity).")
-    parser.add_argument(
+    group.add_argument("--dataloader_num_workers", type=int, default=2, help="Processes decoding images (0 = main).")
+    group.add_argument("--shard_size", type=int, default=256, help="Records per finished part (crash granularity).")
+    group.add_argument(
         "--text_encoder_offload",
         action="store_true",
         help="Keep the text encoder (8 GB in bf16) in pinned host RAM and move each layer's weights to the GPU only "
@@ -186,14 +186,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "all 8 GB, so a larger --text_batch_size (32-64) makes fewer of them. Setting up takes 8 GB more of free host "
         "RAM per process for the pinned copy; with less, each layer is pinned as it moves (slower, not timed).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the VAE encoder: faster on large datasets (see docs/BENCHMARKS.md), after one compile "
         "per bucket size; not worth it for a few dozen images.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
-    parser.add_argument(
+    group.add_argument("--seed", type=int, default=0, help="Seeds random crops and latent sampling per image.")
+    group.add_argument(
         "--contact_sheet",
         type=int,
         nargs="?",

@@ -72,18 +72,18 @@ logger = logging.getLogger("train")
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Model and data
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--transformer_single_file", default=None, help="A single-file transformer checkpoint to train.")
-    p.add_argument(
+    g = p.add_argument_group("Model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--transformer_single_file", default=None, help="A single-file transformer checkpoint to train.")
+    g.add_argument(
         "--precomputed_dir",
         required=True,
         nargs="+",
         help="Cache folder(s) written by precompute_embeddings.py. Several mix their items, e.g. one cache per "
         "resolution (512 and 1024) or per concept; each must be made with this model's VAE and text encoder.",
     )
-    p.add_argument(
+    g.add_argument(
         "--repeats",
         type=int,
         nargs="+",
@@ -91,13 +91,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Times each --precomputed_dir's items are seen per epoch, one count per cache (default 1 each): "
         "balances a small concept against a large one.",
     )
-    p.add_argument(
+    g.add_argument(
         "--folder_repeats",
         action="store_true",
         help="kohya-style datasets: an image under a top folder named N_name (e.g. '10_sks woman/') is seen N times "
         "per epoch, times its cache's --repeats; one cache can then hold every folder.",
     )
-    p.add_argument(
+    g.add_argument(
         "--loss_weights",
         type=float,
         nargs="+",
@@ -105,111 +105,118 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Loss weight of each --precomputed_dir's items (default 1 each), e.g. 1 0.5 for a regularisation set "
         "(kohya's prior_loss_weight).",
     )
-    p.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
-    p.add_argument(
+    g.add_argument("--output_dir", default="zimage-lora", help="LoRA files, checkpoints, logs and samples.")
+    g.add_argument(
         "--dry_run",
         action="store_true",
         help="Check the flags, the caches, --init_lora and --training_adapter against the model, print what the run "
         "would train (items, buckets, LoRA parameters, steps) and stop, without loading the transformer or writing "
         "anything.",
     )
-    p.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
-    p.add_argument("--seed", type=int, default=0)
-    # LoRA
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
-    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1).")
-    p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument(
+    g.add_argument("--validation_split", type=float, default=0.0, help="Fraction of each cache held out (0 = none).")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1).")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument(
         "--lora_targets",
         default="attention",
         help="attention | attention_ffn | all, or a comma-separated list of module names/suffixes.",
     )
-    p.add_argument("--lora_exclude_refiners", action="store_true", help="No LoRA in the noise/context refiners.")
-    p.add_argument(
+    g.add_argument("--lora_exclude_refiners", action="store_true", help="No LoRA in the noise/context refiners.")
+    g.add_argument(
         "--adapter",
         default="lora",
         choices=ADAPTERS,
         help="lora, or lokr: Kronecker-product factors as LyCORIS/ai-toolkit train them (see --lokr_factor; --rank "
         "of at least half a factor's side keeps that factor a full matrix).",
     )
-    p.add_argument("--lokr_factor", type=int, default=4, help="LoKr: w1 is factor x factor (-1 = near-square).")
-    p.add_argument(
+    g.add_argument("--lokr_factor", type=int, default=4, help="LoKr: w1 is factor x factor (-1 = near-square).")
+    g.add_argument(
         "--init_lora",
         default=None,
         help="Start from this LoRA (or LoKr) instead of from zero (a .safetensors file or a folder of ours; "
         "diffusers, ComfyUI/ai-toolkit or kohya keys): same --rank, and --lora_targets covering its modules.",
     )
-    p.add_argument(
+    g.add_argument(
         "--training_adapter",
         default=None,
         help="LoRA merged into the base at +scale for training and applied at -scale when sampling "
         "(keeps Z-Image-Turbo's few-step sampling).",
     )
-    p.add_argument("--training_adapter_scale", type=float, default=1.0)
-    # Optimisation
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    p.add_argument(
+    g.add_argument("--training_adapter_scale", type=float, default=1.0)
+    g = p.add_argument_group("Optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument(
         "--loraplus_lr_ratio",
         type=float,
         default=0.0,
         help="LoRA+: the B factors learn this many times faster than --learning_rate (kohya's loraplus_lr_ratio; "
         "the paper suggests 16 with a 2x lower --learning_rate; 0 = off). --adapter lora only.",
     )
-    p.add_argument(
+    g.add_argument(
         "--lr_scheduler",
         default="constant",
         choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
         help="diffusers' schedules; the decaying ones reach 0 at the last step (polynomial: 1e-7).",
     )
-    p.add_argument(
+    g.add_argument(
         "--lr_warmup_steps",
         type=int,
         default=0,
         help="Steps of linear warmup from 0. With the constant schedule this means constant_with_warmup (diffusers' "
         "constant has no warmup).",
     )
-    p.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    p.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial decay (1 = linear).")
-    p.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
-    p.add_argument("--num_train_epochs", type=int, default=10)
-    p.add_argument(
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial decay (1 = linear).")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument(
+        "--group_by_caption_length",
+        action="store_true",
+        help="Batch only equal caption lengths (no attention mask; needs enough same-length items).",
+    )
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
+    g.add_argument("--num_train_epochs", type=int, default=10)
+    g.add_argument(
         "--ema_decay",
         type=float,
         default=0.0,
         help="Keep an exponential moving average of the LoRA (e.g. 0.999) for the saved files and samples (0 = off).",
     )
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
-    p.add_argument(
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 = off).")
+    g.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default=None,
         help="Default: accelerate config; bf16 recommended on GPU.",
     )
-    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations of every block.")
-    p.add_argument(
+    g = p.add_argument_group("Memory and speed")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations of every block.")
+    g.add_argument(
         "--gradient_checkpointing_blocks",
         type=int,
         default=0,
         help="Recompute only the first N of the 32 image-token blocks (0 = off): between no and full "
         "checkpointing in memory and speed.",
     )
-    p.add_argument(
+    g.add_argument(
         "--cpu_offload_checkpointing",
         action="store_true",
         help="Keep checkpointed blocks' inputs in pinned host memory until backward (~1 GiB less at 1024² with "
         "every block checkpointed; see docs/BENCHMARKS.md for its cost). Needs checkpointing or --max_memory_gb.",
     )
-    p.add_argument(
+    g.add_argument(
         "--checkpoint_keep_attention",
         action="store_true",
         help="Checkpointed blocks keep their attention outputs, so backward does not rerun attention (~4%% faster, "
         "+0.75 GiB at 1024² with every block checkpointed). Needs checkpointing or --max_memory_gb.",
     )
-    p.add_argument(
+    g.add_argument(
         "--blocks_to_swap",
         type=int,
         default=0,
@@ -217,32 +224,32 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "block's to the GPU only while it runs, beside the compute (musubi-tuner's block swap; 0 = off): N × 0.17 GiB "
         "(fp8) or 0.35 GiB (bf16) less on the GPU. Swapped blocks are checkpointed. For CUDA; not nf4 or DeepSpeed.",
     )
-    p.add_argument(
+    g.add_argument(
         "--max_memory_gb",
         type=float,
         default=None,
         help="GPU memory budget, GiB: on the dataset's largest batch shape, measure and keep the fewest checkpointed "
         "blocks that fit (replaces --gradient_checkpointing*; CUDA, no DeepSpeed).",
     )
-    p.add_argument(
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the repeated transformer blocks (regional): faster after a one-off compile.",
     )
-    p.add_argument(
+    g.add_argument(
         "--activation_memory_budget",
         type=float,
         default=None,
         help="With --compile: fraction (0-1) of activations each compiled block keeps, recomputing the cheapest "
         "rest (H100, 1024²: 0.7 → 23 GiB at 0.27 s/step vs 28 GiB at 0.25 s).",
     )
-    p.add_argument(
+    g.add_argument(
         "--zero3_max_live_parameters",
         type=float,
         default=2e8,
         help="ZeRO-3: parameters a GPU holds gathered at once (~one transformer block; 0 = DeepSpeed's 1e9).",
     )
-    p.add_argument(
+    g.add_argument(
         "--base_precision",
         choices=BASE_PRECISIONS,
         default="bf16",
@@ -250,67 +257,62 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "memory), fp8_matmul (fp8 storage and fp8 tensor-core matmuls, GPUs of compute capability 8.9+; with "
         "--compile the fastest setting measured) or nf4 (bitsandbytes, ~quarter; CUDA). The LoRA stays fp32.",
     )
-    add_step_flags(p)  # flow matching: the flags StepConfig reads
-    p.add_argument(
-        "--group_by_caption_length",
-        action="store_true",
-        help="Batch only equal caption lengths (no attention mask; needs enough same-length items).",
-    )
-    # Checkpoints, validation, logging
-    p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
-    p.add_argument(
+    g = p.add_argument_group("Flow matching and loss")
+    add_step_flags(g)  # flow matching: the flags StepConfig reads
+    g = p.add_argument_group("Checkpoints, validation, logging")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0 = off).")
+    g.add_argument(
         "--checkpointing_epochs",
         type=int,
         default=0,
         help="Also save one when every N-th epoch is done, at its last optimiser step (kohya's save_every_n_epochs; "
         "0 = off).",
     )
-    p.add_argument(
+    g.add_argument(
         "--checkpointing_minutes",
         type=float,
         default=0.0,
         help="Also save one when M minutes passed since the last (notebooks that stop without warning; 0 = off).",
     )
-    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
-    p.add_argument(
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
+    g.add_argument(
         "--validation_steps",
         type=int,
         default=0,
         help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
     )
-    p.add_argument(
+    g.add_argument(
         "--validation_epochs",
         type=int,
         default=0,
         help="Also validate when every N-th epoch is done, at its last optimiser step (kohya's sample_every_n_epochs; "
         "0 = off).",
     )
-    p.add_argument(
+    g.add_argument(
         "--validation_at_start",
         action="store_true",
         help="Also validate before the first step of a new run: the untrained model's samples (and held-out loss) as "
         "the baseline, the grid's first column (kohya's --sample_at_first).",
     )
-    p.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
-    p.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
-    p.add_argument(
+    g.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
+    g.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
+    g.add_argument(
         "--validation_resolution",
         type=sample_size,
         default=None,
         help="Pixels of the samples: one side (square) or WIDTHxHEIGHT, e.g. 832x1216 for portraits; multiples of 16. "
         "Default: the largest cache's resolution, square.",
     )
-    p.add_argument(
+    g.add_argument(
         "--save_dtype",
         choices=["fp32", "bf16", "fp16"],
         default="bf16",
         help="dtype of the final LoRA files (checkpoints always keep fp32 for exact resume).",
     )
-    p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
-    p.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
+    g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
+    g.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     args = cli.parse_with_config(p, input_args)
     if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
         p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")

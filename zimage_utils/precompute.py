@@ -97,9 +97,10 @@ def record_key(record: dict[str, Any]) -> tuple:
     return (*(record[c] for c in KEY_COLUMNS[:-1]), *record["caption_variants"])
 
 
-def add_caption_flags(parser: argparse.ArgumentParser) -> None:
+def add_caption_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """precompute_embeddings.py's flags for what each item's captions become (`ScanDataset` reads them): the trigger
-    word, captions for images without one, variants, tag shuffles and preservation captions."""
+    word, captions for images without one, variants, tag shuffles and preservation captions. `parser`: the parser or
+    one of its argument groups."""
     parser.add_argument(
         "--caption_prefix",
         default=None,

@@ -1,6 +1,7 @@
 """One flow-matching training step on Z-Image: batch in → loss out. The trainer, the benchmarks and the tests all
 call this function, so an optimisation made here is one the trainer really runs."""
 
+import argparse
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class StepConfig:
         )
 
 
-def add_step_flags(p) -> None:
-    """train_zimage_lora.py's flags that `StepConfig.from_flags` reads, on the argparse parser `p`."""
+def add_step_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """train_zimage_lora.py's flags that `StepConfig.from_flags` reads, on the argparse parser `p` (or one of its
+    argument groups)."""
     p.add_argument(
         "--timestep_sampling", choices=["uniform", "logit_normal", "shift", "flux_shift"], default="logit_normal"
     )
