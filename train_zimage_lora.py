@@ -46,6 +46,7 @@ from zimage_utils.distributed import (
     skip_frozen_in_ddp,
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
+from zimage_utils.hub import create_hub_repo, hub_repo_id, push_to_hub
 from zimage_utils.lora import ADAPTERS, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import (
@@ -313,6 +314,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     g.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
+    g = p.add_argument_group("Hugging Face hub")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="At the end, upload the LoRA files, model card and samples to a hub model repo (login and repo checked "
+        "when the run starts; log in with `hf auth login` or HF_TOKEN).",
+    )
+    g.add_argument(
+        "--hub_model_id",
+        default=None,
+        help="The repo for --push_to_hub: NAME (under your account) or ORG/NAME. Default: the --output_dir folder's "
+        "name.",
+    )
+    g.add_argument("--hub_private", action="store_true", help="Create the --push_to_hub repo private.")
     args = cli.parse_with_config(p, input_args)
     if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
         p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")
@@ -349,7 +364,10 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
-            if card and not write_model_card(directory, metadata, [p for p, _ in caches["validation_prompts"]]):
+            prompts = [p for p, _ in caches["validation_prompts"]]
+            if card and not write_model_card(
+                directory, metadata, prompts, args.hub_model_id if args.push_to_hub else None
+            ):
                 logger.info(f"{directory}/README.md is not a model card of ours: left as it is (no card written)")
 
 
@@ -396,9 +414,15 @@ def run_training(args: argparse.Namespace) -> None:
     }
     train, val_data, sampler, caches = training_data(args, accelerator, expected)
     plan = check_lora_plan(args, base_config)  # --init_lora and --training_adapter too
+    if args.push_to_hub and accelerator.is_main_process:  # logged in and online, before hours of training
+        args.hub_model_id = hub_repo_id(args.hub_model_id, output_dir)
     if args.dry_run:
         print0(dry_run_report(args, accelerator, plan, train, sampler, caches))
+        if args.push_to_hub:
+            print0(f"--push_to_hub: logged in; the end of the run would upload to {args.hub_model_id}")
         return
+    if args.push_to_hub and accelerator.is_main_process:
+        print0(f"--push_to_hub: uploading to {create_hub_repo(args.hub_model_id, args.hub_private)} at the end")
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
         cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))
@@ -644,6 +668,8 @@ def run_training(args: argparse.Namespace) -> None:
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process and global_step >= max_steps:
+        print0(f"uploaded to {push_to_hub(args.hub_model_id, output_dir, global_step)}")
 
 
 if __name__ == "__main__":

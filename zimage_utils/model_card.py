@@ -1,5 +1,5 @@
 """OUTPUT/README.md: a Hugging Face model card for the trained LoRA, what the hub shows when the output folder is
-uploaded (`huggingface-cli upload`): how to load it in diffusers and ComfyUI, its trigger words, the validation
+uploaded (`--push_to_hub`, or `hf upload`): how to load it in diffusers and ComfyUI, its trigger words, the validation
 samples, and the settings it was trained with. The YAML header (base model, tags, instance prompt, widget) is what
 the hub indexes; diffusers' `populate_model_card` adds its tags.
 """
@@ -44,7 +44,9 @@ def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict
     }
 
 
-def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: list[str]) -> Path | None:
+def write_model_card(
+    output_dir: str | Path, metadata: dict[str, str], prompts: list[str], repo_id: str | None = None
+) -> Path | None:
     """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path; None, writing nothing, when a
     README.md that this function did not write is already there (the user's own is never replaced).
 
@@ -52,6 +54,7 @@ def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: 
         output_dir: the run's output folder, holding the LoRA files (and samples/grid.png when there are prompts).
         metadata: the LoRA files' safetensors metadata (`base_model`, `rank`, `steps`, `trigger_word`, ...).
         prompts: the validation prompts the samples were drawn with (may be empty).
+        repo_id: the hub repo the folder is uploaded to (`--push_to_hub`), for the loading example.
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -74,6 +77,7 @@ def write_model_card(output_dir: str | Path, metadata: dict[str, str], prompts: 
     samples = (
         "\n## Validation samples\n\n![validation samples, prompts × steps](samples/grid.png)\n" if prompts else ""
     )
+    location = f'"{repo_id}"' if repo_id else '"path/to/this/folder"  # or its hub id'
     body = f"""{MARKER}
 
 # {output_dir.name}
@@ -90,7 +94,7 @@ import torch
 from diffusers import ZImagePipeline
 
 pipe = ZImagePipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")  # or its hub id
+pipe.load_lora_weights({location})
 image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale={sampling["guidance"]}).images[0]
 ```
 

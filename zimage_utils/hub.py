@@ -1,0 +1,70 @@
+"""`--push_to_hub`: the finished LoRA, its model card and samples uploaded to a Hugging Face model repo, as diffusers'
+training examples do. Whatever can be checked is checked when the run starts (online, logged in, the repo made or
+there), not after hours of training; an upload that fails at the end leaves every file in the output folder and
+says how to upload them by hand."""
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# What goes up: the two LoRA files, the model card and what it shows. Not the checkpoints, logs or run_config.yaml
+# (local paths).
+HUB_FILES = [
+    "pytorch_lora_weights.safetensors",
+    "pytorch_lora_weights_comfyui.safetensors",
+    "README.md",
+    "samples/*.png",
+    "loss_per_sigma.png",
+]
+
+
+def hub_repo_id(model_id: str | None, output_dir: str | Path) -> str:
+    """The full repo id ("user/name" or "org/name") that `--hub_model_id` (None: the output folder's name) stands
+    for, after checking that the hub can be reached and a token is there. Raises ValueError saying what to fix."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the network, and HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
+    try:
+        user = HfApi().whoami()["name"]
+    except Exception as error:  # no token, a revoked one, no network: the hub client raises each its own way
+        raise ValueError(
+            f"--push_to_hub: the Hugging Face hub did not accept this machine ({str(error).splitlines()[0]}): log in "
+            "with `hf auth login` or set HF_TOKEN (a token that can write), or drop --push_to_hub"
+        ) from None
+    name = model_id or Path(output_dir).resolve().name
+    return name if "/" in name else f"{user}/{name}"
+
+
+def create_hub_repo(repo_id: str, private: bool = False) -> str:
+    """Make the model repo (an existing one is kept as it is); returns its URL."""
+    from huggingface_hub import HfApi
+
+    try:
+        return str(HfApi().create_repo(repo_id, private=private or None, exist_ok=True))
+    except Exception as error:
+        raise ValueError(
+            f"--push_to_hub: cannot create or use the repo {repo_id} ({str(error).splitlines()[0]}): give "
+            "--hub_model_id a repo your token may write to"
+        ) from None
+
+
+def push_to_hub(repo_id: str, output_dir: str | Path, step: int) -> str:
+    """Upload `HUB_FILES` from `output_dir` in one commit; returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    try:
+        commit = HfApi().upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            allow_patterns=HUB_FILES,
+            commit_message=f"Z-Image LoRA after {step} steps",
+        )
+    except Exception as error:
+        patterns = " ".join(f"--include '{p}'" for p in HUB_FILES)
+        raise ValueError(
+            f"uploading to {repo_id} failed ({str(error).splitlines()[0]}); the files are all in {output_dir}: "
+            f"upload them with `hf upload {repo_id} {output_dir} . {patterns}`"
+        ) from None
+    return str(commit.commit_url)
