@@ -62,7 +62,7 @@ from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, training_data
-from zimage_utils.train_log import LogWindow, append_jsonl
+from zimage_utils.train_log import LogWindow, append_jsonl, tracker_init_kwargs
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
@@ -312,6 +312,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the final LoRA files (checkpoints always keep fp32 for exact resume).",
     )
     g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
+    g.add_argument(
+        "--tracker_project_name",
+        default="zimage-lora",
+        help="The tracker's project (wandb) or run folder under OUTPUT/logs (TensorBoard).",
+    )
+    g.add_argument(
+        "--tracker_run_name",
+        default=None,
+        help="wandb's run name (default: the --output_dir folder's name). A resumed run goes on in the same wandb run.",
+    )
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     g.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     g = p.add_argument_group("Hugging Face hub")
@@ -502,7 +512,11 @@ def run_training(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
         hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
-        accelerator.init_trackers("zimage-lora", config={k: v for k, v in hparams.items() if v is not None})
+        accelerator.init_trackers(
+            args.tracker_project_name,
+            config={k: v for k, v in hparams.items() if v is not None},
+            init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
+        )
     trainable = count_trainable_parameters(transformer)
     print0(start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step))
 

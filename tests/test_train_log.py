@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 
 from zimage_utils import train_log
-from zimage_utils.train_log import LogWindow
+from zimage_utils.train_log import WANDB_ID_NAME, LogWindow, tracker_init_kwargs
 
 
 class FakeClock:
@@ -69,3 +69,16 @@ def test_a_non_finite_loss_is_reported_with_the_first_step_it_appeared_at(clock,
     window.add(step_output(1.0, [0.5]), 4)  # finite again: still reported
     with pytest.raises(FloatingPointError, match=f"non-finite at step 2;.*checkpoint in {tmp_path}"):
         window.read(Accelerator(cpu=True), 4, tmp_path)
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path):
+    """accelerate hands these to `wandb.init`: one id per output folder, kept in it, so a run stopped and resumed
+    goes on in one wandb run. (Seen with wandb 0.31 in offline mode: both halves of a resumed run wrote under the
+    same run id.)"""
+    assert tracker_init_kwargs("tensorboard", tmp_path / "a") == {} and not (tmp_path / "a").exists()
+    first = tracker_init_kwargs("wandb", tmp_path / "a")["wandb"]
+    assert first["name"] == "a" and first["resume"] == "allow" and first["dir"] == str(tmp_path / "a" / "logs")
+    resumed = tracker_init_kwargs("wandb", tmp_path / "a", run_name="my run")["wandb"]
+    assert resumed["id"] == first["id"] and resumed["name"] == "my run"
+    assert tracker_init_kwargs("wandb", tmp_path / "b")["wandb"]["id"] != first["id"]  # another run, another id
+    assert (tmp_path / "a" / "logs" / WANDB_ID_NAME).read_text().strip() == first["id"]

@@ -6,6 +6,7 @@ and reported at the next read, before any checkpoint could save the broken LoRA.
 """
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,3 +96,25 @@ def append_jsonl(path: Path, record: dict) -> None:
     (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+WANDB_ID_NAME = "wandb_run_id.txt"
+
+
+def tracker_init_kwargs(report_to: str, output_dir: Path, run_name: str | None = None) -> dict[str, dict]:
+    """accelerate's `init_trackers(init_kwargs=...)`. For wandb: the run's name (default: the output folder's), its
+    files under OUTPUT/logs rather than ./wandb, and one run id per output folder, kept in OUTPUT/logs/wandb_run_id.txt,
+    so that a resumed run (or one stopped and started again) goes on in the same wandb run instead of a new one.
+    Other trackers need nothing: TensorBoard's events already go on in OUTPUT/logs. Call on the main process."""
+    if report_to not in ("wandb", "all"):
+        return {}
+    logs = Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / WANDB_ID_NAME
+    if not path.is_file():
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}\n")
+        temporary.replace(path)
+    run_id = path.read_text().strip()
+    name = run_name or Path(output_dir).resolve().name
+    return {"wandb": {"id": run_id, "resume": "allow", "name": name, "dir": str(logs)}}
