@@ -2,6 +2,8 @@
 
     python generate.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo --lora my_lora --prompt "sks person"
     python generate.py ... --lora style.safetensors:0.8 --lora face_lora:1.0 --num_images 4 --output out.png
+    python generate.py ... --prompt "sks person" "sks person, oil painting" \
+        --compare base my_lora/checkpoint-500 my_lora/checkpoint-1000 my_lora:0.8   # one column each, one model load
     python generate.py ... --lora my_lora --fuse_to my_fused_model        # save base + LoRA as a diffusers folder
 
 A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors file in any format diffusers reads
@@ -17,20 +19,36 @@ import torch
 from zimage_utils import cli
 from zimage_utils.lora_io import read_lora
 from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
-from zimage_utils.validation import SAMPLING_DEFAULTS, model_variant, save_grid
+from zimage_utils.validation import SAMPLING_DEFAULTS, labelled_grid, model_variant, save_grid, save_png_atomic
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="Z-Image diffusers folder or hub id.")
     p.add_argument("--lora", action="append", default=[], help="LoRA folder or file, optionally PATH:STRENGTH.")
-    p.add_argument("--prompt", default="a photo", help="Text prompt.")
+    p.add_argument(
+        "--prompt",
+        action="extend",
+        nargs="+",
+        default=None,
+        help="Text prompt(s), one row of the image each (--prompt A B, or --prompt A --prompt B). Default: a photo.",
+    )
+    p.add_argument(
+        "--compare",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="LORA",
+        help="One column per LoRA (PATH or PATH:STRENGTH, e.g. the checkpoints of a run) or `base` (none), each "
+        "sampled with the same seed and prompts and labelled: one model load for all. --lora LoRAs apply in every "
+        "column.",
+    )
     p.add_argument("--negative_prompt", default=None, help="Used when guidance > 0.")
     p.add_argument("--height", type=int, default=1024, help="Pixels, a multiple of 16.")
     p.add_argument("--width", type=int, default=1024, help="Pixels, a multiple of 16.")
     p.add_argument("--num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
     p.add_argument("--guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
-    p.add_argument("--num_images", type=int, default=1, help="Images (one grid PNG).")
+    p.add_argument("--num_images", type=int, default=1, help="Images per prompt (one grid PNG).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="sample.png", help="Image path: .png, .jpg or .webp.")
     p.add_argument(
@@ -67,16 +85,32 @@ def split_strength(spec: str) -> tuple[str, float]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def check_args(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """The mistakes found before the pipeline loads (minutes for the real model): each --lora read once (a Z-Image
-    LoRA that is there), and --fuse_to, --num_images and --output. Returns the LoRAs as (path, strength)."""
+BASE = "base"  # --compare's column without a LoRA
+
+
+def read_specs(flag: str, specs: list[str]) -> list[tuple[str, float]]:
+    """PATH[:STRENGTH] specs as (path, strength), each LoRA read once (a Z-Image LoRA that is there); `--compare`'s
+    "base" stays as it is."""
     loras = []
-    for spec in args.lora:
+    for spec in specs:
+        if flag == "--compare" and spec == BASE:
+            loras.append((BASE, 1.0))
+            continue
         path, strength = split_strength(spec)
         if path == spec and ":" in spec[2:] and not Path(spec).exists():  # (past a Windows drive letter)
-            raise ValueError(f"--lora {spec}: write PATH or PATH:STRENGTH with a number, e.g. my_lora:0.8")
+            raise ValueError(f"{flag} {spec}: write PATH or PATH:STRENGTH with a number, e.g. my_lora:0.8")
         read_lora(path)
         loras.append((path, strength))
+    return loras
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The mistakes found before the pipeline loads (minutes for the real model): each --lora and --compare LoRA
+    read once, and --fuse_to, --num_images and --output. Returns the LoRAs and --compare's columns as (path,
+    strength)."""
+    loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
+    if columns and (args.fuse_to or args.num_images != 1):
+        raise ValueError("--compare samples one image per prompt and column: drop --fuse_to and --num_images")
     if args.fuse_to:
         target = Path(args.fuse_to)
         if not args.lora:
@@ -86,13 +120,20 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, float]]:
                 f"--fuse_to {target} exists and is not an empty folder: give a new folder (a model there, the base "
                 "included, is never written over)"
             )
-        return loras
+        return loras, columns
     if args.num_images < 1:
         raise ValueError(f"--num_images {args.num_images}: give 1 or more")
     output = Path(args.output)
     if output.is_dir() or output.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--output {output}: give an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    return loras
+    return loras, columns
+
+
+def column_label(path: str, strength: float) -> str:
+    """A --compare column's label: the LoRA's folder or file name (a checkpoint-N, not pytorch_lora_weights), and its
+    strength when not 1."""
+    name = Path(path).parent.name if Path(path).name.startswith("pytorch_lora_weights") else Path(path).name
+    return name + (f" x{strength:g}" if strength != 1 else "")
 
 
 def offload_in_layers(pipe, device: str) -> None:
@@ -118,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
     from diffusers import ZImagePipeline
 
     require_zimage(args.pretrained_model_name_or_path)
-    loras = check_args(args)
+    loras, columns = check_args(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.fuse_to:  # the fused model keeps each component's stored dtype, on any machine
@@ -132,6 +173,9 @@ def main(args: argparse.Namespace) -> None:
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
         names.append(f"lora_{i}")
         weights.append(strength)
+    for j, (path, _) in enumerate(columns):
+        if path != BASE:
+            pipe.load_lora_weights(path, adapter_name=f"compare_{j}")
     if names:
         pipe.set_adapters(names, weights)
     if args.fuse_to:
@@ -151,19 +195,38 @@ def main(args: argparse.Namespace) -> None:
         pipe.to(device)
     defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]
     guidance = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
+    prompts = args.prompt or ["a photo"]
+
+    def sample() -> list:  # prompt by prompt, num_images each, from the same noise every call
+        return pipe(
+            prompt=list(prompts),  # a copy: the pipeline writes its chat template into the list it is given
+            negative_prompt=[args.negative_prompt] * len(prompts) if guidance > 0 and args.negative_prompt else None,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.num_inference_steps or defaults["steps"],
+            guidance_scale=guidance,
+            num_images_per_prompt=args.num_images,
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+        ).images
+
     start = time.perf_counter()
-    images = pipe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt if guidance > 0 else None,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.num_inference_steps or defaults["steps"],
-        guidance_scale=guidance,
-        num_images_per_prompt=args.num_images,
-        generator=torch.Generator(device=device).manual_seed(args.seed),
-    ).images
-    print(sampling_report(len(images), time.perf_counter() - start, device))
-    print(f"image written to {save_grid(images, args.output)}")
+    if not columns:
+        images = sample()
+        print(sampling_report(len(images), time.perf_counter() - start, device))
+        print(f"image written to {save_grid(images, args.output, columns=args.num_images)}")
+        return
+    grid = []
+    for j, (path, strength) in enumerate(columns):
+        active = (names, weights) if path == BASE else (names + [f"compare_{j}"], weights + [strength])
+        if active[0]:
+            pipe.enable_lora()
+            pipe.set_adapters(*active)
+        else:
+            pipe.disable_lora()
+        grid.append(sample())
+    print(sampling_report(len(prompts) * len(columns), time.perf_counter() - start, device))
+    image = labelled_grid(grid, [BASE if p == BASE else column_label(p, s) for p, s in columns])
+    print(f"image written to {save_png_atomic(image, args.output)} (prompts x --compare)")
 
 
 def sampling_report(num_images: int, seconds: float, device: str) -> str:

@@ -80,7 +80,7 @@ def test_the_precompute_and_generate_take_a_config_too(tmp_path):
     )
     assert precompute_embeddings.parse_args(["--config", config, "--contact_sheet", "9"]).contact_sheet == 9
     sample = write_yaml(tmp_path / "sample.yaml", "pretrained_model_name_or_path: model\nprompt: a red circle\n")
-    assert generate.parse_args(["--config", sample, "--seed", "3"]).prompt == "a red circle"
+    assert generate.parse_args(["--config", sample, "--seed", "3"]).prompt == ["a red circle"]
 
 
 def test_a_written_config_repeats_the_parsed_flags(tmp_path):

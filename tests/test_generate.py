@@ -171,3 +171,51 @@ def layer_hooks(pipe) -> dict:
     """Whether each block of the transformer (`layers`) and each layer of the text encoder carries a hook."""
     blocks = {"transformer": pipe.transformer.layers, "text_encoder": pipe.text_encoder.layers}
     return {name: all(getattr(b, "_diffusers_hook", None) is not None for b in mods) for name, mods in blocks.items()}
+
+
+def test_compare_samples_each_lora_and_the_base_with_one_load_in_labelled_columns(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--compare base LORA:0.5 LORA with two prompts: one pipeline load, and each column the very images a run with
+    that LoRA alone gives (same seed, same prompts)."""
+    from zimage_utils.validation import grid_label_height
+
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    lora = str(tmp_path / "lora")
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--prompt", "a red circle", "a blue square"]
+    flags += ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--seed", "3"]
+    loads = []
+    load = ZImagePipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        ZImagePipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or load(cls, *a, **k))
+    )
+
+    compared = tmp_path / "compare.png"
+    generate.main(generate.parse_args(flags + ["--compare", "base", f"{lora}:0.5", lora, "--output", str(compared)]))
+    assert len(loads) == 1
+    grid = np.asarray(Image.open(compared).convert("RGB"))
+    top = grid_label_height(64)
+    assert grid.shape == (top + 2 * 64, 3 * 64, 3)  # a label strip, then prompts x columns
+    assert (grid[:top] < 128).any()  # the labels are drawn
+
+    for column, extra in enumerate([[], ["--lora", f"{lora}:0.5"], ["--lora", lora]]):
+        alone = tmp_path / f"alone{column}.png"
+        generate.main(generate.parse_args(flags + extra + ["--output", str(alone)]))
+        rows = np.asarray(Image.open(alone).convert("RGB"))
+        assert rows.shape == (2 * 64, 64, 3)  # one row per prompt
+        assert np.array_equal(grid[top:, column * 64 : (column + 1) * 64], rows), f"column {column}"
+    assert not np.array_equal(grid[top:, :64], grid[top:, 64:128])  # the LoRA changes the image
+    assert generate.column_label(f"{tmp_path}/run/checkpoint-500", 1.0) == "checkpoint-500"
+    assert generate.column_label(f"{tmp_path}/my_lora/pytorch_lora_weights.safetensors", 0.8) == "my_lora x0.8"
+
+
+def test_compare_refuses_what_it_cannot_draw(tiny_model_dir, tmp_path):
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    base = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--compare", "base", str(tmp_path / "lora")]
+    for flags, message in [
+        (["--num_images", "2"], "one image per prompt and column"),
+        (["--fuse_to", str(tmp_path / "fused"), "--lora", str(tmp_path / "lora")], "drop --fuse_to"),
+        (["--compare", str(tmp_path / "nowhere")], "no such file or folder"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            generate.check_args(generate.parse_args(base + flags))

@@ -25,6 +25,7 @@ GRID_NAME = "grid.png"
 # The grid shrinks its cells so that many validations still make a PNG viewers open (≤ ~16k pixels wide); the
 # step_*.png files keep the full size.
 GRID_MAX_CELL, GRID_MAX_WIDTH = 512, 16384
+LANCZOS = Image.Resampling.LANCZOS
 # Under a memory budget the VAE decodes in bf16 tiles of this many pixels a side: a full-frame fp32 decode at 1024²
 # adds 4.8 GiB to a training process, fp32 tiles 1.2, bf16 tiles 0.6 (docs/BENCHMARKS.md, session 13); a tile's cost
 # does not grow with the image.
@@ -179,23 +180,30 @@ def rebuild_sample_grid(samples_dir: str | Path, num_prompts: int, up_to_step: i
         cell_w, cell_h = newest.width // num_prompts, newest.height
     scale = min(1.0, GRID_MAX_CELL / max(cell_w, cell_h), max(GRID_MAX_WIDTH // len(steps), 64) / cell_w)
     cell_w, cell_h = max(1, round(cell_w * scale)), max(1, round(cell_h * scale))
-    label_h = grid_label_height(cell_w)
-    grid = Image.new("RGB", (cell_w * len(steps), label_h + cell_h * num_prompts), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=_label_font_size(cell_w))
-    for column, (step, path) in enumerate(steps):
+    columns = []
+    for _, path in steps:
         with Image.open(path) as row:
             row = row.convert("RGB")
         # A step file holds the prompts side by side; older files may be of another size (e.g. a resume with
         # another --validation_resolution), so each cell is resized to the newest one's.
         width = row.width // num_prompts
-        for i in range(num_prompts):
-            cell = row.crop((i * width, 0, (i + 1) * width, row.height))
-            if cell.size != (cell_w, cell_h):
-                cell = cell.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
-            grid.paste(cell, (column * cell_w, label_h + i * cell_h))
-        draw.text((column * cell_w + 4, 4), f"step {step}", fill="black", font=font)
-    return save_png_atomic(grid, samples_dir / GRID_NAME)
+        cells = [row.crop((i * width, 0, (i + 1) * width, row.height)) for i in range(num_prompts)]
+        columns.append([c if c.size == (cell_w, cell_h) else c.resize((cell_w, cell_h), LANCZOS) for c in cells])
+    return save_png_atomic(labelled_grid(columns, [f"step {step}" for step, _ in steps]), samples_dir / GRID_NAME)
+
+
+def labelled_grid(columns: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    """Columns of same-sized images side by side (the first image of each in the top row), each under its label."""
+    cell_w, cell_h = columns[0][0].size
+    label_h = grid_label_height(cell_w)
+    grid = Image.new("RGB", (cell_w * len(columns), label_h + cell_h * max(len(c) for c in columns)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=_label_font_size(cell_w))
+    for x, (column, label) in enumerate(zip(columns, labels, strict=True)):
+        for y, cell in enumerate(column):
+            grid.paste(cell, (x * cell_w, label_h + y * cell_h))
+        draw.text((x * cell_w + 4, 4), label, fill="black", font=font)
+    return grid
 
 
 @torch.no_grad()
