@@ -3,10 +3,7 @@ training examples do. Whatever can be checked is checked when the run starts (on
 there), not after hours of training; an upload that fails at the end leaves every file in the output folder and
 says how to upload them by hand."""
 
-import logging
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 # What goes up: the two LoRA files, the model card and what it shows. Not the checkpoints, logs or run_config.yaml
 # (local paths).
@@ -30,7 +27,7 @@ def hub_repo_id(model_id: str | None, output_dir: str | Path) -> str:
         user = HfApi().whoami()["name"]
     except Exception as error:  # no token, a revoked one, no network: the hub client raises each its own way
         raise ValueError(
-            f"--push_to_hub: the Hugging Face hub did not accept this machine ({str(error).splitlines()[0]}): log in "
+            f"--push_to_hub: the Hugging Face hub did not accept this machine ({first_line(error)}): log in "
             "with `hf auth login` or set HF_TOKEN (a token that can write), or drop --push_to_hub"
         ) from None
     name = model_id or Path(output_dir).resolve().name
@@ -45,7 +42,7 @@ def create_hub_repo(repo_id: str, private: bool = False) -> str:
         return str(HfApi().create_repo(repo_id, private=private or None, exist_ok=True))
     except Exception as error:
         raise ValueError(
-            f"--push_to_hub: cannot create or use the repo {repo_id} ({str(error).splitlines()[0]}): give "
+            f"--push_to_hub: cannot create or use the repo {repo_id} ({first_line(error)}): give "
             "--hub_model_id a repo your token may write to"
         ) from None
 
@@ -64,7 +61,12 @@ def push_to_hub(repo_id: str, output_dir: str | Path, step: int) -> str:
     except Exception as error:
         patterns = " ".join(f"--include '{p}'" for p in HUB_FILES)
         raise ValueError(
-            f"uploading to {repo_id} failed ({str(error).splitlines()[0]}); the files are all in {output_dir}: "
+            f"uploading to {repo_id} failed ({first_line(error)}); the files are all in {output_dir}: "
             f"upload them with `hf upload {repo_id} {output_dir} . {patterns}`"
         ) from None
     return str(commit.commit_url)
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message in one line, for an error that quotes it (the class name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
