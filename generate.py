@@ -34,6 +34,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Text prompt(s), one row of the image each (--prompt A B, or --prompt A --prompt B). Default: a photo.",
     )
     p.add_argument(
+        "--prompt_file",
+        default=None,
+        help="A text file of prompts, one per line (blank lines and lines starting with # skipped), after any --prompt.",
+    )
+    p.add_argument(
         "--compare",
         action="extend",
         nargs="+",
@@ -106,9 +111,11 @@ def read_specs(flag: str, specs: list[str]) -> list[tuple[str, float]]:
 
 def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The mistakes found before the pipeline loads (minutes for the real model): each --lora and --compare LoRA
-    read once, and --fuse_to, --num_images and --output. Returns the LoRAs and --compare's columns as (path,
-    strength)."""
+    read once, --prompt_file (its prompts join `args.prompt`), --fuse_to, --num_images and --output. Returns the
+    LoRAs and --compare's columns as (path, strength)."""
     loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
+    if args.prompt_file:
+        args.prompt = (args.prompt or []) + read_prompt_file(args.prompt_file)
     if columns and (args.fuse_to or args.num_images != 1):
         raise ValueError("--compare samples one image per prompt and column: drop --fuse_to and --num_images")
     if args.fuse_to:
@@ -127,6 +134,20 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
     if output.is_dir() or output.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--output {output}: give an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     return loras, columns
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """--prompt_file's prompts: its lines, stripped, without blank ones and # comments."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompt_file {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt_file {path} is not UTF-8 text: save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompt_file {path} holds no prompt: write one per line")
+    return prompts
 
 
 def column_label(path: str, strength: float) -> str:

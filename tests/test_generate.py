@@ -219,3 +219,17 @@ def test_compare_refuses_what_it_cannot_draw(tiny_model_dir, tmp_path):
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             generate.check_args(generate.parse_args(base + flags))
+
+
+def test_a_prompt_file_adds_its_lines_after_the_prompts_given(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# portraits\nsks person, studio photo\n\n  sks person, oil painting  \n", encoding="utf-8")
+    base = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--output", str(tmp_path / "out.png")]
+    args = generate.parse_args(base + ["--prompt", "a photo of sks person", "--prompt_file", str(prompts)])
+    generate.check_args(args)
+    assert args.prompt == ["a photo of sks person", "sks person, studio photo", "sks person, oil painting"]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    for name, message in [("missing.txt", "no such file"), ("empty.txt", "holds no prompt"), ("latin1.txt", "UTF-8")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            generate.check_args(generate.parse_args(base + ["--prompt_file", str(tmp_path / name)]))
