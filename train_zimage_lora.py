@@ -46,7 +46,7 @@ from zimage_utils.distributed import (
     skip_frozen_in_ddp,
 )
 from zimage_utils.ema import LoraEMA, averaged_weights
-from zimage_utils.hub import create_hub_repo, hub_repo_id, push_to_hub
+from zimage_utils.hub import add_hub_flags, prepare_hub_repo, push_to_hub
 from zimage_utils.lora import ADAPTERS, count_trainable_parameters, init_lora_from, lora_target_modules
 from zimage_utils.lora_io import save_lora
 from zimage_utils.memory_budget import (
@@ -62,11 +62,11 @@ from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, training_data
-from zimage_utils.train_log import LogWindow, append_jsonl, tracker_init_kwargs
+from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, start_trackers
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
-from zimage_utils.validation import Validator, sample_size, validation_loss
+from zimage_utils.validation import Validator, add_validation_flags, validation_loss
 
 logger = logging.getLogger("train")
 
@@ -277,67 +277,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
-    g.add_argument(
-        "--validation_steps",
-        type=int,
-        default=0,
-        help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
-    )
-    g.add_argument(
-        "--validation_epochs",
-        type=int,
-        default=0,
-        help="Also validate when every N-th epoch is done, at its last optimiser step (kohya's sample_every_n_epochs; "
-        "0 = off).",
-    )
-    g.add_argument(
-        "--validation_at_start",
-        action="store_true",
-        help="Also validate before the first step of a new run: the untrained model's samples (and held-out loss) as "
-        "the baseline, the grid's first column (kohya's --sample_at_first).",
-    )
-    g.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
-    g.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
-    g.add_argument(
-        "--validation_resolution",
-        type=sample_size,
-        default=None,
-        help="Pixels of the samples: one side (square) or WIDTHxHEIGHT, e.g. 832x1216 for portraits; multiples of 16. "
-        "Default: the largest cache's resolution, square.",
-    )
+    add_validation_flags(
+        g
+    )  # --validation_steps, _epochs, _at_start, _num_inference_steps, _guidance_scale, _resolution
     g.add_argument(
         "--save_dtype",
         choices=["fp32", "bf16", "fp16"],
         default="bf16",
         help="dtype of the final LoRA files (checkpoints always keep fp32 for exact resume).",
     )
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
-    g.add_argument(
-        "--tracker_project_name",
-        default="zimage-lora",
-        help="The tracker's project (wandb) or run folder under OUTPUT/logs (TensorBoard).",
-    )
-    g.add_argument(
-        "--tracker_run_name",
-        default=None,
-        help="wandb's run name (default: the --output_dir folder's name). A resumed run goes on in the same wandb run.",
-    )
+    add_tracker_flags(g)  # --report_to, --tracker_project_name, --tracker_run_name
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     g.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
-    g = p.add_argument_group("Hugging Face hub")
-    g.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="At the end, upload the LoRA files, model card and samples to a hub model repo (login and repo checked "
-        "when the run starts; log in with `hf auth login` or HF_TOKEN).",
-    )
-    g.add_argument(
-        "--hub_model_id",
-        default=None,
-        help="The repo for --push_to_hub: NAME (under your account) or ORG/NAME. Default: the --output_dir folder's "
-        "name.",
-    )
-    g.add_argument("--hub_private", action="store_true", help="Create the --push_to_hub repo private.")
+    add_hub_flags(p.add_argument_group("Hugging Face hub"))  # --push_to_hub, --hub_model_id, --hub_private
     args = cli.parse_with_config(p, input_args)
     if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
         p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")
@@ -425,14 +377,10 @@ def run_training(args: argparse.Namespace) -> None:
     train, val_data, sampler, caches = training_data(args, accelerator, expected)
     plan = check_lora_plan(args, base_config)  # --init_lora and --training_adapter too
     if args.push_to_hub and accelerator.is_main_process:  # logged in and online, before hours of training
-        args.hub_model_id = hub_repo_id(args.hub_model_id, output_dir)
+        print0(prepare_hub_repo(args, output_dir))
     if args.dry_run:
         print0(dry_run_report(args, accelerator, plan, train, sampler, caches))
-        if args.push_to_hub:
-            print0(f"--push_to_hub: logged in; the end of the run would upload to {args.hub_model_id}")
         return
-    if args.push_to_hub and accelerator.is_main_process:
-        print0(f"--push_to_hub: uploading to {create_hub_repo(args.hub_model_id, args.hub_private)} at the end")
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
         cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))
@@ -510,13 +458,7 @@ def run_training(args: argparse.Namespace) -> None:
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
     if accelerator.is_main_process:
-        # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
-        hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
-        accelerator.init_trackers(
-            args.tracker_project_name,
-            config={k: v for k, v in hparams.items() if v is not None},
-            init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
-        )
+        start_trackers(accelerator, args, output_dir)
     trainable = count_trainable_parameters(transformer)
     print0(start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step))
 

@@ -3,6 +3,7 @@ training examples do. Whatever can be checked is checked when the run starts (on
 there), not after hours of training; an upload that fails at the end leaves every file in the output folder and
 says how to upload them by hand."""
 
+import argparse
 from pathlib import Path
 
 # What goes up: the two LoRA files, the model card and what it shows. Not the checkpoints, logs or run_config.yaml
@@ -14,6 +15,23 @@ HUB_FILES = [
     "samples/*.png",
     "loss_per_sigma.png",
 ]
+
+
+def add_hub_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The trainer's --push_to_hub, --hub_model_id and --hub_private, on `parser` (or one of its argument groups)."""
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="At the end, upload the LoRA files, model card and samples to a hub model repo (login and repo checked "
+        "when the run starts; log in with `hf auth login` or HF_TOKEN).",
+    )
+    parser.add_argument(
+        "--hub_model_id",
+        default=None,
+        help="The repo for --push_to_hub: NAME (under your account) or ORG/NAME. Default: the --output_dir folder's "
+        "name.",
+    )
+    parser.add_argument("--hub_private", action="store_true", help="Create the --push_to_hub repo private.")
 
 
 def hub_repo_id(model_id: str | None, output_dir: str | Path) -> str:
@@ -32,6 +50,15 @@ def hub_repo_id(model_id: str | None, output_dir: str | Path) -> str:
         ) from None
     name = model_id or Path(output_dir).resolve().name
     return name if "/" in name else f"{user}/{name}"
+
+
+def prepare_hub_repo(args: argparse.Namespace, output_dir: str | Path) -> str:
+    """--push_to_hub's checks when the run starts (main process): resolves `args.hub_model_id` to the full repo id
+    (see `hub_repo_id`) and, unless --dry_run, makes the repo. Returns the line to print."""
+    args.hub_model_id = hub_repo_id(args.hub_model_id, output_dir)
+    if args.dry_run:
+        return f"--push_to_hub: logged in; the end of the run would upload to {args.hub_model_id}"
+    return f"--push_to_hub: uploading to {create_hub_repo(args.hub_model_id, args.hub_private)} at the end"
 
 
 def create_hub_repo(repo_id: str, private: bool = False) -> str:

@@ -5,6 +5,7 @@ never waits on a host sync per step. A non-finite loss is recorded there too, wi
 and reported at the next read, before any checkpoint could save the broken LoRA.
 """
 
+import argparse
 import json
 import os
 import time
@@ -99,6 +100,32 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 WANDB_ID_NAME = "wandb_run_id.txt"
+
+
+def add_tracker_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The trainer's --report_to, --tracker_project_name and --tracker_run_name, on `parser` (or an argument group)."""
+    parser.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | none")
+    parser.add_argument(
+        "--tracker_project_name",
+        default="zimage-lora",
+        help="The tracker's project (wandb) or run folder under OUTPUT/logs (TensorBoard).",
+    )
+    parser.add_argument(
+        "--tracker_run_name",
+        default=None,
+        help="wandb's run name (default: the --output_dir folder's name). A resumed run goes on in the same wandb run.",
+    )
+
+
+def start_trackers(accelerator, args: argparse.Namespace, output_dir: Path) -> None:
+    """accelerate's trackers for --report_to, given the run's flags as its config (main process only)."""
+    # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
+    hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
+    accelerator.init_trackers(
+        args.tracker_project_name,
+        config={k: v for k, v in hparams.items() if v is not None},
+        init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
+    )
 
 
 def tracker_init_kwargs(report_to: str, output_dir: Path, run_name: str | None = None) -> dict[str, dict]:

@@ -239,6 +239,38 @@ def sample_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def add_validation_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The trainer's flags for when and how it samples its validation prompts, on `parser` (or an argument group)."""
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=0,
+        help="Validate every N steps (0 = only at the end): samples/grid.png (prompts x steps), loss_per_sigma.png.",
+    )
+    parser.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=0,
+        help="Also validate when every N-th epoch is done, at its last optimiser step (kohya's sample_every_n_epochs; "
+        "0 = off).",
+    )
+    parser.add_argument(
+        "--validation_at_start",
+        action="store_true",
+        help="Also validate before the first step of a new run: the untrained model's samples (and held-out loss) as "
+        "the baseline, the grid's first column (kohya's --sample_at_first).",
+    )
+    parser.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
+    parser.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
+    parser.add_argument(
+        "--validation_resolution",
+        type=sample_size,
+        default=None,
+        help="Pixels of the samples: one side (square) or WIDTHxHEIGHT, e.g. 832x1216 for portraits; multiples of 16. "
+        "Default: the largest cache's resolution, square.",
+    )
+
+
 class Validator:
     """Samples the cached validation prompts into one PNG per call (step_NNNNNN.png) and rebuilds grid.png (prompts
     x steps) of `size` (height, width) pixels. Loads the VAE and scheduler on first use (the text encoder never: the
