@@ -277,9 +277,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
-    add_validation_flags(
-        g
-    )  # --validation_steps, _epochs, _at_start, _num_inference_steps, _guidance_scale, _resolution
+    add_validation_flags(g)  # --validation_steps, --validation_epochs, --validation_at_start, ...
     g.add_argument(
         "--save_dtype",
         choices=["fp32", "bf16", "fp16"],
