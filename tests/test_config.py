@@ -1,6 +1,8 @@
 """`--config FILE`: flags from a YAML file, checked as typed ones, the command line winning; and the trainer's
 run_config.yaml, which repeats a run."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -96,3 +98,26 @@ def test_a_written_config_repeats_the_parsed_flags(tmp_path):
     assert "dry_run" not in written and "max_train_steps_this_run" not in written  # off, and left out
     again = train_zimage_lora.parse_args(["--config", str(path)])
     assert {**vars(again), "config": None, "max_train_steps_this_run": 2} == vars(args)
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_each_card_preset_is_a_config_its_script_takes_and_its_usage_line_names_it(preset):
+    script = precompute_embeddings if preset.name.startswith("precompute") else train_zimage_lora
+    required = (
+        ["--pretrained_model_name_or_path", "model", "--train_data_dir", "images", "--output_dir", "cache"]
+        if script is precompute_embeddings
+        else REQUIRED
+    )
+    args = script.parse_args(required + ["--config", str(preset)])
+    flags = yaml.safe_load(preset.read_text())
+    assert flags and all(getattr(args, k) == v for k, v in flags.items()), flags
+    usage = preset.read_text().split("\n\n")[0]
+    assert f"{script.__name__}.py" in usage and f"--config presets/{preset.name}" in usage
+
+
+def test_the_readme_points_each_card_to_its_preset():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert len(PRESETS) >= 5 and all(f"presets/{p.name}" in readme for p in PRESETS)
