@@ -22,6 +22,8 @@ import torch
 from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
+from .cli import write_text_atomic
+
 CACHE_FORMAT_VERSION = 3
 # the trainer still reads version 1 (no loss masks, no caption variants) and 2 (no preservation captions), and
 # precompute extends them (`add_missing_columns`)
@@ -153,10 +155,7 @@ def count_masked(dataset: datasets.Dataset) -> int:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary name beside `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def save_dataset_atomic(dataset: datasets.Dataset, target: str | Path) -> None:

@@ -3,7 +3,6 @@ accelerate's state (optimiser, scheduler, RNG), so resume continues on the exact
 besides every --checkpointing_steps (`SaveTriggers`)."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -13,6 +12,8 @@ from typing import Any
 
 import safetensors
 import torch
+
+from .cli import write_text_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
@@ -73,10 +74,7 @@ def mark_unfinished(checkpoint_dir: str | Path) -> None:
 
 def write_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> None:
     """Written last: its presence marks the checkpoint as finished."""
-    path = Path(checkpoint_dir) / TRAINING_STATE_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(checkpoint_dir) / TRAINING_STATE_NAME, json.dumps(state, indent=2))
 
 
 def read_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:

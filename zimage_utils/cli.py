@@ -137,6 +137,12 @@ def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...
 
     leave_out = ("config", "dry_run", *leave_out)
     flags = {k: v for k, v in vars(args).items() if k not in leave_out and v is not None and v is not False}
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(flags, sort_keys=False))
-    temporary.replace(path)
+    write_text_atomic(path, yaml.safe_dump(flags, sort_keys=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` to a temporary name beside `path`, then renamed: a crash never leaves half a file under the name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

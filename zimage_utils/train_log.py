@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import write_text_atomic
 from .flow_matching import SigmaBinMeter
 
 
@@ -139,9 +140,7 @@ def tracker_init_kwargs(report_to: str, output_dir: Path, run_name: str | None =
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / WANDB_ID_NAME
     if not path.is_file():
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}\n")
-        temporary.replace(path)
+        write_text_atomic(path, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}\n")
     run_id = path.read_text().strip()
     name = run_name or Path(output_dir).resolve().name
     return {"wandb": {"id": run_id, "resume": "allow", "name": name, "dir": str(logs)}}
