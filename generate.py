@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from zimage_utils import cli
-from zimage_utils.lora_io import read_lora
+from zimage_utils.lora_io import read_lora, split_strength
 from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
 from zimage_utils.validation import SAMPLING_DEFAULTS, labelled_grid, model_variant, save_grid, save_png_atomic
 
@@ -74,17 +74,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "while it runs (diffusers' model offload): 12.1 GiB, 5.2x the time (docs/BENCHMARKS.md).",
     )
     return cli.parse_with_config(p, input_args)
-
-
-def split_strength(spec: str) -> tuple[str, float]:
-    """ "path:0.8" → ("path", 0.8); a path without a strength gets 1.0 (Windows drive letters are kept)."""
-    path, sep, strength = spec.rpartition(":")
-    if sep and path and not Path(spec).exists():
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

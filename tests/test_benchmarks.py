@@ -151,3 +151,13 @@ def test_generate_benchmark_reads_the_peak_memory_generate_prints_on_cuda(monkey
     found = REPORT.search(generate.sampling_report(2, 12.34, "cuda"))
     assert (found["seconds"], found["allocated"], found["reserved"]) == ("12.34", "3.00", "4.50")
     assert REPORT.search(generate.sampling_report(1, 0.5, "cpu"))["allocated"] is None
+
+
+def test_lora_tools_benchmark_times_each_command_and_checks_the_factored_svd(tmp_path):
+    flags = ["--tiny", "--rank", "4", "--work", str(tmp_path / "work")]
+    report = run_benchmark("bench_lora_tools.py", *flags, "--out", str(tmp_path / "lora_tools.json"))
+    assert [row["command"] for row in report["rows"]] == [
+        "convert", "resize --rank 2", "resize --keep 0.9", "merge (exact)", "merge --rank 4",
+    ]  # fmt: skip
+    assert all(row["seconds"] > 0 and row["written_mib"] > 0 for row in report["rows"])
+    assert report["svd_one_block"]["modules"] > 0 and report["svd_one_block"]["max_rel_diff"] < 1e-5

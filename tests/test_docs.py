@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import generate
+import lora_tools
 import precompute_embeddings
 import train_zimage_lora
 
@@ -37,6 +38,7 @@ SCRIPTS = {
     "train_zimage_lora.py": train_zimage_lora,
     "precompute_embeddings.py": precompute_embeddings,
     "generate.py": generate,
+    "lora_tools.py": lora_tools,
 }
 ACCELERATE = "accelerate launch"
 # run_training.sh passes these variables' contents to the named script.
@@ -57,10 +59,13 @@ ENV_ASSIGNMENT = re.compile(r"([A-Za-z_]\w*)=(.*)", re.S)
 
 @functools.cache
 def option_strings(owner: str) -> frozenset[str]:
-    """Every option string of a script's parser (as `--help` lists them), or of `accelerate launch`."""
+    """Every option string of a script's parser (as `--help` lists them; a script with subcommands: theirs too), or
+    of `accelerate launch`."""
     if owner == ACCELERATE:
         return frozenset(launch_command_parser()._option_string_actions)
-    return frozenset(script_parser(owner)._option_string_actions)
+    parser = script_parser(owner)
+    subcommands = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return frozenset(parser._option_string_actions).union(*(sub._option_string_actions for s in subcommands for sub in s))
 
 
 def script_parser(script: str) -> argparse.ArgumentParser:
@@ -218,7 +223,8 @@ def test_readme_flag_table_defaults_match_the_parsers():
         defaults = defaults * len(flags) if len(defaults) == 1 else defaults
         assert len(defaults) == len(flags), f"README table row {flags_cell!r}: {len(flags)} flags, {defaults}"
         for flag, documented in zip(flags, defaults):
-            for script in [s for s in SCRIPTS if flag in option_strings(s)]:
+            # (lora_tools.py's subcommands' flags are not the table's: its --rank is not the trainer's)
+            for script in [s for s in SCRIPTS if flag in script_parser(s)._option_string_actions]:
                 actual = script_parser(script)._option_string_actions[flag].default
                 if not default_matches(documented, actual):
                     wrong.append(f"{flag} ({script}): README says {documented!r}, the parser's default is {actual!r}")

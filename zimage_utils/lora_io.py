@@ -34,6 +34,7 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils.peft_utils import get_peft_kwargs
 from peft import LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -88,12 +89,12 @@ def fold_alpha(state_dict: dict[str, torch.Tensor], alpha: float, use_rslora: bo
     return folded
 
 
-def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
     """Rename diffusers keys to ComfyUI's and add one `.alpha` per module.
 
     Args:
         state_dict_diffusers: UNFOLDED weights from `get_lora_state_dict` (`transformer.<module>.lora_A.weight`).
-        alpha: the training alpha.
+        alpha: the training alpha; None for folded weights (each module's `.alpha` is then its rank: scale 1).
 
     Returns:
         {"diffusion_model.<module>.lora_A.weight", ".lora_B.weight", "diffusion_model.<module>.alpha": 0-d float32}.
@@ -106,21 +107,20 @@ def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float) -> d
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lora_A.weight")
             # float32 whatever the weights' dtype: an alpha such as 0.3 is not exact in bf16.
-            out[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            module_alpha = value.shape[0] if alpha is None else alpha
+            out[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(module_alpha), dtype=torch.float32)
     return out
 
 
-def _diffusers_adapter_metadata(lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> dict:
+def _diffusers_adapter_metadata(state_dict: dict[str, torch.Tensor]) -> dict:
     # The LoraConfig kwargs diffusers' loader rebuilds the adapter from (prefixed with the component name, as
-    # `ZImagePipeline.save_lora_weights` packs them). lora_alpha = r because alpha is folded into the weights.
-    modules = sorted({k.removeprefix(DIFFUSERS_PREFIX).rsplit(".lora_", 1)[0] for k in state_dict})
-    config = {
-        "r": lora_config.r,
-        "lora_alpha": lora_config.r,
-        "target_modules": modules,
-        "use_dora": False,
-        "lora_bias": False,
+    # `ZImagePipeline.save_lora_weights` packs them), for FOLDED weights: alpha = rank in every module. Modules at
+    # another rank than the most common go in rank_pattern / alpha_pattern, as diffusers infers them without metadata.
+    ranks = {
+        k.removeprefix(DIFFUSERS_PREFIX): v.shape[1] for k, v in state_dict.items() if k.endswith(".lora_B.weight")
     }
+    config = get_peft_kwargs(ranks, None, {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in state_dict.items()})
+    config["target_modules"] = sorted(config["target_modules"])
     return {DIFFUSERS_PREFIX + k: v for k, v in config.items()}
 
 
@@ -234,23 +234,44 @@ def save_lora(
         return paths
     if "diffusers" in formats:
         folded = fold_alpha({k: v.float() for k, v in raw.items()}, lora_config.lora_alpha, lora_config.use_rslora)
-        file_metadata = {
-            **metadata,
-            "format": "pt",
-            "lora_format": "diffusers",
-            "lora_alpha_folded": "true",
-            LORA_ADAPTER_METADATA_KEY: json.dumps(
-                _diffusers_adapter_metadata(lora_config, raw), indent=2, sort_keys=True
-            ),
-        }
         paths["diffusers"] = output_dir / LORA_WEIGHT_NAME
-        save_safetensors_atomic(prepare(folded), paths["diffusers"], file_metadata)
+        _save_diffusers_file(paths["diffusers"], prepare(folded), metadata)
     if "comfyui" in formats:
         if lora_config.use_rslora:
             raise NotImplementedError("ComfyUI scales by alpha / rank; an rsLoRA adapter has no such alpha")
         file_metadata = {**metadata, "format": "pt", "lora_format": "comfyui", "lora_alpha_folded": "false"}
         paths["comfyui"] = output_dir / COMFYUI_WEIGHT_NAME
         save_safetensors_atomic(prepare(to_comfyui(raw, lora_config.lora_alpha)), paths["comfyui"], file_metadata)
+    return paths
+
+
+def _save_diffusers_file(path: Path, folded: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    adapter = json.dumps(_diffusers_adapter_metadata(folded), indent=2, sort_keys=True)
+    file_metadata = {**metadata, "format": "pt", "lora_format": "diffusers", "lora_alpha_folded": "true"}
+    save_safetensors_atomic(folded, path, {**file_metadata, LORA_ADAPTER_METADATA_KEY: adapter})
+
+
+def save_lora_state(
+    output_dir: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    formats: Iterable[str] = LORA_FORMATS,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Path]:
+    """Write a LoRA given as tensors in `read_lora`'s layout (diffusers keys, alpha folded, each module at its own
+    rank) to the files `save_lora` writes, under the same names: the ComfyUI file's `.alpha` is each module's rank
+    (its scale 1). Returns {format: path written}."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
+    paths = {}
+    if "diffusers" in formats:
+        paths["diffusers"] = output_dir / LORA_WEIGHT_NAME
+        _save_diffusers_file(paths["diffusers"], tensors, dict(metadata or {}))
+    if "comfyui" in formats:
+        paths["comfyui"] = output_dir / COMFYUI_WEIGHT_NAME
+        file_metadata = {**(metadata or {}), "format": "pt", "lora_format": "comfyui", "lora_alpha_folded": "true"}
+        save_safetensors_atomic(to_comfyui(tensors, None), paths["comfyui"], file_metadata)
     return paths
 
 
@@ -270,6 +291,17 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 # The transformer's top-level modules (ZImageTransformer2DModel): every key of a Z-Image LoRA starts with one
 ZIMAGE_MODULES = ("layers.", "noise_refiner.", "context_refiner.", "all_x_embedder.", "all_final_layer.", "t_embedder.",
                   "cap_embedder.")  # fmt: skip
+
+
+def split_strength(spec: str) -> tuple[str, float]:
+    """ "path:0.8" → ("path", 0.8); a path without a strength gets 1.0 (Windows drive letters are kept)."""
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def read_lora(path: str) -> dict[str, torch.Tensor]:

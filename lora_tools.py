@@ -1,0 +1,148 @@
+"""Edit Z-Image LoRA files without loading the model (seconds, on a CPU): convert a LoRA to our two files, shrink its
+rank, or merge several LoRAs into one.
+
+    python lora_tools.py convert kohya_or_comfyui_lora.safetensors --output_dir my_lora     # any layout diffusers reads
+    python lora_tools.py resize my_lora --rank 16 --output_dir my_lora_r16                  # the best rank-16 LoRA
+    python lora_tools.py resize my_lora --keep 0.95 --output_dir my_lora_small   # per module, 95% of its update kept
+    python lora_tools.py merge style.safetensors:0.7 my_lora:1.0 --output_dir merged        # exactly both, one file
+
+Each writes what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
+pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...).
+A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors file in any format diffusers reads
+(ours, ComfyUI/ai-toolkit, kohya/musubi-tuner); ":weight" after it scales it in a merge (negative subtracts).
+Sizes: `resize` keeps, in each module, the largest singular values of the update B @ A: at --rank r that is the
+closest rank-r update there is (its loss is printed as the fraction of each update's norm kept). A merge adds the
+updates exactly (the ranks add up) unless --rank or --keep shrink the sum the same way.
+"""
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+from zimage_utils import cli
+from zimage_utils.lora_edit import factors_state_dict, lora_factors, merge, resize
+from zimage_utils.lora_io import (
+    COMFYUI_WEIGHT_NAME,
+    LORA_FORMATS,
+    LORA_WEIGHT_NAME,
+    load_lora_file,
+    read_lora,
+    save_lora_state,
+    split_strength,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Metadata that describes a file's layout, not what was trained: written anew for the output.
+LAYOUT_METADATA = ("format", "lora_format", "lora_alpha_folded", LORA_ADAPTER_METADATA_KEY, "rank", "alpha")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="{convert,resize,merge}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output_dir", required=True, help="Folder for the two LoRA files (created if missing).")
+    common.add_argument(
+        "--save_dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="Dtype of the written weights. Default: the source's (the widest of a merge's).",
+    )
+    common.add_argument(
+        "--formats",
+        nargs="+",
+        choices=LORA_FORMATS,
+        default=list(LORA_FORMATS),
+        help="Which of the two files to write (default both).",
+    )
+    common.add_argument("--overwrite", action="store_true", help="Replace LoRA files already in --output_dir.")
+    sizes = argparse.ArgumentParser(add_help=False)
+    sizes.add_argument("--rank", type=int, default=None, help="At most this rank in every module.")
+    sizes.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help="In each module, the smallest rank whose update keeps this fraction (0-1] of the full update's "
+        "Frobenius norm (kohya's sv_fro). With --rank too: whichever is smaller.",
+    )
+    convert = tools.add_parser("convert", parents=[common], help="Any LoRA layout diffusers reads → our two files.")
+    convert.add_argument("lora", help="LoRA folder or .safetensors file.")
+    shrink = tools.add_parser("resize", parents=[common, sizes], help="A smaller rank, by SVD of each update.")
+    shrink.add_argument("lora", help="LoRA folder or .safetensors file.")
+    combine = tools.add_parser("merge", parents=[common, sizes], help="Several LoRAs as one: Σ weight · update.")
+    combine.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]", help="Two or more LoRAs, each with a weight.")
+    args = parser.parse_args(input_args)
+    if args.tool == "resize" and args.rank is None and args.keep is None:
+        parser.error("resize needs --rank R, --keep F or both")
+    if getattr(args, "rank", None) is not None and args.rank < 1:
+        parser.error(f"--rank {args.rank}: give 1 or more")
+    if getattr(args, "keep", None) is not None and not 0 < args.keep <= 1:
+        parser.error(f"--keep {args.keep}: give a fraction in (0, 1], e.g. 0.95")
+    if args.tool == "merge" and len(args.loras) < 2:
+        parser.error("merge needs two or more LoRAs (resize shrinks one)")
+    return args
+
+
+def source_metadata(path: str) -> dict[str, str]:
+    """What the LoRA file at `path` (file or folder) says about its training, without its layout's keys; {} for a
+    hub id or a file without metadata."""
+    file = Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        return {}
+    return {k: v for k, v in load_lora_file(file)[1].items() if k not in LAYOUT_METADATA}
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    cli.check_output_dir(args.output_dir)
+    names = {"diffusers": LORA_WEIGHT_NAME, "comfyui": COMFYUI_WEIGHT_NAME}
+    there = [names[f] for f in args.formats if (Path(args.output_dir) / names[f]).exists()]
+    if there and not args.overwrite:
+        raise ValueError(f"--output_dir {args.output_dir} already holds {there[0]}: give a new folder, or --overwrite")
+
+
+def rank_text(ranks: list[int]) -> str:
+    return str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+
+
+def report_resize(report: dict) -> str:
+    """One line: ranks before → after, the part of each update kept (mean, and the module that kept least)."""
+    old, new = [r[0] for r in report.values()], [r[1] for r in report.values()]
+    worst = min(report, key=lambda m: report[m][2])
+    mean_kept = sum(r[2] for r in report.values()) / len(report)
+    return (
+        f"{len(report)} modules, rank {rank_text(old)} → {rank_text(new)} (mean {sum(new) / len(new):.1f}); "
+        f"update norm kept: mean {mean_kept:.1%}, least {report[worst][2]:.1%} ({worst})"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    check_output_dir(args)
+    specs = [split_strength(spec) for spec in args.loras] if args.tool == "merge" else [(args.lora, 1.0)]
+    # every LoRA read, and refused if it is not a whole plain LoRA, before anything is written
+    factors = [(lora_factors(read_lora(path), path), weight) for path, weight in specs]
+    dtypes = [t.dtype for lora, _ in factors for pair in lora.values() for t in pair]
+    dtype = DTYPES[args.save_dtype] if args.save_dtype else functools.reduce(torch.promote_types, dtypes)
+    metadata = source_metadata(specs[0][0])
+    if args.tool == "merge":
+        lora = merge(factors)
+        metadata = {k: v for k, v in metadata.items() if all(source_metadata(p).get(k) == v for p, _ in specs[1:])}
+        metadata["lora_tools"] = "merge " + " + ".join(f"{w:g} × {Path(p).name}" for p, w in specs)
+    else:
+        lora = factors[0][0]
+        metadata["lora_tools"] = f"{args.tool} {Path(args.lora).name}"
+    summary = f"{len(lora)} modules, rank {rank_text([down.shape[0] for _, down in lora.values()])}"
+    if getattr(args, "rank", None) is not None or getattr(args, "keep", None) is not None:
+        lora, report = resize(lora, args.rank, args.keep)
+        summary = report_resize(report)
+        metadata["lora_tools"] += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
+    metadata["rank"] = rank_text([down.shape[0] for _, down in lora.values()])
+    paths = save_lora_state(args.output_dir, factors_state_dict(lora), metadata, args.formats, dtype)
+    print(summary)
+    for path in paths.values():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})")
+
+
+if __name__ == "__main__":
+    cli.run(main, parse_args)

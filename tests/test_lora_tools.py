@@ -1,0 +1,200 @@
+"""lora_tools.py: a converted, resized or merged LoRA is what diffusers' own loading of the sources gives.
+
+Each check loads the written files into a fresh tiny ZImagePipeline (the same base weights) and compares the
+transformer's output, or the update diffusers fuses into a weight, with what the sources give when diffusers loads
+them: at full rank the same to rounding; at a lower rank the update's best approximation, measured against singular
+values computed here from the dense update.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_lora_io import fail_on_loader_warnings, stand_in_for_training, transformer_output
+
+import lora_tools
+from zimage_utils.lora import add_lora
+from zimage_utils.lora_edit import lora_factors, update_svd
+from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, read_lora, save_lora
+from zimage_utils.tiny import make_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def trained_lora(
+    folder: Path, rank: int, alpha: float, targets: str, seed: int, adapter: str = "lora"
+) -> torch.Tensor:
+    """A non-zero LoRA saved as the trainer saves it; returns the output of the model that holds it."""
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=rank, alpha=alpha, targets=targets, adapter=adapter)
+    stand_in_for_training(transformer, seed=seed)
+    save_lora(folder, transformer, config, {"base_model": "tiny", "trigger_word": f"sks{seed}"})
+    return transformer_output(transformer)
+
+
+def tool(*argv) -> None:
+    lora_tools.main(lora_tools.parse_args([str(a) for a in argv]))
+
+
+def loaded(*loras: tuple[Path, float], weight_name: str | None = None):
+    """A fresh tiny pipeline with these LoRAs at these strengths, loaded by diffusers (any warning fails)."""
+    pipe = make_tiny_pipeline(seed=0)
+    with fail_on_loader_warnings():
+        for i, (path, _) in enumerate(loras):
+            pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=f"l{i}")
+    pipe.set_adapters([f"l{i}" for i in range(len(loras))], [w for _, w in loras])
+    return pipe
+
+
+def pipe_of(path: Path):
+    return loaded((path, 1.0)).transformer
+
+
+def fused_updates(path: Path) -> dict[str, torch.Tensor]:
+    """{module: the update diffusers' fuse_lora adds to its weight}."""
+    base = dict(make_tiny_pipeline(seed=0).transformer.named_parameters())
+    pipe = loaded((path, 1.0))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = dict(pipe.transformer.named_parameters())
+    modules = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in read_lora(str(path)) if "lora_A" in k
+    }
+    return {m: (fused[f"{m}.weight"] - base[f"{m}.weight"]).double() for m in modules}
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """Two LoRAs the trainer could have written: rank 4 alpha 8 on attention, rank 8 alpha 2 on every Linear."""
+    root = tmp_path_factory.mktemp("loras")
+    outputs = {
+        "attention": trained_lora(root / "attention", rank=4, alpha=8, targets="attention", seed=1),
+        "all": trained_lora(root / "all", rank=8, alpha=2, targets="all", seed=2),
+    }
+    return root, outputs
+
+
+def test_the_svd_from_the_factors_is_the_updates_svd():
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(40, 6, generator=g), torch.randn(6, 24, generator=g)
+    u, s, vh = update_svd(up, down)
+    dense = up.double() @ down.double()
+    torch.testing.assert_close(s, torch.linalg.svdvals(dense)[:6])
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, dense)
+    torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64))
+
+
+def test_convert_writes_a_comfyui_lora_as_our_two_files(loras, tmp_path):
+    """The source is the ComfyUI/ai-toolkit layout with alpha 2 ≠ rank 8 (unfolded weights + .alpha)."""
+    root, outputs = loras
+    source = root / "all" / COMFYUI_WEIGHT_NAME
+    tool("convert", source, "--output_dir", tmp_path / "out")
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+        pipe = loaded((tmp_path / "out", 1.0), weight_name=name)
+        torch.testing.assert_close(transformer_output(pipe.transformer), outputs["all"], rtol=0, atol=1e-5)
+    _, metadata = load_lora_file(tmp_path / "out" / LORA_WEIGHT_NAME)
+    assert (
+        metadata["trigger_word"] == "sks2" and metadata["rank"] == "8" and metadata["lora_tools"].startswith("convert")
+    )
+
+
+def test_resize_at_full_rank_changes_nothing_and_to_a_lower_rank_keeps_the_best_part(loras, tmp_path, capsys):
+    root, outputs = loras
+    tool("resize", root / "all", "--rank", 8, "--output_dir", tmp_path / "full")
+    pipe = loaded((tmp_path / "full", 1.0))
+    torch.testing.assert_close(transformer_output(pipe.transformer), outputs["all"], rtol=0, atol=1e-5)
+
+    tool("resize", root / "all", "--rank", 3, "--output_dir", tmp_path / "r3", "--save_dtype", "fp32")
+    assert "rank 8 → 3" in capsys.readouterr().out
+    state, _ = load_lora_file(tmp_path / "r3" / LORA_WEIGHT_NAME)
+    assert {v.shape[0] for k, v in state.items() if "lora_A" in k} == {3}
+    source, resized = fused_updates(root / "all"), fused_updates(tmp_path / "r3")
+    assert set(resized) == set(source) and len(source) == 31
+    for module, update in source.items():
+        s = torch.linalg.svdvals(update)
+        # Eckart-Young: the best rank-3 update misses exactly the other singular values
+        lost = torch.linalg.matrix_norm(resized[module] - update)
+        torch.testing.assert_close(lost, s[3:].square().sum().sqrt(), rtol=1e-4, atol=1e-6)
+        assert torch.linalg.matrix_rank(resized[module], atol=1e-5) <= 3
+    comfy = loaded((tmp_path / "r3", 1.0), weight_name=COMFYUI_WEIGHT_NAME)
+    torch.testing.assert_close(transformer_output(comfy.transformer), transformer_output(pipe_of(tmp_path / "r3")))
+
+
+def test_keep_gives_each_module_the_fewest_ranks_that_keep_that_much(tmp_path, capsys):
+    """Modules whose updates' spectra differ get different ranks; diffusers builds each at its own rank (the file's
+    rank_pattern) and the ComfyUI file's alphas agree."""
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=8, alpha=8, targets="all")
+    stand_in_for_training(transformer, seed=3)
+    with torch.no_grad():  # spectra from flat to steep: column j of B scaled by decay^j
+        for i, param in enumerate(p for n, p in transformer.named_parameters() if ".lora_B." in n):
+            param.mul_(torch.tensor([(0.2 + 0.1 * (i % 8)) ** j for j in range(8)]))
+    save_lora(tmp_path / "src", transformer, config, {})
+    tool("resize", tmp_path / "src", "--keep", 0.9, "--output_dir", tmp_path / "out")
+    assert "update norm kept" in capsys.readouterr().out
+    state, _ = load_lora_file(tmp_path / "out" / LORA_WEIGHT_NAME)
+    ranks = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): v.shape[0]
+        for k, v in state.items()
+        if "lora_A" in k
+    }
+    assert len(set(ranks.values())) > 2
+    source, resized = fused_updates(tmp_path / "src"), fused_updates(tmp_path / "out")
+    for module, update in source.items():
+        s = torch.linalg.svdvals(update)
+        norm, k = s.square().sum().sqrt(), ranks[module]
+        assert torch.linalg.matrix_norm(resized[module]) >= 0.9 * norm * (1 - 1e-6)
+        assert s[: k - 1].square().sum().sqrt() < 0.9 * norm  # one rank fewer would keep too little
+    comfy = loaded((tmp_path / "out", 1.0), weight_name=COMFYUI_WEIGHT_NAME)
+    torch.testing.assert_close(transformer_output(comfy.transformer), transformer_output(pipe_of(tmp_path / "out")))
+
+
+def test_merge_equals_diffusers_with_both_adapters_at_their_weights(loras, tmp_path):
+    """Weights 0.7 and -0.4; attention modules get rank 4 + 8, the FFN and the rest only the second LoRA's 8."""
+    root, _ = loras
+    tool("merge", f"{root / 'attention'}:0.7", f"{root / 'all'}:-0.4", "--output_dir", tmp_path / "m")
+    both = loaded((root / "attention", 0.7), (root / "all", -0.4))
+    expected = transformer_output(both.transformer)
+    assert (expected - transformer_output(make_tiny_pipeline(seed=0).transformer)).abs().max() > 1e-2
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+        merged = loaded((tmp_path / "m", 1.0), weight_name=name)
+        torch.testing.assert_close(transformer_output(merged.transformer), expected, rtol=0, atol=1e-5)
+    state, metadata = load_lora_file(tmp_path / "m" / LORA_WEIGHT_NAME)
+    ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+    assert ranks == {12, 8} and metadata["rank"] == "8-12" and metadata["base_model"] == "tiny"
+    assert "trigger_word" not in metadata  # the two LoRAs' differ: neither is the merge's
+    # the sum shrunk to rank 4 is the best rank-4 part of the merged update
+    tool("merge", f"{root / 'attention'}:0.7", f"{root / 'all'}:-0.4", "--rank", 4, "--output_dir", tmp_path / "m4")
+    exact, small = fused_updates(tmp_path / "m"), fused_updates(tmp_path / "m4")
+    for module, update in exact.items():
+        lost = torch.linalg.matrix_norm(small[module] - update)
+        torch.testing.assert_close(lost, torch.linalg.svdvals(update)[4:].square().sum().sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_mistakes_are_refused_before_anything_is_written(loras, tmp_path):
+    root, _ = loras
+    trained_lora(tmp_path / "lokr", rank=4, alpha=4, targets="attention", seed=1, adapter="lokr")
+    with pytest.raises(ValueError, match=r"lokr.*LoKr"):
+        tool("resize", tmp_path / "lokr", "--rank", 2, "--output_dir", tmp_path / "out")
+    with pytest.raises(ValueError, match="already holds pytorch_lora_weights.safetensors.*--overwrite"):
+        tool("resize", root / "all", "--rank", 2, "--output_dir", root / "attention")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        tool("merge", root / "all", tmp_path / "missing", "--output_dir", tmp_path / "out")
+    for argv in (["resize", root / "all"], ["merge", root / "all"], ["resize", root / "all", "--keep", 1.5]):
+        with pytest.raises(SystemExit):
+            tool(*argv, "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    lora_factors(read_lora(str(root / "all")), "all")  # (the source itself is a plain LoRA)
+
+
+def test_the_script_runs_from_the_command_line(loras, tmp_path):
+    root, _ = loras
+    argv = [sys.executable, "lora_tools.py", "resize", str(root / "all"), "--rank", "2", "--save_dtype", "bf16"]
+    done = subprocess.run(argv + ["--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "rank 8 → 2" in done.stdout and "bfloat16" in done.stdout
+    state, _ = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
