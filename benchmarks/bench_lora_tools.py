@@ -87,7 +87,7 @@ def main() -> None:
         argv = [str(a) for a in argv] + ["--output_dir", str(output), "--overwrite"]
         seconds, _ = timed(lambda argv=argv: lora_tools.main(lora_tools.parse_args(argv)))
         size = sum(p.stat().st_size for p in output.glob("*.safetensors")) / 2**20
-        rows.append({"command": name, "seconds": round(seconds, 2), "written_mib": round(size, 1)})
+        rows.append({"command": name, "seconds": round(seconds, 2), "written_mib": round(size, 3)})
 
     # The SVD itself on the modules of one block: ours (from the factors, float64) against the dense SVD of each update
     # in float32, as PEFT's svd merge and kohya's resize_lora take it
