@@ -139,7 +139,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--init_lora",
         default=None,
         help="Start from this LoRA (or LoKr) instead of from zero (a .safetensors file or a folder of ours; "
-        "diffusers, ComfyUI/ai-toolkit or kohya keys): same --rank, and --lora_targets covering its modules.",
+        "diffusers, ComfyUI/ai-toolkit or kohya keys): a --rank at least its own (LoKr: the same), and --lora_targets "
+        "covering its modules.",
     )
     g.add_argument(
         "--training_adapter",

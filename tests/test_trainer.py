@@ -29,6 +29,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from test_lora_io import fail_on_loader_warnings, lora_delta, transformer_output
 
+import lora_tools
 import precompute_embeddings
 import train_zimage_lora
 from zimage_utils import cache as cache_lib
@@ -241,10 +242,42 @@ def test_init_lora_starts_training_from_a_saved_lora(
         torch.testing.assert_close(lora_delta(started, module), lora_delta(original, module), rtol=1e-5, atol=1e-7)
 
 
+def test_init_lora_from_a_file_resized_to_lower_ranks_starts_from_its_update_and_trains_the_rest(
+    finished_run, tiny_model_dir, tiny_cache_dir, tmp_path
+):
+    """A file shrunk by `lora_tools.py resize --keep` (each module at its own rank, all below 8) into a rank-8 run:
+    with learning rate 0 the run's LoRA is the file's update for update; one step at a learning rate moves the B
+    columns the file lacked (the missing rank is trained, not dead)."""
+    resized = tmp_path / "resized"
+    lora_tools.main(
+        lora_tools.parse_args(["resize", str(finished_run["dir"]), "--keep", "0.6", "--output_dir", str(resized)])
+    )
+    small, _ = load_lora_file(resized / LORA_WEIGHT_NAME)
+    ranks = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): v.shape[0]
+        for k, v in small.items()
+        if "lora_A" in k
+    }
+    assert max(ranks.values()) < 8
+    flags = dict(rank=8, lora_alpha=8, lora_targets="all", max_train_steps=1, save_dtype="fp32", init_lora=resized)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "still", learning_rate=0, **flags)
+    started, _ = load_lora_file(tmp_path / "still" / LORA_WEIGHT_NAME)
+    for module in ranks:
+        assert started[f"transformer.{module}.lora_A.weight"].shape[0] == 8
+        torch.testing.assert_close(lora_delta(started, module), lora_delta(small, module), rtol=1e-5, atol=1e-7)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "moved", learning_rate=1e-2, **flags)
+    moved, _ = load_lora_file(tmp_path / "moved" / LORA_WEIGHT_NAME)
+    padding = [moved[f"transformer.{m}.lora_B.weight"][:, r:] for m, r in ranks.items()]
+    assert max(float(p.abs().max()) for p in padding) > 0
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (dict(rank=4, lora_targets="all"), "has LoRA rank \\[8\\], this run 4: pass --rank 8"),
+        (
+            dict(rank=4, lora_targets="all"),
+            "has LoRA rank 8, this run 4: pass --rank 8, or shrink .* lora_tools.py resize",
+        ),
         (dict(rank=8, lora_targets="attention"), "adapts 15 module\\(s\\) this run does not target"),
     ],
 )

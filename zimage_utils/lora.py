@@ -185,7 +185,8 @@ def init_lora_from(
     Returns:
         The targeted modules the file has no weights for (they start from zero as usual). Raises ValueError,
         naming the file and the flag to change, when the file is of the other kind, adapts modules not targeted, or
-        its rank (LoKr: its factor shapes) differs.
+        its rank is above the run's (LoKr: its factor shapes differ); a LoRA module at a lower rank is padded
+        (`pad_lower_ranks_`).
     """
     from peft.utils import set_peft_model_state_dict
 
@@ -214,14 +215,32 @@ def init_lora_from(
             )
         scale, first_factor = config.alpha / config.r, (".lokr_w1", ".lokr_w1_a")
     else:
-        ranks = {state[f"{m}.lora_A.weight"].shape[0] for m in modules}
-        if ranks != {config.r}:
-            raise ValueError(f"{path} has LoRA rank {sorted(ranks)}, this run {config.r}: pass --rank {min(ranks)}")
+        top = max(state[f"{m}.lora_A.weight"].shape[0] for m in modules)
+        if top > config.r:
+            raise ValueError(
+                f"{path} has LoRA rank {top}, this run {config.r}: pass --rank {top}, or shrink the file first "
+                f"(python lora_tools.py resize {path} --rank {config.r} --output_dir NEW_FOLDER)"
+            )
         scale, first_factor = config.lora_alpha / config.r, (".lora_A.weight",)
     # PEFT multiplies the update by `scale`
     state = {k: v.float() / scale if k.endswith(first_factor) else v.float() for k, v in state.items()}
+    if not lokr:
+        pad_lower_ranks_(transformer, state, config.r)
     set_peft_model_state_dict(transformer, state, adapter_name="default")
     return [m for m in targets if m not in modules]
+
+
+def pad_lower_ranks_(transformer: torch.nn.Module, state: dict[str, torch.Tensor], rank: int) -> None:
+    """A module the file holds at a rank k below the run's (a file made smaller by `lora_tools.py resize`) gets
+    rows k.. of A from the adapter's own initialisation and zero columns of B beside the file's: the update starts as
+    the file's, and the rank it lacks trains as a new LoRA's does. In place, on `state` (keys without the prefix)."""
+    for key in [k for k in state if k.endswith(".lora_A.weight")]:
+        down, module = state[key], key.removesuffix(".lora_A.weight")
+        if down.shape[0] < rank:
+            own = transformer.get_submodule(module).lora_A["default"].weight
+            up = state[f"{module}.lora_B.weight"]
+            state[key] = torch.cat([down.to(own.device), own.detach()[down.shape[0] :].float()])
+            state[f"{module}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], rank - up.shape[1])], dim=1)
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:
