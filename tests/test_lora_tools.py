@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_lora_io import fail_on_loader_warnings, stand_in_for_training, transformer_output
 
 import lora_tools
@@ -86,18 +87,35 @@ def test_the_svd_from_the_factors_is_the_updates_svd():
     torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64))
 
 
-def test_convert_writes_a_comfyui_lora_as_our_two_files(loras, tmp_path):
-    """The source is the ComfyUI/ai-toolkit layout with alpha 2 ≠ rank 8 (unfolded weights + .alpha)."""
+def kohya_layout(comfyui_file: Path, path: Path) -> Path:
+    """The ComfyUI file's LoRA in kohya's / musubi-tuner's layout: `lora_unet_layers_0_attention_to_q.lora_down.weight`,
+    `.lora_up.weight` and `.alpha` (its scale alpha / rank, here 2 / 8)."""
+    tensors, _ = load_lora_file(comfyui_file)
+    renamed = {}
+    for key, value in tensors.items():
+        module, _, kind = key.removeprefix("diffusion_model.").rpartition(".lora_")
+        if not module:  # "<module>.alpha"
+            module, kind = key.removeprefix("diffusion_model.").removesuffix(".alpha"), "alpha"
+        suffix = {"A.weight": ".lora_down.weight", "B.weight": ".lora_up.weight", "alpha": ".alpha"}[kind]
+        renamed["lora_unet_" + module.replace(".", "_") + suffix] = value
+    save_file(renamed, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya"])
+def test_convert_writes_another_layout_as_our_two_files(loras, tmp_path, layout):
+    """The source has alpha 2 ≠ rank 8 and unfolded weights, in ComfyUI/ai-toolkit's layout or kohya's."""
     root, outputs = loras
     source = root / "all" / COMFYUI_WEIGHT_NAME
+    if layout == "kohya":
+        source = kohya_layout(source, tmp_path / "kohya.safetensors")
     tool("convert", source, "--output_dir", tmp_path / "out")
     for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
         pipe = loaded((tmp_path / "out", 1.0), weight_name=name)
         torch.testing.assert_close(transformer_output(pipe.transformer), outputs["all"], rtol=0, atol=1e-5)
-    _, metadata = load_lora_file(tmp_path / "out" / LORA_WEIGHT_NAME)
-    assert (
-        metadata["trigger_word"] == "sks2" and metadata["rank"] == "8" and metadata["lora_tools"].startswith("convert")
-    )
+    state, metadata = load_lora_file(tmp_path / "out" / LORA_WEIGHT_NAME)
+    assert len(state) == 2 * 31 and metadata["rank"] == "8" and metadata["lora_tools"].startswith("convert")
+    assert metadata.get("trigger_word") == ("sks2" if layout == "comfyui" else None)  # (kohya's file: none written)
 
 
 def test_resize_at_full_rank_changes_nothing_and_to_a_lower_rank_keeps_the_best_part(loras, tmp_path, capsys):
