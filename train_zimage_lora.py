@@ -153,6 +153,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="adamw, adamw8bit, prodigy.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="adamw, adamw8bit, prodigy.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="adamw, adamw8bit, prodigy.")
     g.add_argument(
         "--loraplus_lr_ratio",
         type=float,
@@ -416,6 +419,8 @@ def run_training(args: argparse.Namespace) -> None:
         args.optimizer,
         args.learning_rate,
         args.adam_weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
         fused=False if optimizer_offloaded(accelerator) else None,
         loraplus_lr_ratio=args.loraplus_lr_ratio,
         model=transformer,

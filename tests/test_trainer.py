@@ -535,6 +535,46 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(interrupted_and_resumed
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
 
 
+def test_a_resumed_run_follows_its_own_learning_rate_and_weight_decay(
+    tiny_model_dir, tiny_cache_dir, tmp_path, caplog
+):
+    """Loading a checkpoint's optimiser and scheduler would bring back the saved --learning_rate and
+    --adam_weight_decay; the resumed run uses its own, and says so. Resumed at learning rate 0 the LoRA stays the
+    checkpoint's; resumed with weight decay 1000 (AdamW: weights × (1 - lr · wd) = 0) every factor falls to about one
+    step's size (the checkpoint's kept rate and decay would leave them as large as before)."""
+    flags = dict(max_train_steps=3, checkpointing_steps=2, learning_rate=1e-3, save_dtype="fp32")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags, max_train_steps_this_run=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    checkpoint, _ = load_lora_file(tmp_path / "a" / "checkpoint-2" / LORA_WEIGHT_NAME)
+
+    log = train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path / "a",
+        **{**flags, "learning_rate": 0},
+        resume_from_checkpoint="latest",
+    )
+    assert [r["lr"] for r in log] == [1e-3, 1e-3, 0]
+    assert (
+        "other optimiser settings, which apply from here: --learning_rate 0.0 (the checkpoint's: 0.001)" in caplog.text
+    )
+    still, _ = load_lora_file(tmp_path / "a" / LORA_WEIGHT_NAME)
+    assert all(torch.equal(still[k], checkpoint[k]) for k in checkpoint)
+
+    train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path / "b",
+        **flags,
+        adam_weight_decay=1000,
+        resume_from_checkpoint="latest",
+    )
+    decayed, _ = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
+    a_factors = [k for k in checkpoint if "lora_A" in k]
+    assert min(float(checkpoint[k].abs().max()) for k in a_factors) > 0.05
+    assert max(float(decayed[k].abs().max()) for k in a_factors) < 3e-3
+
+
 def test_checkpoints_total_limit_keeps_the_newest_checkpoints(interrupted_and_resumed):
     assert interrupted_and_resumed["checkpoints_at_stop"] == ["checkpoint-3", "checkpoint-6"]
     assert sorted(p.name for p in interrupted_and_resumed["b"].glob("checkpoint-*")) == [

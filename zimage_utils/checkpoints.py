@@ -156,6 +156,31 @@ def batch_layout(accelerator, batch_size: int) -> dict[str, int]:
     return {"processes": accelerator.num_processes, "train_batch_size": batch_size}
 
 
+# The optimiser settings a run's flags give each parameter group (initial_lr: --learning_rate, times LoRA+'s ratio
+# in the B group). Loading a checkpoint's optimiser and scheduler state would bring back the saved run's values.
+FLAG_HYPERPARAMETERS = {"initial_lr": "--learning_rate", "weight_decay": "--adam_weight_decay",
+                        "betas": "--adam_beta1 --adam_beta2", "eps": "--adam_epsilon"}  # fmt: skip
+
+
+def group_hyperparameters(optimizer) -> list[dict]:
+    """The flag-given settings of each parameter group, as this run made them (before a checkpoint is loaded)."""
+    return [{k: group[k] for k in FLAG_HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
+
+
+def restore_group_hyperparameters(schedule, flags: list[dict]) -> list[str]:
+    """Put this run's settings back into the loaded optimiser's groups and the schedule's base rates, so that a
+    resumed run follows its own --learning_rate, --adam_weight_decay, ... (loading the state restores the saved
+    ones, silently). Returns what differed, as "--flag old → new"; the caller recomputes the rates."""
+    changed = {}
+    for group, own in zip(schedule.optimizer.param_groups, flags):
+        for key, value in own.items():
+            if group.get(key) != value:  # (LoRA+'s B group: the first group's value is the one reported)
+                changed.setdefault(key, f"{FLAG_HYPERPARAMETERS[key]} {value} (the checkpoint's: {group.get(key)})")
+                group[key] = value
+    schedule.base_lrs = [own["initial_lr"] for own in flags]
+    return list(changed.values())
+
+
 def resume_training(
     accelerator,
     output_dir,
@@ -203,6 +228,8 @@ def resume_training(
             "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
         )
     weights_only_checkpoint_loads(accelerator)
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    flags = group_hyperparameters(schedule.optimizer) if schedule is not None else None
     # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
     try:
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
@@ -221,10 +248,15 @@ def resume_training(
             "items its epoch had reached, in a different epoch order"
         )
         next_batch = next_batch * was // is_now
-    if saved["processes"] != now["processes"] and lr_scheduler is not None:
-        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    changed = restore_group_hyperparameters(schedule, flags) if schedule is not None else []
+    if changed:
+        log(f"note: resuming from {resume} with other optimiser settings, which apply from here: {'; '.join(changed)}")
+    if schedule is not None and saved["processes"] != now["processes"]:
         schedule.last_epoch = step * now["processes"] - 1
         schedule.step()  # sets the optimiser's learning rates for the new position
+    elif changed:
+        schedule.last_epoch -= 1
+        schedule.step()  # the same position, at this run's base rates
     position = step, epoch, next_batch
     if state.get("items", items) != items:
         log(

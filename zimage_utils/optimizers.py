@@ -22,7 +22,7 @@ def _optimizer_class(name: str, params: list[torch.nn.Parameter], fused: bool | 
             from prodigyopt import Prodigy
         except ImportError as e:
             raise ImportError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from e
-        return Prodigy, {"betas": betas, "safeguard_warmup": True, "use_bias_correction": True}
+        return Prodigy, {"betas": betas, "eps": eps, "safeguard_warmup": True, "use_bias_correction": True}
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
