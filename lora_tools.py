@@ -5,6 +5,7 @@ rank, or merge several LoRAs into one.
     python lora_tools.py resize my_lora --rank 16 --output_dir my_lora_r16                  # the best rank-16 LoRA
     python lora_tools.py resize my_lora --keep 0.95 --output_dir my_lora_small   # per module, 95% of its update kept
     python lora_tools.py merge style.safetensors:0.7 my_lora:1.0 --output_dir merged        # exactly both, one file
+    python lora_tools.py show my_lora      # layout, modules, ranks, the rank each module needs, the metadata
 
 Each writes what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
 pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...).
@@ -16,6 +17,7 @@ updates exactly (the ranks add up) unless --rank or --keep shrink the sum the sa
 """
 
 import argparse
+import collections
 import functools
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from zimage_utils import cli
-from zimage_utils.lora_edit import factors_state_dict, lora_factors, merge, resize
+from zimage_utils.lora import REFINER_PREFIXES
+from zimage_utils.lora_edit import factors_state_dict, lora_factors, merge, rank_for, resize, update_svd
 from zimage_utils.lora_io import (
     COMFYUI_WEIGHT_NAME,
     LORA_FORMATS,
@@ -34,6 +37,7 @@ from zimage_utils.lora_io import (
     split_strength,
 )
 
+KEEP_LEVELS = (0.9, 0.95, 0.99)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Metadata that describes a file's layout, not what was trained: written anew for the output.
 LAYOUT_METADATA = ("format", "lora_format", "lora_alpha_folded", LORA_ADAPTER_METADATA_KEY, "rank", "alpha")
@@ -41,7 +45,7 @@ LAYOUT_METADATA = ("format", "lora_format", "lora_alpha_folded", LORA_ADAPTER_ME
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tools = parser.add_subparsers(dest="tool", required=True, metavar="{convert,resize,merge}")
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="{convert,resize,merge,show}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output_dir", required=True, help="Folder for the two LoRA files (created if missing).")
     common.add_argument(
@@ -73,6 +77,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     shrink.add_argument("lora", help="LoRA folder or .safetensors file.")
     combine = tools.add_parser("merge", parents=[common, sizes], help="Several LoRAs as one: Σ weight · update.")
     combine.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]", help="Two or more LoRAs, each with a weight.")
+    look = tools.add_parser("show", help="What a LoRA file holds, and the rank each module needs (nothing written).")
+    look.add_argument("lora", help="LoRA folder or .safetensors file.")
     args = parser.parse_args(input_args)
     if args.tool == "resize" and args.rank is None and args.keep is None:
         parser.error("resize needs --rank R, --keep F or both")
@@ -117,7 +123,59 @@ def report_resize(report: dict) -> str:
     )
 
 
+def layout_of(keys: list[str]) -> str:
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya / musubi-tuner (lora_unet_..., lora_down / lora_up, alpha)"
+    if any(k.startswith("diffusion_model.") for k in keys):
+        return "ComfyUI / ai-toolkit (diffusion_model.<module>, alpha)"
+    if any(k.startswith("transformer.") for k in keys):
+        return "diffusers (transformer.<module>)"
+    return "another layout diffusers converts"
+
+
+def module_kind(name: str) -> str:
+    for part, kind in ((".attention.", "attention"), (".feed_forward.", "feed-forward"), ("adaLN", "adaLN")):
+        if part in name:
+            return kind
+    return name.split(".")[0]
+
+
+def describe(path: str) -> str:
+    """`show`: a LoRA's layout, dtype and size, its modules by kind and their ranks, the rank each module needs to
+    keep 90 / 95 / 99% of its update (what `resize --keep` would give it), and the metadata it carries."""
+    file = Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+    raw, metadata = load_lora_file(file)
+    state = read_lora(path)
+    lokr = any(".lokr_" in k for k in state)
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_" if not lokr else ".lokr_", 1)[0] for k in state})
+    kinds = collections.Counter(module_kind(m) for m in modules)
+    refiners = sum(m.startswith(REFINER_PREFIXES) for m in modules)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in raw.items() if not k.endswith(".alpha")})
+    lines = [
+        f"{file}: {'LoKr' if lokr else 'LoRA'}, {len(modules)} modules, {', '.join(dtypes)}, "
+        f"{file.stat().st_size / 2**20:.1f} MiB",
+        f"  layout: {layout_of(list(raw))}",
+        f"  modules: {', '.join(f'{kind} {n}' for kind, n in kinds.most_common())} ({refiners} in the refiners)",
+    ]
+    if not lokr:
+        factors = lora_factors(state, path)
+        lines.append(f"  rank: {rank_text(sorted(down.shape[0] for _, down in factors.values()))}")
+        spectra = [update_svd(up, down)[1] for up, down in factors.values()]
+        for keep in KEEP_LEVELS:
+            needed = sorted(rank_for(s, None, keep) for s in spectra)
+            lines.append(
+                f"  rank needed to keep {keep:.0%} of each update: median {needed[len(needed) // 2]}, "
+                f"most {needed[-1]} (resize --keep {keep})"
+            )
+    shown = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}  # (diffusers' config: rank, modules)
+    lines += ["  metadata:" if shown else "  metadata: none"] + [f"    {k}: {v}" for k, v in shown.items()]
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.tool == "show":
+        print(describe(args.lora))
+        return
     check_output_dir(args)
     specs = [split_strength(spec) for spec in args.loras] if args.tool == "merge" else [(args.lora, 1.0)]
     # every LoRA read, and refused if it is not a whole plain LoRA, before anything is written

@@ -216,3 +216,24 @@ def test_the_script_runs_from_the_command_line(loras, tmp_path):
     assert "rank 8 → 2" in done.stdout and "bfloat16" in done.stdout
     state, _ = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
     assert {v.dtype for v in state.values()} == {torch.bfloat16}
+
+
+def test_show_names_the_layout_the_modules_and_the_rank_each_needs(loras, tmp_path, capsys):
+    root, _ = loras
+    tool("show", root / "all")
+    text = capsys.readouterr().out
+    assert "LoRA, 31 modules, float32" in text and "layout: diffusers" in text and "trigger_word: sks2" in text
+    assert "  rank: 8\n" in text and "attention" in text and "feed-forward" in text
+    needed = []  # the fewest singular values of each dense update that keep 95% of its norm, counted here
+    for update in fused_updates(root / "all").values():
+        s = torch.linalg.svdvals(update)
+        needed.append(next(k for k in range(1, 9) if s[:k].square().sum().sqrt() >= 0.95 * s.square().sum().sqrt()))
+    needed.sort()
+    assert f"keep 95% of each update: median {needed[len(needed) // 2]}, most {needed[-1]} " in text
+
+    tool("show", kohya_layout(root / "all" / COMFYUI_WEIGHT_NAME, tmp_path / "kohya.safetensors"))
+    assert "layout: kohya" in capsys.readouterr().out
+    trained_lora(tmp_path / "lokr", rank=4, alpha=4, targets="attention", seed=1, adapter="lokr")
+    tool("show", tmp_path / "lokr")
+    text = capsys.readouterr().out
+    assert "LoKr, 16 modules" in text and "rank needed" not in text and "adapter: lokr" in text
