@@ -170,7 +170,7 @@ def group_hyperparameters(optimizer) -> list[dict]:
 def restore_group_hyperparameters(schedule, flags: list[dict]) -> list[str]:
     """Put this run's settings back into the loaded optimiser's groups and the schedule's base rates, so that a
     resumed run follows its own --learning_rate, --adam_weight_decay, ... (loading the state restores the saved
-    ones, silently). Returns what differed, as "--flag old → new"; the caller recomputes the rates."""
+    ones, silently). Returns what differed, as "--flag new (the checkpoint's: old)"; the caller recomputes the rates."""
     changed = {}
     for group, own in zip(schedule.optimizer.param_groups, flags):
         for key, value in own.items():
