@@ -90,9 +90,7 @@ def read_specs(flag: str, specs: list[str]) -> list[tuple[str, float]]:
         if flag == "--compare" and spec == BASE:
             loras.append((BASE, 1.0))
             continue
-        path, strength = split_strength(spec)
-        if path == spec and ":" in spec[2:] and not Path(spec).exists():  # (past a Windows drive letter)
-            raise ValueError(f"{flag} {spec}: write PATH or PATH:STRENGTH with a number, e.g. my_lora:0.8")
+        path, strength = split_strength(spec, flag)
         read_lora(path)
         loras.append((path, strength))
     return loras

@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> None:
         print(describe(args.lora))
         return
     check_output_dir(args)
-    specs = [split_strength(spec) for spec in args.loras] if args.tool == "merge" else [(args.lora, 1.0)]
+    specs = [split_strength(spec, "merge") for spec in args.loras] if args.tool == "merge" else [(args.lora, 1.0)]
     # every LoRA read, and refused if it is not a whole plain LoRA, before anything is written
     factors = [(lora_factors(read_lora(path), path), weight) for path, weight in specs]
     dtypes = [t.dtype for lora, _ in factors for pair in lora.values() for t in pair]

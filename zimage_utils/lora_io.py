@@ -293,14 +293,18 @@ ZIMAGE_MODULES = ("layers.", "noise_refiner.", "context_refiner.", "all_x_embedd
                   "cap_embedder.")  # fmt: skip
 
 
-def split_strength(spec: str) -> tuple[str, float]:
-    """ "path:0.8" → ("path", 0.8); a path without a strength gets 1.0 (Windows drive letters are kept)."""
+def split_strength(spec: str, flag: str = "LoRA") -> tuple[str, float]:
+    """ "path:0.8" → ("path", 0.8); a path without a strength gets 1.0 (Windows drive letters are kept). A ":" after
+    a path that is not there and before no number is refused, naming `flag`."""
     path, sep, strength = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
             return path, float(strength)
         except ValueError:
-            pass
+            if ":" in spec[2:]:  # (past a Windows drive letter)
+                raise ValueError(
+                    f"{flag} {spec}: write PATH or PATH:STRENGTH with a number, e.g. my_lora:0.8"
+                ) from None
     return spec, 1.0
 
 
