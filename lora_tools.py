@@ -1,5 +1,5 @@
 """Edit Z-Image LoRA files without loading the model (seconds, on a CPU): convert a LoRA to our two files, shrink its
-rank, or merge several LoRAs into one.
+rank, merge several LoRAs into one, or show what a LoRA holds.
 
     python lora_tools.py convert kohya_or_comfyui_lora.safetensors --output_dir my_lora     # any layout diffusers reads
     python lora_tools.py resize my_lora --rank 16 --output_dir my_lora_r16                  # the best rank-16 LoRA
@@ -7,7 +7,7 @@ rank, or merge several LoRAs into one.
     python lora_tools.py merge style.safetensors:0.7 my_lora:1.0 --output_dir merged        # exactly both, one file
     python lora_tools.py show my_lora      # layout, modules, ranks, the rank each module needs, the metadata
 
-Each writes what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
+convert, resize and merge each write what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
 pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...).
 A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors file in any format diffusers reads
 (ours, ComfyUI/ai-toolkit, kohya/musubi-tuner); ":weight" after it scales it in a merge (negative subtracts).
