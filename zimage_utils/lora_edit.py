@@ -61,6 +61,7 @@ def rank_for(singular_values: torch.Tensor, rank: int | None, keep: float | None
     if keep is not None:
         energy = singular_values.square().cumsum(0)
         if energy[-1] > 0:  # (an all-zero update, e.g. a LoRA saved before training: one zero rank)
+            # (1 - 1e-12: a prefix that keeps the fraction up to rounding counts as keeping it)
             k = int((energy.sqrt() < keep * energy[-1].sqrt() * (1 - 1e-12)).sum()) + 1
     return max(1, min(k, rank if rank is not None else k))
 

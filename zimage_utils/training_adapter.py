@@ -5,13 +5,13 @@ plain LoRA's merge into the base (`LinearUpdates`): PEFT merges a whole model wh
 fp8 Linear by Linear on the GPU, or swapped into host memory: 10.3 GiB of host memory for the full model
 (docs/BENCHMARKS.md). Ours adds each Linear's update on the GPU, just before it is quantised, or once it has landed."""
 
-import re
 import warnings
 from contextlib import contextmanager
 
 import torch
 
 from .block_swap import move_except_swapped
+from .lora_edit import lora_factors
 from .lora_io import read_lora
 
 ADAPTER_NAME = "training_adapter"
@@ -71,15 +71,10 @@ class LinearUpdates:
     def of(cls, state_dict: dict[str, torch.Tensor], scale: float) -> "LinearUpdates | None":
         """From `read_lora`'s layout (`transformer.<module>.lora_A.weight` / `.lora_B.weight`); None for anything
         else (a LoKr), which `merge_training_adapter` merges."""
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state_dict.items():
-            match = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
-            if match is None:
-                return None
-            pairs.setdefault(match[1], {})[match[2]] = value
-        if any(len(pair) != 2 for pair in pairs.values()):
+        try:
+            return cls(lora_factors(state_dict, "the training adapter"), scale)
+        except ValueError:
             return None
-        return cls({name: (pair["B"], pair["A"]) for name, pair in pairs.items()}, scale)
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (of the Linear `name`) with its update added, if it has one (once: it is then used up)."""
