@@ -21,6 +21,7 @@ import collections
 import functools
 from pathlib import Path
 
+import safetensors
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
@@ -97,7 +98,8 @@ def source_metadata(path: str) -> dict[str, str]:
     file = Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
     if not file.is_file():
         return {}
-    return {k: v for k, v in load_lora_file(file)[1].items() if k not in LAYOUT_METADATA}
+    with safetensors.safe_open(str(file), "pt") as f:  # the header only: the tensors stay on disk
+        return {k: v for k, v in (f.metadata() or {}).items() if k not in LAYOUT_METADATA}
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
@@ -185,7 +187,8 @@ def main(args: argparse.Namespace) -> None:
     metadata = source_metadata(specs[0][0])
     if args.tool == "merge":
         lora = merge(factors)
-        metadata = {k: v for k, v in metadata.items() if all(source_metadata(p).get(k) == v for p, _ in specs[1:])}
+        others = [source_metadata(p) for p, _ in specs[1:]]
+        metadata = {k: v for k, v in metadata.items() if all(other.get(k) == v for other in others)}
         metadata["lora_tools"] = "merge " + " + ".join(f"{w:g} × {Path(p).name}" for p, w in specs)
     else:
         lora = factors[0][0]
