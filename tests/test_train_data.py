@@ -194,3 +194,4 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     sampler = BucketBatchSampler([(64, 64)] * 8, batch_size=4)
     args.checkpointing_epochs = 1
     assert run_notes(args, caches, sampler, 0, 1500) == "; 8 items with a loss mask"
+    assert "; fp16 is untested with Z-Image" in run_notes(args, caches, sampler, 0, 1500, precision="fp16")

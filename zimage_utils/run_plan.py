@@ -52,7 +52,7 @@ def start_line(args, accelerator, train, sampler, caches, trainable: int, module
         f"{trainable:,} trainable LoRA parameters ({modules} modules); "
         f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
         f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
-        + run_notes(args, caches, sampler, global_step, max_steps)
+        + run_notes(args, caches, sampler, global_step, max_steps, accelerator.mixed_precision)
     )
 
 
@@ -103,9 +103,12 @@ def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) ->
     )
 
 
-def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int) -> str:
+def run_notes(
+    args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int, precision: str = "bf16"
+) -> str:
     """What the trainer's start-up line adds about the data and the flags ("; ..." each): loss masks, items no
-    batch takes, validation without prompts, a long run that saves no checkpoint, a resumed run that is already done."""
+    batch takes, validation without prompts, a long run that saves no checkpoint, a resumed run that is already done,
+    fp16 (`precision`: accelerate's mixed precision)."""
     notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
     if args.mask_floor and not caches["num_masked"]:
         notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
@@ -120,6 +123,11 @@ def run_notes(args, caches: dict, sampler: BucketBatchSampler, global_step: int,
         notes += (
             f"; no checkpoint will be saved before step {max_steps}: a run stopped before then starts over "
             "(--checkpointing_steps or --checkpointing_minutes)"
+        )
+    if precision == "fp16":
+        notes += (
+            "; fp16 is untested with Z-Image: no run of this repository trains in it, and whether the model's "
+            "activations stay within fp16's range is unknown (bf16 on cards that have it: Ampere and newer)"
         )
     if global_step >= max_steps:
         notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
