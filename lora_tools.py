@@ -188,6 +188,9 @@ def main(args: argparse.Namespace) -> None:
     if args.tool == "merge":
         lora = merge(factors)
         others = [source_metadata(p) for p, _ in specs[1:]]
+        bases = sorted({m["base_model"] for m in [metadata, *others] if m.get("base_model")})
+        if len(bases) > 1:
+            print(f"note: the LoRAs were trained on different base models ({', '.join(bases)})")
         metadata = {k: v for k, v in metadata.items() if all(other.get(k) == v for other in others)}
         metadata["lora_tools"] = "merge " + " + ".join(f"{w:g} × {Path(p).name}" for p, w in specs)
     else:

@@ -169,7 +169,7 @@ def test_keep_gives_each_module_the_fewest_ranks_that_keep_that_much(tmp_path, c
     torch.testing.assert_close(transformer_output(comfy.transformer), transformer_output(pipe_of(tmp_path / "out")))
 
 
-def test_merge_equals_diffusers_with_both_adapters_at_their_weights(loras, tmp_path):
+def test_merge_equals_diffusers_with_both_adapters_at_their_weights(loras, tmp_path, capsys):
     """Weights 0.7 and -0.4; attention modules get rank 4 + 8, the FFN and the rest only the second LoRA's 8."""
     root, _ = loras
     tool("merge", f"{root / 'attention'}:0.7", f"{root / 'all'}:-0.4", "--output_dir", tmp_path / "m")
@@ -183,6 +183,11 @@ def test_merge_equals_diffusers_with_both_adapters_at_their_weights(loras, tmp_p
     ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
     assert ranks == {12, 8} and metadata["rank"] == "8-12" and metadata["base_model"] == "tiny"
     assert "trigger_word" not in metadata  # the two LoRAs' differ: neither is the merge's
+    assert "different base models" not in capsys.readouterr().out  # (both name "tiny")
+    tensors, named = load_lora_file(root / "attention" / LORA_WEIGHT_NAME)
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={**named, "base_model": "other"})
+    tool("merge", tmp_path / "other.safetensors", root / "all", "--output_dir", tmp_path / "m_other")
+    assert "note: the LoRAs were trained on different base models (other, tiny)" in capsys.readouterr().out
     # the sum shrunk to rank 4 is the best rank-4 part of the merged update
     tool("merge", f"{root / 'attention'}:0.7", f"{root / 'all'}:-0.4", "--rank", 4, "--output_dir", tmp_path / "m4")
     exact, small = fused_updates(tmp_path / "m"), fused_updates(tmp_path / "m4")
