@@ -92,10 +92,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def lora_file(path: str) -> Path:
+    """The file a LoRA path names: itself, or a folder's pytorch_lora_weights.safetensors."""
+    return Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+
+
 def source_metadata(path: str) -> dict[str, str]:
     """What the LoRA file at `path` (file or folder) says about its training, without its layout's keys; {} for a
     hub id or a file without metadata."""
-    file = Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+    file = lora_file(path)
     if not file.is_file():
         return {}
     with safetensors.safe_open(str(file), "pt") as f:  # the header only: the tensors stay on disk
@@ -145,7 +150,7 @@ def module_kind(name: str) -> str:
 def describe(path: str) -> str:
     """`show`: a LoRA's layout, dtype and size, its modules by kind and their ranks, the rank each module needs to
     keep 90 / 95 / 99% of its update (what `resize --keep` would give it), and the metadata it carries."""
-    file = Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+    file = lora_file(path)
     raw, metadata = load_lora_file(file)
     state = read_lora(path)
     lokr = any(".lokr_" in k for k in state)
