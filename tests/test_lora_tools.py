@@ -49,7 +49,8 @@ def loaded(*loras: tuple[Path, float], weight_name: str | None = None):
     return pipe
 
 
-def pipe_of(path: Path):
+def transformer_with(path: Path):
+    """A fresh tiny transformer with the LoRA at `path` loaded by diffusers."""
     return loaded((path, 1.0)).transformer
 
 
@@ -137,7 +138,9 @@ def test_resize_at_full_rank_changes_nothing_and_to_a_lower_rank_keeps_the_best_
         torch.testing.assert_close(lost, s[3:].square().sum().sqrt(), rtol=1e-4, atol=1e-6)
         assert torch.linalg.matrix_rank(resized[module], atol=1e-5) <= 3
     comfy = loaded((tmp_path / "r3", 1.0), weight_name=COMFYUI_WEIGHT_NAME)
-    torch.testing.assert_close(transformer_output(comfy.transformer), transformer_output(pipe_of(tmp_path / "r3")))
+    torch.testing.assert_close(
+        transformer_output(comfy.transformer), transformer_output(transformer_with(tmp_path / "r3"))
+    )
 
 
 def test_keep_gives_each_module_the_fewest_ranks_that_keep_that_much(tmp_path, capsys):
@@ -166,7 +169,9 @@ def test_keep_gives_each_module_the_fewest_ranks_that_keep_that_much(tmp_path, c
         assert torch.linalg.matrix_norm(resized[module]) >= 0.9 * norm * (1 - 1e-6)
         assert s[: k - 1].square().sum().sqrt() < 0.9 * norm  # one rank fewer would keep too little
     comfy = loaded((tmp_path / "out", 1.0), weight_name=COMFYUI_WEIGHT_NAME)
-    torch.testing.assert_close(transformer_output(comfy.transformer), transformer_output(pipe_of(tmp_path / "out")))
+    torch.testing.assert_close(
+        transformer_output(comfy.transformer), transformer_output(transformer_with(tmp_path / "out"))
+    )
 
 
 def test_merge_equals_diffusers_with_both_adapters_at_their_weights(loras, tmp_path, capsys):
