@@ -37,6 +37,7 @@ from zimage_utils.lora_io import (
     save_lora_state,
     split_strength,
 )
+from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, file_hash, model_spec
 
 KEEP_LEVELS = (0.9, 0.95, 0.99)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,6 +177,9 @@ def describe(path: str) -> str:
             )
     shown = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}  # (diffusers' config: rank, modules)
     lines += ["  metadata:" if shown else "  metadata: none"] + [f"    {k}: {v}" for k, v in shown.items()]
+    if HASH_KEY in metadata:
+        whole = file_hash(file) == metadata[HASH_KEY]
+        lines.append(f"  {HASH_KEY}: {'matches the tensors' if whole else 'does NOT match: the file is damaged'}")
     return "\n".join(lines)
 
 
@@ -189,10 +193,14 @@ def main(args: argparse.Namespace) -> None:
     factors = [(lora_factors(read_lora(path), path), weight) for path, weight in specs]
     dtypes = [t.dtype for lora, _ in factors for pair in lora.values() for t in pair]
     dtype = DTYPES[args.save_dtype] if args.save_dtype else functools.reduce(torch.promote_types, dtypes)
-    metadata = source_metadata(specs[0][0])
+    sources = [source_metadata(path) for path, _ in specs]
+    metadata, others = sources[0], sources[1:]
+    titles = [m.get(TITLE_KEY) or Path(p).name.removesuffix(".safetensors") for m, (p, _) in zip(sources, specs)]
+    # A converted LoRA keeps its title; a resized or merged one is a new LoRA, named for its folder.
+    title = metadata.get(TITLE_KEY) if args.tool == "convert" else None
+    spec = model_spec(title or Path(args.output_dir).name, merged_from=", ".join(titles) if len(specs) > 1 else "")
     if args.tool == "merge":
         lora = merge(factors)
-        others = [source_metadata(p) for p, _ in specs[1:]]
         bases = sorted({m["base_model"] for m in [metadata, *others] if m.get("base_model")})
         if len(bases) > 1:
             print(f"note: the LoRAs were trained on different base models ({', '.join(bases)})")
@@ -206,7 +214,7 @@ def main(args: argparse.Namespace) -> None:
         lora, report = resize(lora, args.rank, args.keep)
         summary = report_resize(report)
         metadata["lora_tools"] += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
-    metadata["rank"] = rank_text([down.shape[0] for _, down in lora.values()])
+    metadata |= spec | {"rank": rank_text([down.shape[0] for _, down in lora.values()])}
     paths = save_lora_state(args.output_dir, factors_state_dict(lora), metadata, args.formats, dtype)
     print(summary)
     for path in paths.values():

@@ -55,7 +55,7 @@ from zimage_utils.memory_budget import (
     fit_memory_budget,
     out_of_memory_explained,
 )
-from zimage_utils.model_card import training_metadata, write_model_card
+from zimage_utils.model_card import add_metadata_flags, training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
 from zimage_utils.plots import plot_loss_per_sigma
@@ -282,6 +282,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder.')
     add_validation_flags(g)  # --validation_steps, --validation_epochs, --validation_at_start, ...
+    add_metadata_flags(g)  # --metadata_title, --metadata_author, --metadata_description, --metadata_license
     g.add_argument(
         "--save_dtype",
         choices=["fp32", "bf16", "fp16"],
@@ -329,8 +330,9 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
             prompts = [p for p, _ in caches["validation_prompts"]]
+            about = {k: getattr(args, f"metadata_{k}") for k in ("title", "description", "license")}
             if card and not write_model_card(
-                directory, metadata, prompts, args.hub_model_id if args.push_to_hub else None
+                directory, metadata, prompts, args.hub_model_id if args.push_to_hub else None, about
             ):
                 logger.info(f"{directory}/README.md is not a model card of ours: left as it is (no card written)")
 

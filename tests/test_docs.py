@@ -65,7 +65,9 @@ def option_strings(owner: str) -> frozenset[str]:
         return frozenset(launch_command_parser()._option_string_actions)
     parser = script_parser(owner)
     subcommands = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return frozenset(parser._option_string_actions).union(*(sub._option_string_actions for s in subcommands for sub in s))
+    return frozenset(parser._option_string_actions).union(
+        *(sub._option_string_actions for s in subcommands for sub in s)
+    )
 
 
 def script_parser(script: str) -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ LoRA itself moves them by > 1e-2, so a missing or mis-scaled adapter cannot pass
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,13 @@ METADATA = {
 # (rank, alpha, targets, exclude_refiners): alpha = rank; alpha = 2·rank (the "only works at strength 2" case);
 # alpha < rank/2 (diffusers' ComfyUI converter then splits the scale between lora_A and lora_B).
 CASES = [(4, 4, "attention", False), (4, 8, "all", False), (8, 2, "attention_ffn", True)]
+
+
+def spec_hash(path) -> str:
+    """The SAI model spec's hash_sha256 of a safetensors file, computed here from its bytes: SHA-256 of all that
+    follows the header (8 bytes of header length, then the header)."""
+    data = open(path, "rb").read()
+    return "0x" + hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
 
 
 @contextlib.contextmanager

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_lora_io import fail_on_loader_warnings, stand_in_for_training, transformer_output
+from test_lora_io import fail_on_loader_warnings, spec_hash, stand_in_for_training, transformer_output
 
 import lora_tools
 from zimage_utils.lora import add_lora
 from zimage_utils.lora_edit import lora_factors, update_svd
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, read_lora, save_lora
+from zimage_utils.model_spec import model_spec
 from zimage_utils.tiny import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,3 +250,30 @@ def test_show_names_the_layout_the_modules_and_the_rank_each_needs(loras, tmp_pa
     tool("show", tmp_path / "lokr")
     text = capsys.readouterr().out
     assert "LoKr, 16 modules" in text and "rank needed" not in text and "adapter: lokr" in text
+
+
+def test_written_files_carry_the_model_spec_and_show_checks_its_hash(loras, tmp_path, capsys):
+    """A converted LoRA keeps its title and trigger phrase; a merge is titled for its folder and names its sources;
+    every file's hash is its tensors', and `show` tells a file damaged after writing."""
+    root, _ = loras
+    tensors, metadata = load_lora_file(root / "attention" / LORA_WEIGHT_NAME)
+    (tmp_path / "titled").mkdir()
+    spec = model_spec("sks style", trigger_phrase="sks") | {"modelspec.hash_sha256": "0xstale"}
+    save_file(tensors, str(tmp_path / "titled" / LORA_WEIGHT_NAME), metadata=metadata | spec)
+    tool("convert", tmp_path / "titled", "--output_dir", tmp_path / "c")
+    tool("merge", f"{tmp_path / 'titled'}:0.5", root / "all", "--output_dir", tmp_path / "m")
+    for folder, title, trigger, merged_from in [("c", "sks style", "sks", None), ("m", "m", None, "sks style, all")]:
+        for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+            _, written = load_lora_file(tmp_path / folder / name)
+            assert written["modelspec.architecture"] == "z-image/lora" and written["modelspec.title"] == title
+            assert written.get("modelspec.trigger_phrase") == trigger  # (the merge's sources disagree: none)
+            assert written.get("modelspec.merged_from") == merged_from
+            assert written["modelspec.hash_sha256"] == spec_hash(tmp_path / folder / name)
+
+    tool("show", tmp_path / "c")
+    assert "modelspec.hash_sha256: matches the tensors" in capsys.readouterr().out
+    data = bytearray((tmp_path / "c" / LORA_WEIGHT_NAME).read_bytes())
+    data[-4] ^= 1  # the lowest bit of the last float32: the file still loads, one weight differs by 1 ulp
+    (tmp_path / "damaged.safetensors").write_bytes(data)
+    tool("show", tmp_path / "damaged.safetensors")
+    assert "modelspec.hash_sha256: does NOT match: the file is damaged" in capsys.readouterr().out

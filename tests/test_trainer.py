@@ -6,6 +6,7 @@ signal or a second process is the point. Every run logs one JSON line per loggin
 tests read losses from there, as a user plotting the curve would.
 """
 
+import datetime
 import gc
 import json
 import os
@@ -27,7 +28,7 @@ from conftest import LAUNCHES_CPU_PROCESSES
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from test_lora_io import fail_on_loader_warnings, lora_delta, transformer_output
+from test_lora_io import fail_on_loader_warnings, lora_delta, spec_hash, transformer_output
 
 import lora_tools
 import precompute_embeddings
@@ -223,6 +224,18 @@ def test_lora_metadata_tells_what_was_trained(finished_run, tiny_model_dir):
         assert metadata["base_model"] == str(tiny_model_dir)
         assert (metadata["rank"], float(metadata["alpha"]), metadata["targets"]) == ("8", 16.0, "all")
         assert (metadata["steps"], metadata["resolution"]) == (str(FINISHED_STEPS), "64")
+        # The SAI model spec, by which SwarmUI and LoRA browsers classify and check the file
+        assert metadata["modelspec.architecture"] == "z-image/lora" and metadata["modelspec.sai_model_spec"] == "1.0.0"
+        assert metadata["modelspec.title"] == f"{finished_run['dir'].name}, step {FINISHED_STEPS}"
+        assert metadata["modelspec.resolution"] == "64x64" and "modelspec.trigger_phrase" not in metadata  # none here
+        assert metadata["modelspec.usage_hint"] == "50 steps, CFG 4"  # the tiny model samples as the base model
+        assert metadata["modelspec.hash_sha256"] == spec_hash(finished_run["dir"] / name)
+        saved_at = datetime.datetime.fromisoformat(metadata["modelspec.date"])
+        assert (
+            datetime.timedelta(0)
+            <= datetime.datetime.now(datetime.timezone.utc) - saved_at
+            < datetime.timedelta(hours=1)
+        )
 
 
 @pytest.mark.parametrize("weight_name", [LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])

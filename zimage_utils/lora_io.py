@@ -21,7 +21,8 @@ trained adapter, and small next to the model (rank 32 on attention ≈ 130 MB). 
 halve it for sharing; inference runs the base in bf16 anyway.
 
 Both files are written atomically (a temporary name in the same folder, then `os.replace`), so a crash or a
-full disk never leaves a truncated file under the final name.
+full disk never leaves a truncated file under the final name. Metadata that follows the SAI model spec
+(model_spec.py) gets each file's own `modelspec.hash_sha256`.
 """
 
 import json
@@ -37,6 +38,8 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft import LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+from .model_spec import HASH_KEY, SPEC_KEY, tensor_hash
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
@@ -154,7 +157,10 @@ def lokr_files(raw: dict[str, torch.Tensor], config: LoKrConfig) -> tuple[dict, 
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """safetensors to a temporary name in the same folder, flushed to disk, then renamed: never a half-written file."""
+    """safetensors to a temporary name in the same folder, flushed to disk, then renamed: never a half-written file.
+    Metadata that follows the SAI model spec gets the hash of these tensors (model_spec.HASH_KEY), replacing any."""
+    if metadata and SPEC_KEY in metadata:
+        metadata = {**metadata, HASH_KEY: tensor_hash(tensors)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)

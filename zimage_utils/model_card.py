@@ -4,9 +4,11 @@ samples, and the settings it was trained with. The YAML header (base model, tags
 the hub indexes; diffusers' `populate_model_card` adds its tags.
 """
 
+import argparse
 import os
 from pathlib import Path
 
+from .model_spec import model_spec
 from .validation import SAMPLING_DEFAULTS, model_variant
 
 CARD_NAME = "README.md"
@@ -18,10 +20,47 @@ def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists()
 
 
+def add_metadata_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The trainer's flags for what the LoRA files and the model card say about the LoRA (kohya's names)."""
+    parser.add_argument(
+        "--metadata_title",
+        default=None,
+        help="The LoRA's title, which LoRA browsers (SwarmUI, ...) list and the model card heads with. Default: the "
+        "output folder's name; the files also get ', step N'.",
+    )
+    parser.add_argument("--metadata_author", default=None, help="Your name or handle, in the LoRA files.")
+    parser.add_argument(
+        "--metadata_description",
+        default=None,
+        help="What the LoRA does, in the files and the model card. Default: what was trained, on which model.",
+    )
+    parser.add_argument(
+        "--metadata_license",
+        default=None,
+        help="The LoRA's licence, in the files and the model card's header (a hub id such as apache-2.0, or a name).",
+    )
+
+
 def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict[str, str]:
     """The LoRA files' safetensors metadata (str → str): what was trained, on what and how, for users' tools and the
-    model card. `args`: the trainer's flags; `targets`: the adapted module names; `caches`: `load_caches`' summary."""
-    return {
+    model card, and the SAI model spec's keys for LoRA browsers. `args`: the trainer's flags; `targets`: the adapted
+    module names; `caches`: `load_caches`' summary."""
+    base, trigger = args.pretrained_model_name_or_path, ", ".join(caches["caption_prefixes"])
+    sampling = SAMPLING_DEFAULTS[model_variant(base)]
+    cfg = f"CFG {sampling['guidance']:g}" if sampling["guidance"] > 1 else "no CFG"
+    adapter = "LoKr" if args.adapter == "lokr" else "LoRA"
+    spec = model_spec(
+        f"{args.metadata_title or Path(args.output_dir).name}, step {step}",
+        resolution=max(caches["resolutions"]),
+        trigger_phrase=trigger,
+        usage_hint=f"{sampling['steps']} steps, {cfg}" + (f"; start the prompt with '{trigger}'" if trigger else ""),
+        description=args.metadata_description
+        or f"Z-Image {adapter} (rank {args.rank}, {args.lora_targets}) for {base}, trained with train_zimage_lora.py "
+        f"for {step} steps.",
+        author=args.metadata_author or "",
+        license=args.metadata_license or "",
+    )
+    return spec | {
         "base_model": args.pretrained_model_name_or_path,
         "adapter": args.adapter,
         "rank": str(args.rank),
@@ -45,7 +84,11 @@ def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict
 
 
 def write_model_card(
-    output_dir: str | Path, metadata: dict[str, str], prompts: list[str], repo_id: str | None = None
+    output_dir: str | Path,
+    metadata: dict[str, str],
+    prompts: list[str],
+    repo_id: str | None = None,
+    about: dict[str, str | None] | None = None,
 ) -> Path | None:
     """Write OUTPUT/README.md (to a temporary name, then renamed) and return its path; None, writing nothing, when a
     README.md that this function did not write is already there (the user's own is never replaced).
@@ -55,6 +98,8 @@ def write_model_card(
         metadata: the LoRA files' safetensors metadata (`base_model`, `rank`, `steps`, `trigger_word`, ...).
         prompts: the validation prompts the samples were drawn with (may be empty).
         repo_id: the hub repo the folder is uploaded to (`--push_to_hub`), for the loading example.
+        about: the user's "title", "description" and "license" (`--metadata_*`); a missing or None one is left out
+            (the title: the folder's name).
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -67,21 +112,25 @@ def write_model_card(
     sampling = SAMPLING_DEFAULTS[model_variant(base)]
     prompt = prompts[0] if prompts else (trigger or "a photo")
     adapter = "LoKr" if metadata.get("adapter") == "lokr" else "LoRA"
+    about = {k: v for k, v in (about or {}).items() if v}
     data = ModelCardData(
+        license=about.get("license"),
         library_name="diffusers",
         base_model=base if _is_hub_id(base) else None,
         instance_prompt=trigger or None,
         widget=[{"text": p, "output": {"url": "samples/grid.png"}} for p in prompts[:1]] or None,
     )
-    rows = "\n".join(f"| `{k}` | {v} |" for k, v in metadata.items() if v and k != "target_modules")
+    shown = {k: v for k, v in metadata.items() if v and k != "target_modules" and not k.startswith("modelspec.")}
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in shown.items())
     samples = (
         "\n## Validation samples\n\n![validation samples, prompts × steps](samples/grid.png)\n" if prompts else ""
     )
-    location = f'"{repo_id}"' if repo_id else '"path/to/this/folder"  # or its hub id'
+    description = f"\n{about['description']}\n" if "description" in about else ""
+    location = f'"{repo_id}")' if repo_id else '"path/to/this/folder")  # or its hub id'
     body = f"""{MARKER}
 
-# {output_dir.name}
-
+# {about.get("title", output_dir.name)}
+{description}
 A Z-Image {adapter} for `{base}`, trained for {metadata.get("steps", "?")} steps at {metadata.get("resolution", "?")} px.
 {f"Trigger words: `{trigger}` (start the prompt with them)." if trigger else "No trigger word."}
 
@@ -94,7 +143,7 @@ import torch
 from diffusers import ZImagePipeline
 
 pipe = ZImagePipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights({location})
+pipe.load_lora_weights({location}
 image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale={sampling["guidance"]}).images[0]
 ```
 

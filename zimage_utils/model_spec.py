@@ -1,0 +1,71 @@
+"""The SAI model spec (github.com/Stability-AI/ModelSpec): `modelspec.*` safetensors metadata by which SwarmUI, LoRA
+browsers and model sites tell what a file is (a Z-Image LoRA) and show its title, trigger phrase and usage, and by
+which anyone can check that a file arrived whole (`modelspec.hash_sha256`, over the tensor bytes). The trainer and
+lora_tools.py write it into both LoRA files; `lora_io.save_safetensors_atomic` fills in the hash.
+"""
+
+import datetime
+import hashlib
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+SPEC_KEY = "modelspec.sai_model_spec"
+SPEC_VERSION = "1.0.0"
+HASH_KEY = "modelspec.hash_sha256"
+TITLE_KEY = "modelspec.title"
+# SwarmUI's class id for Z-Image LoRAs (it lower-cases the id it reads; musubi-tuner writes "Z-Image/lora").
+ARCHITECTURE = "z-image/lora"
+# The official code: the module names in our keys, after the `transformer.` / `diffusion_model.` prefix, are its own.
+IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
+
+
+def model_spec(
+    title: str,
+    *,
+    resolution: int | None = None,
+    trigger_phrase: str = "",
+    usage_hint: str = "",
+    description: str = "",
+    author: str = "",
+    license: str = "",
+    merged_from: str = "",
+) -> dict[str, str]:
+    """The spec's keys for a Z-Image LoRA saved now (str → str, for safetensors metadata); empty optional values are
+    left out. `resolution`: the side of the largest square trained on, in pixels."""
+    spec = {
+        SPEC_KEY: SPEC_VERSION,
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": IMPLEMENTATION,
+        TITLE_KEY: title,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    optional = {
+        "modelspec.resolution": f"{resolution}x{resolution}" if resolution else "",
+        "modelspec.trigger_phrase": trigger_phrase,
+        "modelspec.usage_hint": usage_hint,
+        "modelspec.description": description,
+        "modelspec.author": author,
+        "modelspec.license": license,
+        "modelspec.merged_from": merged_from,
+    }
+    return spec | {k: v for k, v in optional.items() if v}
+
+
+def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The spec's hash_sha256 of the file safetensors writes for `tensors` (CPU, contiguous): "0x" + the SHA-256 of
+    the bytes after its header, which the metadata does not change."""
+    data = safetensors.torch.save(tensors)
+    header = int.from_bytes(data[:8], "little")
+    return "0x" + hashlib.sha256(memoryview(data)[8 + header :]).hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """The same hash read back from a safetensors file, in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return "0x" + digest.hexdigest()
