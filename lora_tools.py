@@ -32,6 +32,7 @@ from zimage_utils.lora_io import (
     COMFYUI_WEIGHT_NAME,
     LORA_FORMATS,
     LORA_WEIGHT_NAME,
+    SAVE_DTYPES,
     load_lora_file,
     read_lora,
     save_lora_state,
@@ -40,7 +41,6 @@ from zimage_utils.lora_io import (
 from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, file_hash, model_spec
 
 KEEP_LEVELS = (0.9, 0.95, 0.99)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Metadata that describes a file's layout, not what was trained: written anew for the output.
 LAYOUT_METADATA = ("format", "lora_format", "lora_alpha_folded", LORA_ADAPTER_METADATA_KEY, "rank", "alpha")
 
@@ -52,7 +52,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--output_dir", required=True, help="Folder for the two LoRA files (created if missing).")
     common.add_argument(
         "--save_dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(SAVE_DTYPES),
         default=None,
         help="Dtype of the written weights. Default: the source's (the widest of a merge's).",
     )
@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> None:
     # every LoRA read, and refused if it is not a whole plain LoRA, before anything is written
     factors = [(lora_factors(read_lora(path), path), weight) for path, weight in specs]
     dtypes = [t.dtype for lora, _ in factors for pair in lora.values() for t in pair]
-    dtype = DTYPES[args.save_dtype] if args.save_dtype else functools.reduce(torch.promote_types, dtypes)
+    dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else functools.reduce(torch.promote_types, dtypes)
     sources = [source_metadata(path) for path, _ in specs]
     metadata, others = sources[0], sources[1:]
     titles = [m.get(TITLE_KEY) or Path(p).name.removesuffix(".safetensors") for m, (p, _) in zip(sources, specs)]

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from zimage_utils import cli
@@ -48,7 +47,7 @@ from zimage_utils.distributed import (
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.hub import add_hub_flags, prepare_hub_repo, push_to_hub
 from zimage_utils.lora import ADAPTERS, count_trainable_parameters, init_lora_from, lora_target_modules
-from zimage_utils.lora_io import save_lora
+from zimage_utils.lora_io import SAVE_DTYPES, save_lora
 from zimage_utils.memory_budget import (
     budget_overshoot,
     check_memory_options,
@@ -57,11 +56,11 @@ from zimage_utils.memory_budget import (
 )
 from zimage_utils.model_card import add_metadata_flags, training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
-from zimage_utils.optimizers import OPTIMIZERS, make_optimizer
+from zimage_utils.optimizers import OPTIMIZERS, optimizer_and_schedule
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
-from zimage_utils.train_data import collate, item_generator_seed, training_data
+from zimage_utils.train_data import collate, item_generator_seed, train_loader, training_data
 from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, start_trackers
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
@@ -285,7 +284,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_metadata_flags(g)  # --metadata_title, --metadata_author, --metadata_description, --metadata_license
     g.add_argument(
         "--save_dtype",
-        choices=["fp32", "bf16", "fp16"],
+        choices=sorted(SAVE_DTYPES),
         default="bf16",
         help="dtype of the final LoRA files (checkpoints always keep fp32 for exact resume).",
     )
@@ -394,16 +393,7 @@ def run_training(args: argparse.Namespace) -> None:
     empty_embeds = caches["empty_embeds"]
     if empty_embeds is not None:  # moved once, not copied to the device for every dropped caption
         empty_embeds = empty_embeds.to(accelerator.device)
-    loader = torch.utils.data.DataLoader(
-        train,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        # Its own generator: each new iterator draws a seed, and from the global RNG that draw would shift LoRA
-        # dropout after a mid-epoch resume (a fresh iterator there, none in the uninterrupted run).
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader = train_loader(train, sampler, args, accelerator.device)
 
     # LoRA: fp32 parameters over the frozen base
     targets = lora_target_modules(transformer, args.lora_targets, args.lora_exclude_refiners)
@@ -415,26 +405,10 @@ def run_training(args: argparse.Namespace) -> None:
     apply_step_flags(args, transformer)  # checkpointing and compiling
     params = [p for p in transformer.parameters() if p.requires_grad]
 
-    # Optimiser and schedule (the prepared scheduler steps once per process, hence the factor)
-    optimizer = make_optimizer(
-        params,
-        args.optimizer,
-        args.learning_rate,
-        args.adam_weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        fused=False if optimizer_offloaded(accelerator) else None,
-        loraplus_lr_ratio=args.loraplus_lr_ratio,
-        model=transformer,
-    )
-    steps_per_epoch, max_steps = schedule_steps(args, sampler)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
+    # Optimiser and schedule
+    _, max_steps = schedule_steps(args, sampler)
+    optimizer, lr_scheduler = optimizer_and_schedule(
+        args, params, transformer, max_steps, accelerator.num_processes, optimizer_offloaded(accelerator)
     )
     configure_deepspeed(accelerator, args.train_batch_size, int(args.zero3_max_live_parameters))
     partition_for_zero3(accelerator, transformer)
@@ -494,18 +468,7 @@ def run_training(args: argparse.Namespace) -> None:
         triggers.saved(step)
         return path
 
-    validator = Validator(
-        args.pretrained_model_name_or_path,
-        args.revision,
-        caches["validation_prompts"],
-        empty_embeds,
-        output_dir / "samples",
-        size=args.validation_resolution or (caches["resolutions"][-1],) * 2,
-        steps=args.validation_num_inference_steps,
-        guidance=args.validation_guidance_scale,
-        seed=args.seed,
-        low_memory=bool(args.max_memory_gb),
-    )
+    validator = Validator.for_run(args, caches, empty_embeds, output_dir / "samples")
 
     zero_stage = deepspeed_stage(accelerator)
     backward = None if zero_stage else accelerator.backward  # the step's own backward passes; DeepSpeed takes one
@@ -618,10 +581,10 @@ def run_training(args: argparse.Namespace) -> None:
 
     # Save the final LoRA (and a last validation) when the run is complete
     if global_step >= max_steps:
-        save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.save_dtype]
+        dtype = SAVE_DTYPES[args.save_dtype]
         with averaged_weights(ema):
             save_lora_files(
-                args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, save_dtype, True
+                args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, dtype, True
             )
         if not validate_now:  # (unless the last step just validated)
             validate(global_step)

@@ -45,6 +45,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
 LORA_FORMATS = ("diffusers", "comfyui")
 DIFFUSERS_PREFIX = "transformer."
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --save_dtype
 COMFYUI_PREFIX = "diffusion_model."
 
 

@@ -61,3 +61,32 @@ def make_optimizer(
     # PEFT keeps a group for embedding LoRAs even when empty; with it, ZeRO-2 and ZeRO-3 runs stop at start-up
     # ("zip() argument 2 is longer than argument 1")
     return cls([g for g in grouped.param_groups if g["params"]], lr=lr, **kwargs)
+
+
+def optimizer_and_schedule(args, params, model, max_steps: int, num_processes: int, offloaded: bool):
+    """The trainer's optimiser (`--optimizer`, `--learning_rate`, `--adam_*`, `--loraplus_lr_ratio`) and diffusers'
+    learning-rate schedule (`--lr_*`) over `max_steps` optimiser steps. The schedule counts `num_processes` ticks a
+    step, as accelerate's prepared scheduler steps once per process; `offloaded`: DeepSpeed keeps the optimiser on
+    the CPU (no fused AdamW)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(
+        params,
+        args.optimizer,
+        args.learning_rate,
+        args.adam_weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=False if offloaded else None,
+        loraplus_lr_ratio=args.loraplus_lr_ratio,
+        model=model,
+    )
+    schedule = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    return optimizer, schedule

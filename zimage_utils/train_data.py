@@ -276,6 +276,22 @@ def training_data(args, accelerator, expected: dict[str, Any]):
     return train, val_data, sampler, caches
 
 
+def train_loader(
+    train: CachedLatentsDataset, sampler: BucketBatchSampler, args, device
+) -> torch.utils.data.DataLoader:
+    """The loop's DataLoader over `training_data`'s set and sampler (`--dataloader_num_workers`, `--seed`)."""
+    return torch.utils.data.DataLoader(
+        train,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        # Its own generator: each new iterator draws a seed, and from the global RNG that draw would shift LoRA
+        # dropout after a mid-epoch resume (a fresh iterator there, none in the uninterrupted run).
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
 def check_preservation_captions(train: CachedLatentsDataset, paths: list[str]) -> None:
     """--preservation_weight needs the preservation captions `precompute_embeddings.py --preservation_class` caches:
     an error when no cache holds any, a note when some items have none (they train without preservation)."""

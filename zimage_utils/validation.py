@@ -301,6 +301,23 @@ class Validator:
         self.vae = self.scheduler = None
         self.raised_peak_gib = None
 
+    @classmethod
+    def for_run(cls, args, caches: dict, empty_embeds, out_dir) -> "Validator":
+        """The trainer's validator: its flags (`--validation_*`, `--max_memory_gb`, `--seed`), the caches' prompts,
+        and by default the largest cache's resolution, square."""
+        return cls(
+            args.pretrained_model_name_or_path,
+            args.revision,
+            caches["validation_prompts"],
+            empty_embeds,
+            out_dir,
+            size=args.validation_resolution or (caches["resolutions"][-1],) * 2,
+            steps=args.validation_num_inference_steps,
+            guidance=args.validation_guidance_scale,
+            seed=args.seed,
+            low_memory=bool(args.max_memory_gb),
+        )
+
     def sample_grid(self, transformer, step: int, device, save: bool = True, trackers=()) -> Path | None:
         """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png,
         show a progress bar and log the images to `trackers` (accelerate's). Returns the grid's path, or None when
