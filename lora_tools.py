@@ -1,11 +1,12 @@
 """Edit Z-Image LoRA files without loading the model (seconds, on a CPU): convert a LoRA to our two files, shrink its
-rank, merge several LoRAs into one, or show what a LoRA holds.
+rank, merge several LoRAs into one, or show what a LoRA holds. And extract a LoRA from a fine-tuned model.
 
     python lora_tools.py convert kohya_or_comfyui_lora.safetensors --output_dir my_lora     # any layout diffusers reads
     python lora_tools.py resize my_lora --rank 16 --output_dir my_lora_r16                  # the best rank-16 LoRA
     python lora_tools.py resize my_lora --keep 0.95 --output_dir my_lora_small   # per module, 95% of its update kept
     python lora_tools.py merge style.safetensors:0.7 my_lora:1.0 --output_dir merged        # exactly both, one file
     python lora_tools.py show my_lora      # layout, modules, ranks, the rank each module needs, the metadata
+    python lora_tools.py extract finetune.safetensors --base Tongyi-MAI/Z-Image-Turbo --rank 64 --output_dir ft_lora
 
 convert, resize and merge each write what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
 pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...).
@@ -13,7 +14,10 @@ A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors fi
 (ours, ComfyUI/ai-toolkit, kohya/musubi-tuner); ":weight" after it scales it in a merge (negative subtracts).
 Sizes: `resize` keeps, in each module, the largest singular values of the update B @ A: at --rank r that is the
 closest rank-r update there is (its loss is printed as the fraction of each update's norm kept). A merge adds the
-updates exactly (the ranks add up) unless --rank or --keep shrink the sum the same way.
+updates exactly (the ranks add up) unless --rank or --keep shrink the sum the same way. `extract` loads both
+models (host memory: twice the model) and takes each targeted Linear's weight difference to the base the same way:
+at --rank r its best rank-r part (a randomized SVD, minutes on a CPU), with --keep a full SVD of each (much slower
+on a CPU; --device cuda). What a LoRA cannot hold (biases, norms, embedders, untargeted Linears) is reported.
 """
 
 import argparse
@@ -26,8 +30,8 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from zimage_utils import cli
-from zimage_utils.lora import REFINER_PREFIXES
-from zimage_utils.lora_edit import factors_state_dict, lora_factors, merge, rank_for, resize, update_svd
+from zimage_utils.lora import REFINER_PREFIXES, lora_target_modules
+from zimage_utils.lora_edit import extract, factors_state_dict, lora_factors, merge, rank_for, resize, update_svd
 from zimage_utils.lora_io import (
     COMFYUI_WEIGHT_NAME,
     LORA_FORMATS,
@@ -38,6 +42,7 @@ from zimage_utils.lora_io import (
     save_lora_state,
     split_strength,
 )
+from zimage_utils.model_loading import load_transformer, require_zimage, stored_dtype
 from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, file_hash, model_spec
 
 KEEP_LEVELS = (0.9, 0.95, 0.99)
@@ -79,11 +84,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     shrink.add_argument("lora", help="LoRA folder or .safetensors file.")
     combine = tools.add_parser("merge", parents=[common, sizes], help="Several LoRAs as one: Σ weight · update.")
     combine.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]", help="Two or more LoRAs, each with a weight.")
+    pull = tools.add_parser(
+        "extract", parents=[common, sizes], help="A LoRA from a fine-tuned model: the SVD of each Linear's difference."
+    )
+    pull.add_argument(
+        "tuned",
+        help="The fine-tuned transformer: a Z-Image model folder or hub id, or a .safetensors checkpoint of the "
+        "transformer alone (ComfyUI / original or diffusers keys).",
+    )
+    pull.add_argument(
+        "--base", required=True, help="The model it was tuned from: a Z-Image folder or hub id (e.g. Z-Image-Turbo)."
+    )
+    pull.add_argument(
+        "--targets",
+        default="all",
+        help="The Linears the LoRA adapts, as the trainer's --lora_targets (default all: every block Linear).",
+    )
+    pull.add_argument("--device", default=None, help="Where the SVDs run. Default: cuda when there is a GPU.")
     look = tools.add_parser("show", help="What a LoRA file holds, and the rank each module needs (nothing written).")
     look.add_argument("lora", help="LoRA folder or .safetensors file.")
     args = parser.parse_args(input_args)
-    if args.tool == "resize" and args.rank is None and args.keep is None:
-        parser.error("resize needs --rank R, --keep F or both")
+    if args.tool in ("resize", "extract") and args.rank is None and args.keep is None:
+        parser.error(f"{args.tool} needs --rank R, --keep F or both")
     if getattr(args, "rank", None) is not None and args.rank < 1:
         parser.error(f"--rank {args.rank}: give 1 or more")
     if getattr(args, "keep", None) is not None and not 0 < args.keep <= 1:
@@ -120,14 +142,15 @@ def rank_text(ranks: list[int]) -> str:
     return str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
 
 
-def report_resize(report: dict) -> str:
-    """One line: ranks before → after, the part of each update kept (mean, and the module that kept least)."""
+def report_resize(report: dict, what: str = "update") -> str:
+    """One line: ranks before → after, the part of each update (or difference) kept: mean, and the module that kept
+    least."""
     old, new = [r[0] for r in report.values()], [r[1] for r in report.values()]
     worst = min(report, key=lambda m: report[m][2])
     mean_kept = sum(r[2] for r in report.values()) / len(report)
     return (
         f"{len(report)} modules, rank {rank_text(old)} → {rank_text(new)} (mean {sum(new) / len(new):.1f}); "
-        f"update norm kept: mean {mean_kept:.1%}, least {report[worst][2]:.1%} ({worst})"
+        f"{what} norm kept: mean {mean_kept:.1%}, least {report[worst][2]:.1%} ({worst})"
     )
 
 
@@ -183,16 +206,81 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> None:
-    if args.tool == "show":
-        print(describe(args.lora))
-        return
-    check_output_dir(args)
+def checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype a transformer checkpoint (folder / hub id, or one .safetensors file) stores its weights in."""
+    if not path.endswith(".safetensors"):
+        return stored_dtype(path, "transformer") or torch.bfloat16
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    with safetensors.safe_open(path, "pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    if any(name.startswith("F8") for name in stored):
+        raise ValueError(f"{path} stores fp8 weights: extract from the bf16 or fp16 release of that fine-tune")
+    return torch.float32 if "F32" in stored else torch.float16 if "F16" in stored else torch.bfloat16
+
+
+def extracted(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torch.dtype]:
+    """`extract`: (the LoRA's factors, its metadata, a summary, the models' dtype). Both transformers are loaded in
+    the wider of their stored dtypes (host memory: twice the model, 2 × 12 GB in bf16), so no difference is rounded
+    away; each difference goes to --device in float32 for its SVD."""
+    single = args.tuned.endswith(".safetensors")
+    require_zimage(args.base)
+    if not single:
+        require_zimage(args.tuned)
+    dtype = torch.promote_types(checkpoint_dtype(args.base), checkpoint_dtype(args.tuned))
+    print(f"loading {args.base} and {args.tuned} ({str(dtype).removeprefix('torch.')})")
+    base = load_transformer(args.base, dtype)
+    tuned = load_transformer(args.base if single else args.tuned, dtype, single_file=args.tuned if single else None)
+    modules = lora_target_modules(base, args.targets)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base_weights, tuned_weights = dict(base.named_parameters()), dict(tuned.named_parameters())
+    shapes = [{n: tuple(w.shape) for n, w in weights.items()} for weights in (base_weights, tuned_weights)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(
+            f"{args.tuned} is not shaped as {args.base} (other layers or sizes): give as --base the model it was "
+            "fine-tuned from"
+        )
+
+    def differences():
+        for module in modules:
+            name = f"{module}.weight"
+            yield module, tuned_weights[name].to(device, torch.float32) - base_weights[name].to(device, torch.float32)
+
+    lora, report = extract(differences(), args.rank, args.keep)
+    old_ranks = {module: min(base_weights[f"{module}.weight"].shape) for module in report}
+    lines = [report_resize({m: (old_ranks[m], k, kept) for m, (k, kept) in report.items()}, "difference")]
+    if len(lora) < len(modules):
+        lines.append(f"{len(modules) - len(lora)} of the {len(modules)} targeted modules equal the base's: left out")
+    targeted = {f"{module}.weight" for module in modules}
+    changed = {
+        name: float(
+            torch.linalg.vector_norm(tuned_weights[name].float() - w.float()) / torch.linalg.vector_norm(w.float())
+        )
+        for name, w in base_weights.items()
+        if name not in targeted and not torch.equal(w, tuned_weights[name])
+    }
+    if changed:
+        most = max(changed, key=changed.get)
+        lines.append(
+            f"note: {len(changed)} other tensors differ from the base (the most: {most}, by {changed[most]:.1%} of its "
+            f"norm); a LoRA holds only the targeted Linears' weights (--targets {args.targets}), so these stay the base's"
+        )
+    tool = f"extract {Path(args.tuned).name} --base {args.base}"
+    tool += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
+    description = f"{Path(args.tuned).name}'s difference to {args.base}, as a LoRA (lora_tools.py extract)."
+    metadata = {"base_model": args.base, "lora_tools": tool} | model_spec(
+        Path(args.output_dir).name, description=description
+    )
+    return lora, metadata, "\n".join(lines), dtype
+
+
+def edited(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torch.dtype]:
+    """`convert`, `resize`, `merge`: (the LoRA's factors, its metadata, a summary, the dtype to save)."""
     specs = [split_strength(spec, "merge") for spec in args.loras] if args.tool == "merge" else [(args.lora, 1.0)]
     # every LoRA read, and refused if it is not a whole plain LoRA, before anything is written
     factors = [(lora_factors(read_lora(path), path), weight) for path, weight in specs]
     dtypes = [t.dtype for lora, _ in factors for pair in lora.values() for t in pair]
-    dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else functools.reduce(torch.promote_types, dtypes)
+    dtype = functools.reduce(torch.promote_types, dtypes)
     sources = [source_metadata(path) for path, _ in specs]
     metadata, others = sources[0], sources[1:]
     titles = [m.get(TITLE_KEY) or Path(p).name.removesuffix(".safetensors") for m, (p, _) in zip(sources, specs)]
@@ -214,7 +302,17 @@ def main(args: argparse.Namespace) -> None:
         lora, report = resize(lora, args.rank, args.keep)
         summary = report_resize(report)
         metadata["lora_tools"] += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
-    metadata |= spec | {"rank": rank_text([down.shape[0] for _, down in lora.values()])}
+    return lora, metadata | spec, summary, dtype
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.tool == "show":
+        print(describe(args.lora))
+        return
+    check_output_dir(args)
+    lora, metadata, summary, dtype = (extracted if args.tool == "extract" else edited)(args)
+    dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else dtype
+    metadata["rank"] = rank_text([down.shape[0] for _, down in lora.values()])
     paths = save_lora_state(args.output_dir, factors_state_dict(lora), metadata, args.formats, dtype)
     print(summary)
     for path in paths.values():

@@ -1,12 +1,15 @@
 """lora_tools.py on a full-size Z-Image LoRA (random factors, every block Linear, no model needed): the time of each
 command, and the SVD it rests on (from the factors) against the dense SVD of each update that PEFT's svd merge and
-kohya's resize take (float32), on the same modules in the same run.
+kohya's resize take (float32), on the same modules in the same run. And `extract`'s randomized SVD of one block's
+weight differences (a stand-in fine-tune: a decaying spectrum over small full-rank noise) against the full SVD that
+kohya's extract_lora_from_models takes: seconds each, and the part of each difference the rank-r LoRA holds either
+way (the full SVD's is the best there is).
 
     python benchmarks/bench_lora_tools.py --work /tmp/lt --out lora_tools.json          # full size, CPU or GPU host
     python benchmarks/bench_lora_tools.py --tiny --work /tmp/lt --out lora_tools.json   # the tiny model (CI)
 
-Prints one row per command (seconds, written MiB) and the SVD comparison on one block's modules (seconds each way,
-their ratio, and the largest relative difference of the singular values).
+Prints one row per command (seconds, written MiB), the SVD comparison on one block's modules (seconds each way,
+their ratio, and the largest relative difference of the singular values) and the extraction comparison.
 """
 
 import argparse
@@ -25,7 +28,7 @@ from bench_train_step import FULL  # noqa: E402
 
 import lora_tools  # noqa: E402
 from zimage_utils.lora import lora_target_modules  # noqa: E402
-from zimage_utils.lora_edit import factors_state_dict, update_svd  # noqa: E402
+from zimage_utils.lora_edit import extract, factors_state_dict, update_svd  # noqa: E402
 from zimage_utils.lora_io import save_lora_state  # noqa: E402
 from zimage_utils.tiny import TINY_TRANSFORMER  # noqa: E402
 
@@ -106,6 +109,7 @@ def main() -> None:
         "dense_over_factored": round(dense_s / factored_s, 1),
         "max_rel_diff": worst,
     }
+    extraction = extract_one_block(block, rank=2 * args.rank)
     report = {
         "model": "tiny" if args.tiny else "full-size Z-Image (30 blocks + 4 refiners, every block Linear)",
         "modules": len(shapes),
@@ -113,6 +117,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "svd_one_block": svd,
+        "extract_one_block": extraction,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -124,6 +129,41 @@ def main() -> None:
         f"SVD of one block's {svd['modules']} updates: factored {svd['factored_s']:.3f} s, dense {svd['dense_s']:.3f} s "
         f"({svd['dense_over_factored']}×), singular values agree to {worst:.1e} of the largest"
     )
+    e = extraction
+    print(
+        f"extract --rank {e['rank']} on one block's {e['modules']} differences: randomized SVD {e['randomized_s']:.2f} s, "
+        f"full SVD {e['full_s']:.2f} s ({e['full_over_randomized']}×); norm held: {e['randomized_kept']:.4f} vs the "
+        f"best {e['full_kept']:.4f} (mean over modules)"
+    )
+
+
+def extract_one_block(shapes: dict[str, tuple[int, int]], rank: int) -> dict:
+    """`extract` on stand-in differences of one block's weights: randomized (as `--rank` runs) against full SVD."""
+    g = torch.Generator().manual_seed(3)
+
+    def difference(out: int, inp: int) -> torch.Tensor:  # what fine-tuning leaves: a few strong directions, and noise
+        k = min(out, inp) // 4
+        strong = (
+            torch.randn(out, k, generator=g)
+            * torch.tensor([0.9**j for j in range(k)])
+            @ torch.randn(k, inp, generator=g)
+        )
+        return (strong + 0.05 * torch.randn(out, inp, generator=g)) / inp**0.5
+
+    differences = [(n, difference(*shape)) for n, shape in shapes.items()]
+    randomized_s, (_, randomized) = timed(lambda: extract(differences, rank, None))
+    # the full SVD of each (kohya's extract), the same number of values kept: `keep` 1 forces extract's full path
+    full_s, (_, full) = timed(lambda: extract(differences, rank, 1.0))
+    mean = lambda report: sum(kept for _, kept in report.values()) / len(report)  # noqa: E731
+    return {
+        "modules": len(shapes),
+        "rank": rank,
+        "randomized_s": round(randomized_s, 3),
+        "full_s": round(full_s, 3),
+        "full_over_randomized": round(full_s / randomized_s, 1),
+        "randomized_kept": mean(randomized),
+        "full_kept": mean(full),
+    }
 
 
 if __name__ == "__main__":

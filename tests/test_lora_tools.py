@@ -6,21 +6,25 @@ them: at full rank the same to rounding; at a lower rank the update's best appro
 values computed here from the dense update.
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import ZImageTransformer2DModel
 from safetensors.torch import save_file
 from test_lora_io import fail_on_loader_warnings, spec_hash, stand_in_for_training, transformer_output
+from test_model_loading import to_original_layout
 
 import lora_tools
-from zimage_utils.lora import add_lora
+from zimage_utils import lora_edit
+from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_edit import lora_factors, update_svd
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, read_lora, save_lora
 from zimage_utils.model_spec import model_spec
-from zimage_utils.tiny import make_tiny_pipeline
+from zimage_utils.tiny import TINY_TRANSFORMER, make_tiny_pipeline, save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,3 +281,100 @@ def test_written_files_carry_the_model_spec_and_show_checks_its_hash(loras, tmp_
     (tmp_path / "damaged.safetensors").write_bytes(data)
     tool("show", tmp_path / "damaged.safetensors")
     assert "modelspec.hash_sha256: does NOT match: the file is damaged" in capsys.readouterr().out
+
+
+def test_extract_reports_the_part_of_a_large_difference_it_holds_to_float64_accuracy():
+    """A 2048x1024 difference of rank 12 at --rank 8: the randomized SVD's top 8 values are the difference's own, and
+    the fraction of its norm they hold is the exact one (a float32 norm of a matrix this size is ~1e-5 off)."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(2048, 12, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(1024, 12, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -1, 12, dtype=torch.float64)
+    difference = ((u * s) @ v.T).float()
+    factors, report = lora_edit.extract([("m", difference)], rank=8, keep=None)
+    exact = torch.linalg.svdvals(difference.double())
+    assert report["m"][0] == 8 and factors["m"][0].shape == (2048, 8) and factors["m"][1].shape == (8, 1024)
+    assert report["m"][1] == pytest.approx(float(exact[:8].norm() / exact.norm()), rel=1e-6)
+    update = (factors["m"][0] @ factors["m"][1]).double()
+    torch.testing.assert_close(
+        torch.linalg.matrix_norm(update - difference.double()), exact[8:].norm(), rtol=1e-4, atol=0
+    )
+
+
+@pytest.fixture(scope="module")
+def finetune(tmp_path_factory):
+    """A stand-in fine-tune of the tiny model: every block Linear but the first moved by its own rank-3 difference.
+    Saved as a model folder; returns (base folder, fine-tune folder, {module: difference}, its output)."""
+    root = tmp_path_factory.mktemp("finetune")
+    base = save_tiny_pipeline(root / "base")
+    tuned = make_tiny_pipeline(seed=0)
+    g = torch.Generator().manual_seed(7)
+    differences = {}
+    for module in lora_target_modules(tuned.transformer, "all")[1:]:
+        weight = tuned.transformer.get_submodule(module).weight
+        differences[module] = (
+            0.05 * torch.randn(weight.shape[0], 3, generator=g) @ torch.randn(3, weight.shape[1], generator=g)
+        )
+        weight.data += differences[module]
+    tuned.save_pretrained(root / "tuned", safe_serialization=True)
+    return base, root / "tuned", differences, transformer_output(tuned.transformer)
+
+
+def test_extract_recovers_a_fine_tunes_low_rank_differences_as_a_lora(finetune, tmp_path, capsys):
+    base, tuned, differences, tuned_output = finetune
+    assert (tuned_output - transformer_output(make_tiny_pipeline(seed=0).transformer)).abs().max() > 1e-2
+    tool("extract", tuned, "--base", base, "--rank", 3, "--output_dir", tmp_path / "x")
+    out = capsys.readouterr().out
+    assert "1 of the 31 targeted modules equal the base's: left out" in out and "other tensors" not in out
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):  # the base with the LoRA computes what the fine-tune does
+        pipe = loaded((tmp_path / "x", 1.0), weight_name=name)
+        torch.testing.assert_close(transformer_output(pipe.transformer), tuned_output, rtol=0, atol=1e-4)
+    state, metadata = load_lora_file(tmp_path / "x" / LORA_WEIGHT_NAME)
+    assert len(state) == 2 * 30 and metadata["rank"] == "3" and metadata["base_model"] == str(base)
+    assert metadata["modelspec.title"] == "x" and metadata["lora_tools"].startswith("extract tuned --base")
+
+
+def test_extract_from_a_single_file_keeps_each_differences_best_part_and_names_what_it_leaves_out(
+    finetune, tmp_path, capsys
+):
+    """The fine-tune as one ComfyUI-layout file, with a norm changed too. At rank 2 each update misses exactly the
+    difference's third singular value; with --keep, each module gets the fewest values that keep that much."""
+    base, tuned, differences, _ = finetune
+    state = make_tiny_pipeline(seed=0).transformer.state_dict()
+    for module, difference in differences.items():
+        state[f"{module}.weight"] = state[f"{module}.weight"] + difference
+    state["layers.1.attention_norm1.weight"] = state["layers.1.attention_norm1.weight"] * 1.1
+    save_file(to_original_layout({k: v.contiguous() for k, v in state.items()}), str(tmp_path / "ft.safetensors"))
+
+    tool("extract", tmp_path / "ft.safetensors", "--base", base, "--rank", 2, "--output_dir", tmp_path / "r2")
+    out = capsys.readouterr().out
+    assert "note: 1 other tensors differ from the base (the most: layers.1.attention_norm1.weight, by 10.0%" in out
+    updates = fused_updates(tmp_path / "r2")
+    assert updates.keys() == differences.keys()
+    for module, update in updates.items():
+        third = torch.linalg.svdvals(differences[module].double())[2]
+        torch.testing.assert_close(torch.linalg.matrix_norm(update - differences[module]), third, rtol=1e-3, atol=1e-6)
+
+    tool("extract", tmp_path / "ft.safetensors", "--base", base, "--keep", 0.8, "--output_dir", tmp_path / "k")
+    state, _ = load_lora_file(tmp_path / "k" / LORA_WEIGHT_NAME)
+    for module, difference in differences.items():
+        s = torch.linalg.svdvals(difference.double())
+        fewest = next(k for k in range(1, 4) if s[:k].square().sum().sqrt() >= 0.8 * s.square().sum().sqrt())
+        assert state[f"transformer.{module}.lora_A.weight"].shape[0] == fewest
+
+
+def test_extract_refuses_fp8_checkpoints_and_a_model_of_another_shape(finetune, tmp_path):
+    base, _, _, _ = finetune
+    save_file(
+        {"layers.0.attention.qkv.weight": torch.zeros(96, 32, dtype=torch.float8_e4m3fn)},
+        str(tmp_path / "f8.safetensors"),
+    )
+    with pytest.raises(ValueError, match="stores fp8 weights: extract from the bf16 or fp16 release"):
+        tool("extract", tmp_path / "f8.safetensors", "--base", base, "--rank", 4, "--output_dir", tmp_path / "o")
+    other = shutil.copytree(base, tmp_path / "three_layers")
+    ZImageTransformer2DModel(**{**TINY_TRANSFORMER, "n_layers": 3}).save_pretrained(other / "transformer")
+    with pytest.raises(
+        ValueError, match="three_layers is not shaped as .* give as --base the model it was fine-tuned"
+    ):
+        tool("extract", other, "--base", base, "--rank", 4, "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()

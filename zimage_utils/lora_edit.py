@@ -1,4 +1,5 @@
-"""LoRA arithmetic without a model: a smaller rank for a LoRA, several LoRAs merged into one.
+"""LoRA arithmetic without a model: a smaller rank for a LoRA, several LoRAs merged into one; and a LoRA extracted
+from the weight differences of a fine-tuned model to its base.
 
 A LoRA here is `read_lora`'s state dict (diffusers keys, any alpha folded in, so each module's update at strength 1
 is B @ A) taken apart as {module: (B [out, r], A [r, in])}. Nothing else in the stack does these two jobs on a LoRA
@@ -12,6 +13,7 @@ the whole model's LoRA in seconds on a CPU. Truncating it to k values is the bes
 update (Eckart-Young): the part lost has Frobenius norm √(Σ dropped σ²)."""
 
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -97,3 +99,30 @@ def merge(weighted: list[tuple[Factors, float]]) -> Factors:
             torch.cat([down.float() for (_, down), _ in parts], dim=0),
         )
     return merged
+
+
+def extract(
+    differences: Iterable[tuple[str, torch.Tensor]], rank: int | None, keep: float | None
+) -> tuple[Factors, dict]:
+    """Each module's weight difference (tuned − base, [out, in], float32 on the device the SVD should run on) as the
+    factors of its `rank_for` largest singular values, B and A sharing √S. With `rank` alone the top values come
+    from a randomized SVD (`torch.svd_lowrank`: rank + 10 directions, 4 power iterations, seconds for the whole
+    model); `keep` needs the full spectrum, so a full SVD. A module whose difference is zero is left out.
+
+    Returns (factors on the CPU, {module: (rank, fraction of the difference's Frobenius norm the LoRA holds)})."""
+    factors, report = {}, {}
+    for module, difference in differences:
+        total = torch.linalg.vector_norm(difference, dtype=torch.float64)  # (float32 sums: ~0.3% off at 10240x3840)
+        if total == 0:
+            continue
+        q = None if rank is None else min(rank + 10, *difference.shape)
+        if keep is None and q < min(difference.shape):
+            u, s, v = torch.svd_lowrank(difference, q=q, niter=4)
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(difference, full_matrices=False)
+        k = rank_for(s, rank, keep)
+        root = s[:k].sqrt()
+        factors[module] = ((u[:, :k] * root).cpu(), (root[:, None] * vh[:k]).cpu())
+        report[module] = (k, float(s[:k].double().square().sum().sqrt() / total))
+    return factors, report
