@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from zimage_utils import cli
-from zimage_utils.lora_io import read_lora, split_strength
+from zimage_utils.lora_io import lora_metadata, read_lora, split_strength, trigger_of
 from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
 from zimage_utils.validation import SAMPLING_DEFAULTS, labelled_grid, model_variant, save_grid, save_png_atomic
 
@@ -103,6 +103,12 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
     loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
     if args.prompt_file:
         args.prompt = (args.prompt or []) + read_prompt_file(args.prompt_file)
+    for path, _ in loras + columns:  # a note, not an error: a prompt without the trigger is also a fair test
+        trigger = trigger_of(lora_metadata(path)) if path != BASE else ""
+        words = [t.strip().lower() for t in trigger.split(",") if t.strip()]  # (several caches: "sks, ohwx")
+        lacking = [str(i) for i, p in enumerate(args.prompt or [], 1) if not any(w in p.lower() for w in words)]
+        if words and lacking:
+            print(f"note: {path} was trained with the trigger '{trigger}', which prompt {', '.join(lacking)} lacks")
     if columns and (args.fuse_to or args.num_images != 1):
         raise ValueError("--compare samples one image per prompt and column: drop --fuse_to and --num_images")
     if args.fuse_to:

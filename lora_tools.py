@@ -38,6 +38,8 @@ from zimage_utils.lora_io import (
     LORA_WEIGHT_NAME,
     SAVE_DTYPES,
     load_lora_file,
+    lora_file,
+    lora_metadata,
     read_lora,
     save_lora_state,
     split_strength,
@@ -115,19 +117,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lora_file(path: str) -> Path:
-    """The file a LoRA path names: itself, or a folder's pytorch_lora_weights.safetensors."""
-    return Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
-
-
 def source_metadata(path: str) -> dict[str, str]:
-    """What the LoRA file at `path` (file or folder) says about its training, without its layout's keys; {} for a
-    hub id or a file without metadata."""
-    file = lora_file(path)
-    if not file.is_file():
-        return {}
-    with safetensors.safe_open(str(file), "pt") as f:  # the header only: the tensors stay on disk
-        return {k: v for k, v in (f.metadata() or {}).items() if k not in LAYOUT_METADATA}
+    """What the LoRA at `path` (file or folder) says about its training, without its layout's keys; {} for a hub id
+    or a file without metadata."""
+    return {k: v for k, v in lora_metadata(path).items() if k not in LAYOUT_METADATA}
 
 
 def check_output_dir(args: argparse.Namespace) -> None:

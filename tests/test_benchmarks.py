@@ -153,7 +153,7 @@ def test_generate_benchmark_reads_the_peak_memory_generate_prints_on_cuda(monkey
     assert REPORT.search(generate.sampling_report(1, 0.5, "cpu"))["allocated"] is None
 
 
-def test_lora_tools_benchmark_times_each_command_and_checks_the_factored_svd(tmp_path):
+def test_lora_tools_benchmark_times_each_command_and_checks_the_factored_and_randomized_svds(tmp_path):
     flags = ["--tiny", "--rank", "4", "--work", str(tmp_path / "work")]
     report = run_benchmark("bench_lora_tools.py", *flags, "--out", str(tmp_path / "lora_tools.json"))
     assert [row["command"] for row in report["rows"]] == [
@@ -161,3 +161,7 @@ def test_lora_tools_benchmark_times_each_command_and_checks_the_factored_svd(tmp
     ]  # fmt: skip
     assert all(row["seconds"] > 0 and row["written_mib"] > 0 for row in report["rows"])
     assert report["svd_one_block"]["modules"] > 0 and report["svd_one_block"]["max_rel_diff"] < 1e-5
+    extraction = report["extract_one_block"]  # the randomized SVD holds at most what the full one does, the best
+    assert (
+        extraction["rank"] == 8 and 0.5 < extraction["randomized_kept"] <= extraction["full_kept"] + 1e-6 <= 1 + 1e-6
+    )

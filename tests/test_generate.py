@@ -11,6 +11,7 @@ from test_lora_io import stand_in_for_training, transformer_output
 import generate
 from zimage_utils.lora import add_lora
 from zimage_utils.lora_io import save_lora
+from zimage_utils.model_spec import model_spec
 
 
 def write_lora(tiny_model_dir, folder, adapter="lora"):
@@ -55,6 +56,20 @@ def test_mistakes_are_refused_before_the_pipeline_loads_and_the_base_is_never_wr
     for flags, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             generate.main(generate.parse_args(["--pretrained_model_name_or_path", base] + flags))
+
+
+def test_prompts_without_the_loras_trigger_get_a_note(tiny_model_dir, tmp_path, capsys):
+    transformer = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
+    config = add_lora(transformer, rank=4, alpha=4, targets="attention")
+    save_lora(tmp_path / "lora", transformer, config, model_spec("people", trigger_phrase="sks person"))
+    save_lora(tmp_path / "plain", transformer, config, {"base_model": "tiny"})  # (no trigger: no note)
+    prompts = ["A photo of SKS person hiking", "a dog on a beach", "sks person reading"]
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "plain")]
+    args = generate.parse_args(flags + ["--compare", "base", str(tmp_path / "lora"), "--prompt", *prompts])
+    generate.check_args(args)
+    assert capsys.readouterr().out == (
+        f"note: {tmp_path / 'lora'} was trained with the trigger 'sks person', which prompt 2 lacks\n"
+    )
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])

@@ -315,6 +315,26 @@ def split_strength(spec: str, flag: str = "LoRA") -> tuple[str, float]:
     return spec, 1.0
 
 
+def lora_file(path: str | Path) -> Path:
+    """The file a LoRA path names: itself, or a folder's pytorch_lora_weights.safetensors."""
+    return Path(path) / LORA_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+
+
+def lora_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of the LoRA at `path` (a file, or a folder's pytorch_lora_weights.safetensors),
+    from its header alone; {} for a hub id, a path that is not there or a file without metadata."""
+    file = lora_file(path)
+    if not file.is_file() or file.suffix != ".safetensors":
+        return {}
+    with safetensors.safe_open(str(file), framework="pt") as f:  # the tensors stay on disk
+        return dict(f.metadata() or {})
+
+
+def trigger_of(metadata: dict[str, str]) -> str:
+    """The trigger phrase a LoRA's metadata names: the SAI model spec's (any trainer that writes it), else ours."""
+    return metadata.get("modelspec.trigger_phrase") or metadata.get("trigger_word", "")
+
+
 def read_lora(path: str) -> dict[str, torch.Tensor]:
     """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya), as diffusers keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight` with any alpha folded in (the update at strength 1 is
