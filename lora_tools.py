@@ -199,6 +199,11 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
+def size_flags(args: argparse.Namespace) -> str:
+    """ " --rank R --keep F" as given, for the output's `lora_tools` metadata."""
+    return "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k, None))
+
+
 def checkpoint_dtype(path: str) -> torch.dtype:
     """The dtype a transformer checkpoint (folder / hub id, or one .safetensors file) stores its weights in."""
     if not path.endswith(".safetensors"):
@@ -258,8 +263,7 @@ def extracted(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torc
             f"note: {len(changed)} other tensors differ from the base (the most: {most}, by {changed[most]:.1%} of its "
             f"norm); a LoRA holds only the targeted Linears' weights (--targets {args.targets}), so these stay the base's"
         )
-    tool = f"extract {Path(args.tuned).name} --base {args.base}"
-    tool += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
+    tool = f"extract {Path(args.tuned).name} --base {args.base}{size_flags(args)}"
     description = f"{Path(args.tuned).name}'s difference to {args.base}, as a LoRA (lora_tools.py extract)."
     metadata = {"base_model": args.base, "lora_tools": tool} | model_spec(
         Path(args.output_dir).name, description=description
@@ -294,7 +298,7 @@ def edited(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torch.d
     if getattr(args, "rank", None) is not None or getattr(args, "keep", None) is not None:
         lora, report = resize(lora, args.rank, args.keep)
         summary = report_resize(report)
-        metadata["lora_tools"] += "".join(f" --{k} {getattr(args, k)}" for k in ("rank", "keep") if getattr(args, k))
+        metadata["lora_tools"] += size_flags(args)
     return lora, metadata | spec, summary, dtype
 
 

@@ -126,7 +126,7 @@ def write_model_card(
         "\n## Validation samples\n\n![validation samples, prompts × steps](samples/grid.png)\n" if prompts else ""
     )
     description = f"\n{about['description']}\n" if "description" in about else ""
-    location = f'"{repo_id}")' if repo_id else '"path/to/this/folder")  # or its hub id'
+    load = f'"{repo_id}")' if repo_id else '"path/to/this/folder")  # or its hub id'  # (the comment after the call)
     body = f"""{MARKER}
 
 # {about.get("title", output_dir.name)}
@@ -143,7 +143,7 @@ import torch
 from diffusers import ZImagePipeline
 
 pipe = ZImagePipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights({location}
+pipe.load_lora_weights({load}
 image = pipe({prompt!r}, num_inference_steps={sampling["steps"]}, guidance_scale={sampling["guidance"]}).images[0]
 ```
 
