@@ -43,6 +43,15 @@ class FakeHub:
                 huggingface_hub.HfApi, name, checked_against(getattr(huggingface_hub.HfApi, name), method)
             )
 
+        def validate(card, repo_type=None):  # the hub's card check: a licence must be one of its ids
+            hub.calls.append(("validate", card.data.license))
+            if card.data.license not in ("apache-2.0", "mit", "other"):
+                raise ValueError('"license" must be one of [apache-2.0, mit, ..., other]')
+
+        monkeypatch.setattr(
+            huggingface_hub.RepoCard, "validate", checked_against(huggingface_hub.RepoCard.validate, validate)
+        )
+
 
 def checked_against(real, fake):
     """`fake`, called only with arguments the real HfApi method takes (a renamed keyword fails the test)."""
@@ -99,6 +108,19 @@ def test_no_network_or_no_login_is_refused_before_anything_is_loaded_or_written(
     reset_accelerate()
     assert not (tmp_path / "out").exists()
     assert [c[0] for c in hub.calls] == ([] if offline else ["whoami"])
+
+
+def test_a_licence_the_hub_would_refuse_is_refused_when_the_run_starts(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(ValueError, match="--metadata_license CC BY-NC: the hub takes only its licence ids .*must be"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path / "out", **FLAGS, metadata_license="CC BY-NC")
+    reset_accelerate()
+    assert not (tmp_path / "out").exists() and hub.calls == [("whoami",), ("validate", "CC BY-NC")]
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "out", **FLAGS, metadata_license="apache-2.0")
+    assert [c[0] for c in hub.calls[2:]] == ["whoami", "validate", "create_repo", "upload_folder"]
+    assert "license: apache-2.0" in hub.uploaded["README.md"].decode()  # in the card's header, which the hub indexes
 
 
 def test_a_failed_upload_keeps_every_file_and_names_the_command_that_uploads_them(

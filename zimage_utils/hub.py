@@ -56,9 +56,25 @@ def prepare_hub_repo(args: argparse.Namespace, output_dir: str | Path) -> str:
     """--push_to_hub's checks when the run starts (main process): resolves `args.hub_model_id` to the full repo id
     (see `hub_repo_id`) and, unless --dry_run, makes the repo. Returns the line to print."""
     args.hub_model_id = hub_repo_id(args.hub_model_id, output_dir)
+    if args.metadata_license:
+        check_card_license(args.metadata_license)
     if args.dry_run:
         return f"--push_to_hub: logged in; the end of the run would upload to {args.hub_model_id}"
     return f"--push_to_hub: uploading to {create_hub_repo(args.hub_model_id, args.hub_private)} at the end"
+
+
+def check_card_license(license: str) -> None:
+    """The hub refuses to commit a model card whose `license` is not one of its licence ids, and so would refuse the
+    upload at the end of the run: ask it now (its card check, online) whether `--metadata_license` is one."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    try:
+        ModelCard(f"---\n{ModelCardData(license=license).to_yaml()}\n---\n").validate()
+    except ValueError as error:  # (the hub's 400 answer: what it refused)
+        raise ValueError(
+            f"--metadata_license {license}: the hub takes only its licence ids in a model card ({first_line(error)}): "
+            "give one such as apache-2.0 or cc-by-nc-4.0 (huggingface.co/docs/hub/repositories-licenses), or other"
+        ) from None
 
 
 def create_hub_repo(repo_id: str, private: bool = False) -> str:

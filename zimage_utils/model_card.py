@@ -37,7 +37,8 @@ def add_metadata_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     parser.add_argument(
         "--metadata_license",
         default=None,
-        help="The LoRA's licence, in the files and the model card's header (a hub id such as apache-2.0, or a name).",
+        help="The LoRA's licence, in the files and the model card's header: a hub licence id such as apache-2.0 "
+        "(--push_to_hub asks the hub when the run starts, as it refuses a card with another).",
     )
 
 
