@@ -291,7 +291,11 @@ def test_extract_reports_the_part_of_a_large_difference_it_holds_to_float64_accu
     v, _ = torch.linalg.qr(torch.randn(1024, 12, generator=g, dtype=torch.float64))
     s = torch.logspace(0, -1, 12, dtype=torch.float64)
     difference = ((u * s) @ v.T).float()
+    rng = torch.random.get_rng_state()
     factors, report = lora_edit.extract([("m", difference)], rank=8, keep=None)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random numbers are left as they were
+    again, _ = lora_edit.extract([("m", difference)], rank=8, keep=None)
+    assert all(torch.equal(a, b) for a, b in zip(factors["m"], again["m"]))  # the same LoRA on every run
     exact = torch.linalg.svdvals(difference.double())
     assert report["m"][0] == 8 and factors["m"][0].shape == (2048, 8) and factors["m"][1].shape == (8, 1024)
     assert report["m"][1] == pytest.approx(float(exact[:8].norm() / exact.norm()), rel=1e-6)

@@ -108,6 +108,7 @@ def test_the_base_prediction_is_the_model_without_the_lora_which_stays_on(tiny_m
 def lora_and_batch(model_dir, cache) -> tuple[torch.nn.Module, dict]:
     """The tiny transformer with a non-zero LoRA, and a batch of two of the cache's items with preservation captions."""
     transformer = ZImagePipeline.from_pretrained(model_dir).transformer
+    torch.manual_seed(0)  # the LoRA's initial values, whatever ran before in this process
     add_lora(transformer, rank=4, targets="all")
     for name, p in transformer.named_parameters():
         if "lora_B" in name:
@@ -161,8 +162,8 @@ def test_with_its_own_backward_the_step_runs_the_preservation_pass_after_the_bat
     assert not apart["loss"].requires_grad
     torch.testing.assert_close(apart["loss"], together["loss"].detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(apart["preservation"], together["preservation"], rtol=1e-5, atol=0)
-    for name, p in lora.items():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7)
+    for name, p in lora.items():  # equal up to the rounding of sums taken in another order: 1e-5 of the largest
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5 * float(expected[name].abs().max()))
 
 
 def test_the_memory_budget_measures_a_batch_with_preservation_captions(caches):

@@ -117,7 +117,10 @@ def extract(
             continue
         q = None if rank is None else min(rank + 10, *difference.shape)
         if keep is None and q < min(difference.shape):
-            u, s, v = torch.svd_lowrank(difference, q=q, niter=4)
+            cuda = [difference.device] if difference.is_cuda else []
+            with torch.random.fork_rng(devices=cuda):  # the same LoRA on every run; the caller's RNG left alone
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(difference, q=q, niter=4)
             vh = v.T
         else:
             u, s, vh = torch.linalg.svd(difference, full_matrices=False)
