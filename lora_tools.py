@@ -211,7 +211,9 @@ def checkpoint_dtype(path: str) -> torch.dtype:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     with safetensors.safe_open(path, "pt") as f:
-        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+        # (a ComfyUI all-in-one file also holds the VAE and text encoder: only the transformer's keys count)
+        keys = [k for k in f.keys() if k.startswith("model.diffusion_model.")] or list(f.keys())
+        stored = {f.get_slice(k).get_dtype() for k in keys}
     if any(name.startswith("F8") for name in stored):
         raise ValueError(f"{path} stores fp8 weights: extract from the bf16 or fp16 release of that fine-tune")
     return torch.float32 if "F32" in stored else torch.float16 if "F16" in stored else torch.bfloat16

@@ -341,14 +341,17 @@ def test_extract_recovers_a_fine_tunes_low_rank_differences_as_a_lora(finetune, 
 def test_extract_from_a_single_file_keeps_each_differences_best_part_and_names_what_it_leaves_out(
     finetune, tmp_path, capsys
 ):
-    """The fine-tune as one ComfyUI-layout file, with a norm changed too. At rank 2 each update misses exactly the
-    difference's third singular value; with --keep, each module gets the fewest values that keep that much."""
+    """The fine-tune as one ComfyUI all-in-one file (the transformer in the original layout beside an fp8 text encoder),
+    with a norm changed too. At rank 2 each update misses exactly the difference's third singular value; with --keep,
+    each module gets the fewest values that keep that much."""
     base, tuned, differences, _ = finetune
     state = make_tiny_pipeline(seed=0).transformer.state_dict()
     for module, difference in differences.items():
         state[f"{module}.weight"] = state[f"{module}.weight"] + difference
     state["layers.1.attention_norm1.weight"] = state["layers.1.attention_norm1.weight"] * 1.1
-    save_file(to_original_layout({k: v.contiguous() for k, v in state.items()}), str(tmp_path / "ft.safetensors"))
+    checkpoint = to_original_layout({k: v.contiguous() for k, v in state.items()}, prefix="model.diffusion_model.")
+    checkpoint["text_encoders.qwen3_4b.norm.weight"] = torch.ones(16).to(torch.float8_e4m3fn)  # (not the model's)
+    save_file(checkpoint, str(tmp_path / "ft.safetensors"))
 
     tool("extract", tmp_path / "ft.safetensors", "--base", base, "--rank", 2, "--output_dir", tmp_path / "r2")
     out = capsys.readouterr().out
