@@ -192,7 +192,8 @@ def describe(path: str) -> str:
                 f"most {needed[-1]} (resize --keep {keep})"
             )
     shown = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}  # (diffusers' config: rank, modules)
-    lines += ["  metadata:" if shown else "  metadata: none"] + [f"    {k}: {v}" for k, v in shown.items()]
+    order = sorted(shown, key=lambda k: (not k.startswith("modelspec."), k))  # (a file keeps no order) the spec first
+    lines += ["  metadata:" if shown else "  metadata: none"] + [f"    {k}: {shown[k]}" for k in order]
     if HASH_KEY in metadata:
         whole = file_hash(file) == metadata[HASH_KEY]
         lines.append(f"  {HASH_KEY}: {'matches the tensors' if whole else 'does NOT match: the file is damaged'}")
