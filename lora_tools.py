@@ -9,7 +9,8 @@ rank, merge several LoRAs into one, or show what a LoRA holds. And extract a LoR
     python lora_tools.py extract finetune.safetensors --base Tongyi-MAI/Z-Image-Turbo --rank 64 --output_dir ft_lora
 
 convert, resize and merge each write what the trainer writes: pytorch_lora_weights.safetensors (diffusers: `load_lora_weights(folder)`) and
-pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...).
+pytorch_lora_weights_comfyui.safetensors (ComfyUI), with the source's metadata (base model, trigger word, ...), which
+--metadata_title / _author / _description / _license and --trigger override, and the SAI model spec's keys.
 A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors file in any format diffusers reads
 (ours, ComfyUI/ai-toolkit, kohya/musubi-tuner); ":weight" after it scales it in a merge (negative subtracts).
 Sizes: `resize` keeps, in each module, the largest singular values of the update B @ A: at --rank r that is the
@@ -45,7 +46,7 @@ from zimage_utils.lora_io import (
     split_strength,
 )
 from zimage_utils.model_loading import load_transformer, require_zimage, stored_dtype
-from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, file_hash, model_spec
+from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, add_metadata_flags, file_hash, given_metadata, model_spec
 
 KEEP_LEVELS = (0.9, 0.95, 0.99)
 # Metadata that describes a file's layout, not what was trained: written anew for the output.
@@ -71,6 +72,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Which of the two files to write (default both).",
     )
     common.add_argument("--overwrite", action="store_true", help="Replace LoRA files already in --output_dir.")
+    add_metadata_flags(common)  # --metadata_title, --metadata_author, --metadata_description, --metadata_license
+    common.add_argument(
+        "--trigger",
+        default=None,
+        help="The LoRA's trigger phrase, for its files (LoRA browsers show it; generate.py notes a prompt without it). "
+        "Default: the source's.",
+    )
     sizes = argparse.ArgumentParser(add_help=False)
     sizes.add_argument("--rank", type=int, default=None, help="At most this rank in every module.")
     sizes.add_argument(
@@ -311,6 +319,9 @@ def main(args: argparse.Namespace) -> None:
         return
     check_output_dir(args)
     lora, metadata, summary, dtype = (extracted if args.tool == "extract" else edited)(args)
+    metadata |= given_metadata(args)
+    if args.trigger:  # (ours and the spec's key: generate.py and LoRA browsers read either)
+        metadata |= {"trigger_word": args.trigger, "modelspec.trigger_phrase": args.trigger}
     dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else dtype
     metadata["rank"] = rank_text([down.shape[0] for _, down in lora.values()])
     paths = save_lora_state(args.output_dir, factors_state_dict(lora), metadata, args.formats, dtype)

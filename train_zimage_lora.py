@@ -54,8 +54,9 @@ from zimage_utils.memory_budget import (
     fit_memory_budget,
     out_of_memory_explained,
 )
-from zimage_utils.model_card import add_metadata_flags, training_metadata, write_model_card
+from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
+from zimage_utils.model_spec import add_metadata_flags
 from zimage_utils.optimizers import OPTIMIZERS, optimizer_and_schedule
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line

@@ -385,3 +385,16 @@ def test_extract_refuses_fp8_checkpoints_and_a_model_of_another_shape(finetune, 
     ):
         tool("extract", other, "--base", base, "--rank", 4, "--output_dir", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_metadata_flags_rewrite_what_a_lora_says_about_itself(loras, tmp_path):
+    """convert as a metadata editor: a third-party LoRA given a title, trigger, author, description and licence."""
+    root, _ = loras
+    flags = {"title": "Ink", "author": "jo", "description": "Pen-and-ink line art.", "license": "mit"}
+    argv = [a for k, v in flags.items() for a in (f"--metadata_{k}", v)] + ["--trigger", "ohwx ink"]
+    tool("convert", root / "all" / COMFYUI_WEIGHT_NAME, "--output_dir", tmp_path / "c", *argv)
+    for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+        _, written = load_lora_file(tmp_path / "c" / name)
+        assert {k: written[f"modelspec.{k}"] for k in flags} == flags
+        assert written["modelspec.trigger_phrase"] == written["trigger_word"] == "ohwx ink"  # (the source's: sks2)
+        assert written["modelspec.hash_sha256"] == spec_hash(tmp_path / "c" / name)

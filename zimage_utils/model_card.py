@@ -4,7 +4,6 @@ samples, and the settings it was trained with. The YAML header (base model, tags
 the hub indexes; diffusers' `populate_model_card` adds its tags.
 """
 
-import argparse
 import os
 from pathlib import Path
 
@@ -18,28 +17,6 @@ MARKER = "<!-- written by train_zimage_lora.py: it rewrites this file after each
 def _is_hub_id(name: str) -> bool:
     # The hub rejects a local path as base_model; "org/name" that is not a folder here is taken for a hub id.
     return name.count("/") == 1 and not Path(name).exists()
-
-
-def add_metadata_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The trainer's flags for what the LoRA files and the model card say about the LoRA (kohya's names)."""
-    parser.add_argument(
-        "--metadata_title",
-        default=None,
-        help="The LoRA's title, which LoRA browsers (SwarmUI, ...) list and the model card heads with. Default: the "
-        "output folder's name; the files also get ', step N'.",
-    )
-    parser.add_argument("--metadata_author", default=None, help="Your name or handle, in the LoRA files.")
-    parser.add_argument(
-        "--metadata_description",
-        default=None,
-        help="What the LoRA does, in the files and the model card. Default: what was trained, on which model.",
-    )
-    parser.add_argument(
-        "--metadata_license",
-        default=None,
-        help="The LoRA's licence, in the files and the model card's header: a hub licence id such as apache-2.0 "
-        "(--push_to_hub asks the hub when the run starts, as it refuses a card with another).",
-    )
 
 
 def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict[str, str]:

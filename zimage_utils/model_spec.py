@@ -4,6 +4,7 @@ which anyone can check that a file arrived whole (`modelspec.hash_sha256`, over 
 lora_tools.py write it into both LoRA files; `lora_io.save_safetensors_atomic` fills in the hash.
 """
 
+import argparse
 import datetime
 import hashlib
 from pathlib import Path
@@ -19,6 +20,37 @@ TITLE_KEY = "modelspec.title"
 ARCHITECTURE = "z-image/lora"
 # The official code: the module names in our keys, after the `transformer.` / `diffusion_model.` prefix, are its own.
 IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
+
+
+def add_metadata_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """What the LoRA files say about the LoRA, for train_zimage_lora.py and lora_tools.py (kohya's flag names)."""
+    parser.add_argument(
+        "--metadata_title",
+        default=None,
+        help="The LoRA's title, which LoRA browsers such as SwarmUI list. Default: the output folder's name "
+        "(train_zimage_lora.py adds ', step N' in the files and heads the model card with it; lora_tools.py convert "
+        "keeps the source's).",
+    )
+    parser.add_argument("--metadata_author", default=None, help="Your name or handle.")
+    parser.add_argument(
+        "--metadata_description",
+        default=None,
+        help="What the LoRA does (the trainer's model card shows it too). Default: what was trained, on which model "
+        "(lora_tools.py: the source's).",
+    )
+    parser.add_argument(
+        "--metadata_license",
+        default=None,
+        help="The LoRA's licence (the trainer's model card header too): a hub licence id such as apache-2.0 "
+        "(--push_to_hub asks the hub when the run starts, as it refuses a card with another).",
+    )
+
+
+def given_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """The spec's keys that `--metadata_*` set (those given), to lay over a LoRA's own."""
+    given = {"title": args.metadata_title, "author": args.metadata_author}
+    given |= {"description": args.metadata_description, "license": args.metadata_license}
+    return {f"modelspec.{k}": v for k, v in given.items() if v}
 
 
 def model_spec(
