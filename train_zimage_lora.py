@@ -47,7 +47,7 @@ from zimage_utils.distributed import (
 from zimage_utils.ema import LoraEMA, averaged_weights
 from zimage_utils.hub import add_hub_flags, prepare_hub_repo, push_to_hub
 from zimage_utils.lora import ADAPTERS, count_trainable_parameters, init_lora_from, lora_target_modules
-from zimage_utils.lora_io import SAVE_DTYPES, save_lora
+from zimage_utils.lora_io import SAVE_DTYPES, add_metadata_if_saved_at, save_lora
 from zimage_utils.memory_budget import (
     budget_overshoot,
     check_memory_options,
@@ -477,6 +477,9 @@ def run_training(args: argparse.Namespace) -> None:
     if zero3 and adapter_state is not None:
         print0("note: under ZeRO-3 validation samples keep the training adapter merged (it is not removed)")
 
+    def thumbnail_saved_loras(step):  # the LoRA files saved at `step`, before its samples: the first one as thumbnail
+        add_metadata_if_saved_at([output_dir, output_dir / f"checkpoint-{step}"], step, validator.thumbnail(step))
+
     def validate(step):
         transformer.eval()
         with averaged_weights(ema):
@@ -494,6 +497,7 @@ def run_training(args: argparse.Namespace) -> None:
                     )
                 if path:
                     print0(f"validation samples: {path} (prompts x steps)")
+                    thumbnail_saved_loras(step)
         transformer.train()
         if logs:
             accelerator.log(logs, step=step)
@@ -587,8 +591,10 @@ def run_training(args: argparse.Namespace) -> None:
             save_lora_files(
                 args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, dtype, True
             )
-        if not validate_now:  # (unless the last step just validated)
+        if not validate_now:  # (unless the last step just validated, before these files were written)
             validate(global_step)
+        elif accelerator.is_main_process:
+            thumbnail_saved_loras(global_step)
         print0(
             f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui, and README.md, its model card)"
         )

@@ -9,6 +9,8 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 from test_trainer import reset_accelerate, train
 
+from zimage_utils.lora_io import load_lora_file
+
 
 class FakeHub:
     """HfApi's whoami / create_repo / upload_folder, recording their calls; `upload_error` makes the upload fail."""
@@ -85,6 +87,8 @@ def test_the_finished_lora_its_card_and_samples_are_uploaded_and_not_the_checkpo
     for name in ("pytorch_lora_weights.safetensors", "README.md"):
         assert hub.uploaded[name] == (output / name).read_bytes()
     assert 'pipe.load_lora_weights("someone/my-lora")' in hub.uploaded["README.md"].decode()
+    # step 2 was sampled before the final files were written: they get its thumbnail all the same
+    assert load_lora_file(output / "pytorch_lora_weights.safetensors")[1]["modelspec.thumbnail"].startswith("data:")
 
 
 def test_an_org_repo_private(tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch):

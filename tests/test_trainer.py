@@ -6,8 +6,10 @@ signal or a second process is the point. Every run logs one JSON line per loggin
 tests read losses from there, as a user plotting the curve would.
 """
 
+import base64
 import datetime
 import gc
+import io
 import json
 import os
 import re
@@ -20,13 +22,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
-from conftest import LAUNCHES_CPU_PROCESSES
+from conftest import LAUNCHES_CPU_PROCESSES, TINY_CACHE_VALIDATION_PROMPTS
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from peft.utils import set_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_lora_io import fail_on_loader_warnings, lora_delta, spec_hash, transformer_output
 
@@ -236,6 +240,33 @@ def test_lora_metadata_tells_what_was_trained(finished_run, tiny_model_dir):
             <= datetime.datetime.now(datetime.timezone.utc) - saved_at
             < datetime.timedelta(hours=1)
         )
+
+
+def thumbnail_of(path) -> Image.Image:
+    """The image in a LoRA file's `modelspec.thumbnail` (a JPEG data URL)."""
+    url = load_lora_file(path)[1]["modelspec.thumbnail"]
+    assert url.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_the_lora_files_show_the_first_sample_of_their_step_as_their_thumbnail(finished_run):
+    """The final files and the last checkpoint's (step 150), written before that step's samples were drawn, are
+    rewritten with the first prompt's sample; their hash still matches."""
+    out = finished_run["dir"]
+    samples = Image.open(out / "samples" / f"step_{FINISHED_STEPS:06d}.png").convert("RGB")
+    width = samples.width // len(TINY_CACHE_VALIDATION_PROMPTS)  # the prompts side by side
+    tiles = [np.asarray(samples.crop((i * width, 0, (i + 1) * width, samples.height)), float) for i in range(2)]
+    for path in [
+        folder / name for folder in (out, out / "checkpoint-150") for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME)
+    ]:
+        image = thumbnail_of(path)
+        assert image.format == "JPEG" and image.size == (width, samples.height)  # (64 px: under 256, not enlarged)
+        pixels = np.asarray(image.convert("RGB"), float)
+        errors = [np.abs(pixels - tile).mean() for tile in tiles]
+        assert errors[0] < 10 and errors[0] < errors[1] / 2, (
+            errors
+        )  # the first prompt's (JPEG rounds noisy tiles most)
+        assert load_lora_file(path)[1]["modelspec.hash_sha256"] == spec_hash(path)
 
 
 @pytest.mark.parametrize("weight_name", [LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])

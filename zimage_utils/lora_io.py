@@ -282,6 +282,20 @@ def save_lora_state(
     return paths
 
 
+def add_metadata_if_saved_at(folders: Iterable[str | Path], step: int, extra: dict[str, str]) -> list[Path]:
+    """Rewrite (atomically) the LoRA files in `folders` that a run saved at `step` (their "steps" metadata) with
+    `extra` added to their metadata: the validation sample of that step as their thumbnail, drawn after they were
+    written. Returns the files rewritten."""
+    rewritten = []
+    for folder in map(Path, folders) if extra else ():
+        for path in (folder / LORA_WEIGHT_NAME, folder / COMFYUI_WEIGHT_NAME):
+            if path.is_file() and lora_metadata(path).get("steps") == str(step):
+                tensors, metadata = load_lora_file(path)
+                save_safetensors_atomic(tensors, path, metadata | extra)
+                rewritten.append(path)
+    return rewritten
+
+
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA safetensors file → (tensors on CPU, its string metadata). Pickled files are refused."""
     path = Path(path)

@@ -5,8 +5,10 @@ lora_tools.py write it into both LoRA files; `lora_io.save_safetensors_atomic` f
 """
 
 import argparse
+import base64
 import datetime
 import hashlib
+import io
 from pathlib import Path
 
 import safetensors.torch
@@ -16,6 +18,8 @@ SPEC_KEY = "modelspec.sai_model_spec"
 SPEC_VERSION = "1.0.0"
 HASH_KEY = "modelspec.hash_sha256"
 TITLE_KEY = "modelspec.title"
+THUMBNAIL_KEY = "modelspec.thumbnail"
+THUMBNAIL_SIDE = 256  # the spec's recommended size: a few tens of kB in each file's header as JPEG
 # SwarmUI's class id for Z-Image LoRAs (it lower-cases the id it reads; musubi-tuner writes "Z-Image/lora").
 ARCHITECTURE = "z-image/lora"
 # The official code: the module names in our keys, after the `transformer.` / `diffusion_model.` prefix, are its own.
@@ -83,6 +87,15 @@ def model_spec(
         "modelspec.merged_from": merged_from,
     }
     return spec | {k: v for k, v in optional.items() if v}
+
+
+def thumbnail(image) -> str:
+    """A PIL image as the spec's thumbnail: a JPEG data URL, at most THUMBNAIL_SIDE pixels a side."""
+    small = image.convert("RGB")
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85, subsampling=0)  # (4:4:4: sharp colour edges stay sharp)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from .model_spec import THUMBNAIL_KEY, thumbnail
 from .training_step import StepConfig, flow_matching_step
 
 # Z-Image-Turbo is distilled for ~8 steps without CFG; the base model wants ~50 steps with guidance.
@@ -300,6 +301,7 @@ class Validator:
         self.guidance = defaults["guidance"] if guidance is None else guidance
         self.vae = self.scheduler = None
         self.raised_peak_gib = None
+        self.first_sample: tuple[int, Image.Image] | None = None  # (step, the first prompt's image), main process
 
     @classmethod
     def for_run(cls, args, caches: dict, empty_embeds, out_dir) -> "Validator":
@@ -317,6 +319,12 @@ class Validator:
             seed=args.seed,
             low_memory=bool(args.max_memory_gb),
         )
+
+    def thumbnail(self, step: int) -> dict[str, str]:
+        """{model spec thumbnail key: the first prompt's sample} when the last validation saved was at `step`."""
+        if self.first_sample is None or self.first_sample[0] != step:
+            return {}
+        return {THUMBNAIL_KEY: thumbnail(self.first_sample[1])}
 
     def sample_grid(self, transformer, step: int, device, save: bool = True, trackers=()) -> Path | None:
         """Sample every prompt at `step`; with `save` (the main process) write step_NNNNNN.png, rebuild grid.png,
@@ -354,6 +362,7 @@ class Validator:
         if not save:
             return None
         save_grid(images, self.out_dir / f"step_{step:06d}.png")
+        self.first_sample = (step, images[0])
         log_samples(trackers, images, [p for p, _ in self.prompts], step)
         return rebuild_sample_grid(self.out_dir, len(images), up_to_step=step)
 
