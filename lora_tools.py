@@ -46,7 +46,15 @@ from zimage_utils.lora_io import (
     split_strength,
 )
 from zimage_utils.model_loading import load_transformer, require_zimage, stored_dtype
-from zimage_utils.model_spec import HASH_KEY, TITLE_KEY, add_metadata_flags, file_hash, given_metadata, model_spec
+from zimage_utils.model_spec import (
+    HASH_KEY,
+    THUMBNAIL_KEY,
+    TITLE_KEY,
+    add_metadata_flags,
+    file_hash,
+    given_metadata,
+    model_spec,
+)
 
 KEEP_LEVELS = (0.9, 0.95, 0.99)
 # Metadata that describes a file's layout, not what was trained: written anew for the output.
@@ -200,6 +208,8 @@ def describe(path: str) -> str:
                 f"most {needed[-1]} (resize --keep {keep})"
             )
     shown = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY}  # (diffusers' config: rank, modules)
+    if THUMBNAIL_KEY in shown:  # an image as text: its kind and size, not the text
+        shown[THUMBNAIL_KEY] = f"{shown[THUMBNAIL_KEY].split(';')[0]} ({len(shown[THUMBNAIL_KEY]) / 1024:.1f} kB)"
     order = sorted(shown, key=lambda k: (not k.startswith("modelspec."), k))  # (a file keeps no order) the spec first
     lines += ["  metadata:" if shown else "  metadata: none"] + [f"    {k}: {shown[k]}" for k in order]
     if HASH_KEY in metadata:

@@ -6,6 +6,7 @@ them: at full rank the same to rounding; at a lower rank the update's best appro
 values computed here from the dense update.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
+from PIL import Image
 from safetensors.torch import save_file
 from test_lora_io import fail_on_loader_warnings, spec_hash, stand_in_for_training, transformer_output
 from test_model_loading import to_original_layout
@@ -23,7 +25,7 @@ from zimage_utils import lora_edit
 from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_edit import lora_factors, update_svd
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, read_lora, save_lora
-from zimage_utils.model_spec import model_spec
+from zimage_utils.model_spec import model_spec, thumbnail
 from zimage_utils.tiny import TINY_TRANSFORMER, make_tiny_pipeline, save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,6 +265,7 @@ def test_written_files_carry_the_model_spec_and_show_checks_its_hash(loras, tmp_
     tensors, metadata = load_lora_file(root / "attention" / LORA_WEIGHT_NAME)
     (tmp_path / "titled").mkdir()
     spec = model_spec("sks style", trigger_phrase="sks") | {"modelspec.hash_sha256": "0xstale"}
+    spec["modelspec.thumbnail"] = thumbnail(Image.new("RGB", (300, 200), "red"))
     save_file(tensors, str(tmp_path / "titled" / LORA_WEIGHT_NAME), metadata=metadata | spec)
     tool("convert", tmp_path / "titled", "--output_dir", tmp_path / "c")
     tool("merge", f"{tmp_path / 'titled'}:0.5", root / "all", "--output_dir", tmp_path / "m")
@@ -275,7 +278,9 @@ def test_written_files_carry_the_model_spec_and_show_checks_its_hash(loras, tmp_
             assert written["modelspec.hash_sha256"] == spec_hash(tmp_path / folder / name)
 
     tool("show", tmp_path / "c")
-    assert "modelspec.hash_sha256: matches the tensors" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "modelspec.hash_sha256: matches the tensors" in shown
+    assert re.search(r"modelspec.thumbnail: data:image/jpeg \(\d\.\d kB\)\n", shown) and "base64" not in shown
     data = bytearray((tmp_path / "c" / LORA_WEIGHT_NAME).read_bytes())
     data[-4] ^= 1  # the lowest bit of the last float32: the file still loads, one weight differs by 1 ulp
     (tmp_path / "damaged.safetensors").write_bytes(data)
