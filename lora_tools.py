@@ -15,8 +15,9 @@ A LoRA is a folder holding pytorch_lora_weights.safetensors or a .safetensors fi
 (ours, ComfyUI/ai-toolkit, kohya/musubi-tuner); ":weight" after it scales it in a merge (negative subtracts).
 Sizes: `resize` keeps, in each module, the largest singular values of the update B @ A: at --rank r that is the
 closest rank-r update there is (its loss is printed as the fraction of each update's norm kept). A merge adds the
-updates exactly (the ranks add up) unless --rank or --keep shrink the sum the same way. `extract` loads both
-models (host memory: twice the model) and takes each targeted Linear's weight difference to the base the same way:
+updates exactly (the ranks add up) unless --rank or --keep shrink the sum the same way. `extract` loads the
+fine-tune (host memory: one model) and reads the base's weights one at a time, and takes each targeted Linear's
+weight difference the same way:
 at --rank r its best rank-r part (a randomized SVD, minutes on a CPU), with --keep a full SVD of each (much slower
 on a CPU; --device cuda). What a LoRA cannot hold (biases, norms, embedders, untargeted Linears) is reported.
 """
@@ -45,7 +46,7 @@ from zimage_utils.lora_io import (
     save_lora_state,
     split_strength,
 )
-from zimage_utils.model_loading import load_transformer, require_zimage, stored_dtype
+from zimage_utils.model_loading import component_weight_files, load_transformer, require_zimage, stored_dtype
 from zimage_utils.model_spec import (
     HASH_KEY,
     THUMBNAIL_KEY,
@@ -239,45 +240,44 @@ def checkpoint_dtype(path: str) -> torch.dtype:
 
 
 def extracted(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torch.dtype]:
-    """`extract`: (the LoRA's factors, its metadata, a summary, the models' dtype). Both transformers are loaded in
-    the wider of their stored dtypes (host memory: twice the model, 2 × 12 GB in bf16), so no difference is rounded
-    away; each difference goes to --device in float32 for its SVD."""
+    """`extract`: (the LoRA's factors, its metadata, a summary, the fine-tune's dtype). Only the fine-tune is loaded
+    (host memory: one model, 12 GB in bf16); the base's weights are read one at a time from its files. Each
+    difference goes to --device in float32 for its SVD, so none is rounded."""
     single = args.tuned.endswith(".safetensors")
     require_zimage(args.base)
     if not single:
         require_zimage(args.tuned)
-    dtype = torch.promote_types(checkpoint_dtype(args.base), checkpoint_dtype(args.tuned))
-    print(f"loading {args.base} and {args.tuned} ({str(dtype).removeprefix('torch.')})")
-    base = load_transformer(args.base, dtype)
+    dtype = checkpoint_dtype(args.tuned)
+    print(f"loading {args.tuned} ({str(dtype).removeprefix('torch.')}); {args.base}'s weights are read one by one")
     tuned = load_transformer(args.base if single else args.tuned, dtype, single_file=args.tuned if single else None)
-    modules = lora_target_modules(base, args.targets)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base_weights, tuned_weights = dict(base.named_parameters()), dict(tuned.named_parameters())
-    shapes = [{n: tuple(w.shape) for n, w in weights.items()} for weights in (base_weights, tuned_weights)]
-    if shapes[0] != shapes[1]:
+    tuned_weights, files = tuned.state_dict(), component_weight_files(args.base, "transformer")
+    base_shapes = {}
+    for file in set(files.values()):
+        with safetensors.safe_open(str(file), "pt") as f:
+            base_shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if base_shapes != {n: tuple(w.shape) for n, w in tuned_weights.items()}:
         raise ValueError(
             f"{args.tuned} is not shaped as {args.base} (other layers or sizes): give as --base the model it was "
             "fine-tuned from"
         )
+    modules = lora_target_modules(tuned, args.targets)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def differences():
-        for module in modules:
-            name = f"{module}.weight"
-            yield module, tuned_weights[name].to(device, torch.float32) - base_weights[name].to(device, torch.float32)
+    def difference(name: str) -> torch.Tensor:  # tuned − base, float32 on `device`
+        with safetensors.safe_open(str(files[name]), "pt") as f:
+            return tuned_weights[name].to(device, torch.float32) - f.get_tensor(name).to(device, torch.float32)
 
-    lora, report = extract(differences(), args.rank, args.keep)
-    old_ranks = {module: min(base_weights[f"{module}.weight"].shape) for module in report}
+    lora, report = extract(((m, difference(f"{m}.weight")) for m in modules), args.rank, args.keep)
+    old_ranks = {module: min(tuned_weights[f"{module}.weight"].shape) for module in report}
     lines = [report_resize({m: (old_ranks[m], k, kept) for m, (k, kept) in report.items()}, "difference")]
     if len(lora) < len(modules):
         lines.append(f"{len(modules) - len(lora)} of the {len(modules)} targeted modules equal the base's: left out")
     targeted = {f"{module}.weight" for module in modules}
-    changed = {
-        name: float(
-            torch.linalg.vector_norm(tuned_weights[name].float() - w.float()) / torch.linalg.vector_norm(w.float())
-        )
-        for name, w in base_weights.items()
-        if name not in targeted and not torch.equal(w, tuned_weights[name])
-    }
+    changed = {}
+    for name, weight in tuned_weights.items():
+        if name not in targeted and (delta := difference(name)).any():  # (relative to the base: tuned − delta)
+            base = weight.to(delta.device, torch.float32) - delta
+            changed[name] = float(torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(base))
     if changed:
         most = max(changed, key=changed.get)
         lines.append(

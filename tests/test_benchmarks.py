@@ -165,3 +165,12 @@ def test_lora_tools_benchmark_times_each_command_and_checks_the_factored_and_ran
     assert (
         extraction["rank"] == 8 and 0.5 < extraction["randomized_kept"] <= extraction["full_kept"] + 1e-6 <= 1 + 1e-6
     )
+
+
+def test_extract_benchmark_measures_the_extraction_against_loading_the_fine_tune_alone(tmp_path):
+    flags = ["--tiny", "--rank", "8", "--delta_rank", "4", "--work", str(tmp_path / "work")]
+    report = run_benchmark("bench_extract.py", *flags, "--out", str(tmp_path / "extract.json"))
+    assert report["lora_rank"] == "8" and report["delta_rank"] == 4
+    for run in ("fine_tune_loaded", "extract"):
+        assert report[run]["seconds"] > 0 and report[run]["peak_rss_gib"] > 0.1
+    assert report["peak_ratio"] == report["extract"]["peak_rss_gib"] / report["fine_tune_loaded"]["peak_rss_gib"]

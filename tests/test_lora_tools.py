@@ -25,6 +25,7 @@ from zimage_utils import lora_edit
 from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_edit import lora_factors, update_svd
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, read_lora, save_lora
+from zimage_utils.model_loading import load_transformer as load
 from zimage_utils.model_spec import model_spec, thumbnail
 from zimage_utils.tiny import TINY_TRANSFORMER, make_tiny_pipeline, save_tiny_pipeline
 
@@ -329,10 +330,15 @@ def finetune(tmp_path_factory):
     return base, root / "tuned", differences, transformer_output(tuned.transformer)
 
 
-def test_extract_recovers_a_fine_tunes_low_rank_differences_as_a_lora(finetune, tmp_path, capsys):
+def test_extract_recovers_a_fine_tunes_low_rank_differences_as_a_lora(finetune, tmp_path, capsys, monkeypatch):
     base, tuned, differences, tuned_output = finetune
     assert (tuned_output - transformer_output(make_tiny_pipeline(seed=0).transformer)).abs().max() > 1e-2
+    loads = []  # one model in memory: the fine-tune; the base is read tensor by tensor from its files
+    monkeypatch.setattr(
+        lora_tools, "load_transformer", lambda path, *a, **k: loads.append(path) or load(path, *a, **k)
+    )
     tool("extract", tuned, "--base", base, "--rank", 3, "--output_dir", tmp_path / "x")
+    assert loads == [str(tuned)]
     out = capsys.readouterr().out
     assert "1 of the 31 targeted modules equal the base's: left out" in out and "other tensors" not in out
     for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):  # the base with the LoRA computes what the fine-tune does

@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zimage_utils.model_loading import (
     component_config_hash,
+    component_weight_files,
     detect_model_type,
     load_scheduler,
     load_text_encoder_and_tokenizer,
@@ -139,6 +141,16 @@ def test_stored_dtype_reads_a_single_or_a_sharded_components_files(tiny, tmp_pat
     assert len(list((sharded / "transformer").glob("*.safetensors"))) > 1
     assert stored_dtype(str(sharded), "transformer") == torch.bfloat16
     assert stored_dtype(str(sharded), "vae") is None  # no weights there
+    # every tensor's file, which lora_tools' extract reads one tensor at a time
+    expected = pipe.transformer.state_dict()
+    for model, dtype in ((folder, torch.float32), (sharded, torch.bfloat16)):
+        files = component_weight_files(str(model), "transformer")
+        shards = 1 if model == folder else len(list((sharded / "transformer").glob("*.safetensors")))
+        assert files.keys() == expected.keys() and len(set(files.values())) == shards
+        for name, file in files.items():
+            with safe_open(str(file), "pt") as f:
+                assert torch.equal(f.get_tensor(name), expected[name].to(dtype))
+    assert component_weight_files(str(sharded), "vae") == {}
 
 
 def to_original_layout(state_dict: dict, prefix: str = "") -> dict:

@@ -123,6 +123,28 @@ def read_model_index(path_or_id: str, revision: str | None = None, local_files_o
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+def component_weight_files(
+    path_or_id: str, component: str, revision: str | None = None, local_files_only: bool | None = None
+) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it} for a component's weights, sharded or not (a hub id's files
+    fetched, every shard: `stored_dtype` reads only the first); {} where the component has no safetensors weights."""
+    from safetensors import safe_open
+
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = _fetch_file(
+            path_or_id, f"{component}/{stem}.safetensors.index.json", revision, local_files_only, False
+        )
+        weight_map = json.loads(index.read_text())["weight_map"] if index else None
+        names = sorted(set(weight_map.values())) if weight_map else [f"{stem}.safetensors"]
+        files = {n: _fetch_file(path_or_id, f"{component}/{n}", revision, local_files_only, False) for n in names}
+        if all(files.values()):
+            if weight_map:
+                return {key: files[name] for key, name in weight_map.items()}
+            with safe_open(str(files[names[0]]), "pt") as f:
+                return dict.fromkeys(f.keys(), files[names[0]])
+    return {}
+
+
 def stored_dtype(
     path_or_id: str, component: str, revision: str | None = None, local_files_only: bool | None = None
 ) -> torch.dtype | None:
