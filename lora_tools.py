@@ -251,6 +251,8 @@ def extracted(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torc
     print(f"loading {args.tuned} ({str(dtype).removeprefix('torch.')}); {args.base}'s weights are read one by one")
     tuned = load_transformer(args.base if single else args.tuned, dtype, single_file=args.tuned if single else None)
     tuned_weights, files = tuned.state_dict(), component_weight_files(args.base, "transformer")
+    if not files:
+        raise ValueError(f"{args.base} holds no safetensors transformer weights (pickle files are not read)")
     base_shapes = {}
     for file in set(files.values()):
         with safetensors.safe_open(str(file), "pt") as f:

@@ -381,8 +381,8 @@ def test_extract_from_a_single_file_keeps_each_differences_best_part_and_names_w
         assert state[f"transformer.{module}.lora_A.weight"].shape[0] == fewest
 
 
-def test_extract_refuses_fp8_checkpoints_and_a_model_of_another_shape(finetune, tmp_path):
-    base, _, _, _ = finetune
+def test_extract_refuses_fp8_checkpoints_a_model_of_another_shape_and_a_base_without_weights(finetune, tmp_path):
+    base, tuned, _, _ = finetune
     save_file(
         {"layers.0.attention.qkv.weight": torch.zeros(96, 32, dtype=torch.float8_e4m3fn)},
         str(tmp_path / "f8.safetensors"),
@@ -395,6 +395,11 @@ def test_extract_refuses_fp8_checkpoints_and_a_model_of_another_shape(finetune, 
         ValueError, match="three_layers is not shaped as .* give as --base the model it was fine-tuned"
     ):
         tool("extract", other, "--base", base, "--rank", 4, "--output_dir", tmp_path / "o")
+    no_weights = shutil.copytree(base, tmp_path / "no_weights")
+    for file in (no_weights / "transformer").glob("*.safetensors"):
+        file.unlink()
+    with pytest.raises(ValueError, match="no_weights holds no safetensors transformer weights"):
+        tool("extract", tuned, "--base", no_weights, "--rank", 4, "--output_dir", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
