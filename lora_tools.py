@@ -46,7 +46,13 @@ from zimage_utils.lora_io import (
     save_lora_state,
     split_strength,
 )
-from zimage_utils.model_loading import component_weight_files, load_transformer, require_zimage, stored_dtype
+from zimage_utils.model_loading import (
+    SAFETENSORS_DTYPES,
+    component_weight_files,
+    load_transformer,
+    require_zimage,
+    stored_dtype,
+)
 from zimage_utils.model_spec import (
     HASH_KEY,
     THUMBNAIL_KEY,
@@ -236,7 +242,8 @@ def checkpoint_dtype(path: str) -> torch.dtype:
         stored = {f.get_slice(k).get_dtype() for k in keys}
     if any(name.startswith("F8") for name in stored):
         raise ValueError(f"{path} stores fp8 weights: extract from the bf16 or fp16 release of that fine-tune")
-    return torch.float32 if "F32" in stored else torch.float16 if "F16" in stored else torch.bfloat16
+    dtypes = [SAFETENSORS_DTYPES[name] for name in stored if name in SAFETENSORS_DTYPES]
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.bfloat16
 
 
 def extracted(args: argparse.Namespace) -> tuple[dict, dict[str, str], str, torch.dtype]:
