@@ -19,6 +19,7 @@ import torch
 from zimage_utils import cli
 from zimage_utils.lora_io import lora_metadata, read_lora, split_strength, trigger_of
 from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
+from zimage_utils.sample_prompts import KNOWN_OPTIONS, parse_prompts, read_prompt_file
 from zimage_utils.validation import SAMPLING_DEFAULTS, labelled_grid, model_variant, save_grid, save_png_atomic
 
 
@@ -31,12 +32,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="extend",
         nargs="+",
         default=None,
-        help="Text prompt(s), one row of the image each (--prompt A B, or --prompt A --prompt B). Default: a photo.",
+        help="Text prompt(s), one row of the image each (--prompt A B, or --prompt A --prompt B). Default: a photo. "
+        f"A prompt may end in settings of its own, as in kohya's and musubi-tuner's sample prompts ({KNOWN_OPTIONS}: "
+        "size, seed, steps, guidance, negative prompt; e.g. 'sks person --w 832 --h 1216 --d 7'); such a prompt is "
+        "sampled on its own.",
     )
     p.add_argument(
         "--prompt_file",
         default=None,
-        help="A text file of prompts, one per line (blank lines and lines starting with # skipped), after any --prompt.",
+        help="A text file of prompts, one per line (blank lines and lines starting with # skipped), after any "
+        "--prompt: e.g. the trainer's validation prompts, or a kohya/musubi-tuner sample prompt file.",
     )
     p.add_argument(
         "--compare",
@@ -80,6 +85,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 BASE = "base"  # --compare's column without a LoRA
+DEFAULT_PROMPT = "a photo"
 
 
 def read_specs(flag: str, specs: list[str]) -> list[tuple[str, float]]:
@@ -103,10 +109,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
     loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
     if args.prompt_file:
         args.prompt = (args.prompt or []) + read_prompt_file(args.prompt_file)
+    args.prompts = parse_prompts(args.prompt or [DEFAULT_PROMPT])
     for path, _ in loras + columns:  # a note, not an error: a prompt without the trigger is also a fair test
         trigger = trigger_of(lora_metadata(path)) if path != BASE else ""
         words = [t.strip().lower() for t in trigger.split(",") if t.strip()]  # (several caches: "sks, ohwx")
-        lacking = [str(i) for i, p in enumerate(args.prompt or [], 1) if not any(w in p.lower() for w in words)]
+        lacking = [str(i) for i, p in enumerate(args.prompts, 1) if not any(w in p.text.lower() for w in words)]
         if words and lacking:
             print(f"note: {path} was trained with the trigger '{trigger}', which prompt {', '.join(lacking)} lacks")
     if columns and (args.fuse_to or args.num_images != 1):
@@ -127,20 +134,6 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
     if output.is_dir() or output.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--output {output}: give an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     return loras, columns
-
-
-def read_prompt_file(path: str) -> list[str]:
-    """--prompt_file's prompts: its lines, stripped, without blank ones and # comments."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--prompt_file {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--prompt_file {path} is not UTF-8 text: save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"--prompt_file {path} holds no prompt: write one per line")
-    return prompts
 
 
 def column_label(path: str, strength: float) -> str:
@@ -209,19 +202,39 @@ def main(args: argparse.Namespace) -> None:
         pipe.to(device)
     defaults = SAMPLING_DEFAULTS[model_variant(args.pretrained_model_name_or_path)]
     guidance = defaults["guidance"] if args.guidance_scale is None else args.guidance_scale
-    prompts = args.prompt or ["a photo"]
+    prompts = args.prompts
+    steps = args.num_inference_steps or defaults["steps"]
 
     def sample() -> list:  # prompt by prompt, num_images each, from the same noise every call
-        return pipe(
-            prompt=list(prompts),  # a copy: the pipeline writes its chat template into the list it is given
-            negative_prompt=[args.negative_prompt] * len(prompts) if guidance > 0 and args.negative_prompt else None,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.num_inference_steps or defaults["steps"],
-            guidance_scale=guidance,
-            num_images_per_prompt=args.num_images,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-        ).images
+        if not any(p.options() for p in prompts):  # one batch
+            return pipe(
+                prompt=[p.text for p in prompts],
+                negative_prompt=[args.negative_prompt] * len(prompts)
+                if guidance > 0 and args.negative_prompt
+                else None,
+                height=args.height,
+                width=args.width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=args.num_images,
+                generator=torch.Generator(device=device).manual_seed(args.seed),
+            ).images
+        images = []
+        for p in prompts:  # the prompts' own settings: one call each
+            height, width = p.size((args.height, args.width))
+            scale = guidance if p.guidance is None else p.guidance
+            negative = p.negative or args.negative_prompt
+            images += pipe(
+                prompt=[p.text],
+                negative_prompt=[negative] if scale > 0 and negative else None,
+                height=height,
+                width=width,
+                num_inference_steps=p.steps or steps,
+                guidance_scale=scale,
+                num_images_per_prompt=args.num_images,
+                generator=torch.Generator(device=device).manual_seed(args.seed if p.seed is None else p.seed),
+            ).images
+        return images
 
     start = time.perf_counter()
     if not columns:

@@ -47,6 +47,7 @@ from zimage_utils.precompute import (
     add_caption_flags,
     encode_ahead,
     encode_batch,
+    encode_validation_prompts,
     gpu_memory_report,
     load_shards,
     merge,
@@ -55,6 +56,7 @@ from zimage_utils.precompute import (
     refuse_an_empty_cache,
     summarise,
 )
+from zimage_utils.sample_prompts import parse_prompts, read_prompt_file
 from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions, offload_text_encoder
 from zimage_utils.vae_attention import use_chunked_attention
@@ -118,7 +120,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--validation_prompts",
         nargs="*",
         default=[],
-        help="Prompts whose embeddings are cached for validation images during training.",
+        help="Prompts whose embeddings are cached for validation images during training. A prompt may end in "
+        "settings of its own, as in kohya's and musubi-tuner's sample prompts: '--w 832 --h 1216' (size), '--d 42' "
+        "(seed), '--s 8' (steps), '--l 4' (guidance), '--n blurry' (negative prompt, encoded too); the trainer's "
+        "--validation_* flags give the rest.",
+    )
+    group.add_argument(
+        "--validation_prompt_file",
+        default=None,
+        help="A text file of such prompts, one per line (blank lines and # comments skipped; a kohya or musubi-tuner "
+        "sample prompt file works), after any --validation_prompts.",
     )
     group = parser.add_argument_group("Buckets and encoding")
     group.add_argument("--resolution", type=int, default=1024, help="Target side in pixels; buckets keep ~res² area.")
@@ -218,6 +229,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--keep_tokens says which tags --shuffle_caption leaves in front: add --shuffle_caption N (N >= 2)"
         )
+    try:  # the prompts' settings are checked before any model loads
+        parse_prompts(args.validation_prompts, "--validation_prompts")
+        if args.validation_prompt_file:
+            lines = read_prompt_file(args.validation_prompt_file, "--validation_prompt_file")
+            parse_prompts(lines, f"--validation_prompt_file {args.validation_prompt_file}")
+            # read once: the --config this run writes lists the prompts themselves
+            args.validation_prompts, args.validation_prompt_file = args.validation_prompts + lines, None
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     return args
 
 
@@ -490,12 +510,10 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     stats = None
     if accelerator.is_main_process:
         empty, _ = encode_captions([""], tokenizer, text_encoder, args.max_sequence_length, device)
-        validation, _ = (
-            encode_captions(args.validation_prompts, tokenizer, text_encoder, args.max_sequence_length, device)
-            if args.validation_prompts
-            else ([], [])
+        validation = encode_validation_prompts(
+            args.validation_prompts, tokenizer, text_encoder, args.max_sequence_length, device
         )
-        cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, args.validation_prompts, store)
+        cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, store)
         parts = load_shards(args.output_dir)
         all_skipped = by_source(reports, "skipped")
         current = {i.source for i in items} - {s["source"] for s in all_skipped}

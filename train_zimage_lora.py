@@ -329,7 +329,7 @@ def save_lora_files(args, accelerator, transformer, lora_config, targets, direct
     with gathered_lora(accelerator, model):
         if accelerator.is_main_process:
             save_lora(directory, model, lora_config, metadata, dtype=dtype)
-            prompts = [p for p, _ in caches["validation_prompts"]]
+            prompts = [p.prompt.text for p in caches["validation_prompts"]]
             about = {k: getattr(args, f"metadata_{k}") for k in ("title", "description", "license")}
             if card and not write_model_card(
                 directory, metadata, prompts, args.hub_model_id if args.push_to_hub else None, about

@@ -43,6 +43,7 @@ from bench_train_step import FULL, build_transformer  # noqa: E402
 from zimage_utils import cache as cache_lib  # noqa: E402
 from zimage_utils import tiny  # noqa: E402
 from zimage_utils.model_loading import component_config_hash  # noqa: E402
+from zimage_utils.sample_prompts import SamplePrompt  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
 # environment of some runs
@@ -142,9 +143,11 @@ def make_cache(
     ]
     folder.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(records, features=cache_lib.FEATURES).save_to_disk(str(folder / cache_lib.DATA_DIR))
-    validation = [torch.randn(128, embed_dim, generator=g) for _ in range(prompts)]
-    names = [f"synthetic prompt {i}" for i in range(prompts)]
-    cache_lib.save_prompt_embeddings(folder, torch.zeros(8, embed_dim), validation, names, torch.bfloat16)
+    validation = [
+        cache_lib.CachedPrompt(SamplePrompt(f"synthetic prompt {i}"), torch.randn(128, embed_dim, generator=g))
+        for i in range(prompts)
+    ]
+    cache_lib.save_prompt_embeddings(folder, torch.zeros(8, embed_dim), validation, torch.bfloat16)
     cache_lib.write_json_atomic(
         folder / cache_lib.MANIFEST_NAME,
         {

@@ -31,6 +31,7 @@ import generate
 import lora_tools
 import precompute_embeddings
 import train_zimage_lora
+from zimage_utils.sample_prompts import OPTION_FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "TRAINING_GUIDE.md"]
@@ -49,6 +50,8 @@ EXTRA_ARGS_VARIABLES = {
 # Other programs the docs show with their own flags (`tensorboard --logdir ...`): not ours to check.
 OTHER_PROGRAMS = {"tensorboard", "pip", "pytest"}
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
+# What a prompt line may end in (`"sks --w 832 --h 1216"`, kohya's syntax): settings inside a prompt, not flags
+PROMPT_OPTIONS = frozenset(f"--{option}" for option in OPTION_FIELDS)
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 ENV_ASSIGNMENT = re.compile(r"([A-Za-z_]\w*)=(.*)", re.S)
 
@@ -181,7 +184,7 @@ def test_every_flag_in_the_docs_exists(doc):
     """A user copying a flag from the docs never meets "unrecognized arguments"."""
     wrong = []
     for line, flag, owner in read_doc(doc)[1]:
-        allowed = option_strings(owner) if owner else all_options()
+        allowed = (option_strings(owner) if owner else all_options()) | PROMPT_OPTIONS
         if flag not in allowed:
             wrong.append(f"{doc.name}:{line}: {flag} is not an option of {owner or 'any script'}")
     assert not wrong, "\n".join(wrong)

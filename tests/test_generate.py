@@ -236,6 +236,43 @@ def test_compare_refuses_what_it_cannot_draw(tiny_model_dir, tmp_path):
             generate.check_args(generate.parse_args(base + flags))
 
 
+def test_a_prompt_with_settings_of_its_own_is_sampled_with_them(tiny_model_dir, tmp_path):
+    """A kohya-style prompt line (the trainer's validation prompts, a sample prompt file) samples as the pipeline
+    does with those settings; the other prompt keeps the flags'. The smaller image sits centred in its row's cell."""
+    out = tmp_path / "out.png"
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--output", str(out), "--seed", "3"]
+    flags += ["--height", "64", "--width", "64", "--num_inference_steps", "2", "--guidance_scale", "0"]
+    flags += ["--negative_prompt", "unused at guidance 0, and the line gives its own"]
+    line = "a blue square --w 32 --h 48 --d 5 --s 3 --l 2.5 --n dark"
+    generate.main(generate.parse_args(flags + ["--prompt", "a red circle", line]))
+    rows = np.asarray(Image.open(out).convert("RGB"))
+    assert rows.shape == (2 * 64, 64, 3)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # generate.py's choice of device and dtype
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=dtype).to(device)
+    flags_image = pipe(
+        prompt=["a red circle"],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator(device).manual_seed(3),
+    ).images[0]
+    own_image = pipe(
+        prompt=["a blue square"],
+        negative_prompt=["dark"],
+        height=48,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=torch.Generator(device).manual_seed(5),
+    ).images[0]
+    assert np.array_equal(rows[:64], np.asarray(flags_image))
+    assert np.array_equal(rows[64 + 8 : 64 + 56, 16:48], np.asarray(own_image)) and np.asarray(own_image).std() > 0
+    assert (rows[64 : 64 + 8] == 255).all() and (rows[64:, :16] == 255).all()  # white around it
+
+
 def test_a_prompt_file_adds_its_lines_after_the_prompts_given(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# portraits\nsks person, studio photo\n\n  sks person, oil painting  \n", encoding="utf-8")

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from test_trainer import read_log, reset_accelerate, train
 import precompute_embeddings
 from zimage_utils import cache as cache_lib
 from zimage_utils import contact_sheet
+from zimage_utils.model_loading import load_transformer
 from zimage_utils.plots import plot_loss_per_sigma
+from zimage_utils.sample_prompts import SamplePrompt
 from zimage_utils.validation import grid_label_height
 
 SAMPLE = 64  # validation images are sampled at the cache's resolution
@@ -154,7 +157,6 @@ def test_a_dry_run_draws_the_crops_a_run_would_take(tiny_model_dir, tiny_data_di
 def test_weights_and_biases_gets_each_sample_captioned_with_its_prompt(monkeypatch):
     """wandb is not installed here: a stand-in module records what `log_samples` hands it."""
     import sys
-    import types
 
     from zimage_utils.validation import log_samples
 
@@ -220,7 +222,6 @@ def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_
     from diffusers import AutoencoderKL
 
     from zimage_utils import validation
-    from zimage_utils.model_loading import load_transformer
 
     monkeypatch.setattr(validation, "LOW_MEMORY_TILE", 32)
     tiled_decodes = []
@@ -250,7 +251,7 @@ def test_under_a_memory_budget_validation_decodes_in_tiles(tiny_model_dir, tiny_
 def validation_pipe(model_dir):
     from diffusers import ZImagePipeline
 
-    from zimage_utils.model_loading import load_scheduler, load_transformer, load_vae
+    from zimage_utils.model_loading import load_scheduler, load_vae
 
     return ZImagePipeline(
         transformer=load_transformer(str(model_dir)),
@@ -263,21 +264,55 @@ def validation_pipe(model_dir):
 
 def test_validation_samples_are_the_pipelines_own_images(tiny_model_dir, tiny_cache_dir):
     # Validation samples to latents and decodes them itself (to retry a decode that ran out of memory): what it
-    # decodes must be what ZImagePipeline gives
+    # decodes must be what ZImagePipeline gives, with the run's settings and with a prompt line's own
     from zimage_utils.validation import sample_images
 
-    empty, prompts = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    empty, (plain, other) = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    own = SamplePrompt(other.prompt.text, "(cached)", width=32, height=48, seed=5, steps=3, guidance=2.5)
+    prompts = [plain, cache_lib.CachedPrompt(own, other.embeds, negative_embeds=plain.embeds)]
     pipe = validation_pipe(tiny_model_dir)
-    ours = sample_images(pipe.transformer, pipe.vae, pipe.scheduler, [prompts[0][1]], empty, SAMPLE, SAMPLE, 2, 0.0, 7)
-    theirs = pipe(
-        prompt_embeds=[prompts[0][1]],
-        height=SAMPLE,
-        width=SAMPLE,
-        num_inference_steps=2,
-        guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(7),
+    ours = sample_images(pipe.transformer, pipe.vae, pipe.scheduler, prompts, empty, (SAMPLE, SAMPLE), 2, 0.0, 7)
+    run_settings = dict(height=SAMPLE, width=SAMPLE, num_inference_steps=2, guidance_scale=0.0)
+    theirs = pipe(prompt_embeds=[plain.embeds], **run_settings, generator=torch.Generator().manual_seed(7)).images
+    theirs += pipe(
+        prompt_embeds=[other.embeds],
+        negative_prompt_embeds=[plain.embeds],  # the line's --n, in place of the empty caption
+        height=48,
+        width=32,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(5),
     ).images
-    assert np.asarray(theirs[0]).std() > 0 and np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    assert [i.size for i in ours] == [(SAMPLE, SAMPLE), (32, 48)]
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.asarray(b).std() > 0 and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prompts_of_several_sizes_share_a_step_file_in_cells_of_the_largest(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """A portrait prompt beside a square one: each sample whole and centred on white in a cell of the largest width
+    and height, so grid.png splits the step file into its prompts, and TensorBoard gets one image batch."""
+    from zimage_utils import validation
+
+    empty, (square, other) = cache_lib.load_prompt_embeddings(tiny_cache_dir)
+    portrait = cache_lib.CachedPrompt(SamplePrompt(other.prompt.text, width=32, height=96), other.embeds)
+    validator = validation.Validator(
+        str(tiny_model_dir), None, [square, portrait], empty, tmp_path, (SAMPLE, SAMPLE), steps=2
+    )
+    logged = []
+    board = types.SimpleNamespace(
+        name="tensorboard", log_images=lambda values, step, dataformats: logged.append(values)
+    )
+    grid = validator.sample_grid(load_transformer(str(tiny_model_dir), device="cpu"), 1, "cpu", trackers=[board])
+    with Image.open(tmp_path / "step_000001.png") as row:
+        row = np.asarray(row.convert("RGB"))
+    assert row.shape == (96, 2 * SAMPLE, 3)
+    white = np.full(3, 255)
+    assert (row[:16, :SAMPLE] == white).all() and (row[16 + SAMPLE :, :SAMPLE] == white).all()  # square: centred
+    assert (row[:, SAMPLE : SAMPLE + 16] == white).all() and (row[:, -16:] == white).all()  # portrait: centred
+    assert row[16 : 16 + SAMPLE, :SAMPLE].std() > 10 and row[:, SAMPLE + 16 : -16].std() > 10  # pictures in them
+    assert logged[0]["validation"].shape == (2, 96, SAMPLE, 3) and validator.first_sample[1].size == (SAMPLE, SAMPLE)
+    with Image.open(grid) as image:
+        assert image.size == (SAMPLE, grid_label_height(SAMPLE) + 2 * 96)  # one column (step 1), a row per prompt
 
 
 def test_a_decode_that_runs_out_of_memory_is_done_again_in_tiles(tiny_model_dir, monkeypatch, caplog):

@@ -38,6 +38,7 @@ from zimage_utils.buckets import plan_crop, resize_and_crop
 from zimage_utils.latents import encode_images, pil_to_tensor
 from zimage_utils.model_loading import load_vae
 from zimage_utils.precompute import ShardWriter, encode_ahead, load_shards
+from zimage_utils.sample_prompts import SamplePrompt
 
 REPO_ROOT = Path(precompute_embeddings.__file__).resolve().parent
 
@@ -240,7 +241,15 @@ def test_cached_records_decode_to_the_vae_latents_of_the_cropped_image(tiny_mode
 def test_fp32_cache_holds_the_pipeline_caption_embeddings_bit_for_bit_and_the_vae_latents(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
-    out = precompute(tiny_model_dir, tmp_path / "cache", "--cache_dtype", "fp32", data_dir=tiny_data_dir)
+    # Validation prompts too: a plain one, and from a file one with settings of its own (kohya's syntax)
+    prompt_file = tmp_path / "samples.txt"
+    prompt_file.write_text("# sample prompts\na blue square --w 32 --h 48 --d 5 --s 3 --l 2.5 --n blurry, dark\n")
+    out = precompute(
+        tiny_model_dir,
+        tmp_path / "cache",
+        *("--cache_dtype", "fp32", "--validation_prompts", "a red circle", "--validation_prompt_file", prompt_file),
+        data_dir=tiny_data_dir,
+    )
     records, manifest = load(out)
     pipe = script_pipeline(tiny_model_dir)
     vae = pipe.vae
@@ -258,14 +267,39 @@ def test_fp32_cache_holds_the_pipeline_caption_embeddings_bit_for_bit_and_the_va
         torch.testing.assert_close(unscaled, expected, **tolerance)
 
     empty, validation = cache_lib.load_prompt_embeddings(out)
-    assert torch.equal(empty, pipeline_embeddings(pipe, "")) and validation == []
+    assert torch.equal(empty, pipeline_embeddings(pipe, ""))
+    with_settings = SamplePrompt("a blue square", "blurry, dark", width=32, height=48, seed=5, steps=3, guidance=2.5)
+    assert [p.prompt for p in validation] == [SamplePrompt("a red circle"), with_settings]
+    assert all(torch.equal(p.embeds, pipeline_embeddings(pipe, p.prompt.text)) for p in validation)
+    assert validation[0].negative_embeds is None
+    assert torch.equal(validation[1].negative_embeds, pipeline_embeddings(pipe, "blurry, dark"))
+    # The manifest and the config that re-runs it list the lines themselves (the file is read once)
+    lines = ["a red circle", "a blue square --w 32 --h 48 --d 5 --s 3 --l 2.5 --n blurry, dark"]
+    assert cache_lib.read_manifest(out)["validation_prompts"] == lines
+    config = yaml.safe_load((out / cache_lib.CONFIG_NAME).read_text())
+    assert config["validation_prompts"] == lines and "validation_prompt_file" not in config
+
+
+def test_a_bad_validation_prompt_setting_stops_precompute_before_anything_loads(tiny_data_dir, tmp_path, capsys):
+    (tmp_path / "samples.txt").write_text("a red circle\n# a comment\na blue square --fs 3\n")
+    flags = ["--pretrained_model_name_or_path", str(tmp_path / "no_model"), "--train_data_dir", str(tiny_data_dir)]
+    flags += ["--output_dir", str(tmp_path / "cache")]
+    for prompt_flags, message in [
+        (["--validation_prompts", "a red circle --w 1020"], "--validation_prompts, prompt 1 ('a red circle --w 1020')"
+         ": --w 1020: sides are positive multiples of 16 (VAE and 2x2 patches), e.g. 1024"),
+        (["--validation_prompt_file", str(tmp_path / "samples.txt")], f"--validation_prompt_file {tmp_path}/samples.txt"
+         ", prompt 2 ('a blue square --fs 3'): unknown option --fs"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            precompute_embeddings.parse_args(flags + prompt_flags)
+        assert message in capsys.readouterr().err
 
 
 def test_validation_prompt_embeddings_are_cached_in_order(tiny_cache_dir):
     empty, validation = cache_lib.load_prompt_embeddings(tiny_cache_dir)
     prompts = cache_lib.read_manifest(tiny_cache_dir)["validation_prompts"]
-    assert len(prompts) == 2 and [prompt for prompt, _ in validation] == prompts
-    assert empty.shape[1] == 16 and all(e.shape[1] == 16 for _, e in validation)
+    assert len(prompts) == 2 and [p.prompt.text for p in validation] == prompts
+    assert empty.shape[1] == 16 and all(p.embeds.shape[1] == 16 for p in validation)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -68,7 +68,9 @@ def test_scale_benchmarks_validation_cache_holds_prompts_and_the_model_a_vae(tmp
     bench_scale.add_vae_weights(model, full=False)
     bench_scale.make_cache(cache, model, 64, 4, 16, prompts=2)
     _, prompts = load_prompt_embeddings(cache)
-    assert [(name, e.shape) for name, e in prompts] == [(f"synthetic prompt {i}", (128, 16)) for i in range(2)]
+    assert [(p.prompt.text, p.embeds.shape) for p in prompts] == [
+        (f"synthetic prompt {i}", (128, 16)) for i in range(2)
+    ]
     assert load_vae(str(model), torch.float32, "cpu").config.latent_channels == 16
 
 

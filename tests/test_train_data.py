@@ -149,7 +149,7 @@ def test_a_kohya_dataset_trains_from_one_cache(tiny_model_dir, tiny_data_dir, tm
 def test_several_caches_pool_their_prompts_and_hold_out_from_each(tiny_cache_dir):
     train, held_out, info = load_caches([tiny_cache_dir, tiny_cache_dir], {}, validation_split=0.25, seed=0)
     assert (len(train), len(held_out)) == (2 * 9, 2 * 3)  # 12 items each, a quarter of each held out
-    assert [p for p, _ in info["validation_prompts"]] == TINY_CACHE_VALIDATION_PROMPTS  # each distinct prompt once
+    assert [p.prompt.text for p in info["validation_prompts"]] == TINY_CACHE_VALIDATION_PROMPTS  # each prompt once
     assert info["resolutions"] == [64] and info["empty_embeds"].ndim == 2
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -23,6 +23,7 @@ from datasets.table import InMemoryTable
 from safetensors.torch import load_file, save_file
 
 from .cli import write_text_atomic
+from .sample_prompts import SamplePrompt
 
 CACHE_FORMAT_VERSION = 3
 # the trainer still reads version 1 (no loss masks, no caption variants) and 2 (no preservation captions), and
@@ -217,21 +218,39 @@ def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | Non
     return datasets.load_from_disk(str(cache_dir / DATA_DIR)), manifest
 
 
+class CachedPrompt(NamedTuple):
+    """A validation prompt as a cache holds it: the line's text and settings, the text's embedding [L, D], and its
+    --n negative prompt's embedding [L_n, D] (None: the line gave none; the empty caption is used)."""
+
+    prompt: SamplePrompt
+    embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None = None
+
+
 def save_prompt_embeddings(
-    cache_dir: str | Path, empty: torch.Tensor, validation: list[torch.Tensor], prompts: list[str], dtype: torch.dtype
+    cache_dir: str | Path, empty: torch.Tensor, prompts: list[CachedPrompt], dtype: torch.dtype
 ) -> None:
-    """Store the empty-caption embedding [L0, D] and each validation prompt's [L_i, D], so that training
-    never needs the text encoder."""
-    tensors = {EMPTY_CAPTION_KEY: empty.to("cpu", dtype).contiguous()}
-    tensors.update({f"validation_{i}": e.to("cpu", dtype).contiguous() for i, e in enumerate(validation)})
+    """Store the empty-caption embedding [L0, D] and each validation prompt's [L_i, D] (and its negative's), with
+    the prompts' texts and settings, so that training never needs the text encoder."""
+    tensors = {EMPTY_CAPTION_KEY: empty}
+    for i, cached in enumerate(prompts):
+        tensors[f"validation_{i}"] = cached.embeds
+        if cached.negative_embeds is not None:
+            tensors[f"validation_negative_{i}"] = cached.negative_embeds
+    tensors = {k: t.to("cpu", dtype).contiguous() for k, t in tensors.items()}
+    metadata = {
+        "validation_prompts": json.dumps([c.prompt.text for c in prompts]),
+        "validation_options": json.dumps([c.prompt.options() for c in prompts]),
+    }
     path = Path(cache_dir) / PROMPT_EMBEDDINGS_NAME
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"validation_prompts": json.dumps(prompts)})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def load_prompt_embeddings(cache_dir: str | Path) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """(empty-caption embedding, [(validation prompt, embedding), ...])."""
+def load_prompt_embeddings(cache_dir: str | Path) -> tuple[torch.Tensor, list[CachedPrompt]]:
+    """(empty-caption embedding, the validation prompts in order). Caches made before per-prompt settings hold
+    none: every prompt then takes the run's."""
     from safetensors import safe_open
 
     path = Path(cache_dir) / PROMPT_EMBEDDINGS_NAME
@@ -240,6 +259,12 @@ def load_prompt_embeddings(cache_dir: str | Path) -> tuple[torch.Tensor, list[tu
             f"{path} is missing: re-run precompute_embeddings.py (it writes the empty-caption embedding)."
         )
     with safe_open(str(path), "pt") as f:
-        prompts = json.loads(f.metadata().get("validation_prompts", "[]"))
+        metadata = f.metadata()
+    texts = json.loads(metadata.get("validation_prompts", "[]"))
+    options = json.loads(metadata.get("validation_options", "null")) or [{}] * len(texts)
     tensors = load_file(str(path))
-    return tensors[EMPTY_CAPTION_KEY], [(p, tensors[f"validation_{i}"]) for i, p in enumerate(prompts)]
+    prompts = [
+        CachedPrompt(SamplePrompt(text, **opts), tensors[f"validation_{i}"], tensors.get(f"validation_negative_{i}"))
+        for i, (text, opts) in enumerate(zip(texts, options, strict=True))
+    ]
+    return tensors[EMPTY_CAPTION_KEY], prompts

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
-from .cache import FEATURES, SHARDS_DIR, add_missing_columns, records_to_dataset, tensor_to_bytes
+from .cache import FEATURES, SHARDS_DIR, CachedPrompt, add_missing_columns, records_to_dataset, tensor_to_bytes
 from .images import (
     DATASET_MASK_COLUMN,
     BadImageError,
@@ -50,6 +50,7 @@ from .images import (
     shuffled_tags,
 )
 from .latents import encode_images, pil_to_tensor
+from .sample_prompts import parse_prompts
 from .text_encoding import encode_captions
 
 logger = logging.getLogger(__name__)
@@ -552,6 +553,17 @@ def merge(
     dropped = sorted(s for s in last if current is not None and s not in current)
     keep = [last[s] for s in sorted(last) if current is None or s in current]
     return merged.select(keep), dropped
+
+
+def encode_validation_prompts(lines: list[str], tokenizer, text_encoder, max_sequence_length: int, device):
+    """--validation_prompts (with any --validation_prompt_file lines) as the cache stores them: each line's text
+    and its --n negative prompt encoded, its settings kept. Returns [CachedPrompt]."""
+    prompts = parse_prompts(lines, "--validation_prompts")
+    negatives = list(dict.fromkeys(p.negative for p in prompts if p.negative))
+    texts = [p.text for p in prompts] + negatives
+    embeds, _ = encode_captions(texts, tokenizer, text_encoder, max_sequence_length, device) if texts else ([], [])
+    by_negative = dict(zip(negatives, embeds[len(prompts) :], strict=True))
+    return [CachedPrompt(p, e, by_negative.get(p.negative)) for p, e in zip(prompts, embeds, strict=False)]
 
 
 def gpu_memory_report(device: torch.device, batch_size: int, resolution: int) -> tuple[dict | None, str]:

@@ -134,8 +134,8 @@ def load_caches(
     held-out loss is not weighted by `loss_weights`. `by_folder`: kohya's `N_name` folder repeats (`folder_repeats`).
 
     The third item: {"resolutions": sorted distinct, "caption_prefixes": distinct, non-empty, "empty_embeds" [L,D]
-    (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [(prompt, [L,D])]
-    (each distinct prompt of any cache, once), "without_flipped_latents": the caches made without --cache_flipped,
+    (the first cache's; the same text encoder gives every cache the same), "validation_prompts" [cache.CachedPrompt]
+    (each distinct prompt line of any cache, once), "without_flipped_latents": the caches made without --cache_flipped,
     "num_masked": items with a loss mask}.
     """
     train, held_out, manifests, prompts, unflipped = [], [], [], {}, []
@@ -152,13 +152,13 @@ def load_caches(
         manifests.append(manifest)
         cache_empty, cache_prompts = cache_lib.load_prompt_embeddings(path)
         empty = cache_empty if empty is None else empty
-        for prompt, embeds in cache_prompts:
-            prompts.setdefault(prompt, embeds)
+        for cached in cache_prompts:
+            prompts.setdefault(cached.prompt, cached)
     info = {
         "resolutions": sorted({m["fingerprint"]["resolution"] for m in manifests}),
         "caption_prefixes": list(dict.fromkeys(m["caption_prefix"] for m in manifests if m.get("caption_prefix"))),
         "empty_embeds": empty,
-        "validation_prompts": list(prompts.items()),
+        "validation_prompts": list(prompts.values()),
         "without_flipped_latents": unflipped,
         "num_masked": sum(m.get("num_masked", 0) for m in manifests),
     }

@@ -10,6 +10,7 @@ import gc
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 
 from .model_spec import THUMBNAIL_KEY, thumbnail
 from .training_step import StepConfig, flow_matching_step
+
+if TYPE_CHECKING:  # (generate.py imports this module; the cache's `datasets` import is not needed there)
+    from .cache import CachedPrompt
 
 # Z-Image-Turbo is distilled for ~8 steps without CFG; the base model wants ~50 steps with guidance.
 SAMPLING_DEFAULTS = {"turbo": {"steps": 8, "guidance": 0.0}, "base": {"steps": 50, "guidance": 4.0}}
@@ -47,32 +51,38 @@ def sample_images(
     transformer,
     vae,
     scheduler,
-    prompt_embeds: list[torch.Tensor],
+    prompts: "list[CachedPrompt]",
     negative_embeds: torch.Tensor,
-    height: int,
-    width: int,
+    size: tuple[int, int],
     steps: int,
     guidance: float,
     seed: int,
     progress: bool = False,
 ) -> list[Image.Image]:
-    """One image per prompt embedding ([L_i, D] each), each from its own seeded generator; `progress` shows a
-    bar ticking once per prompt."""
+    """One image per cached prompt, each from its own seeded generator. The settings a prompt line gave (size, seed,
+    steps, guidance, negative prompt) override these: `size` (height, width) pixels, `steps`, `guidance`, `seed + i`
+    for the i-th prompt, `negative_embeds` [L, D] (the empty caption's). `progress` shows a bar ticking once per
+    prompt."""
     from diffusers import ZImagePipeline
 
     pipe = ZImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
     device, dtype = vae.device, transformer.dtype
     images = []
-    for i, embeds in enumerate(tqdm(prompt_embeds, desc="validation samples", disable=not progress, leave=False)):
-        generator = torch.Generator(device=device).manual_seed(seed + i)
+    for i, (prompt, embeds, negative) in enumerate(
+        tqdm(prompts, desc="validation samples", disable=not progress, leave=False)
+    ):
+        height, width = prompt.size(size)
+        scale = guidance if prompt.guidance is None else prompt.guidance
+        negative = negative_embeds if negative is None else negative
+        generator = torch.Generator(device=device).manual_seed(seed + i if prompt.seed is None else prompt.seed)
         latents = pipe(
             prompt_embeds=[embeds.to(device, dtype)],
-            negative_prompt_embeds=[negative_embeds.to(device, dtype)] if guidance > 0 else None,
+            negative_prompt_embeds=[negative.to(device, dtype)] if scale > 0 else None,
             height=height,
             width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            num_inference_steps=prompt.steps or steps,
+            guidance_scale=scale,
             generator=generator,
             output_type="latent",
         ).images
@@ -137,7 +147,8 @@ def released_cache(device):
 
 
 def save_grid(images: list[Image.Image], path: str | Path, columns: int | None = None) -> Path:
-    """Paste images (same size) into one PNG, `columns` per row."""
+    """Paste images into one PNG, `columns` per row, in cells of the largest width and height (`same_size`)."""
+    images = same_size(images)
     columns = columns or len(images)
     rows = (len(images) + columns - 1) // columns
     w, h = images[0].size
@@ -145,6 +156,20 @@ def save_grid(images: list[Image.Image], path: str | Path, columns: int | None =
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return save_png_atomic(grid, path)
+
+
+def same_size(images: list[Image.Image]) -> list[Image.Image]:
+    """Images of several sizes (prompts with sizes of their own) each centred on white in a cell of the largest
+    width and height, unscaled; images of one size are returned as they are."""
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    fitted = []
+    for image in images:
+        if image.size != (width, height):
+            cell = Image.new("RGB", (width, height), "white")
+            cell.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+            image = cell
+        fitted.append(image)
+    return fitted
 
 
 def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
@@ -185,8 +210,8 @@ def rebuild_sample_grid(samples_dir: str | Path, num_prompts: int, up_to_step: i
     for _, path in steps:
         with Image.open(path) as row:
             row = row.convert("RGB")
-        # A step file holds the prompts side by side; older files may be of another size (e.g. a resume with
-        # another --validation_resolution), so each cell is resized to the newest one's.
+        # A step file holds the prompts side by side in equal cells; older files may be of another size (e.g. a
+        # resume with another --validation_resolution), so each cell is resized to the newest one's.
         width = row.width // num_prompts
         cells = [row.crop((i * width, 0, (i + 1) * width, row.height)) for i in range(num_prompts)]
         columns.append([c if c.size == (cell_w, cell_h) else c.resize((cell_w, cell_h), LANCZOS) for c in cells])
@@ -194,7 +219,10 @@ def rebuild_sample_grid(samples_dir: str | Path, num_prompts: int, up_to_step: i
 
 
 def labelled_grid(columns: list[list[Image.Image]], labels: list[str]) -> Image.Image:
-    """Columns of same-sized images side by side (the first image of each in the top row), each under its label."""
+    """Columns of images side by side (the first image of each in the top row), each under its label, in cells of
+    the largest width and height (`same_size`)."""
+    fitted = iter(same_size([image for column in columns for image in column]))
+    columns = [[next(fitted) for _ in column] for column in columns]
     cell_w, cell_h = columns[0][0].size
     label_h = grid_label_height(cell_w)
     grid = Image.new("RGB", (cell_w * len(columns), label_h + cell_h * max(len(c) for c in columns)), "white")
@@ -273,9 +301,11 @@ def add_validation_flags(parser: argparse.ArgumentParser | argparse._ArgumentGro
 
 
 class Validator:
-    """Samples the cached validation prompts into one PNG per call (step_NNNNNN.png) and rebuilds grid.png (prompts
-    x steps) of `size` (height, width) pixels. Loads the VAE and scheduler on first use (the text encoder never: the
-    prompts were encoded by precompute_embeddings.py).
+    """Samples the cached validation prompts ([cache.CachedPrompt]) into one PNG per call (step_NNNNNN.png) and
+    rebuilds grid.png (prompts x steps). Samples are `size` (height, width) pixels, with `steps`, `guidance` and
+    `seed + i`, except where a prompt line gave its own (`sample_prompts`); a prompt of another size sits centred in
+    a cell of the largest. Loads the VAE and scheduler on first use (the text encoder never: the prompts were
+    encoded by precompute_embeddings.py).
 
     `low_memory` (the trainer's --max_memory_gb): the VAE decodes in bf16 (else fp32), in `LOW_MEMORY_TILE` tiles,
     and waits on the CPU between validations. `raised_peak_gib`: on CUDA, the process's peak reserved GiB when sampling last raised it
@@ -347,9 +377,9 @@ class Validator:
                 transformer,
                 self.vae.to(device),
                 self.scheduler,
-                [e for _, e in self.prompts],
+                self.prompts,
                 self.empty,
-                *self.size,
+                self.size,
                 self.steps,
                 self.guidance,
                 self.seed,
@@ -363,7 +393,7 @@ class Validator:
             return None
         save_grid(images, self.out_dir / f"step_{step:06d}.png")
         self.first_sample = (step, images[0])
-        log_samples(trackers, images, [p for p, _ in self.prompts], step)
+        log_samples(trackers, images, [p.prompt.text for p in self.prompts], step)
         return rebuild_sample_grid(self.out_dir, len(images), up_to_step=step)
 
 
@@ -372,7 +402,7 @@ def log_samples(trackers, images: list[Image.Image], prompts: list[str], step: i
     (accelerate's `log_images`), Weights & Biases one image per prompt, captioned with it. Others get none."""
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            batch = np.stack([np.asarray(image.convert("RGB")) for image in images])  # [N, H, W, 3] uint8
+            batch = np.stack([np.asarray(image.convert("RGB")) for image in same_size(images)])  # [N, H, W, 3] uint8
             tracker.log_images({"validation": batch}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
