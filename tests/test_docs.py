@@ -27,6 +27,7 @@ from accelerate.commands.launch import launch_command_parser
 from PIL import Image
 from safetensors import safe_open
 
+import caption_images
 import generate
 import lora_tools
 import precompute_embeddings
@@ -36,6 +37,7 @@ from zimage_utils.sample_prompts import OPTION_FIELDS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "TRAINING_GUIDE.md"]
 SCRIPTS = {
+    "caption_images.py": caption_images,
     "train_zimage_lora.py": train_zimage_lora,
     "precompute_embeddings.py": precompute_embeddings,
     "generate.py": generate,

@@ -141,6 +141,86 @@ def save_tiny_pipeline(model_dir: str | Path, seed: int = 0) -> Path:
     return model_dir
 
 
+# A vision-language captioner of the kind caption_images.py loads (LLaVA-NeXT: a SigLIP vision tower and a Qwen2
+# text model), tiny and random: its captions are noise, but it goes through transformers' Auto classes, chat
+# template, processor and generate exactly as a real one does. As with Qwen-VL, an image's token count depends on
+# its shape, so a batch of images is padded; its image processor is the PIL one, which needs no torchvision.
+CAPTIONER_IMAGE_TOKEN = "<image>"
+CAPTIONER_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_captioner(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random LLaVA-NeXT captioner (model + processor, safetensors) to `folder`; returns the path."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens([CAPTIONER_IMAGE_TOKEN], special_tokens=True)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tiles = [[32, 32], [32, 64], [64, 32]]  # the grid shapes an image is cut into, by its aspect
+    config = LlavaNextConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=end_of_turn,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(CAPTIONER_IMAGE_TOKEN),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=tiles,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.eos_token_id = end_of_turn
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=tiles,
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CAPTIONER_CHAT_TEMPLATE,
+        patch_size=8,
+        vision_feature_select_strategy="full",
+        image_token=CAPTIONER_IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def _draw_item(index: int, rng: random.Random) -> tuple[Image.Image, str]:
     height, width = SIZES[index % len(SIZES)]
     names = list(COLOURS)
