@@ -4,8 +4,9 @@ where it was, and captions you wrote yourself are never overwritten (unless you 
 
     accelerate launch caption_images.py --train_data_dir my_photos       # Qwen3-VL-8B, ~17 GB in bf16; any GPUs
     python caption_images.py --train_data_dir my_photos --load_in_4bit   # NF4 weights, for cards under ~20 GB
+    python caption_images.py --train_data_dir my_photos --preset person   # clothing, pose, setting; not the face
     python caption_images.py --train_data_dir my_photos --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --instruction "Describe this photo in one paragraph. Call the person 'the person'."
+        --instruction "Describe this photo in one paragraph."
 
 The model is any that transformers loads with AutoModelForImageTextToText and a chat template (Qwen2.5-VL,
 Qwen3-VL, LLaVA models, ...); Qwen-VL processors need torchvision. Captions are greedy (the same image gets the same
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from zimage_utils import cli
 from zimage_utils.captioning import (
     DEFAULT_CAPTIONER,
-    DEFAULT_INSTRUCTION,
+    INSTRUCTIONS,
     caption_images,
     fit_pixels,
     load_captioner,
@@ -48,11 +49,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "without it).",
     )
     parser.add_argument(
-        "--instruction",
-        default=DEFAULT_INSTRUCTION,
-        help="What the model is asked for each image. For a person or a style, ask it to leave out what the "
-        "trigger word should learn, e.g. '... Call the person \"the person\"; do not describe their face.'",
+        "--preset",
+        choices=list(INSTRUCTIONS),
+        default="general",
+        help="What the model is asked to describe: general (everything visible); person (clothing, pose, setting; "
+        "not the face, hair or body, which the trigger word should learn); style (the content, not the style).",
     )
+    parser.add_argument("--instruction", default=None, help="Your own request to the model, in place of --preset's.")
     parser.add_argument("--caption_extension", default=".txt", help="Sidecar caption file extension.")
     parser.add_argument(
         "--overwrite", action="store_true", help="Caption every image, replacing the captions already there."
@@ -86,6 +89,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     args = cli.parse_with_config(parser, input_args)
     cli.require_at_least(parser, args, max_new_tokens=1, max_pixels=1, batch_size=1)
+    args.instruction = args.instruction or INSTRUCTIONS[args.preset]
     if not args.caption_extension.startswith("."):
         parser.error(f"--caption_extension {args.caption_extension}: give it with its dot, e.g. .txt")
     return args

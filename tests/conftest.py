@@ -69,6 +69,14 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory) -> Path:
+    """A tiny random vision-language captioner (LLaVA-NeXT) folder, loadable like a real one."""
+    from zimage_utils.tiny import save_tiny_captioner
+
+    return save_tiny_captioner(tmp_path_factory.mktemp("tiny_captioner"))
+
+
+@pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     """The finished cache of `tiny_data_dir` at resolution 64 (bf16 storage), with TINY_CACHE_VALIDATION_PROMPTS."""
     import precompute_embeddings

@@ -14,14 +14,14 @@ from test_precompute import REPO_ROOT, _free_port
 
 import caption_images
 from zimage_utils.captioning import DEFAULT_INSTRUCTION, clean_caption, fit_pixels
-from zimage_utils.tiny import make_synthetic_dataset, save_tiny_captioner
+from zimage_utils.tiny import make_synthetic_dataset
 
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def captioner_dir(tmp_path_factory):
-    return save_tiny_captioner(tmp_path_factory.mktemp("captioner"))
+@pytest.fixture
+def captioner_dir(tiny_captioner_dir):
+    return tiny_captioner_dir
 
 
 def half_captioned(folder):

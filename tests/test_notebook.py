@@ -10,6 +10,7 @@ one namespace, as a kernel would. Two conventions make that possible, and the te
 """
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -71,14 +72,21 @@ def fake_ipython_display(shown: list[str]) -> dict[str, types.ModuleType]:
     return {"IPython": ipython, "IPython.display": display_module}
 
 
-def test_notebook_runs_from_images_to_comfyui_lora(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    """Run all on a machine that is neither Colab nor Kaggle: cache, 6 training steps with the low-memory preset
-    (checkpointing, 8-bit AdamW, resumable checkpoints), samples shown, and both LoRA files written."""
+def test_notebook_runs_from_images_to_comfyui_lora(
+    tiny_model_dir, tiny_data_dir, tiny_captioner_dir, tmp_path, monkeypatch
+):
+    """Run all on a machine that is neither Colab nor Kaggle: captions for the images without one, cache, 6 training
+    steps with the low-memory preset (checkpointing, 8-bit AdamW, resumable checkpoints), samples shown, and both
+    LoRA files written."""
+    data = shutil.copytree(tiny_data_dir, tmp_path / "data")
+    for name in ("shape_000.txt", "shape_005.txt"):
+        (data / name).unlink()
     overrides = {
         "REPO_DIR": str(REPO_ROOT),
         "INSTALL": False,
         "MODEL": str(tiny_model_dir),
-        "DATA_DIR": str(tiny_data_dir),
+        "DATA_DIR": str(data),
+        "CAPTION_MODEL": str(tiny_captioner_dir),
         "OUT": str(tmp_path / "out"),
         "RESOLUTION": 64,
         "STEPS": 6,
@@ -97,6 +105,8 @@ def test_notebook_runs_from_images_to_comfyui_lora(tiny_model_dir, tiny_data_dir
             assert set(overrides) <= namespace.keys(), "the parameters cell no longer defines these names"
             namespace.update(overrides)
 
+    assert all((data / f"shape_{i:03d}.txt").read_text().strip() for i in (0, 5))  # the captioner's
+    assert (data / "shape_001.txt").read_text() == (tiny_data_dir / "shape_001.txt").read_text()  # kept
     lora_dir = tmp_path / "out" / "lora"
     assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
     with safe_open(lora_dir / "pytorch_lora_weights_comfyui.safetensors", "pt") as f:

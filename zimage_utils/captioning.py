@@ -17,12 +17,25 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPTIONER = "Qwen/Qwen3-VL-8B-Instruct"
-DEFAULT_INSTRUCTION = (
+_PLAIN = (
     "Write a caption for this image as one paragraph of plain sentences, the way a detailed text-to-image prompt "
-    "reads: the main subject and what it looks like and does, the setting, the lighting, the composition and "
-    "camera angle, and the medium or style. Say only what is visible. Do not start with 'The image shows' or "
-    "'This image', and do not use lists or headings."
+    "reads. Say only what is visible. Do not start with 'The image shows' or 'This image', and do not use lists or "
+    "headings."
 )
+# --preset: what the caption covers. What a caption names is not learned into the trigger word, so a person's or a
+# style's own traits are left out of their captions (docs/TRAINING_GUIDE.md, "Captions and the trigger word").
+INSTRUCTIONS = {
+    "general": _PLAIN
+    + " Cover the main subject, what it looks like and does, the setting, the lighting, the composition and camera "
+    "angle, and the medium or style.",
+    "person": _PLAIN
+    + " Call the main person only 'the person'. Cover their clothing, pose, expression and what they do, the "
+    "setting, the lighting, and the composition and camera angle, but not their face, hair, skin, body or age.",
+    "style": _PLAIN
+    + " Cover only the content: the subjects, objects, setting and composition. Do not mention the style, medium, "
+    "technique, brushwork or colour palette.",
+}
+DEFAULT_INSTRUCTION = INSTRUCTIONS["general"]
 # What a thinking model writes before its answer (Qwen3-VL-Thinking): left out of the caption
 _THINKING = re.compile(r"^.*?</think>", re.S)
 _LEAD_INS = re.compile(r"^(the|this) (image|picture|photo(graph)?) (shows|depicts|features|is of)\s+", re.I)
