@@ -39,12 +39,14 @@ from zimage_utils.model_loading import (
     require_zimage,
 )
 from zimage_utils.precompute import (
+    DUPLICATE_NOTE,
     KEY_COLUMNS,
     CaptionGroups,
     PixelDataset,
     ScanDataset,
     ShardWriter,
     add_caption_flags,
+    duplicate_notes,
     encode_ahead,
     encode_batch,
     encode_validation_prompts,
@@ -527,10 +529,16 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         # dropped ones lose theirs).
         fresh = {source for part in parts for source in part["source"]} | set(dropped)
         previous = cache_lib.read_manifest(args.output_dir) or {}
-        kept_notes = [n for n in previous.get("notes", []) if n["source"] not in fresh]
+        kept_notes = [
+            n
+            for n in previous.get("notes", [])
+            if n["source"] not in fresh and not n["reason"].startswith(DUPLICATE_NOTE)  # (found anew below)
+        ]
         cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
         shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
-        unique_notes = {(n["source"], n["reason"]): n for n in kept_notes + [n for r in reports for n in r["notes"]]}
+        notes = kept_notes + [n for r in reports for n in r["notes"]]
+        notes += duplicate_notes(merged["source"], merged["content_hash"])
+        unique_notes = {(n["source"], n["reason"]): n for n in notes}
         all_notes = sorted(unique_notes.values(), key=lambda n: n["source"])
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
         new = sum(r["encoded"] for r in reports)
@@ -610,7 +618,7 @@ def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, it
     figures on the main process."""
     scanned = [
         {"source": p.item.source, "bucket_height": p.bucket[0], "bucket_width": p.bucket[1],
-         "crop_box": list(p.crop.to_original(*p.original_size))}
+         "crop_box": list(p.crop.to_original(*p.original_size)), "content_hash": p.content_hash}
         for p in fitted
     ]  # fmt: skip
     reports = gather_object([{"scanned": scanned, "skipped": skipped, "notes": notes, "to_encode": to_encode}])
@@ -618,7 +626,8 @@ def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, it
         return None
     records = [r for report in reports for r in report["scanned"]]
     by_bucket = Counter((r["bucket_height"], r["bucket_width"]) for r in records)
-    all_skipped, all_notes = by_source(reports, "skipped"), by_source(reports, "notes")
+    copies = duplicate_notes([r["source"] for r in records], [r["content_hash"] for r in records])
+    all_skipped, all_notes = by_source(reports, "skipped"), by_source([*reports, {"notes": copies}], "notes")
     new = sum(r["to_encode"] for r in reports)
     logger.info(summarise(by_bucket, all_skipped, all_notes))
     if args.contact_sheet:

@@ -329,6 +329,7 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     precompute_embeddings.main(precompute_embeddings.parse_args(["--config", str(config)]))
 
     assert sorted(encoded_sources) == ["added.png", "shape_005.png", "shape_007.png"]
+    log = summary.text
     assert new_and_kept(summary) == (3, 10)
     dataset, manifest = cache_lib.load_cache(out)
     assert len(dataset) == manifest["num_items"] == 13
@@ -336,6 +337,19 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     records = {r["source"]: r for r in dataset}
     assert records["shape_005.png"]["content_hash"] == _sha256(data / "shape_005.png")
     assert records["shape_007.png"]["caption"] == "a better caption"
+    # added.png is a copy of shape_000.png: noted on the later in source order, as it trains that image twice as often
+    copy_note = [n for n in manifest["notes"] if n["reason"].startswith("the same image file as")]
+    assert copy_note == [
+        {
+            "source": "shape_000.png",
+            "reason": "the same image file as added.png: the image trains 2x as often as one without copies "
+            "(delete the copies, unless that is what you want)",
+        }
+    ]
+    assert "shape_000.png: the same image file as added.png" in log
+    (data / "added.png").unlink()  # the note goes with the copy (nothing re-encoded)
+    precompute(tiny_model_dir, out, data_dir=data)
+    assert not [n for n in cache_lib.read_manifest(out)["notes"] if "same image file" in n["reason"]]
 
 
 def test_a_rerun_drops_images_deleted_or_broken_since_unless_told_to_keep_them(
@@ -403,11 +417,16 @@ def test_a_dry_run_reports_buckets_skips_and_what_a_run_would_encode_and_writes_
 ):
     data = shutil.copytree(tiny_data_dir, tmp_path / "data")
     (data / "shape_003.png").write_bytes(b"not a PNG")
+    shutil.copy(data / "shape_000.png", data / "copy.png")  # (its caption: the default)
     out = tmp_path / "cache"
-    precompute(tiny_model_dir, out, "--dry_run", data_dir=data)
+    precompute(tiny_model_dir, out, "--dry_run", "--default_caption", "a copy", data_dir=data)
     assert not out.exists()
     assert "1 skipped:\n  shape_003.png: " in summary.text
-    assert "dry run: 11 images fit their buckets, 1 skipped; a run would encode 11 (new or changed)" in summary.text
+    assert "  shape_000.png: the same image file as copy.png: the image trains 2x as often" in summary.text
+    assert "dry run: 12 images fit their buckets, 1 skipped; a run would encode 12 (new or changed)" in summary.text
+    (data / "copy.png").unlink()
+    summary.clear()
+    precompute(tiny_model_dir, out, "--dry_run", data_dir=data)
     (predicted,) = re.findall(r"buckets \(h x w: items\): (.*)", summary.text)
     summary.clear()
 

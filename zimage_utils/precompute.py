@@ -585,6 +585,30 @@ def gpu_memory_report(device: torch.device, batch_size: int, resolution: int) ->
     )
 
 
+DUPLICATE_NOTE = "the same image file as "  # how a duplicate's note starts (a re-run recomputes these notes)
+
+
+def duplicate_notes(sources: list[str], hashes: list[str]) -> list[dict[str, str]]:
+    """A note for each cached item whose image (with its mask) is byte for byte another's (`content_hash`): every
+    copy but the first (in source order) is named, with the first. Copies train as often as they are copies, which a
+    data set gathered from several folders rarely means to do."""
+    groups: dict[str, list[str]] = {}
+    for source, digest in zip(sources, hashes, strict=True):
+        groups.setdefault(digest, []).append(source)
+    notes = []
+    for group in groups.values():
+        first, *copies = sorted(group)
+        notes += [
+            {
+                "source": copy,
+                "reason": f"{DUPLICATE_NOTE}{first}: the image trains {len(group)}x as often as one without copies "
+                "(delete the copies, unless that is what you want)",
+            }
+            for copy in copies
+        ]
+    return notes
+
+
 def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:
     lines = [
         "buckets (h x w: items): " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(records_by_bucket.items()))
