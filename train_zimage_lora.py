@@ -57,7 +57,13 @@ from zimage_utils.memory_budget import (
 from zimage_utils.model_card import training_metadata, write_model_card
 from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
 from zimage_utils.model_spec import add_metadata_flags
-from zimage_utils.optimizers import OPTIMIZERS, optimizer_and_schedule
+from zimage_utils.optimizers import (
+    add_optimizer_flags,
+    check_optimizer_flags,
+    current_learning_rates,
+    evaluation_weights,
+    optimizer_and_schedule,
+)
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
@@ -150,34 +156,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--training_adapter_scale", type=float, default=1.0)
     g = p.add_argument_group("Optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="adamw, adamw8bit, prodigy.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="adamw, adamw8bit, prodigy.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="adamw, adamw8bit, prodigy.")
-    g.add_argument(
-        "--loraplus_lr_ratio",
-        type=float,
-        default=0.0,
-        help="LoRA+: the B factors learn this many times faster than --learning_rate (kohya's loraplus_lr_ratio; "
-        "the paper suggests 16 with a 2x lower --learning_rate; 0 = off). --adapter lora only.",
-    )
-    g.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
-        help="diffusers' schedules; the decaying ones reach 0 at the last step (polynomial: 1e-7).",
-    )
-    g.add_argument(
-        "--lr_warmup_steps",
-        type=int,
-        default=0,
-        help="Steps of linear warmup from 0. With the constant schedule this means constant_with_warmup (diffusers' "
-        "constant has no warmup).",
-    )
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial decay (1 = linear).")
+    add_optimizer_flags(g)
     g.add_argument("--train_batch_size", type=int, default=1, help="Per process.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument(
@@ -308,16 +287,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
-    if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
-        p.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
                          num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
                          validation_epochs=0, blocks_to_swap=0,
                          lr_warmup_steps=0)  # fmt: skip
-    if args.learning_rate < 0:  # (0 has a use: --init_lora and one step re-save a LoRA unchanged)
-        p.error(f"--learning_rate {args.learning_rate}: give a positive rate (Prodigy: 1.0)")
-    if args.lr_scheduler == "constant" and args.lr_warmup_steps > 0:
-        args.lr_scheduler = "constant_with_warmup"
+    check_optimizer_flags(p, args)
     return args
 
 
@@ -408,8 +382,9 @@ def run_training(args: argparse.Namespace) -> None:
 
     # Optimiser and schedule
     _, max_steps = schedule_steps(args, sampler)
+    zero_stage = deepspeed_stage(accelerator)
     optimizer, lr_scheduler = optimizer_and_schedule(
-        args, params, transformer, max_steps, accelerator.num_processes, optimizer_offloaded(accelerator)
+        args, params, transformer, max_steps, accelerator.num_processes, zero_stage, optimizer_offloaded(accelerator)
     )
     configure_deepspeed(accelerator, args.train_batch_size, int(args.zero3_max_live_parameters))
     partition_for_zero3(accelerator, transformer)
@@ -451,12 +426,10 @@ def run_training(args: argparse.Namespace) -> None:
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, args.checkpoints_total_limit)
             mark_unfinished(path)
-        accelerator.save_state(
-            str(path), **({"exclude_frozen_parameters": True} if deepspeed_stage(accelerator) else {})
-        )
+        accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage else {}))
         if ema is not None and accelerator.is_main_process:
             ema.save(path)
-        with averaged_weights(ema):
+        with averaged_weights(ema), evaluation_weights(optimizer):  # (the state above keeps the training weights)
             save_lora_files(args, accelerator, transformer, lora_config, targets, path, step, caches, torch.float32)
         if accelerator.is_main_process:
             write_training_state(
@@ -471,7 +444,6 @@ def run_training(args: argparse.Namespace) -> None:
 
     validator = Validator.for_run(args, caches, empty_embeds, output_dir / "samples")
 
-    zero_stage = deepspeed_stage(accelerator)
     backward = None if zero_stage else accelerator.backward  # the step's own backward passes; DeepSpeed takes one
     zero3 = zero_stage == 3
     if zero3 and adapter_state is not None:
@@ -482,7 +454,7 @@ def run_training(args: argparse.Namespace) -> None:
 
     def validate(step):
         transformer.eval()
-        with averaged_weights(ema):
+        with averaged_weights(ema), evaluation_weights(optimizer):
             logs = validation_loss(transformer, val_data, collate, args.seed) if val_data is not None else {}
             # Under ZeRO-3 every forward is collective, so every rank samples (the main one saves); otherwise only
             # the main process does.
@@ -508,6 +480,7 @@ def run_training(args: argparse.Namespace) -> None:
 
     # Train
     transformer.train()
+    optimizer.train()  # (schedule-free AdamW's mode; nothing for other optimisers)
     window, first_step = LogWindow(accelerator.device, global_step), global_step
     warned_over_budget = False
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
@@ -552,7 +525,7 @@ def run_training(args: argparse.Namespace) -> None:
                 global_step, args.validation_steps, epochs_before, epochs_done, args.validation_epochs
             )
             if log_now or checkpoint_now:
-                lrs = lr_scheduler.get_last_lr()  # LoRA+: the A factors' group first, the B factors' last
+                lrs = current_learning_rates(optimizer, lr_scheduler)  # LoRA+: the A factors' group, then the B's
                 logs = {"lr": lrs[0], **({"lr_lora_B": lrs[-1]} if args.loraplus_lr_ratio else {})}
                 logs.update(window.read(accelerator, global_step, output_dir))
                 if args.max_memory_gb and not warned_over_budget:  # once; the peak is the same on every process
@@ -587,7 +560,7 @@ def run_training(args: argparse.Namespace) -> None:
     # Save the final LoRA (and a last validation) when the run is complete
     if global_step >= max_steps:
         dtype = SAVE_DTYPES[args.save_dtype]
-        with averaged_weights(ema):
+        with averaged_weights(ema), evaluation_weights(optimizer):
             save_lora_files(
                 args, accelerator, transformer, lora_config, targets, output_dir, global_step, caches, dtype, True
             )

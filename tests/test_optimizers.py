@@ -111,3 +111,75 @@ def test_resuming_with_other_optimiser_flags_is_refused_before_loading(tiny_mode
     message = str(refused.value)
     assert "checkpoint-2 was saved with --loraplus_lr_ratio 0.0, this run has --loraplus_lr_ratio 4.0" in message
     assert "--init_lora" in message
+
+
+def test_schedule_free_samples_and_saves_its_average_and_resumes_exactly(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """--optimizer adamw_schedulefree: each LoRA file and validation sample is made in the optimiser's eval mode
+    (its average x), and training goes on from the very point y it left; a run stopped at its step-3 checkpoint and
+    resumed ends bit for bit where the uninterrupted one does, validating at the same steps."""
+    from zimage_utils import optimizers
+    from zimage_utils.validation import Validator
+
+    made, modes = [], []
+    make, save, sample = optimizers.make_optimizer, train_zimage_lora.save_lora_files, Validator.sample_grid
+    monkeypatch.setattr(optimizers, "make_optimizer", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+
+    def train_mode(what):
+        modes.append((what, made[-1].param_groups[0]["train_mode"]))
+
+    monkeypatch.setattr(train_zimage_lora, "save_lora_files", lambda *a, **k: train_mode("save") or save(*a, **k))
+    monkeypatch.setattr(Validator, "sample_grid", lambda *a, **k: train_mode("sample") or sample(*a, **k))
+    flags = dict(optimizer="adamw_schedulefree", learning_rate=1e-2, lr_warmup_steps=2, max_train_steps=6)
+    flags.update(checkpointing_steps=3, validation_steps=3, save_dtype="fp32", logging_steps=1)
+    log_a = train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags)
+    # checkpoint 3, validation 3, checkpoint 6, validation 6, the final files (the last validation came first)
+    assert modes == [("save", False), ("sample", False), ("save", False), ("sample", False), ("save", False)]
+    assert [r["lr"] for r in log_a if "lr" in r] == pytest.approx([5e-3] + [1e-2] * 5)  # its own warmup, logged
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, max_train_steps_this_run=3)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, resume_from_checkpoint="latest")
+    lora_a, metadata = load_lora_file(tmp_path / "a" / LORA_WEIGHT_NAME)
+    lora_b, _ = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
+    assert metadata["optimizer"] == "adamw_schedulefree"
+    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    # The files hold the average x, the checkpoint's resume state the training point y: they differ
+    from safetensors.torch import load_file
+
+    files, _ = load_lora_file(tmp_path / "a" / "checkpoint-6" / LORA_WEIGHT_NAME)
+    state = load_file(str(tmp_path / "a" / "checkpoint-6" / LORA_STATE_NAME))
+    assert files.keys() == state.keys() and any(not torch.equal(files[k], state[k]) for k in files)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optimizer", "adamw_schedulefree", "--lr_scheduler", "cosine"], "takes no --lr_scheduler"),
+        (["--optimizer", "adamw_schedulefree", "--ema_decay", "0.99"], "its weights are an average already"),
+    ],
+)
+def test_schedule_free_with_a_schedule_or_an_average_is_refused(
+    tiny_model_dir, tiny_cache_dir, flags, message, capsys
+):
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(
+            ["--pretrained_model_name_or_path", str(tiny_model_dir), "--precomputed_dir", str(tiny_cache_dir), *flags]
+        )
+    assert message in capsys.readouterr().err
+
+
+def test_schedule_free_under_deepspeed_is_refused():
+    """Under ZeRO the optimiser steps DeepSpeed's own copies of the weights: its average would never reach the
+    model, so the LoRA saved and sampled would not be it."""
+    from argparse import Namespace
+
+    from zimage_utils.optimizers import optimizer_and_schedule
+
+    model = torch.nn.Linear(4, 4)
+    args = Namespace(optimizer="adamw_schedulefree", learning_rate=LR, adam_weight_decay=0.0, adam_beta1=0.9)
+    args.__dict__.update(adam_beta2=0.999, adam_epsilon=1e-8, loraplus_lr_ratio=0.0, lr_warmup_steps=0)
+    args.__dict__.update(lr_scheduler="constant", lr_num_cycles=1, lr_power=1.0)
+    optimizer, _ = optimizer_and_schedule(args, list(model.parameters()), model, 10, 1, 0, False)
+    assert type(optimizer).__name__ == "AdamWScheduleFree"
+    with pytest.raises(ValueError, match="does not work under DeepSpeed: use DDP, or another optimiser"):
+        optimizer_and_schedule(args, list(model.parameters()), model, 10, 2, 2, False)

@@ -198,7 +198,9 @@ def measure_peak_gib(run_step: Callable[[], None], device: torch.device) -> floa
 
 def optimizer_state_gib(params: list[torch.nn.Parameter], optimizer_name: str) -> float:
     """Memory the optimiser's state will take once it exists (it does not during calibration)."""
-    bytes_per_value = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}.get(optimizer_name, 8)
+    bytes_per_value = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4, "adamw_schedulefree": 8}.get(
+        optimizer_name, 8
+    )
     return sum(p.numel() for p in params) * bytes_per_value / 2**30
 
 
