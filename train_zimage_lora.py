@@ -68,7 +68,7 @@ from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import collate, item_generator_seed, train_loader, training_data
-from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, start_trackers
+from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, lowest_held_out_loss, start_trackers
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
 from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching_step
@@ -571,6 +571,8 @@ def run_training(args: argparse.Namespace) -> None:
         print0(
             f"LoRA written to {output_dir}/pytorch_lora_weights.safetensors (+ _comfyui, and README.md, its model card)"
         )
+        if accelerator.is_main_process and (line := lowest_held_out_loss(output_dir)):
+            print0(line)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process and global_step >= max_steps:

@@ -168,6 +168,8 @@ def measure(model, batch, step_fn, warmup: int, steps: int, device, optimizer_na
             if "lora_B" in name:
                 p.zero_()
     optimizer = make_optimizer(params, optimizer_name, 1e-5)
+    if hasattr(optimizer, "train"):  # schedule-free AdamW steps only in its train mode
+        optimizer.train()
     first_loss = None
     for i in range(warmup + steps):
         if i == warmup:
@@ -862,6 +864,8 @@ def main() -> None:
                 record(f"ours eager {precision}", model, big, 1, set_gradient_checkpointing(transformer, -1), **info)
                 if precision == "bf16":
                     record("ours eager bf16 adamw8bit", model, big, 1, total_blocks, optimizer="adamw8bit", **info)
+                    name, free = "ours eager bf16 adamw_schedulefree", "adamw_schedulefree"
+                    record(name, model, big, 1, total_blocks, optimizer=free, **info)
                 # Checkpointed blocks' inputs in host memory (--cpu_offload_checkpointing)
                 ckpt = set_gradient_checkpointing(transformer, -1, offload=True)
                 record(f"ours eager {precision} offload", model, big, 1, ckpt, **info)

@@ -1,11 +1,14 @@
 """What the trainer logs each --logging_steps window (zimage_utils/train_log.py), on one CPU process."""
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
+from test_trainer import train
 
 from zimage_utils import train_log
-from zimage_utils.train_log import WANDB_ID_NAME, LogWindow, tracker_init_kwargs
+from zimage_utils.train_log import WANDB_ID_NAME, LogWindow, lowest_held_out_loss, tracker_init_kwargs
 
 
 class FakeClock:
@@ -82,3 +85,30 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path):
     assert resumed["id"] == first["id"] and resumed["name"] == "my run"
     assert tracker_init_kwargs("wandb", tmp_path / "b")["wandb"]["id"] != first["id"]  # another run, another id
     assert (tmp_path / "a" / "logs" / WANDB_ID_NAME).read_text().strip() == first["id"]
+
+
+def test_the_lowest_held_out_loss_names_the_files_that_hold_it(tmp_path):
+    assert lowest_held_out_loss(tmp_path) is None  # no log
+    log = tmp_path / "train_log.jsonl"
+    records = [{"step": 1, "loss": 0.9}, {"step": 2, "val/loss": 0.5}, {"step": 4, "val/loss": 0.3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert lowest_held_out_loss(tmp_path) == "held-out loss lowest at step 4 (0.3000): the final LoRA files hold it"
+    with log.open("a") as f:  # overfitting after step 4
+        f.write(json.dumps({"step": 6, "val/loss": 0.4}) + "\n")
+    line = lowest_held_out_loss(tmp_path)
+    assert line.startswith("held-out loss lowest at step 4 (0.3000; 0.4000 at the last validation, step 6): no checkp")
+    (tmp_path / "checkpoint-4").mkdir()
+    assert f"step 6): {tmp_path / 'checkpoint-4'} holds that LoRA" in lowest_held_out_loss(tmp_path)
+    log.write_text(json.dumps({"step": 1, "loss": 0.9}) + "\n")  # no --validation_split: nothing to say
+    assert lowest_held_out_loss(tmp_path) is None
+
+
+def test_a_run_with_held_out_images_ends_naming_its_lowest_held_out_loss(
+    tiny_model_dir, tiny_cache_dir, tmp_path, caplog
+):
+    caplog.set_level("INFO", logger="train")
+    flags = dict(max_train_steps=2, validation_steps=1, checkpointing_steps=1, validation_split=0.25)
+    log = train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags, learning_rate=1e-3)
+    held_out = {r["step"]: r["val/loss"] for r in log if "val/loss" in r}
+    best = min(held_out, key=held_out.get)
+    assert sorted(held_out) == [1, 2] and f"held-out loss lowest at step {best} ({held_out[best]:.4f}" in caplog.text

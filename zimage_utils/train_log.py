@@ -16,6 +16,7 @@ import torch
 
 from .cli import write_text_atomic
 from .flow_matching import SigmaBinMeter
+from .plots import read_log
 
 
 class LogWindow:
@@ -98,6 +99,25 @@ def append_jsonl(path: Path, record: dict) -> None:
     (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def lowest_held_out_loss(output_dir: Path) -> str | None:
+    """After a run with --validation_split: the step of its lowest held-out loss ("val/loss" in train_log.jsonl), and
+    which LoRA files hold that step's LoRA (the final ones, or a checkpoint's if it was kept). None without a
+    held-out loss. The lowest is a hint, not a verdict: on a few held-out images the loss is noisy."""
+    path = Path(output_dir) / "train_log.jsonl"
+    records = [r for r in read_log(path) if "val/loss" in r] if path.is_file() else []
+    if not records:
+        return None
+    best, last = min(records, key=lambda r: r["val/loss"]), records[-1]
+    line = f"held-out loss lowest at step {best['step']} ({best['val/loss']:.4f}"
+    if best is last:
+        return line + "): the final LoRA files hold it"
+    line += f"; {last['val/loss']:.4f} at the last validation, step {last['step']})"
+    checkpoint = Path(output_dir) / f"checkpoint-{best['step']}"
+    if checkpoint.is_dir():
+        return f"{line}: {checkpoint} holds that LoRA (pytorch_lora_weights*.safetensors), if its samples agree"
+    return f"{line}: no checkpoint of that step was kept (--checkpointing_steps, --checkpoints_total_limit)"
 
 
 WANDB_ID_NAME = "wandb_run_id.txt"
