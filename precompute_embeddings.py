@@ -122,7 +122,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--validation_prompts",
         nargs="*",
         default=[],
-        help="Prompts whose embeddings are cached for validation images during training. A prompt may end in "
+        help="Prompts whose embeddings are cached for validation images during training ([trigger] becomes "
+        "--caption_prefix). A prompt may end in "
         "settings of its own, as in kohya's and musubi-tuner's sample prompts: '--w 832 --h 1216' (size), '--d 42' "
         "(seed), '--s 8' (steps), '--l 4' (guidance), '--n blurry' (negative prompt, encoded too); the trainer's "
         "--validation_* flags give the rest.",
@@ -240,6 +241,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             args.validation_prompts, args.validation_prompt_file = args.validation_prompts + lines, None
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    if any("[trigger]" in line for line in args.validation_prompts) and not (args.caption_prefix or "").strip():
+        parser.error("a validation prompt holds [trigger], which --caption_prefix replaces: give --caption_prefix")
     return args
 
 
@@ -513,7 +516,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     if accelerator.is_main_process:
         empty, _ = encode_captions([""], tokenizer, text_encoder, args.max_sequence_length, device)
         validation = encode_validation_prompts(
-            args.validation_prompts, tokenizer, text_encoder, args.max_sequence_length, device
+            args.validation_prompts, tokenizer, text_encoder, args.max_sequence_length, device, args.caption_prefix
         )
         cache_lib.save_prompt_embeddings(args.output_dir, empty[0], validation, store)
         parts = load_shards(args.output_dir)

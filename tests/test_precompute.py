@@ -280,6 +280,33 @@ def test_fp32_cache_holds_the_pipeline_caption_embeddings_bit_for_bit_and_the_va
     assert config["validation_prompts"] == lines and "validation_prompt_file" not in config
 
 
+def test_validation_prompts_take_the_trigger_word_for_trigger_and_a_note_says_when_none_holds_it(
+    tiny_model_dir, tmp_path, summary, capsys
+):
+    from zimage_utils.tiny import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_images=2)
+    prompts = ["a photo of [trigger] --w 32", "a red circle"]  # as in captions (ai-toolkit's placeholder)
+    out = precompute(tiny_model_dir, tmp_path / "a", "--caption_prefix", "sks", "--validation_prompts", *prompts,
+                     data_dir=data)  # fmt: skip
+    _, cached = cache_lib.load_prompt_embeddings(out)
+    assert [(p.prompt.text, p.prompt.width) for p in cached] == [("a photo of sks", 32), ("a red circle", None)]
+    assert "holds the trigger" not in summary.text
+    precompute(tiny_model_dir, tmp_path / "b", "--caption_prefix", "sks", "--validation_prompts", "a red circle",
+               data_dir=data)  # fmt: skip
+    assert "note: no --validation_prompts holds the trigger 'sks' (or [trigger]): the samples will not show" in (
+        summary.text
+    )
+    with pytest.raises(SystemExit):
+        precompute_embeddings.parse_args(
+            ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(data)]
+            + ["--output_dir", str(tmp_path / "c"), "--validation_prompts", "[trigger], smiling"]
+        )
+    assert "a validation prompt holds [trigger], which --caption_prefix replaces: give --caption_prefix" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_bad_validation_prompt_setting_stops_precompute_before_anything_loads(tiny_data_dir, tmp_path, capsys):
     (tmp_path / "samples.txt").write_text("a red circle\n# a comment\na blue square --fs 3\n")
     flags = ["--pretrained_model_name_or_path", str(tmp_path / "no_model"), "--train_data_dir", str(tiny_data_dir)]

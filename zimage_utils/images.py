@@ -365,6 +365,11 @@ def _whole_words(text: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)")
 
 
+def holds_trigger(text: str, trigger: str) -> bool:
+    """Whether `text` holds the trigger as whole words ("a photo of sks dog" holds "sks"; "sksdog" does not)."""
+    return bool(_whole_words(trigger.strip()).search(text))
+
+
 def preservation_caption(caption: str, trigger: str, class_words: str) -> str | None:
     """The caption with every whole-word `trigger` replaced by `class_words` ("sks person, smiling" → "person,
     smiling"): what the base model should still draw for it (differential output preservation). None when the

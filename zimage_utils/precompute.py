@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,14 @@ from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale
 from .cache import FEATURES, SHARDS_DIR, CachedPrompt, add_missing_columns, records_to_dataset, tensor_to_bytes
 from .images import (
     DATASET_MASK_COLUMN,
+    TRIGGER_PLACEHOLDER,
     BadImageError,
     ImageItem,
     alpha_channel,
     content_hash,
     conversion_note,
     find_mask,
+    holds_trigger,
     kohya_folder,
     load_image,
     load_mask,
@@ -555,10 +557,20 @@ def merge(
     return merged.select(keep), dropped
 
 
-def encode_validation_prompts(lines: list[str], tokenizer, text_encoder, max_sequence_length: int, device):
-    """--validation_prompts (with any --validation_prompt_file lines) as the cache stores them: each line's text
-    and its --n negative prompt encoded, its settings kept. Returns [CachedPrompt]."""
+def encode_validation_prompts(
+    lines: list[str], tokenizer, text_encoder, max_sequence_length: int, device, trigger: str | None = None
+):
+    """--validation_prompts (with any --validation_prompt_file lines) as the cache stores them: each line's text,
+    [trigger] in it replaced by `trigger` (--caption_prefix, as in captions), and its --n negative prompt encoded,
+    its settings kept. Notes prompts that would not show the trigger's effect. Returns [CachedPrompt]."""
     prompts = parse_prompts(lines, "--validation_prompts")
+    if trigger := (trigger or "").strip():
+        prompts = [replace(p, text=p.text.replace(TRIGGER_PLACEHOLDER, trigger)) for p in prompts]
+        if prompts and not any(holds_trigger(p.text, trigger) for p in prompts):
+            logger.info(
+                f"note: no --validation_prompts holds the trigger {trigger!r} (or [trigger]): the samples will not "
+                "show what the LoRA learns for it"
+            )
     negatives = list(dict.fromkeys(p.negative for p in prompts if p.negative))
     texts = [p.text for p in prompts] + negatives
     embeds, _ = encode_captions(texts, tokenizer, text_encoder, max_sequence_length, device) if texts else ([], [])
