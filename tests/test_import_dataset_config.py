@@ -1,0 +1,110 @@
+"""import_dataset_config.py: a kohya sd-scripts or musubi-tuner dataset config (TOML) as our precompute configs,
+one per image folder, and the trainer's data flags, all `--config` files the scripts accept as they are."""
+
+import pytest
+import yaml
+
+import import_dataset_config
+import precompute_embeddings
+import train_zimage_lora
+from zimage_utils.tiny import make_synthetic_dataset
+
+KOHYA = """
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{subject}"
+  class_tokens = "sks shape"
+  num_repeats = 3
+  flip_aug = true
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = "{regularisation}"
+  class_tokens = "shape"
+  color_aug = true
+"""
+
+
+def test_a_kohya_config_becomes_caches_the_trainer_weighs_and_repeats(tiny_model_dir, tmp_path, capsys):
+    subject = make_synthetic_dataset(tmp_path / "sks", num_images=2)
+    regularisation = make_synthetic_dataset(tmp_path / "reg", num_images=3)
+    for folder in (subject, regularisation):  # (class_tokens caption the images without a caption file)
+        (folder / "shape_000.txt").unlink()
+    config = tmp_path / "dataset.toml"
+    config.write_text(KOHYA.format(subject=subject, regularisation=regularisation))
+    out = tmp_path / "caches"
+    flags = ["--output_dir", str(out), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+    result = import_dataset_config.main(
+        import_dataset_config.parse_args([str(config), *flags, "--prior_loss_weight", "0.5"])
+    )
+
+    precompute_configs = [path for path, _ in result["precompute"]]
+    assert [p.name for p in precompute_configs] == ["precompute_00_sks.yaml", "precompute_01_reg.yaml"]
+    first = yaml.safe_load(precompute_configs[0].read_text())
+    assert first == {
+        "train_data_dir": str(subject), "output_dir": str(out / "00_sks"),
+        "pretrained_model_name_or_path": str(tiny_model_dir), "resolution": 64, "caption_extension": ".txt",
+        "keep_tokens": 1, "default_caption": "sks shape", "shuffle_caption": 4, "cache_flipped": True,
+    }  # fmt: skip
+    train = yaml.safe_load((out / "train_data.yaml").read_text())
+    assert train == {
+        "precomputed_dir": [str(out / "00_sks"), str(out / "01_reg")], "repeats": [3, 1], "loss_weights": [1.0, 0.5],
+        "train_batch_size": 2, "random_flip": 0.5,
+    }  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "01_reg: no equivalent here for color_aug; left out" in printed
+    assert "flip_aug holds for every folder here (--random_flip is for the whole run)" in printed
+    assert f"accelerate launch precompute_embeddings.py --config {precompute_configs[1]}\n" in printed
+
+    # The configs run as they are: both caches, then the trainer on them (a dry run: the data, not the steps)
+    for path in precompute_configs:
+        precompute_embeddings.main(
+            precompute_embeddings.parse_args(["--config", str(path), "--dataloader_num_workers", "0"])
+        )
+    args = train_zimage_lora.parse_args(
+        ["--config", str(out / "train_data.yaml"), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+        + ["--output_dir", str(tmp_path / "lora"), "--dry_run"]
+    )
+    assert (args.repeats, args.loss_weights, args.random_flip) == ([3, 1], [1.0, 0.5], 0.5)
+    train_zimage_lora.main(args)
+    captions = precompute_embeddings.cache_lib.load_cache(out / "00_sks")[0]["caption"]
+    assert "sks shape" in captions  # the image without a caption file took class_tokens
+
+
+def test_a_musubi_config_with_width_and_height_keeps_their_area(tmp_path, capsys):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        '[general]\nresolution = [960, 544]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+        'bucket_no_upscale = true\n\n[[datasets]]\nimage_directory = "/data/photos"\ncache_directory = "/c"\n'
+        "num_repeats = 2\n"
+    )
+    result = import_dataset_config.main(
+        import_dataset_config.parse_args([str(config), "--output_dir", str(tmp_path / "o")])
+    )
+    [(_, flags)] = result["precompute"]
+    assert (flags["resolution"], flags["max_upscale"], flags["train_data_dir"]) == (720, 1.0, "/data/photos")
+    assert result["train"] == {"precomputed_dir": [str(tmp_path / "o" / "00_photos")], "repeats": [2]}
+    printed = capsys.readouterr().out
+    assert "00_photos: resolution [960, 544] became --resolution 720" in printed
+    assert "--pretrained_model_name_or_path MODEL" in printed  # not given: the user fills it in
+
+
+def test_what_cannot_be_imported_is_named(tmp_path):
+    config = tmp_path / "dataset.toml"
+    config.write_text("[general]\nresolution = 512\n")
+    with pytest.raises(ValueError, match="names no image folder"):
+        import_dataset_config.main(import_dataset_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
+    config.write_text("[general\nresolution = 512\n")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        import_dataset_config.main(import_dataset_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
+    config.write_text('[[datasets]]\nimage_directory = "/x"\nresolution = "big"\n')
+    with pytest.raises(ValueError, match="resolution 'big' is not a side or \\[width, height\\] in pixels"):
+        import_dataset_config.main(import_dataset_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
