@@ -107,9 +107,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
     read once, --prompt_file (its prompts join `args.prompt`), --fuse_to, --num_images and --output. Returns the
     LoRAs and --compare's columns as (path, strength)."""
     loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
+    args.prompts = parse_prompts(args.prompt or ([] if args.prompt_file else [DEFAULT_PROMPT]), "--prompt")
     if args.prompt_file:
-        args.prompt = (args.prompt or []) + read_prompt_file(args.prompt_file)
-    args.prompts = parse_prompts(args.prompt or [DEFAULT_PROMPT])
+        lines = read_prompt_file(args.prompt_file)
+        args.prompt = (args.prompt or []) + lines
+        args.prompts += parse_prompts(lines, f"--prompt_file {args.prompt_file}")
     for path, _ in loras + columns:  # a note, not an error: a prompt without the trigger is also a fair test
         trigger = trigger_of(lora_metadata(path)) if path != BASE else ""
         words = [t.strip().lower() for t in trigger.split(",") if t.strip()]  # (several caches: "sks, ohwx")

@@ -282,6 +282,10 @@ def test_a_prompt_file_adds_its_lines_after_the_prompts_given(tiny_model_dir, tm
     assert args.prompt == ["a photo of sks person", "sks person, studio photo", "sks person, oil painting"]
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    for name, message in [("missing.txt", "no such file"), ("empty.txt", "holds no prompt"), ("latin1.txt", "UTF-8")]:
+    (tmp_path / "bad.txt").write_text("a photo\nsks person --w 1000\n")
+    bad = f"--prompt_file {tmp_path / 'bad.txt'}, prompt 2 \\('sks person --w 1000'\\): --w 1000: sides are"
+    for name, message in [
+        ("missing.txt", "no such file"), ("empty.txt", "holds no prompt"), ("latin1.txt", "UTF-8"), ("bad.txt", bad)
+    ]:  # fmt: skip
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             generate.check_args(generate.parse_args(base + ["--prompt_file", str(tmp_path / name)]))
