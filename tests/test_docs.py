@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 import caption_images
 import generate
-import import_dataset_config
+import import_config
 import lora_tools
 import precompute_embeddings
 import train_zimage_lora
@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "TRAINING_GUIDE.md"]
 SCRIPTS = {
     "caption_images.py": caption_images,
-    "import_dataset_config.py": import_dataset_config,
+    "import_config.py": import_config,
     "train_zimage_lora.py": train_zimage_lora,
     "precompute_embeddings.py": precompute_embeddings,
     "generate.py": generate,

@@ -1,0 +1,338 @@
+"""Turn another trainer's config into this suite's `--config` files: a kohya sd-scripts or musubi-tuner dataset config
+(TOML), or an ai-toolkit job config (YAML, with its training settings). One precompute config per image folder (and
+resolution), and the trainer's flags for all of them. Nothing is loaded or encoded.
+
+    python import_config.py my_dataset.toml --output_dir my_caches --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo
+    python import_config.py ai_toolkit_job.yaml --output_dir my_caches
+
+It prints the commands that follow: a precompute per folder, then the trainer with `--config my_caches/train.yaml`.
+What a kohya / musubi key becomes:
+
+    image_dir (kohya), image_directory (musubi)   --train_data_dir, one cache each under --output_dir
+    resolution (side, or [width, height])         --resolution (one side; buckets keep the area of width x height)
+    caption_extension, caption_prefix, keep_tokens, alpha_mask    the same flags (caption_prefix: the trigger)
+    class_tokens                                   --default_caption (the caption of images without a caption file)
+    shuffle_caption                                --shuffle_caption 4 (4 cached orderings of the tags)
+    flip_aug                                       --cache_flipped, and the trainer's --random_flip 0.5 (for all)
+    random_crop                                    --crop random
+    bucket_no_upscale                              --max_upscale 1
+    num_repeats                                    the trainer's --repeats
+    is_reg                                         the trainer's --loss_weights (--prior_loss_weight here, default 1)
+    batch_size, caption_dropout_rate               the trainer's --train_batch_size, --caption_dropout (the largest)
+
+An ai-toolkit job's datasets map the same way (folder_path, caption_ext, num_repeats, flip_x, shuffle_tokens,
+default_caption; each size of a `resolution` list is a cache of its own, mixed in training, as ai-toolkit trains every
+size), its trigger_word becomes --caption_prefix, and its network, train, save, sample and model sections become the
+trainer's flags (see AI_TOOLKIT_TRAIN). Keys without an equivalent here (color_aug, cache_directory, timestep_type
+weighted, ...) are listed, not dropped silently. In kohya, a key given in [general] or a [[datasets]] entry holds for
+the subsets under it.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import tomllib
+import yaml
+
+from zimage_utils import cli
+
+# Keys that need nothing here: bucketing is always on, its sizes follow --resolution, latents are cached once
+IGNORED = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "cache_directory"}
+IGNORED |= {"cache_latents", "cache_latents_to_disk"}
+SHUFFLED_ORDERINGS = 4  # kohya shuffles every step; here --shuffle_caption caches this many orderings
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "config_file", help="kohya sd-scripts or musubi-tuner dataset config (.toml), or ai-toolkit job (.yaml)."
+    )
+    parser.add_argument("--output_dir", required=True, help="Where the caches and the --config files go.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Written into the configs (default: an ai-toolkit job's model.name_or_path, else none).",
+    )
+    parser.add_argument(
+        "--prior_loss_weight", type=float, default=1.0, help="Loss weight of is_reg subsets (kohya's flag)."
+    )
+    return parser.parse_args(input_args)
+
+
+def read_subsets(path: Path) -> list[dict]:
+    """Each image folder of the config, with the keys it inherits from [general] and its [[datasets]] entry."""
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such dataset config") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML ({error}): fix it, or write the flags yourself") from None
+    general = config.get("general", {})
+    subsets = []
+    for dataset in config.get("datasets", []):
+        inherited = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
+        subsets += [{**inherited, **subset} for subset in dataset.get("subsets", [{}])]
+    subsets = [s for s in subsets if s.get("image_dir") or s.get("image_directory")]
+    if not subsets:
+        raise ValueError(
+            f"{path} names no image folder (image_dir in [[datasets.subsets]], or image_directory in [[datasets]]): "
+            "only image datasets of folders can be imported"
+        )
+    return subsets
+
+
+def side(resolution, where: str) -> int:
+    """kohya/musubi `resolution` (a side, or [width, height]) as our one side: a square of the same area."""
+    values = resolution if isinstance(resolution, list) else [resolution]
+    if not 1 <= len(values) <= 2 or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"{where}: resolution {resolution!r} is not a side or [width, height] in pixels")
+    area = values[0] * values[-1]
+    return max(16, round(math.sqrt(area) / 16) * 16)
+
+
+def convert(subsets: list[dict], args: argparse.Namespace) -> tuple[list[tuple[Path, dict]], dict, list[str]]:
+    """([(cache folder, its precompute flags)], the trainer's data flags, notes on what was not carried over)."""
+    output_dir = Path(args.output_dir)
+    caches, repeats, weights, notes = [], [], [], []
+    batch_sizes, dropouts, flipped = set(), set(), False
+    for i, subset in enumerate(subsets):
+        folder = Path(subset.get("image_dir") or subset.get("image_directory"))
+        name = f"{i:02d}_{folder.name or 'images'}" + (f"_{subset['resolution']}" if subset.get("_sized") else "")
+        flags = {"train_data_dir": str(folder), "output_dir": str(output_dir / name)}
+        if args.pretrained_model_name_or_path:
+            flags["pretrained_model_name_or_path"] = args.pretrained_model_name_or_path
+        if "resolution" in subset:
+            flags["resolution"] = side(subset["resolution"], f"subset {folder}")
+        if not isinstance(subset.get("resolution", 1024), int):
+            notes.append(f"{name}: resolution {subset['resolution']} became --resolution {flags['resolution']}")
+        for key in ("caption_extension", "caption_prefix", "keep_tokens", "alpha_mask", "mask_dir"):
+            if subset.get(key):
+                flags[key] = subset[key]
+        if subset.get("class_tokens"):
+            flags["default_caption"] = subset["class_tokens"]
+        if subset.get("shuffle_caption"):
+            flags["shuffle_caption"] = SHUFFLED_ORDERINGS
+        elif flags.pop("keep_tokens", None):
+            notes.append(f"{name}: keep_tokens without shuffle_caption does nothing; left out")
+        if subset.get("flip_aug"):
+            flags["cache_flipped"], flipped = True, True
+        if subset.get("random_crop"):
+            flags["crop"] = "random"
+        if subset.get("bucket_no_upscale"):
+            flags["max_upscale"] = 1.0
+        if subset.get("image_jsonl_file") or subset.get("metadata_file"):
+            notes.append(f"{name}: its captions file is not read; captions come from the folder's caption files")
+        known = {"image_dir", "image_directory", "resolution", "caption_extension", "caption_prefix", "keep_tokens"}
+        known |= {"alpha_mask", "mask_dir", "_sized", "_extra"}
+        flags.update(subset.get("_extra", {}))  # (ai-toolkit: the preservation class, the sample prompts)
+        known |= {"class_tokens", "shuffle_caption", "flip_aug", "random_crop", "bucket_no_upscale", "num_repeats"}
+        known |= {"is_reg", "batch_size", "caption_dropout_rate", "image_jsonl_file", "metadata_file"} | IGNORED
+        if other := sorted(set(subset) - known):
+            notes.append(f"{name}: no equivalent here for {', '.join(other)}; left out")
+        caches.append((output_dir / f"precompute_{name}.yaml", flags))
+        repeats.append(int(subset.get("num_repeats", 1)))
+        weights.append(args.prior_loss_weight if subset.get("is_reg") else 1.0)
+        batch_sizes.add(int(subset.get("batch_size", 1)))
+        dropouts.add(float(subset.get("caption_dropout_rate", 0.0)))
+    train = {"precomputed_dir": [flags["output_dir"] for _, flags in caches]}
+    if set(repeats) != {1}:
+        train["repeats"] = repeats
+    if set(weights) != {1.0}:
+        train["loss_weights"] = weights
+    if max(batch_sizes) > 1:
+        train["train_batch_size"] = max(batch_sizes)
+    if max(dropouts) > 0:
+        train["caption_dropout"] = max(dropouts)
+    if flipped:  # --random_flip is the run's, and needs every cache mirrored
+        train["random_flip"] = 0.5
+        if not all(flags.get("cache_flipped") for _, flags in caches):
+            notes.append("flip_aug holds for every folder here (--random_flip is for the whole run)")
+        for _, flags in caches:
+            flags["cache_flipped"] = True
+    if len(batch_sizes) > 1 or len(dropouts) > 1:
+        notes.append("batch_size and caption_dropout_rate hold for the whole run here: the largest was taken")
+    return caches, train, notes
+
+
+# ai-toolkit's names for what the trainer takes here
+AI_TOOLKIT_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
+AI_TOOLKIT_TIMESTEPS = {"sigmoid": "logit_normal", "linear": "uniform", "shift": "shift"}
+SAVE_DTYPES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+}
+AI_TOOLKIT_DATASET_KEYS = {  # ai-toolkit dataset key -> the kohya-style key `convert` reads
+    "folder_path": "image_dir", "caption_dropout_rate": "caption_dropout_rate", "num_repeats": "num_repeats",
+    "flip_x": "flip_aug", "shuffle_tokens": "shuffle_caption", "keep_tokens": "keep_tokens",
+    "default_caption": "class_tokens", "is_reg": "is_reg", "mask_path": "mask_dir",
+}  # fmt: skip
+
+
+def read_ai_toolkit(config: dict, path: Path, notes: list[str]) -> tuple[list[dict], dict]:
+    """(the job's datasets as kohya-style subsets, one per folder and size, with the trigger, preservation class
+    and sample prompts they carry, and the trainer's flags from its network/train/save/sample/model sections)."""
+    processes = [p for p in config.get("config", {}).get("process", []) if p.get("datasets")]
+    if not processes:
+        raise ValueError(f"{path}: no process with datasets under config.process: not an ai-toolkit training job")
+    job = processes[0]
+    train = ai_toolkit_train_flags(job, config.get("config", {}).get("name"), notes)
+    extra = {}
+    if trigger := job.get("trigger_word"):
+        extra["caption_prefix"] = trigger
+    if job.get("train", {}).get("diff_output_preservation"):
+        if trigger:
+            extra["preservation_class"] = job["train"].get("diff_output_preservation_class", "person")
+        else:  # it replaces the trigger word by the class: without one there is nothing to replace
+            train.pop("preservation_weight", None)
+            notes.append("diff_output_preservation needs the job's trigger_word: left out")
+    subsets = []
+    for dataset in job["datasets"]:
+        subset = {AI_TOOLKIT_DATASET_KEYS.get(k, k): v for k, v in dataset.items()}
+        if ext := subset.pop("caption_ext", None):
+            subset["caption_extension"] = ext if ext.startswith(".") else f".{ext}"
+        sizes = subset.pop("resolution", 1024)
+        sizes = list(dict.fromkeys(sizes if isinstance(sizes, list) else [sizes]))
+        for size in sizes:  # ai-toolkit trains each size of its list: a cache each, mixed in training
+            subsets.append({**subset, "resolution": size, "_sized": len(sizes) > 1, "_extra": dict(extra)})
+    if prompts := ai_toolkit_prompts(job.get("sample", {}), trigger):
+        subsets[0]["_extra"]["validation_prompts"] = prompts  # (the trainer samples each cache's prompts once)
+    return subsets, train
+
+
+def ai_toolkit_prompts(sample: dict, trigger: str | None) -> list[str]:
+    """ai-toolkit's sample prompts as lines of ours: [trigger] stays (the precompute replaces it), each prompt's own
+    size, seed and the negative prompt as --w/--h/--d/--n."""
+    lines = []
+    for item in sample.get("samples", []) or [{"prompt": p} for p in sample.get("prompts", [])]:
+        line = item["prompt"] if isinstance(item, dict) else str(item)
+        for key, flag in (("width", "w"), ("height", "h"), ("seed", "d")):
+            if isinstance(item, dict) and item.get(key) is not None:
+                line += f" --{flag} {item[key]}"
+        negative = (item.get("neg") if isinstance(item, dict) else None) or sample.get("neg")
+        lines.append(line + (f" --n {negative}" if negative else ""))
+    if lines and not trigger:
+        lines = [line.replace("[trigger]", "").strip() for line in lines]
+    return lines
+
+
+def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dict:
+    """The trainer's flags for an ai-toolkit process's network, train, save, sample and model sections."""
+    flags, network, train = {}, job.get("network", {}), job.get("train", {})
+    save, sample, model = job.get("save", {}), job.get("sample", {}), job.get("model", {})
+    if model.get("name_or_path"):
+        flags["pretrained_model_name_or_path"] = model["name_or_path"]
+    if job.get("training_folder") and name:
+        flags["output_dir"] = str(Path(job["training_folder"]) / name)
+    if network.get("type", "lora") in ("lora", "lokr"):
+        flags["adapter"] = network.get("type", "lora")
+        flags.update({k: network[v] for k, v in (("rank", "linear"), ("lora_alpha", "linear_alpha")) if v in network})
+        if network.get("type") == "lokr" and "lokr_factor" in network:
+            flags["lokr_factor"] = network["lokr_factor"]
+    else:
+        notes.append(f"network type {network['type']!r} has no equivalent here; a LoRA is trained")
+    for ours, theirs in (("train_batch_size", "batch_size"), ("max_train_steps", "steps"), ("learning_rate", "lr")):
+        if theirs in train:
+            flags[ours] = train[theirs]
+    if accumulation := train.get("gradient_accumulation", train.get("gradient_accumulation_steps")):
+        flags["gradient_accumulation_steps"] = accumulation
+    if train.get("gradient_checkpointing"):
+        flags["gradient_checkpointing"] = True
+    if "optimizer" in train:
+        if train["optimizer"] in AI_TOOLKIT_OPTIMIZERS:
+            flags["optimizer"] = AI_TOOLKIT_OPTIMIZERS[train["optimizer"]]
+        else:
+            notes.append(f"optimizer {train['optimizer']!r} has no equivalent here: adamw is used (see --optimizer)")
+    if "weight_decay" in train.get("optimizer_params", {}):
+        flags["adam_weight_decay"] = train["optimizer_params"]["weight_decay"]
+    if train.get("lr_scheduler") in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"):
+        flags["lr_scheduler"] = train["lr_scheduler"]
+    if train.get("ema_config", {}).get("use_ema"):
+        flags["ema_decay"] = train["ema_config"].get("ema_decay", 0.99)
+    if train.get("diff_output_preservation"):
+        flags["preservation_weight"] = train.get("diff_output_preservation_multiplier", 1.0)
+    if timesteps := train.get("timestep_type"):
+        if timesteps in AI_TOOLKIT_TIMESTEPS:
+            flags["timestep_sampling"] = AI_TOOLKIT_TIMESTEPS[timesteps]
+        else:
+            notes.append(f"timestep_type {timesteps!r} has no equivalent here: see --timestep_sampling")
+    if train.get("dtype") in ("bf16", "fp16"):
+        flags["mixed_precision"] = train["dtype"]
+    if save.get("dtype") in SAVE_DTYPES:
+        flags["save_dtype"] = SAVE_DTYPES[save["dtype"]]
+    if "save_every" in save:
+        flags["checkpointing_steps"] = save["save_every"]
+    if "max_step_saves_to_keep" in save:
+        flags["checkpoints_total_limit"] = save["max_step_saves_to_keep"]
+    if "sample_every" in sample:
+        flags["validation_steps"] = sample["sample_every"]
+    if sample.get("width") and sample.get("height"):
+        flags["validation_resolution"] = f"{sample['width']}x{sample['height']}"
+    if "sample_steps" in sample:
+        flags["validation_num_inference_steps"] = sample["sample_steps"]
+    if "guidance_scale" in sample:  # ai-toolkit's 1 is no guidance, as in diffusers; here that is 0
+        flags["validation_guidance_scale"] = sample["guidance_scale"] if sample["guidance_scale"] > 1 else 0.0
+    if model.get("quantize") and str(model.get("qtype", "qfloat8")) in ("qfloat8", "float8", "fp8"):
+        flags["base_precision"] = "fp8"
+    if adapter := model.get("assistant_lora_path"):
+        if Path(adapter).exists():
+            flags["training_adapter"] = adapter
+        else:
+            repo, _, file = adapter.rpartition("/")
+            notes.append(
+                f"assistant_lora_path {adapter}: download it (hf download {repo} {file}) and pass the file as "
+                "--training_adapter"
+            )
+    if model.get("low_vram"):
+        notes.append("low_vram: use --max_memory_gb (or --blocks_to_swap) for the card's memory")
+    return flags
+
+
+def read_config(path: Path, notes: list[str]) -> tuple[list[dict], dict]:
+    """(kohya-style subsets, trainer flags beyond the data's) from a kohya/musubi TOML or an ai-toolkit YAML."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML ({error}): fix it, or write the flags yourself") from None
+        return read_ai_toolkit(config or {}, path, notes)
+    return read_subsets(path), {}
+
+
+def main(args: argparse.Namespace) -> dict:
+    config, notes = Path(args.config_file), []
+    subsets, train_flags = read_config(config, notes)
+    if args.pretrained_model_name_or_path:
+        train_flags["pretrained_model_name_or_path"] = args.pretrained_model_name_or_path
+    args.pretrained_model_name_or_path = train_flags.get("pretrained_model_name_or_path")
+    caches, train, more_notes = convert(subsets, args)
+    train = {**train_flags, **train}
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path, flags in caches:
+        cli.write_text_atomic(path, yaml.safe_dump(flags, sort_keys=False))
+    train_config = output_dir / "train.yaml"
+    cli.write_text_atomic(train_config, yaml.safe_dump(train, sort_keys=False))
+    model = "" if args.pretrained_model_name_or_path else " --pretrained_model_name_or_path MODEL"
+    lines = [f"{config}: {len(caches)} cache(s) to make. Next:"]
+    lines += [f"  accelerate launch precompute_embeddings.py --config {path}{model}" for path, _ in caches]
+    rest = "" if train_flags.get("max_train_steps") else "  # + the training flags (rank, learning rate, steps)"
+    lines.append(
+        f"  accelerate launch train_zimage_lora.py --config {train_config}{model}"
+        + ("" if "output_dir" in train else " --output_dir my_lora")
+        + rest
+    )
+    lines += [f"note: {n}" for n in notes + more_notes]
+    print("\n".join(lines), file=sys.stdout)
+    return {"precompute": caches, "train": train, "notes": notes + more_notes}
+
+
+if __name__ == "__main__":
+    cli.run(main, parse_args)

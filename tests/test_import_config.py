@@ -1,0 +1,199 @@
+"""import_config.py: a kohya sd-scripts or musubi-tuner dataset config (TOML), or an ai-toolkit job (YAML), as our
+precompute configs, one per image folder (and size), and the trainer's flags, all `--config` files the scripts accept
+as they are."""
+
+import pytest
+import yaml
+from PIL import Image
+
+import import_config
+import precompute_embeddings
+import train_zimage_lora
+from zimage_utils.tiny import make_synthetic_dataset
+
+KOHYA = """
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{subject}"
+  class_tokens = "sks shape"
+  num_repeats = 3
+  flip_aug = true
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = "{regularisation}"
+  class_tokens = "shape"
+  color_aug = true
+"""
+
+
+def test_a_kohya_config_becomes_caches_the_trainer_weighs_and_repeats(tiny_model_dir, tmp_path, capsys):
+    subject = make_synthetic_dataset(tmp_path / "sks", num_images=2)
+    regularisation = make_synthetic_dataset(tmp_path / "reg", num_images=3)
+    for folder in (subject, regularisation):  # (class_tokens caption the images without a caption file)
+        (folder / "shape_000.txt").unlink()
+    config = tmp_path / "dataset.toml"
+    config.write_text(KOHYA.format(subject=subject, regularisation=regularisation))
+    out = tmp_path / "caches"
+    flags = ["--output_dir", str(out), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+    result = import_config.main(import_config.parse_args([str(config), *flags, "--prior_loss_weight", "0.5"]))
+
+    precompute_configs = [path for path, _ in result["precompute"]]
+    assert [p.name for p in precompute_configs] == ["precompute_00_sks.yaml", "precompute_01_reg.yaml"]
+    first = yaml.safe_load(precompute_configs[0].read_text())
+    assert first == {
+        "train_data_dir": str(subject), "output_dir": str(out / "00_sks"),
+        "pretrained_model_name_or_path": str(tiny_model_dir), "resolution": 64, "caption_extension": ".txt",
+        "keep_tokens": 1, "default_caption": "sks shape", "shuffle_caption": 4, "cache_flipped": True,
+    }  # fmt: skip
+    train = yaml.safe_load((out / "train.yaml").read_text())
+    assert train == {
+        "pretrained_model_name_or_path": str(tiny_model_dir),
+        "precomputed_dir": [str(out / "00_sks"), str(out / "01_reg")], "repeats": [3, 1], "loss_weights": [1.0, 0.5],
+        "train_batch_size": 2, "random_flip": 0.5,
+    }  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "01_reg: no equivalent here for color_aug; left out" in printed
+    assert "flip_aug holds for every folder here (--random_flip is for the whole run)" in printed
+    assert f"accelerate launch precompute_embeddings.py --config {precompute_configs[1]}\n" in printed
+
+    # The configs run as they are: both caches, then the trainer on them (a dry run: the data, not the steps)
+    for path in precompute_configs:
+        precompute_embeddings.main(
+            precompute_embeddings.parse_args(["--config", str(path), "--dataloader_num_workers", "0"])
+        )
+    args = train_zimage_lora.parse_args(
+        ["--config", str(out / "train.yaml"), "--pretrained_model_name_or_path", str(tiny_model_dir)]
+        + ["--output_dir", str(tmp_path / "lora"), "--dry_run"]
+    )
+    assert (args.repeats, args.loss_weights, args.random_flip) == ([3, 1], [1.0, 0.5], 0.5)
+    train_zimage_lora.main(args)
+    captions = precompute_embeddings.cache_lib.load_cache(out / "00_sks")[0]["caption"]
+    assert "sks shape" in captions  # the image without a caption file took class_tokens
+
+
+def test_a_musubi_config_with_width_and_height_keeps_their_area(tmp_path, capsys):
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        '[general]\nresolution = [960, 544]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+        'bucket_no_upscale = true\n\n[[datasets]]\nimage_directory = "/data/photos"\ncache_directory = "/c"\n'
+        "num_repeats = 2\n"
+    )
+    result = import_config.main(import_config.parse_args([str(config), "--output_dir", str(tmp_path / "o")]))
+    [(_, flags)] = result["precompute"]
+    assert (flags["resolution"], flags["max_upscale"], flags["train_data_dir"]) == (720, 1.0, "/data/photos")
+    assert result["train"] == {"precomputed_dir": [str(tmp_path / "o" / "00_photos")], "repeats": [2]}
+    printed = capsys.readouterr().out
+    assert "00_photos: resolution [960, 544] became --resolution 720" in printed
+    assert "--pretrained_model_name_or_path MODEL" in printed  # not given: the user fills it in
+
+
+def test_what_cannot_be_imported_is_named(tmp_path):
+    config = tmp_path / "dataset.toml"
+    config.write_text("[general]\nresolution = 512\n")
+    with pytest.raises(ValueError, match="names no image folder"):
+        import_config.main(import_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
+    config.write_text("[general\nresolution = 512\n")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        import_config.main(import_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
+    config.write_text('[[datasets]]\nimage_directory = "/x"\nresolution = "big"\n')
+    with pytest.raises(ValueError, match="resolution 'big' is not a side or \\[width, height\\] in pixels"):
+        import_config.main(import_config.parse_args([str(config), "--output_dir", str(tmp_path)]))
+
+
+AI_TOOLKIT = """
+job: extension
+config:
+  name: my_lora
+  process:
+    - type: diffusion_trainer
+      training_folder: {output}
+      trigger_word: sks
+      network: {{type: lora, linear: 8, linear_alpha: 8}}
+      save: {{dtype: bf16, save_every: 2, max_step_saves_to_keep: 2}}
+      datasets:
+        - folder_path: {data}
+          caption_ext: txt
+          caption_dropout_rate: 0.05
+          cache_latents_to_disk: true
+          resolution: [64, 64, 96]
+      train:
+        batch_size: 1
+        steps: 2
+        gradient_checkpointing: true
+        optimizer: adamw8bit
+        lr: 0.0001
+        optimizer_params: {{weight_decay: 0.01}}
+        lr_scheduler: constant
+        timestep_type: weighted
+        diff_output_preservation: true
+        diff_output_preservation_class: shape
+      model:
+        name_or_path: {model}
+        assistant_lora_path: ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors
+      sample:
+        sample_every: 2
+        width: 64
+        height: 64
+        samples:
+          - prompt: "[trigger] on a beach"
+          - prompt: a red circle
+            width: 32
+            height: 48
+            seed: 3
+        neg: ""
+        guidance_scale: 1
+        sample_steps: 2
+"""
+
+
+def test_an_ai_toolkit_job_becomes_a_cache_per_size_and_a_run_that_trains(tiny_model_dir, tmp_path, capsys):
+    data = make_synthetic_dataset(tmp_path / "data", num_images=4)
+    job = tmp_path / "job.yaml"
+    job.write_text(AI_TOOLKIT.format(output=tmp_path / "output", data=data, model=tiny_model_dir))
+    out = tmp_path / "caches"
+    result = import_config.main(import_config.parse_args([str(job), "--output_dir", str(out)]))
+
+    # Each size of the resolution list is a cache (ai-toolkit trains them all), with the trigger, the preservation
+    # class and, once, the sample prompts (their own size and seed as --w --h --d)
+    (first_path, first), (_, second) = result["precompute"]
+    assert first_path.name == "precompute_00_data_64.yaml" and second["output_dir"] == str(out / "01_data_96")
+    assert first == {
+        "train_data_dir": str(data), "output_dir": str(out / "00_data_64"),
+        "pretrained_model_name_or_path": str(tiny_model_dir), "resolution": 64, "caption_extension": ".txt",
+        "caption_prefix": "sks", "preservation_class": "shape",
+        "validation_prompts": ["[trigger] on a beach", "a red circle --w 32 --h 48 --d 3"],
+    }  # fmt: skip
+    assert second["resolution"] == 96 and "validation_prompts" not in second
+    assert result["train"] == {
+        "pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "output" / "my_lora"),
+        "adapter": "lora", "rank": 8, "lora_alpha": 8, "train_batch_size": 1, "max_train_steps": 2,
+        "learning_rate": 0.0001, "gradient_checkpointing": True, "optimizer": "adamw8bit", "adam_weight_decay": 0.01,
+        "lr_scheduler": "constant", "preservation_weight": 1.0, "save_dtype": "bf16", "checkpointing_steps": 2,
+        "checkpoints_total_limit": 2, "validation_steps": 2, "validation_resolution": "64x64",
+        "validation_num_inference_steps": 2, "validation_guidance_scale": 0.0,
+        "precomputed_dir": [str(out / "00_data_64"), str(out / "01_data_96")], "caption_dropout": 0.05,
+    }  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "timestep_type 'weighted' has no equivalent here" in printed
+    hint = "hf download ostris/zimage_turbo_training_adapter zimage_turbo_training_adapter_v2.safetensors"
+    assert hint in printed and "  # + the training flags" not in printed  # the job's settings came along
+
+    # The configs run as written: both caches, then the training itself
+    for path, _ in result["precompute"]:
+        precompute_embeddings.main(
+            precompute_embeddings.parse_args(["--config", str(path), "--dataloader_num_workers", "0"])
+        )
+    lora = tmp_path / "output" / "my_lora"
+    train_zimage_lora.main(train_zimage_lora.parse_args(["--config", str(out / "train.yaml"), "--report_to", "none"]))
+    assert (lora / "pytorch_lora_weights.safetensors").is_file() and (lora / "checkpoint-2").is_dir()
+    with Image.open(lora / "samples" / "step_000002.png") as samples:  # the two prompts, the second 32x48 in its cell
+        assert samples.size == (2 * 64, 64)
