@@ -167,6 +167,21 @@ SAVE_DTYPES = {
     "fp32": "fp32",
     "float32": "fp32",
 }
+# What `ai_toolkit_train_flags` reads of each section, and what already holds here (flow matching with an MSE loss,
+# the transformer alone trained, the text encoder never loaded in training, each sample prompt's seed walked)
+AI_TOOLKIT_READ = {
+    "network": {"type", "linear", "linear_alpha", "lokr_factor"},
+    "train": {"batch_size", "steps", "lr", "gradient_accumulation", "gradient_accumulation_steps", "optimizer",
+              "optimizer_params", "lr_scheduler", "ema_config", "diff_output_preservation",
+              "diff_output_preservation_multiplier", "diff_output_preservation_class", "timestep_type", "dtype",
+              "gradient_checkpointing", "skip_first_sample", "noise_scheduler", "loss_type", "train_unet",
+              "train_text_encoder", "unload_text_encoder", "disable_sampling"},
+    "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format"},
+    "sample": {"sample_every", "width", "height", "samples", "prompts", "neg", "seed", "walk_seed",
+               "guidance_scale", "sample_steps", "sampler", "skip_first_sample"},
+    "model": {"name_or_path", "arch", "assistant_lora_path", "quantize", "qtype", "quantize_te", "qtype_te",
+              "low_vram", "model_kwargs"},
+}  # fmt: skip
 AI_TOOLKIT_DATASET_KEYS = {  # ai-toolkit dataset key -> the kohya-style key `convert` reads
     "folder_path": "image_dir", "caption_dropout_rate": "caption_dropout_rate", "num_repeats": "num_repeats",
     "flip_x": "flip_aug", "shuffle_tokens": "shuffle_caption", "keep_tokens": "keep_tokens",
@@ -225,6 +240,8 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
     """The trainer's flags for an ai-toolkit process's network, train, save, sample and model sections."""
     flags, network, train = {}, job.get("network", {}), job.get("train", {})
     save, sample, model = job.get("save", {}), job.get("sample", {}), job.get("model", {})
+    if train.get("disable_sampling"):  # (the trainer still samples once, at the end)
+        sample = {}
     if model.get("name_or_path"):
         flags["pretrained_model_name_or_path"] = model["name_or_path"]
     if job.get("training_folder") and name:
@@ -290,6 +307,12 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
             )
     if model.get("low_vram"):
         notes.append("low_vram: use --max_memory_gb (or --blocks_to_swap) for the card's memory")
+    if sample and not sample.get("skip_first_sample", train.get("skip_first_sample")):
+        flags["validation_at_start"] = True  # ai-toolkit samples the untrained model first unless told not to
+    sections = {"network": network, "train": train, "save": save, "sample": sample, "model": model}
+    for section, keys in sections.items():
+        if other := sorted(set(keys) - AI_TOOLKIT_READ[section]):
+            notes.append(f"{section}: no equivalent here for {', '.join(other)}; left out")
     return flags
 
 

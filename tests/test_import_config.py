@@ -133,6 +133,7 @@ config:
         lr: 0.0001
         optimizer_params: {{weight_decay: 0.01}}
         lr_scheduler: constant
+        content_or_style: balanced
         timestep_type: weighted
         diff_output_preservation: true
         diff_output_preservation_class: shape
@@ -179,11 +180,12 @@ def test_an_ai_toolkit_job_becomes_a_cache_per_size_and_a_run_that_trains(tiny_m
         "learning_rate": 0.0001, "gradient_checkpointing": True, "optimizer": "adamw8bit", "adam_weight_decay": 0.01,
         "lr_scheduler": "constant", "preservation_weight": 1.0, "save_dtype": "bf16", "checkpointing_steps": 2,
         "checkpoints_total_limit": 2, "validation_steps": 2, "validation_resolution": "64x64",
-        "validation_num_inference_steps": 2, "validation_guidance_scale": 0.0,
+        "validation_num_inference_steps": 2, "validation_guidance_scale": 0.0, "validation_at_start": True,
         "precomputed_dir": [str(out / "00_data_64"), str(out / "01_data_96")], "caption_dropout": 0.05,
     }  # fmt: skip
     printed = capsys.readouterr().out
     assert "timestep_type 'weighted' has no equivalent here" in printed
+    assert "train: no equivalent here for content_or_style; left out" in printed
     hint = "hf download ostris/zimage_turbo_training_adapter zimage_turbo_training_adapter_v2.safetensors"
     assert hint in printed and "  # + the training flags" not in printed  # the job's settings came along
 
