@@ -27,7 +27,7 @@ from zimage_utils import cli
 from zimage_utils.captioning import (
     DEFAULT_CAPTIONER,
     INSTRUCTIONS,
-    caption_images,
+    FittingBatches,
     fit_pixels,
     load_captioner,
     write_caption,
@@ -129,6 +129,7 @@ def main(args: argparse.Namespace) -> dict:
         model, processor = load_captioner(
             args.model, accelerator.device, dtype, args.revision, args.load_in_4bit, args.trust_remote_code
         )
+        captioner = FittingBatches(model, processor, args.instruction, args.max_new_tokens, args.batch_size)
         progress = tqdm(total=len(todo), desc="captioning", disable=not accelerator.is_local_main_process)
         for first in range(0, len(mine), args.batch_size):
             batch, images = [], []
@@ -139,9 +140,7 @@ def main(args: argparse.Namespace) -> dict:
                 except BadImageError as error:
                     skipped.append(str(error))
             if batch:
-                for item, (caption, cut) in zip(
-                    batch, caption_images(model, processor, images, args.instruction, args.max_new_tokens), strict=True
-                ):
+                for item, (caption, cut) in zip(batch, captioner(images), strict=True):
                     write_caption(Path(item.path).with_suffix(args.caption_extension), caption)
                     captioned += 1
                     truncated += [item.source] if cut else []

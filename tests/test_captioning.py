@@ -163,3 +163,31 @@ def test_two_processes_caption_half_each_and_write_what_one_does(captioner_dir, 
     for i in range(6):
         name = f"shape_{i:03d}.txt"
         assert (two / name).read_text() == (one / name).read_text(), name
+
+
+def test_a_batch_out_of_gpu_memory_is_captioned_again_in_halves(captioner_dir, tmp_path, monkeypatch, caplog):
+    """A card that holds one image's generation but not three: the same captions, one at a time after a warning."""
+    from zimage_utils import captioning
+
+    one, two = half_captioned(tmp_path / "one"), half_captioned(tmp_path / "two")
+    for folder in (one, two):
+        (folder / "broken.png").unlink()
+    run(one, captioner_dir, "--batch_size", "1")
+    real, sizes = captioning.caption_images, []
+
+    def small_card(model, processor, images, *args):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(model, processor, images, *args)
+
+    monkeypatch.setattr(captioning, "caption_images", small_card)
+    run(two, captioner_dir, "--batch_size", "3")
+    assert sizes == [3, 1, 1, 1]  # halved to 1, and kept
+    assert "out of GPU memory at a batch of 3: captioning 1 at once" in caplog.text
+    assert all((two / f"shape_{i:03d}.txt").read_text() == (one / f"shape_{i:03d}.txt").read_text() for i in range(6))
+
+    monkeypatch.setattr(captioning, "caption_images", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    (two / "shape_001.txt").unlink()
+    with pytest.raises(ValueError, match="out of GPU memory captioning a single image: lower --max_pixels"):
+        run(two, captioner_dir, "--batch_size", "1")

@@ -110,6 +110,33 @@ def caption_images(
     ]
 
 
+class FittingBatches:
+    """`caption_images` over any number of images in batches of at most `batch_size`; a batch that runs out of GPU
+    memory is captioned again in halves, and later batches keep the smaller size (a warning says so). Captions are
+    the same whatever the batch (greedy, left-padded)."""
+
+    def __init__(self, model, processor, instruction: str, max_new_tokens: int, batch_size: int):
+        self.model, self.processor, self.batch_size = model, processor, batch_size
+        self.instruction, self.max_new_tokens = instruction, max_new_tokens
+
+    def __call__(self, images: list[Image.Image]) -> list[tuple[str, bool]]:
+        results = []
+        while len(results) < len(images):
+            part = images[len(results) : len(results) + self.batch_size]
+            try:
+                results += caption_images(self.model, self.processor, part, self.instruction, self.max_new_tokens)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise ValueError(
+                        "out of GPU memory captioning a single image: lower --max_pixels or --max_new_tokens, or "
+                        "pass --load_in_4bit"
+                    ) from None
+                self.batch_size //= 2
+                logger.warning(f"out of GPU memory at a batch of {len(part)}: captioning {self.batch_size} at once")
+                torch.cuda.empty_cache()
+        return results
+
+
 def _stop_tokens(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
