@@ -61,14 +61,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(input_args)
 
 
-def read_subsets(path: Path) -> list[dict]:
-    """Each image folder of the config, with the keys it inherits from [general] and its [[datasets]] entry."""
+def load_toml(path: Path) -> dict:
     try:
-        config = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such dataset config") from None
+        raise FileNotFoundError(f"{path}: no such config") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path} is not valid TOML ({error}): fix it, or write the flags yourself") from None
+
+
+def read_subsets(config: dict, path: Path) -> list[dict]:
+    """Each image folder of a kohya/musubi dataset config, with the keys it inherits from [general] and its
+    [[datasets]] entry."""
     general = config.get("general", {})
     subsets = []
     for dataset in config.get("datasets", []):
@@ -77,8 +81,8 @@ def read_subsets(path: Path) -> list[dict]:
     subsets = [s for s in subsets if s.get("image_dir") or s.get("image_directory")]
     if not subsets:
         raise ValueError(
-            f"{path} names no image folder (image_dir in [[datasets.subsets]], or image_directory in [[datasets]]): "
-            "only image datasets of folders can be imported"
+            f"{path} names no image folder (image_dir in [[datasets.subsets]], or image_directory in [[datasets]]; "
+            "a training config names its dataset config in dataset_config): only image folders can be imported"
         )
     return subsets
 
@@ -176,7 +180,7 @@ AI_TOOLKIT_READ = {
               "diff_output_preservation_multiplier", "diff_output_preservation_class", "timestep_type", "dtype",
               "gradient_checkpointing", "skip_first_sample", "noise_scheduler", "loss_type", "train_unet",
               "train_text_encoder", "unload_text_encoder", "disable_sampling"},
-    "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format"},
+    "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format", "push_to_hub", "hf_repo_id", "hf_private"},
     "sample": {"sample_every", "width", "height", "samples", "prompts", "neg", "seed", "walk_seed",
                "guidance_scale", "sample_steps", "sampler", "skip_first_sample"},
     "model": {"name_or_path", "arch", "assistant_lora_path", "quantize", "qtype", "quantize_te", "qtype_te",
@@ -286,6 +290,10 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
         flags["checkpointing_steps"] = save["save_every"]
     if "max_step_saves_to_keep" in save:
         flags["checkpoints_total_limit"] = save["max_step_saves_to_keep"]
+    if save.get("push_to_hub"):
+        flags["push_to_hub"], flags["hub_private"] = True, bool(save.get("hf_private"))
+        if save.get("hf_repo_id"):
+            flags["hub_model_id"] = save["hf_repo_id"]
     if "sample_every" in sample:
         flags["validation_steps"] = sample["sample_every"]
     if sample.get("width") and sample.get("height"):
@@ -316,8 +324,87 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
     return flags
 
 
+# kohya/musubi training arguments (a --config_file TOML) -> ours, where the name or the meaning differs
+KOHYA_SAME = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size", "seed",
+              "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "max_grad_norm",
+              "blocks_to_swap", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
+              "pretrained_model_name_or_path")  # fmt: skip
+KOHYA_RENAMED = {
+    "network_dim": "rank", "network_alpha": "lora_alpha", "network_weights": "init_lora",
+    "max_train_epochs": "num_train_epochs", "lr_scheduler_num_cycles": "lr_num_cycles", "lr_scheduler_power": "lr_power",
+    "save_every_n_steps": "checkpointing_steps", "save_every_n_epochs": "checkpointing_epochs",
+    "sample_every_n_steps": "validation_steps", "sample_every_n_epochs": "validation_epochs",
+    "sample_at_first": "validation_at_start", "caption_dropout_rate": "caption_dropout", "log_with": "report_to",
+    "huggingface_repo_id": "hub_model_id", "dit": "transformer_single_file",
+}  # fmt: skip
+KOHYA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
+KOHYA_OPTIMIZERS["adamwschedulefree"] = "adamw_schedulefree"
+KOHYA_TIMESTEPS = {"sigmoid": "logit_normal", "shift": "shift", "uniform": "uniform", "flux_shift": "flux_shift"}
+KOHYA_READ = set(KOHYA_SAME) | set(KOHYA_RENAMED) | {"optimizer_type", "optimizer_args", "network_args", "output_dir"}
+KOHYA_READ |= {"output_name", "save_precision", "timestep_sampling", "discrete_flow_shift", "min_timestep"}
+KOHYA_READ |= {"max_timestep", "weighting_scheme", "fp8_base", "sample_prompts", "dataset_config", "network_module"}
+KOHYA_READ |= {
+    "huggingface_repo_visibility",
+    "unet_lr",
+    "logging_dir",
+    "save_model_as",
+    "persistent_data_loader_workers",
+}
+
+
+def kohya_train_flags(config: dict, notes: list[str]) -> dict:
+    """The trainer's flags for a kohya sd-scripts / musubi-tuner training config's top-level arguments."""
+    flags = {k: config[k] for k in KOHYA_SAME if k in config}
+    flags |= {ours: config[theirs] for theirs, ours in KOHYA_RENAMED.items() if theirs in config}
+    if "unet_lr" in config:
+        flags["learning_rate"] = config["unet_lr"]
+    if config.get("output_dir"):
+        flags["output_dir"] = str(Path(config["output_dir"]) / config.get("output_name", ""))
+    options = dict(a.split("=", 1) for a in [*config.get("network_args", []), *config.get("optimizer_args", [])])
+    if "loraplus_lr_ratio" in options:
+        flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
+    if options.get("algo") == "lokr":
+        flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", 4))
+        options.pop("algo")
+    if "weight_decay" in options:
+        flags["adam_weight_decay"] = float(options.pop("weight_decay"))
+    if "betas" in options:
+        flags["adam_beta1"], flags["adam_beta2"] = (float(b) for b in options.pop("betas").strip("()[] ").split(","))
+    if options:
+        notes.append(f"network_args / optimizer_args: no equivalent here for {', '.join(sorted(options))}")
+    if optimizer := config.get("optimizer_type"):
+        name = optimizer.lower().replace(".", "").split("bitsandbytesoptim")[-1]
+        if name in KOHYA_OPTIMIZERS:
+            flags["optimizer"] = KOHYA_OPTIMIZERS[name]
+        else:
+            notes.append(f"optimizer_type {optimizer} has no equivalent here: adamw is used (see --optimizer)")
+    if config.get("save_precision"):
+        flags["save_dtype"] = {"float": "fp32"}.get(config["save_precision"], config["save_precision"])
+    if timesteps := config.get("timestep_sampling"):
+        if timesteps in KOHYA_TIMESTEPS:
+            flags["timestep_sampling"] = KOHYA_TIMESTEPS[timesteps]
+        else:
+            notes.append(f"timestep_sampling {timesteps} has no equivalent here: see --timestep_sampling")
+    if flags.get("timestep_sampling") == "shift" and "discrete_flow_shift" in config:
+        flags["timestep_shift"] = config["discrete_flow_shift"]
+    if "min_timestep" in config or "max_timestep" in config:
+        flags["sigma_range"] = [config.get("min_timestep", 0) / 1000, config.get("max_timestep", 1000) / 1000]
+    if config.get("weighting_scheme") in ("none", "sigma_sqrt", "cosmap"):
+        flags["loss_weighting"] = config["weighting_scheme"]
+    elif "weighting_scheme" in config:
+        notes.append(f"weighting_scheme {config['weighting_scheme']} has no equivalent here: see --loss_weighting")
+    if config.get("fp8_base"):
+        flags["base_precision"] = "fp8"
+    if flags.get("hub_model_id"):
+        flags["push_to_hub"], flags["hub_private"] = True, config.get("huggingface_repo_visibility") == "private"
+    if other := sorted(set(config) - KOHYA_READ - {"general", "datasets"}):
+        notes.append(f"no equivalent here for {', '.join(other)}; left out")
+    return flags
+
+
 def read_config(path: Path, notes: list[str]) -> tuple[list[dict], dict]:
-    """(kohya-style subsets, trainer flags beyond the data's) from a kohya/musubi TOML or an ai-toolkit YAML."""
+    """(kohya-style subsets, trainer flags beyond the data's) from a kohya/musubi TOML (a dataset config, or a
+    training config naming one in dataset_config) or an ai-toolkit YAML."""
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -326,7 +413,19 @@ def read_config(path: Path, notes: list[str]) -> tuple[list[dict], dict]:
         except yaml.YAMLError as error:
             raise ValueError(f"{path} is not valid YAML ({error}): fix it, or write the flags yourself") from None
         return read_ai_toolkit(config or {}, path, notes)
-    return read_subsets(path), {}
+    config = load_toml(path)
+    if "datasets" in config:
+        return read_subsets(config, path), kohya_train_flags({}, notes)
+    train = kohya_train_flags(config, notes)
+    dataset_path = Path(config.get("dataset_config", ""))
+    if not config.get("dataset_config"):
+        raise ValueError(f"{path} names no image folder and no dataset_config: nothing to cache")
+    if not dataset_path.is_absolute() and (path.parent / dataset_path).is_file():
+        dataset_path = path.parent / dataset_path  # (a path relative to the training config)
+    subsets = read_subsets(load_toml(dataset_path), dataset_path)
+    if config.get("sample_prompts"):  # the precompute reads the file (kohya's syntax) for the first cache
+        subsets[0]["_extra"] = {"validation_prompt_file": config["sample_prompts"]}
+    return subsets, train
 
 
 def main(args: argparse.Namespace) -> dict:

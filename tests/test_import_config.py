@@ -199,3 +199,53 @@ def test_an_ai_toolkit_job_becomes_a_cache_per_size_and_a_run_that_trains(tiny_m
     assert (lora / "pytorch_lora_weights.safetensors").is_file() and (lora / "checkpoint-2").is_dir()
     with Image.open(lora / "samples" / "step_000002.png") as samples:  # the two prompts, the second 32x48 in its cell
         assert samples.size == (2 * 64, 64)
+
+
+def test_a_kohya_training_config_brings_its_dataset_and_its_settings(tmp_path, capsys):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "dataset.toml").write_text(
+        '[[datasets]]\nimage_directory = "/data/photos"\nresolution = 512\n'
+    )
+    (tmp_path / "prompts.txt").write_text("sks person --w 512 --h 768 --d 1\n")
+    training = tmp_path / "cfg" / "train.toml"
+    training.write_text(
+        f'pretrained_model_name_or_path = "Tongyi-MAI/Z-Image-Turbo"\ndataset_config = "dataset.toml"\n'
+        f'output_dir = "/runs"\noutput_name = "sks"\nnetwork_dim = 32\nnetwork_alpha = 16\n'
+        f'network_args = ["loraplus_lr_ratio=16"]\noptimizer_type = "AdamW8bit"\n'
+        f'optimizer_args = ["weight_decay=0.01", "betas=(0.9,0.99)"]\nlearning_rate = 5e-5\nmax_train_steps = 1500\n'
+        f'save_every_n_steps = 250\nsave_precision = "bf16"\ntimestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
+        f"min_timestep = 0\nmax_timestep = 400\nfp8_base = true\nsample_every_n_steps = 250\n"
+        f'sample_prompts = "{tmp_path / "prompts.txt"}"\nnoise_offset = 0.1\n'
+    )
+    out = tmp_path / "caches"
+    result = import_config.main(import_config.parse_args([str(training), "--output_dir", str(out)]))
+    [(_, flags)] = result["precompute"]
+    assert flags == {
+        "train_data_dir": "/data/photos", "output_dir": str(out / "00_photos"),
+        "pretrained_model_name_or_path": "Tongyi-MAI/Z-Image-Turbo", "resolution": 512,
+        "validation_prompt_file": str(tmp_path / "prompts.txt"),
+    }  # fmt: skip
+    assert result["train"] == {
+        "pretrained_model_name_or_path": "Tongyi-MAI/Z-Image-Turbo", "learning_rate": 5e-5, "max_train_steps": 1500,
+        "rank": 32, "lora_alpha": 16, "checkpointing_steps": 250, "validation_steps": 250, "output_dir": "/runs/sks",
+        "loraplus_lr_ratio": 16.0, "adam_weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.99,
+        "optimizer": "adamw8bit", "save_dtype": "bf16", "timestep_sampling": "shift", "timestep_shift": 3.0,
+        "sigma_range": [0.0, 0.4], "base_precision": "fp8", "precomputed_dir": [str(out / "00_photos")],
+    }  # fmt: skip
+    assert "no equivalent here for noise_offset; left out" in capsys.readouterr().out
+    # Both files parse as the scripts' own --config files (the precompute reads the prompt file at once)
+    precompute_args = precompute_embeddings.parse_args(["--config", str(result["precompute"][0][0])])
+    assert precompute_args.validation_prompts == ["sks person --w 512 --h 768 --d 1"]
+    args = train_zimage_lora.parse_args(["--config", str(out / "train.yaml")])
+    assert (args.rank, args.sigma_range, args.optimizer, args.loraplus_lr_ratio) == (32, [0.0, 0.4], "adamw8bit", 16)
+
+
+def test_an_ai_toolkit_upload_and_a_kohya_one_become_the_hub_flags():
+    notes = []
+    save = {"push_to_hub": True, "hf_repo_id": "me/sks-lora", "hf_private": True}
+    flags = import_config.ai_toolkit_train_flags({"save": save}, None, notes)
+    assert (flags["push_to_hub"], flags["hub_model_id"], flags["hub_private"]) == (True, "me/sks-lora", True)
+    kohya = {"huggingface_repo_id": "me/sks-lora", "huggingface_repo_visibility": "public"}
+    flags = import_config.kohya_train_flags(kohya, notes)
+    assert (flags["push_to_hub"], flags["hub_model_id"], flags["hub_private"]) == (True, "me/sks-lora", False)
+    assert notes == []
