@@ -97,7 +97,7 @@ def side(resolution, where: str) -> int:
 
 
 def convert(subsets: list[dict], args: argparse.Namespace) -> tuple[list[tuple[Path, dict]], dict, list[str]]:
-    """([(cache folder, its precompute flags)], the trainer's data flags, notes on what was not carried over)."""
+    """([(precompute config file, its flags)], the trainer's data flags, notes on what was not carried over)."""
     output_dir = Path(args.output_dir)
     caches, repeats, weights, notes = [], [], [], []
     batch_sizes, dropouts, flipped = set(), set(), False
@@ -360,16 +360,23 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         flags["learning_rate"] = config["unet_lr"]
     if config.get("output_dir"):
         flags["output_dir"] = str(Path(config["output_dir"]) / config.get("output_name", ""))
-    options = dict(a.split("=", 1) for a in [*config.get("network_args", []), *config.get("optimizer_args", [])])
-    if "loraplus_lr_ratio" in options:
-        flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
-    if options.get("algo") == "lokr":
-        flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", 4))
-        options.pop("algo")
-    if "weight_decay" in options:
-        flags["adam_weight_decay"] = float(options.pop("weight_decay"))
-    if "betas" in options:
-        flags["adam_beta1"], flags["adam_beta2"] = (float(b) for b in options.pop("betas").strip("()[] ").split(","))
+    pairs = [a.split("=", 1) for a in [*config.get("network_args", []), *config.get("optimizer_args", [])]]
+    options = {k.strip(): v.strip() for k, v in (p for p in pairs if len(p) == 2)}
+    try:
+        if "loraplus_lr_ratio" in options:
+            flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
+        if options.get("algo") == "lokr":
+            flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", 4))
+            options.pop("algo")
+        if "weight_decay" in options:
+            flags["adam_weight_decay"] = float(options.pop("weight_decay"))
+        if "betas" in options:
+            beta1, beta2 = (float(b) for b in options.pop("betas").strip("()[] ").split(","))
+            flags["adam_beta1"], flags["adam_beta2"] = beta1, beta2
+    except ValueError as error:
+        raise ValueError(
+            f"network_args / optimizer_args: {error}; write them as kohya does (betas=(0.9,0.99))"
+        ) from None
     if options:
         notes.append(f"network_args / optimizer_args: no equivalent here for {', '.join(sorted(options))}")
     if optimizer := config.get("optimizer_type"):
