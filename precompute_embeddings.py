@@ -39,13 +39,14 @@ from zimage_utils.model_loading import (
     require_zimage,
 )
 from zimage_utils.precompute import (
-    DUPLICATE_NOTE,
     KEY_COLUMNS,
     CaptionGroups,
     PixelDataset,
     ScanDataset,
     ShardWriter,
     add_caption_flags,
+    cache_notes,
+    check_validation_prompts,
     duplicate_notes,
     encode_ahead,
     encode_batch,
@@ -58,7 +59,6 @@ from zimage_utils.precompute import (
     refuse_an_empty_cache,
     summarise,
 )
-from zimage_utils.sample_prompts import parse_prompts, read_prompt_file
 from zimage_utils.step_options import raise_recompile_limit
 from zimage_utils.text_encoding import encode_captions, offload_text_encoder
 from zimage_utils.vae_attention import use_chunked_attention
@@ -232,17 +232,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--keep_tokens says which tags --shuffle_caption leaves in front: add --shuffle_caption N (N >= 2)"
         )
-    try:  # the prompts' settings are checked before any model loads
-        parse_prompts(args.validation_prompts, "--validation_prompts")
-        if args.validation_prompt_file:
-            lines = read_prompt_file(args.validation_prompt_file, "--validation_prompt_file")
-            parse_prompts(lines, f"--validation_prompt_file {args.validation_prompt_file}")
-            # read once: the --config this run writes lists the prompts themselves
-            args.validation_prompts, args.validation_prompt_file = args.validation_prompts + lines, None
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
-    if any("[trigger]" in line for line in args.validation_prompts) and not (args.caption_prefix or "").strip():
-        parser.error("a validation prompt holds [trigger], which --caption_prefix replaces: give --caption_prefix")
+    check_validation_prompts(parser, args)
     return args
 
 
@@ -528,21 +518,11 @@ def build_cache(args: argparse.Namespace) -> dict | None:
                 f"dropped {len(dropped)} cached item(s) whose image is gone or now skipped (--keep_missing keeps "
                 f"them): {', '.join(dropped[:10])}{' …' if len(dropped) > 10 else ''}"
             )
-        # Conversion notes come from decoding, so kept items carry theirs over from the previous manifest (and
-        # dropped ones lose theirs).
         fresh = {source for part in parts for source in part["source"]} | set(dropped)
         previous = cache_lib.read_manifest(args.output_dir) or {}
-        kept_notes = [
-            n
-            for n in previous.get("notes", [])
-            if n["source"] not in fresh and not n["reason"].startswith(DUPLICATE_NOTE)  # (found anew below)
-        ]
         cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
         shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
-        notes = kept_notes + [n for r in reports for n in r["notes"]]
-        notes += duplicate_notes(merged["source"], merged["content_hash"])
-        unique_notes = {(n["source"], n["reason"]): n for n in notes}
-        all_notes = sorted(unique_notes.values(), key=lambda n: n["source"])
+        all_notes = cache_notes(previous.get("notes", []), fresh, [n for r in reports for n in r["notes"]], merged)
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
         new = sum(r["encoded"] for r in reports)
         end = time.perf_counter()

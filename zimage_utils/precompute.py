@@ -52,7 +52,7 @@ from .images import (
     shuffled_tags,
 )
 from .latents import encode_images, pil_to_tensor
-from .sample_prompts import parse_prompts
+from .sample_prompts import parse_prompts, read_prompt_file
 from .text_encoding import encode_captions
 
 logger = logging.getLogger(__name__)
@@ -557,6 +557,25 @@ def merge(
     return merged.select(keep), dropped
 
 
+def check_validation_prompts(parser, args: argparse.Namespace) -> None:
+    """`parser.error` for a validation prompt whose settings do not parse, or that holds [trigger] without a
+    --caption_prefix, before any model loads. --validation_prompt_file's lines join --validation_prompts (read once:
+    the --config a run writes lists the prompts themselves)."""
+    try:
+        parse_prompts(args.validation_prompts, "--validation_prompts")
+        if args.validation_prompt_file:
+            lines = read_prompt_file(args.validation_prompt_file, "--validation_prompt_file")
+            parse_prompts(lines, f"--validation_prompt_file {args.validation_prompt_file}")
+            args.validation_prompts, args.validation_prompt_file = args.validation_prompts + lines, None
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if (
+        any(TRIGGER_PLACEHOLDER in line for line in args.validation_prompts)
+        and not (args.caption_prefix or "").strip()
+    ):
+        parser.error("a validation prompt holds [trigger], which --caption_prefix replaces: give --caption_prefix")
+
+
 def encode_validation_prompts(
     lines: list[str], tokenizer, text_encoder, max_sequence_length: int, device, trigger: str | None = None
 ):
@@ -619,6 +638,15 @@ def duplicate_notes(sources: list[str], hashes: list[str]) -> list[dict[str, str
             for copy in copies
         ]
     return notes
+
+
+def cache_notes(previous: list[dict], fresh: set[str], new: list[dict], merged: datasets.Dataset) -> list[dict]:
+    """The notes of a finished cache, in source order, each once: the previous run's for items kept as they were
+    (conversion notes come from decoding, so kept items carry theirs over; re-encoded and dropped `fresh` ones lose
+    them), this run's `new` ones, and the duplicates among all `merged` items (found anew each run)."""
+    kept = [n for n in previous if n["source"] not in fresh and not n["reason"].startswith(DUPLICATE_NOTE)]
+    notes = kept + new + duplicate_notes(merged["source"], merged["content_hash"])
+    return sorted({(n["source"], n["reason"]): n for n in notes}.values(), key=lambda n: n["source"])
 
 
 def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: list[dict[str, str]]) -> str:
