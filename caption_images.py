@@ -119,6 +119,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.print(f"dry run: {len(todo)} image(s) to caption, {kept} already captioned (kept)")
         for item in todo[:20]:
             accelerator.print(f"  {item.source}")
+        accelerator.end_training()
         return report
     mine = todo[rank::world]
     captioned, skipped, truncated = 0, [], []
@@ -155,6 +156,8 @@ def main(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     accelerator.print(summary(report, args))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # the process group ends before the interpreter does (else gloo can abort at exit)
     return report
 
 
