@@ -424,15 +424,21 @@ def read_config(path: Path, notes: list[str]) -> tuple[list[dict], dict]:
     if "datasets" in config:
         return read_subsets(config, path), kohya_train_flags({}, notes)
     train = kohya_train_flags(config, notes)
-    dataset_path = Path(config.get("dataset_config", ""))
     if not config.get("dataset_config"):
         raise ValueError(f"{path} names no image folder and no dataset_config: nothing to cache")
-    if not dataset_path.is_absolute() and (path.parent / dataset_path).is_file():
-        dataset_path = path.parent / dataset_path  # (a path relative to the training config)
+    dataset_path = beside(path, config["dataset_config"])
     subsets = read_subsets(load_toml(dataset_path), dataset_path)
     if config.get("sample_prompts"):  # the precompute reads the file (kohya's syntax) for the first cache
-        subsets[0]["_extra"] = {"validation_prompt_file": config["sample_prompts"]}
+        subsets[0]["_extra"] = {"validation_prompt_file": str(beside(path, config["sample_prompts"]))}
     return subsets, train
+
+
+def beside(config: Path, named: str) -> Path:
+    """A file a config names: as given, or relative to the config's folder when only that is a file."""
+    named = Path(named)
+    if not named.is_absolute() and not named.is_file() and (config.parent / named).is_file():
+        return config.parent / named
+    return named
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -206,16 +206,16 @@ def test_a_kohya_training_config_brings_its_dataset_and_its_settings(tmp_path, c
     (tmp_path / "cfg" / "dataset.toml").write_text(
         '[[datasets]]\nimage_directory = "/data/photos"\nresolution = 512\n'
     )
-    (tmp_path / "prompts.txt").write_text("sks person --w 512 --h 768 --d 1\n")
+    (tmp_path / "cfg" / "prompts.txt").write_text("sks person --w 512 --h 768 --d 1\n")
     training = tmp_path / "cfg" / "train.toml"
     training.write_text(
-        f'pretrained_model_name_or_path = "Tongyi-MAI/Z-Image-Turbo"\ndataset_config = "dataset.toml"\n'
-        f'output_dir = "/runs"\noutput_name = "sks"\nnetwork_dim = 32\nnetwork_alpha = 16\n'
-        f'network_args = ["loraplus_lr_ratio=16"]\noptimizer_type = "AdamW8bit"\n'
-        f'optimizer_args = ["weight_decay=0.01", "betas=(0.9,0.99)"]\nlearning_rate = 5e-5\nmax_train_steps = 1500\n'
-        f'save_every_n_steps = 250\nsave_precision = "bf16"\ntimestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
-        f"min_timestep = 0\nmax_timestep = 400\nfp8_base = true\nsample_every_n_steps = 250\n"
-        f'sample_prompts = "{tmp_path / "prompts.txt"}"\nnoise_offset = 0.1\n'
+        'pretrained_model_name_or_path = "Tongyi-MAI/Z-Image-Turbo"\ndataset_config = "dataset.toml"\n'
+        'output_dir = "/runs"\noutput_name = "sks"\nnetwork_dim = 32\nnetwork_alpha = 16\n'
+        'network_args = ["loraplus_lr_ratio=16"]\noptimizer_type = "AdamW8bit"\n'
+        'optimizer_args = ["weight_decay=0.01", "betas=(0.9,0.99)"]\nlearning_rate = 5e-5\nmax_train_steps = 1500\n'
+        'save_every_n_steps = 250\nsave_precision = "bf16"\ntimestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
+        "min_timestep = 0\nmax_timestep = 400\nfp8_base = true\nsample_every_n_steps = 250\n"
+        'sample_prompts = "prompts.txt"\nnoise_offset = 0.1\n'
     )
     out = tmp_path / "caches"
     result = import_config.main(import_config.parse_args([str(training), "--output_dir", str(out)]))
@@ -223,7 +223,7 @@ def test_a_kohya_training_config_brings_its_dataset_and_its_settings(tmp_path, c
     assert flags == {
         "train_data_dir": "/data/photos", "output_dir": str(out / "00_photos"),
         "pretrained_model_name_or_path": "Tongyi-MAI/Z-Image-Turbo", "resolution": 512,
-        "validation_prompt_file": str(tmp_path / "prompts.txt"),
+        "validation_prompt_file": str(tmp_path / "cfg" / "prompts.txt"),  # (relative to the training config)
     }  # fmt: skip
     assert result["train"] == {
         "pretrained_model_name_or_path": "Tongyi-MAI/Z-Image-Turbo", "learning_rate": 5e-5, "max_train_steps": 1500,
