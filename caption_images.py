@@ -18,7 +18,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -33,8 +32,7 @@ from zimage_utils.captioning import (
     write_caption,
 )
 from zimage_utils.images import METADATA_FILES, BadImageError, check_image_folder, discover_folder, load_image
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from zimage_utils.model_loading import RUN_DTYPES, run_dtype
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +74,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=4, help="Images captioned at once per process.")
     parser.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on GPU, fp32 on the CPU."
+        "--dtype", choices=["auto", *RUN_DTYPES], default="auto", help="auto: bf16 on GPU, fp32 on the CPU."
     )
     parser.add_argument(
         "--load_in_4bit",
@@ -125,8 +123,7 @@ def main(args: argparse.Namespace) -> dict:
     captioned, skipped, truncated = 0, [], []
     start = time.perf_counter()
     if mine:
-        auto = "bf16" if accelerator.device.type == "cuda" else "fp32"
-        dtype = DTYPES[auto if args.dtype == "auto" else args.dtype]
+        dtype = run_dtype(args.dtype, accelerator.device)
         model, processor = load_captioner(
             args.model, accelerator.device, dtype, args.revision, args.load_in_4bit, args.trust_remote_code
         )

@@ -163,7 +163,7 @@ def convert(subsets: list[dict], args: argparse.Namespace) -> tuple[list[tuple[P
 # ai-toolkit's names for what the trainer takes here
 AI_TOOLKIT_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
 AI_TOOLKIT_TIMESTEPS = {"sigmoid": "logit_normal", "linear": "uniform", "shift": "shift"}
-SAVE_DTYPES = {
+AI_TOOLKIT_SAVE_DTYPES = {
     "bf16": "bf16",
     "bfloat16": "bf16",
     "fp16": "fp16",
@@ -284,8 +284,8 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
             notes.append(f"timestep_type {timesteps!r} has no equivalent here: see --timestep_sampling")
     if train.get("dtype") in ("bf16", "fp16"):
         flags["mixed_precision"] = train["dtype"]
-    if save.get("dtype") in SAVE_DTYPES:
-        flags["save_dtype"] = SAVE_DTYPES[save["dtype"]]
+    if save.get("dtype") in AI_TOOLKIT_SAVE_DTYPES:
+        flags["save_dtype"] = AI_TOOLKIT_SAVE_DTYPES[save["dtype"]]
     if "save_every" in save:
         flags["checkpointing_steps"] = save["save_every"]
     if "max_step_saves_to_keep" in save:

@@ -37,6 +37,7 @@ from zimage_utils.model_loading import (
     load_vae,
     read_component_config,
     require_zimage,
+    run_dtype,
 )
 from zimage_utils.precompute import (
     KEY_COLUMNS,
@@ -431,9 +432,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         pin_memory=device.type == "cuda",  # lets the copy to the GPU overlap with the previous batch's encoding
     )
     batches = iter(pixels)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
+    dtype = run_dtype(args.dtype, device)
     vae = load_vae(args.pretrained_model_name_or_path, dtype, device, revision=args.revision)
     use_chunked_attention(vae)  # same arithmetic as SDPA's fallback for head dim 512, faster (vae_attention.py)
     vae_loaded = time.perf_counter()

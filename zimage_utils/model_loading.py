@@ -121,6 +121,12 @@ def read_model_index(path_or_id: str, revision: str | None = None, local_files_o
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+RUN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the scripts' --dtype
+
+
+def run_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A script's --dtype (auto, bf16, fp16, fp32) for models it only runs: auto is bf16 on CUDA, fp32 elsewhere."""
+    return RUN_DTYPES.get(name, torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
 
 
 def component_weight_files(
