@@ -6,13 +6,14 @@ A caption is one line of plain text: precompute_embeddings.py's --caption_varian
 file as a caption of its own, so the model's line breaks become spaces."""
 
 import logging
-import os
 import re
 import unicodedata
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .cli import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,4 @@ def clean_caption(text: str) -> str:
 
 def write_caption(path: str | Path, caption: str) -> None:
     """`caption` and a newline into `path` (UTF-8), through a temporary name: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(caption + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, caption + "\n")

@@ -141,8 +141,9 @@ def write_config(path: Path, args: argparse.Namespace, leave_out: tuple[str, ...
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """`text` to a temporary name beside `path`, then renamed: a crash never leaves half a file under the name."""
+    """`text` (UTF-8) to a temporary name beside `path`, then renamed: a crash never leaves half a file under the
+    name."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
