@@ -174,3 +174,11 @@ def test_extract_benchmark_measures_the_extraction_against_loading_the_fine_tune
     for run in ("fine_tune_loaded", "extract"):
         assert report[run]["seconds"] > 0 and report[run]["peak_rss_gib"] > 0.1
     assert report["peak_ratio"] == report["extract"]["peak_rss_gib"] / report["fine_tune_loaded"]["peak_rss_gib"]
+
+
+def test_caption_benchmark_times_each_batch_size_with_the_scripts_own_captioner(tmp_path, tiny_captioner_dir):
+    flags = ["--work", str(tmp_path / "work"), "--captioner", str(tiny_captioner_dir), "--ways", "bf16"]
+    flags += ["--images", "3", "--batch_sizes", "1,2", "--max_new_tokens", "4"]
+    report = run_benchmark("bench_caption.py", *flags, "--out", str(tmp_path / "caption.json"))
+    assert [(r["batch_size"], r["images"], r["batch_size_at_end"]) for r in report["rows"]] == [(1, 3, 1), (2, 3, 2)]
+    assert all(r["images_per_s"] > 0 and r["dtype"] == "float32" for r in report["rows"])
