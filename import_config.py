@@ -368,6 +368,11 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         if options.get("algo") == "lokr":
             flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", 4))
             options.pop("algo")
+        if options.get("algo") in ("lora", "locon"):  # (LyCORIS' names for a plain LoRA)
+            options.pop("algo")
+        if options.get("dora_wd", "").lower() == "true" and flags.get("adapter") != "lokr":
+            flags["adapter"] = "dora"  # (LyCORIS' DoRA: dora_wd=True with algo=lora or none)
+            options.pop("dora_wd")
         if "weight_decay" in options:
             flags["adam_weight_decay"] = float(options.pop("weight_decay"))
         if "betas" in options:

@@ -32,7 +32,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from zimage_utils import cli
-from zimage_utils.lora import REFINER_PREFIXES, lora_target_modules
+from zimage_utils.lora import MAGNITUDE, REFINER_PREFIXES, lora_target_modules
 from zimage_utils.lora_edit import extract, factors_state_dict, lora_factors, merge, rank_for, resize, update_svd
 from zimage_utils.lora_io import (
     COMFYUI_WEIGHT_NAME,
@@ -193,19 +193,19 @@ def describe(path: str) -> str:
     file = lora_file(path)
     raw, metadata = load_lora_file(file)
     state = read_lora(path)
-    lokr = any(".lokr_" in k for k in state)
+    lokr, dora = any(".lokr_" in k for k in state), any(k.endswith(MAGNITUDE) for k in state)
     modules = sorted({k.removeprefix("transformer.").rsplit(".lora_" if not lokr else ".lokr_", 1)[0] for k in state})
     kinds = collections.Counter(module_kind(m) for m in modules)
     refiners = sum(m.startswith(REFINER_PREFIXES) for m in modules)
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for k, v in raw.items() if not k.endswith(".alpha")})
     lines = [
-        f"{file}: {'LoKr' if lokr else 'LoRA'}, {len(modules)} modules, {', '.join(dtypes)}, "
+        f"{file}: {'LoKr' if lokr else 'DoRA' if dora else 'LoRA'}, {len(modules)} modules, {', '.join(dtypes)}, "
         f"{file.stat().st_size / 2**20:.1f} MiB",
         f"  layout: {layout_of(list(raw))}",
         f"  modules: {', '.join(f'{kind} {n}' for kind, n in kinds.most_common())} ({refiners} in the refiners)",
     ]
-    if not lokr:
-        factors = lora_factors(state, path)
+    if not lokr:  # (a DoRA's factors: its update before the norms)
+        factors = lora_factors({k: v for k, v in state.items() if not k.endswith(MAGNITUDE)}, path)
         lines.append(f"  rank: {rank_text(sorted(down.shape[0] for _, down in factors.values()))}")
         spectra = [update_svd(up, down)[1] for up, down in factors.values()]
         for keep in KEEP_LEVELS:

@@ -137,8 +137,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--adapter",
         default="lora",
         choices=ADAPTERS,
-        help="lora, or lokr: Kronecker-product factors as LyCORIS/ai-toolkit train them (see --lokr_factor; --rank "
-        "of at least half a factor's side keeps that factor a full matrix).",
+        help="lora; lokr: Kronecker-product factors as LyCORIS/ai-toolkit train them (see --lokr_factor; --rank "
+        "of at least half a factor's side keeps that factor a full matrix); dora: a LoRA that also trains each "
+        "adapted weight's norm per output row (PEFT's DoRA).",
     )
     g.add_argument("--lokr_factor", type=int, default=4, help="LoKr: w1 is factor x factor (-1 = near-square).")
     g.add_argument(
@@ -287,6 +288,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
+    if args.adapter == "dora" and args.base_precision not in ("bf16", "nf4"):
+        p.error("--adapter dora takes the norms of the base's weights, which fp8 keeps scaled: use a bf16 or nf4 base")
+    if args.adapter == "dora" and (args.training_adapter or args.blocks_to_swap):
+        p.error(
+            "--adapter dora works without --training_adapter (a DoRA's norms are of the weights it trained on, so "
+            "removing the adapter to sample would change them) and without --blocks_to_swap (not tried together)"
+        )
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
                          num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
                          validation_epochs=0, blocks_to_swap=0,
@@ -342,6 +350,8 @@ def run_training(args: argparse.Namespace) -> None:
     check_new_run(output_dir, args.resume_from_checkpoint)
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
+    if args.adapter == "dora" and deepspeed_stage(accelerator) == 3:
+        raise ValueError("--adapter dora reads whole base weights, which ZeRO-3 keeps in shards: use ZeRO-2 or DDP")
     set_seed(args.seed)
 
     # Data and adapters first: what does not fit the model is refused before its 12 GB load

@@ -22,6 +22,8 @@ agreement check and its eager and compiled 1024² rows (over torchao's tensors, 
 finished on an H100/H200).
 --part lokr: `--adapter lokr` (factor 4, on attention), our LoKr layer against PEFT's forward: same gradients, and
 their compiled 1024² steps.
+--part dora: `--adapter dora` against LoRA (r32 on attention, 1024² bs1): eager with every block checkpointed, compiled
+without checkpointing, and DoRA over an NF4 base (CUDA: from a saved random model, eager, checkpointed).
 --part memory: bf16 / fp8 / NF4 (bitsandbytes) bases loaded through the trainer's `load_transformer` from a saved
 random model (set BENCH_TMP to a roomy disk: it is 11.5 GiB), 8-bit AdamW and `--cpu_offload_checkpointing`. `--profile_offload` adds, for
 compiled bf16: a gradient check with and without offload, an interleaved A/B of their step times, and a profile of each
@@ -610,6 +612,42 @@ def lokr_variants(args, cfg, accelerator, device, big, record) -> dict:
     return out
 
 
+def dora_variants(args, cfg, accelerator, device, big, record) -> None:
+    """--part dora: DoRA's step against LoRA's, eager (every block checkpointed) and compiled (none), then DoRA over
+    an NF4 base (eager, checkpointed), loaded as the trainer loads it."""
+    for adapter in ("lora", "dora"):
+        transformer = build_transformer(cfg, device, torch.bfloat16)
+        add_lora(transformer, rank=32, targets="attention", adapter=adapter)
+        use_real_rope(transformer)
+        model = accelerator.prepare_model(transformer)
+        record(f"{adapter} r32 eager", model, big, 1, set_gradient_checkpointing(transformer, -1), adapter=adapter)
+        if not args.no_compile:
+            torch._dynamo.reset()
+            compile_blocks(transformer)
+            record(
+                f"{adapter} r32 compiled", model, big, 1, set_gradient_checkpointing(transformer, 0), adapter=adapter
+            )
+        accelerator._models.remove(model)
+        del model, transformer
+        gc.collect()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type != "cuda":
+        return
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        save_random_model(cfg, Path(tmp), device)
+        transformer = load_transformer(tmp, torch.bfloat16, device=device, quantization_config=nf4_config())
+        use_real_rope(transformer)
+        add_lora(transformer, rank=32, targets="attention", adapter="dora")
+        model = accelerator.prepare_model(transformer)
+        record("dora r32 eager nf4", model, big, 1, set_gradient_checkpointing(transformer, -1), adapter="dora")
+        accelerator._models.remove(model)
+        del model, transformer
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def swap_variants(args, cfg, accelerator, device, big, record) -> None:
     """--part swap: `--blocks_to_swap` over an fp8 and a bf16 base, eager, every block checkpointed, 1024² bs1: none,
     half and all of the 32 image-token blocks' weights in pinned host memory, each timed with its peak. Also checks
@@ -647,7 +685,9 @@ def swap_variants(args, cfg, accelerator, device, big, record) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="Tiny model on the CPU (smoke test).")
-    parser.add_argument("--part", choices=["speed", "memory", "ckpt", "fp8", "lokr", "swap", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["speed", "memory", "ckpt", "fp8", "lokr", "dora", "swap", "all"], default="all"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument(
@@ -827,6 +867,9 @@ def main() -> None:
         result["fp8"] = fp8_matmul_variants(args, cfg, accelerator, device, big, small, warmup, steps, record, save)
         gc.collect()
         torch._dynamo.reset()
+
+    if args.part == "dora":
+        dora_variants(args, cfg, accelerator, device, big, record)
 
     if args.part == "lokr":
         result["lokr"] = lokr_variants(args, cfg, accelerator, device, big, record)

@@ -249,3 +249,11 @@ def test_an_ai_toolkit_upload_and_a_kohya_one_become_the_hub_flags():
     flags = import_config.kohya_train_flags(kohya, notes)
     assert (flags["push_to_hub"], flags["hub_model_id"], flags["hub_private"]) == (True, "me/sks-lora", False)
     assert notes == []
+
+
+def test_lycoris_dora_in_kohya_network_args_becomes_the_dora_adapter():
+    notes = []
+    flags = import_config.kohya_train_flags({"network_args": ["algo=lora", "dora_wd=True"]}, notes)
+    assert flags["adapter"] == "dora" and notes == []
+    flags = import_config.kohya_train_flags({"network_args": ["algo=lokr", "dora_wd=True"]}, notes)
+    assert flags["adapter"] == "lokr" and notes == ["network_args / optimizer_args: no equivalent here for dora_wd"]

@@ -27,6 +27,7 @@ from zimage_utils.lora_io import (
     LORA_WEIGHT_NAME,
     get_lora_state_dict,
     load_lora_file,
+    read_lora,
     save_lora,
     to_comfyui,
 )
@@ -313,3 +314,111 @@ def test_lokr_comfyui_file_is_ai_toolkits_layout(saved_lokr):
     # An alpha only where w2 is decomposed, equal to its rank: LyCORIS loaders then scale by 1, as diffusers does
     assert all(v.item() == saved_lokr["rank"] for v in alphas.values())
     assert len(alphas) == (31 if saved_lokr["rank"] == 2 else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DoRA (--adapter dora): norms in diffusers' layout, and ComfyUI's `dora_scale` fitted to ComfyUI's arithmetic
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def comfyui_dora_weight(weight, up, down, alpha, dora_scale) -> torch.Tensor:
+    """A DoRA module's weight as ComfyUI computes it at strength 1, in float32: `weight_decompose` in
+    comfy/weight_adapter/base.py, its branch for a scale with one value per output row, as read from its code. The
+    adapted weight W + (alpha / r)·BA is multiplied by dora_scale over the BASE weight's row norms."""
+    weight = weight.float()
+    adapted = weight + (up.float() @ down.float()) * (alpha / down.shape[0])
+    return adapted * (dora_scale.float() / (weight.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps))
+
+
+def dora_modules(transformer: torch.nn.Module) -> list[str]:
+    return [n for n, m in transformer.named_modules() if "default" in getattr(m, "lora_magnitude_vector", {})]
+
+
+@pytest.fixture(scope="module")
+def saved_dora(tmp_path_factory):
+    """A tiny transformer with a trained-looking DoRA (rank 4, alpha 8, every block Linear), its files, its output,
+    and each module's base weight and the weight PEFT merges from the DoRA."""
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=4, alpha=8, targets="all", adapter="dora")
+    stand_in_for_training(transformer, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # norms away from the adapted weights' own, as training leaves them
+        for name, param in transformer.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=g))
+    output_dir = tmp_path_factory.mktemp("dora")
+    paths = save_lora(output_dir, transformer, config, METADATA)
+    merged = copy.deepcopy(transformer)
+    modules = dora_modules(transformer)
+    for name in modules:
+        merged.get_submodule(name).merge()
+    weights = {name: merged.get_submodule(name).base_layer.weight for name in modules}
+    base = {name: transformer.get_submodule(name).base_layer.weight for name in modules}
+    return {
+        "dir": output_dir,
+        "paths": paths,
+        "output": transformer_output(transformer),
+        "merged": weights,
+        "base": base,
+    }
+
+
+def test_dora_diffusers_file_loads_as_a_dora_and_reproduces_the_trained_output(saved_dora, base_output):
+    diffusers_sd, metadata = load_lora_file(saved_dora["paths"]["diffusers"])
+    norms = [k for k in diffusers_sd if k.endswith(".lora_magnitude_vector")]
+    assert metadata["adapter"] == "dora" and len(norms) == len(saved_dora["merged"]) == 31
+    pipe = make_tiny_pipeline(seed=0)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(str(saved_dora["dir"]))
+    assert pipe.transformer.peft_config["default_0"].use_dora
+    assert (saved_dora["output"] - base_output).abs().max() > 1e-2
+    torch.testing.assert_close(transformer_output(pipe.transformer), saved_dora["output"], rtol=0, atol=1e-5)
+
+
+def test_dora_comfyui_file_gives_comfyuis_arithmetic_the_trained_weights(saved_dora):
+    comfy_sd, _ = load_lora_file(saved_dora["paths"]["comfyui"])
+    diffusers_sd, _ = load_lora_file(saved_dora["paths"]["diffusers"])
+    assert not any("magnitude" in k for k in comfy_sd)
+    for name, merged in saved_dora["merged"].items():
+        key = f"diffusion_model.{name}"
+        scale = comfy_sd[f"{key}.dora_scale"]
+        assert scale.shape == (merged.shape[0], 1)
+        up, down, alpha = comfy_sd[f"{key}.lora_B.weight"], comfy_sd[f"{key}.lora_A.weight"], comfy_sd[f"{key}.alpha"]
+        got = comfyui_dora_weight(saved_dora["base"][name], up, down, alpha.item(), scale)
+        torch.testing.assert_close(got, merged.float(), rtol=1e-5, atol=1e-6)
+        # (the trained norms themselves would not do: ComfyUI divides by the base weight's norms, not the adapted's)
+        norms = diffusers_sd[f"transformer.{name}.lora_magnitude_vector"].unsqueeze(1)
+        plain = comfyui_dora_weight(saved_dora["base"][name], up, down, alpha.item(), norms)
+        assert not torch.allclose(plain, merged.float(), rtol=1e-3)
+
+
+def test_a_dora_is_read_only_from_its_diffusers_file_and_not_edited(saved_dora):
+    from zimage_utils.lora_edit import lora_factors
+
+    with pytest.raises(ValueError, match="DoRA in ComfyUI's layout.*pytorch_lora_weights.safetensors"):
+        read_lora(str(saved_dora["paths"]["comfyui"]))
+    state = read_lora(str(saved_dora["dir"]))
+    assert sum(k.endswith(".lora_magnitude_vector") for k in state) == 31
+    with pytest.raises(ValueError, match="is a DoRA .*only LoRA files"):
+        lora_factors(state, "dora.safetensors")
+
+
+def test_a_dora_starts_from_a_dora_or_from_a_plain_lora_equal_to_it(saved_dora, tmp_path):
+    """--init_lora for --adapter dora (here at another rank and alpha): a DoRA file gives its own model; a plain
+    LoRA's gives the LoRA's model, its norms made to fit; a LoRA run refuses a DoRA file."""
+    from zimage_utils.lora import init_lora_from, lora_target_modules
+
+    plain = make_tiny_pipeline(seed=0).transformer
+    plain_config = add_lora(plain, rank=4, alpha=8, targets="all")
+    stand_in_for_training(plain, seed=3)
+    save_lora(tmp_path, plain, plain_config, METADATA, formats=["diffusers"])
+    for source, expected in ((saved_dora["dir"], saved_dora["output"]), (tmp_path, transformer_output(plain))):
+        transformer = make_tiny_pipeline(seed=0).transformer
+        targets = lora_target_modules(transformer, "all")
+        config = add_lora(transformer, rank=8, alpha=4, targets="all", adapter="dora")
+        assert init_lora_from(transformer, str(source), config, targets) == []
+        torch.testing.assert_close(transformer_output(transformer), expected, rtol=0, atol=1e-5)
+    lora_run = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(lora_run, rank=4, alpha=8, targets="all")
+    with pytest.raises(ValueError, match="holds a DoRA .*--adapter dora"):
+        init_lora_from(lora_run, str(saved_dora["dir"]), config, targets)

@@ -387,6 +387,37 @@ def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffus
         torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
 
 
+def test_dora_run_trains_its_norms_and_its_diffusers_file_gives_the_trained_model(
+    tiny_model_dir, tiny_cache_dir, tmp_path, capsys
+):
+    """--adapter dora end to end: the norms train along with the factors, and the saved diffusers file loads in
+    ZImagePipeline as the model the checkpoint holds. Combinations DoRA cannot take are refused with the fix."""
+    flags = dict(adapter="dora", rank=4, lora_alpha=8, lora_targets="attention", learning_rate=1e-2, save_dtype="fp32")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags, max_train_steps=3, checkpointing_steps=3)
+    trained = load_transformer(str(tiny_model_dir), torch.float32)
+    add_lora(trained, rank=4, alpha=8, targets="attention", adapter="dora")
+    untrained = {n: p.detach().clone() for n, p in trained.named_parameters() if "magnitude" in n}
+    state = load_file(str(tmp_path / "checkpoint-3" / LORA_STATE_NAME))
+    set_peft_model_state_dict(trained, {k.removeprefix("transformer."): v for k, v in state.items()})
+    moved = [(p - untrained[n]).abs().max() for n, p in trained.named_parameters() if "magnitude" in n]
+    assert len(moved) == 16 and min(moved) > 0  # every module's norms trained
+    expected = transformer_output(trained)
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
+    with fail_on_loader_warnings():
+        pipe.load_lora_weights(str(tmp_path))
+    torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
+    assert load_lora_file(tmp_path / LORA_WEIGHT_NAME)[1]["adapter"] == "dora"
+    for extra, message in (
+        (dict(base_precision="fp8"), "bf16 or nf4 base"),
+        (dict(blocks_to_swap=2), "without --blocks_to_swap"),
+    ):
+        with pytest.raises(SystemExit):
+            train_zimage_lora.parse_args(
+                trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path / "x", **flags, **extra)
+            )
+        assert message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def lokr_run(tiny_model_dir, tiny_cache_dir, tmp_path_factory) -> Path:
     """A LoKr trained 3 steps: w2 rank-decomposed (rank 2, alpha 6, so PEFT's scale 3 is baked into w1)."""

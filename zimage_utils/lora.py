@@ -13,12 +13,15 @@ refiners' attention keys of a Z-Image LoRA and report them as "lora key not load
 avoids that, at the cost of not adapting the refiners.
 """
 
+from collections.abc import Iterable
+
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoKrConfig, LoraConfig
 from peft.tuners.lokr.layer import Linear as LoKrLinear
 
-ADAPTERS = ("lora", "lokr")
+ADAPTERS = ("lora", "lokr", "dora")
+MAGNITUDE = "lora_magnitude_vector"  # a DoRA module's trained norms (PEFT's name, and diffusers' in a file)
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FFN_TARGETS = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
@@ -99,7 +102,9 @@ def add_lora(
         adapter: "lora", or "lokr" (PEFT's LoKr, as LyCORIS and ai-toolkit train it): each update is the Kronecker
             product w1 ⊗ w2, w1 of size f × f for `lokr_factor` f (-1: near-square) and w2 of the rest. w2 is a full
             matrix when `rank` is at least half its larger side, else w2_a @ w2_b of that rank (scaled by
-            alpha / rank). lokr_w1 starts at zero, so the model starts equal to the base.
+            alpha / rank). lokr_w1 starts at zero, so the model starts equal to the base. Or "dora" (PEFT's DoRA):
+            a LoRA whose adapted weight W + s·BA is rescaled to a trained norm per output row,
+            m · (W + s·BA) / ||W + s·BA|| (m starts at ||W||, so again the model starts equal to the base).
 
     Returns:
         The `LoraConfig` (or `LoKrConfig`) used (the one `transformer.peft_config["default"]` holds). PEFT rewrites its
@@ -117,13 +122,14 @@ def add_lora(
             init_weights=True,
             target_modules=target_modules,
         )
-    elif adapter == "lora":
+    elif adapter in ("lora", "dora"):
         config = LoraConfig(
             r=rank,
             lora_alpha=rank if alpha is None else alpha,
             lora_dropout=dropout,
             init_lora_weights=init_lora_weights,
             target_modules=target_modules,
+            use_dora=adapter == "dora",
         )
     else:
         raise ValueError(f"unknown adapter {adapter!r}: choose from {ADAPTERS}")
@@ -179,7 +185,8 @@ def init_lora_from(
 
     Args:
         path: anything `lora_io.read_lora` reads (ours, ComfyUI/ai-toolkit, kohya; file, folder or hub id), holding
-            a LoRA for a LoRA adapter or a LoKr for a LoKr one.
+            a LoRA for a LoRA adapter or a LoKr for a LoKr one; a DoRA adapter takes a DoRA (its norms too) or a
+            plain LoRA (the norms then made to fit it: `match_norms_to_lora_`).
         config, targets: what `add_lora` returned, and `lora_target_modules` for the same arguments.
 
     Returns:
@@ -192,11 +199,14 @@ def init_lora_from(
 
     from .lora_io import DIFFUSERS_PREFIX, read_lora
 
-    lokr = isinstance(config, LoKrConfig)
+    lokr, dora = isinstance(config, LoKrConfig), getattr(config, "use_dora", False)
     marker, kind, other = (".lokr_", "LoKr", "lora") if lokr else (".lora_", "LoRA", "lokr")
     state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in read_lora(path).items()}
     if not all(marker in k for k in state):
         raise ValueError(f"{path} does not hold a {kind}: train with --adapter {other} to start from it")
+    file_dora = any(k.endswith(MAGNITUDE) for k in state)
+    if file_dora and not dora:
+        raise ValueError(f"{path} holds a DoRA (its norms too): train with --adapter dora to start from it")
     modules = {k.rsplit(marker, 1)[0] for k in state}
     extra = sorted(modules - set(targets))
     if extra:
@@ -227,7 +237,23 @@ def init_lora_from(
     if not lokr:
         pad_lower_ranks_(transformer, state, config.r)
     set_peft_model_state_dict(transformer, state, adapter_name="default")
+    if dora and not file_dora:
+        match_norms_to_lora_(transformer, modules)
     return [m for m in targets if m not in modules]
+
+
+def match_norms_to_lora_(transformer: torch.nn.Module, modules: Iterable[str]) -> None:
+    """A DoRA started from a plain LoRA: each module's norms set to those of its weight with the LoRA's update,
+    ||W + s·BA|| per row (PEFT's DoRA initialisation, given those factors), so the model starts equal to the base with
+    the LoRA applied."""
+    for name in modules:
+        layer = transformer.get_submodule(name)
+        layer.lora_magnitude_vector["default"].update_layer(
+            base_layer=layer.get_base_layer(),
+            lora_A=layer.lora_A["default"].weight.detach(),
+            lora_B=layer.lora_B["default"].weight.detach(),
+            scaling=layer.scaling["default"],
+        )
 
 
 def pad_lower_ranks_(transformer: torch.nn.Module, state: dict[str, torch.Tensor], rank: int) -> None:

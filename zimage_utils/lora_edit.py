@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .lora import MAGNITUDE
+
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (B [out, r], A [r, in])
 
 _KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
@@ -29,7 +31,7 @@ def lora_factors(state_dict: dict[str, torch.Tensor], source: str) -> Factors:
     for key, value in state_dict.items():
         match = _KEY.fullmatch(key)
         if match is None:
-            kind = "a LoKr" if ".lokr_" in key else "not a plain LoRA"
+            kind = "a LoKr" if ".lokr_" in key else "a DoRA" if key.endswith(MAGNITUDE) else "not a plain LoRA"
             raise ValueError(f"{source} is {kind} (key {key}): only LoRA files (lora_A / lora_B) can be edited")
         pairs.setdefault(match[1], {})[match[2]] = value
     lone = [module for module, pair in pairs.items() if len(pair) != 2]

@@ -13,6 +13,9 @@ Two files per save, both safetensors:
   `diffusion_model.<module>.alpha` (float32 scalar); the loader scales by alpha / rank. diffusers converts this
   layout on load too (`_convert_non_diffusers_z_image_lora_to_diffusers` folds alpha into lora_A).
 
+A DoRA (`add_lora(..., adapter="dora")`) adds each module's norms: `.lora_magnitude_vector` [out] in the diffusers
+file (as diffusers' loader reads DoRA), `.dora_scale` [out, 1] in the ComfyUI one (see `comfyui_dora_scales`).
+
 A LoKr adapter (`add_lora(..., adapter="lokr")`) is written to the same two names, with `.lokr_w1` / `.lokr_w2`
 (or `.lokr_w2_a` / `.lokr_w2_b`) keys instead; see `lokr_files`.
 
@@ -39,6 +42,7 @@ from diffusers.utils.peft_utils import get_peft_kwargs
 from peft import LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from .lora import MAGNITUDE
 from .model_spec import HASH_KEY, SPEC_KEY, tensor_hash
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -107,6 +111,9 @@ def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float | Non
     for key, value in state_dict_diffusers.items():
         if not key.startswith(DIFFUSERS_PREFIX):
             raise ValueError(f"expected diffusers LoRA keys starting with {DIFFUSERS_PREFIX!r}, got {key!r}")
+        if key.endswith(MAGNITUDE):  # (a DoRA: values from `comfyui_dora_scales`)
+            out[COMFYUI_PREFIX + key.removeprefix(DIFFUSERS_PREFIX).removesuffix(MAGNITUDE) + "dora_scale"] = value
+            continue
         out[COMFYUI_PREFIX + key.removeprefix(DIFFUSERS_PREFIX)] = value
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lora_A.weight")
@@ -114,6 +121,29 @@ def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float | Non
             module_alpha = value.shape[0] if alpha is None else alpha
             out[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(module_alpha), dtype=torch.float32)
     return out
+
+
+@torch.no_grad()
+def comfyui_dora_scales(transformer: torch.nn.Module, raw: dict[str, torch.Tensor], scale: float) -> dict:
+    """A DoRA's norms as ComfyUI's `dora_scale` values, [out, 1] under the magnitudes' keys (`to_comfyui` renames
+    them). DoRA (PEFT, diffusers) makes each adapted weight m · (W + s·BA) / ||W + s·BA||, the norms per output row.
+    ComfyUI's `weight_decompose` (comfy/weight_adapter/base.py, read, not run) divides by the base weight's row norms
+    ||W|| instead when the scale has one value per output row, so each scale here is m · ||W|| / ||W + s·BA||, which
+    makes ComfyUI's weight at strength 1 the trained one. `raw`: `get_lora_state_dict`'s (unfolded) weights of
+    `transformer`'s adapter; `scale`: its s = alpha / r."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    model = getattr(transformer, "_orig_mod", transformer)
+    scales = {}
+    for key in [k for k in raw if k.endswith(MAGNITUDE)]:
+        module = key.removesuffix("." + MAGNITUDE)
+        weight = dequantize_module_weight(model.get_submodule(module.removeprefix(DIFFUSERS_PREFIX)).base_layer)
+        weight = weight.float()
+        update = raw[f"{module}.lora_B.weight"].float() @ raw[f"{module}.lora_A.weight"].float()
+        adapted_norm = (weight + scale * update.to(weight.device)).norm(dim=1)
+        ratio = (weight.norm(dim=1) / adapted_norm).to(raw[key].device)
+        scales[key] = (raw[key].float() * ratio).unsqueeze(1)
+    return scales
 
 
 def _diffusers_adapter_metadata(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -239,6 +269,8 @@ def save_lora(
             paths[fmt] = output_dir / name
             save_safetensors_atomic(prepare(tensors), paths[fmt], {**common, "lora_format": fmt, **extra})
         return paths
+    if lora_config.use_dora:
+        metadata["adapter"] = "dora"
     if "diffusers" in formats:
         folded = fold_alpha({k: v.float() for k, v in raw.items()}, lora_config.lora_alpha, lora_config.use_rslora)
         paths["diffusers"] = output_dir / LORA_WEIGHT_NAME
@@ -248,6 +280,8 @@ def save_lora(
             raise NotImplementedError("ComfyUI scales by alpha / rank; an rsLoRA adapter has no such alpha")
         file_metadata = {**metadata, "format": "pt", "lora_format": "comfyui", "lora_alpha_folded": "false"}
         paths["comfyui"] = output_dir / COMFYUI_WEIGHT_NAME
+        if lora_config.use_dora:
+            raw = {**raw, **comfyui_dora_scales(transformer, raw, lora_config.lora_alpha / lora_config.r)}
         save_safetensors_atomic(prepare(to_comfyui(raw, lora_config.lora_alpha)), paths["comfyui"], file_metadata)
     return paths
 
@@ -344,6 +378,15 @@ def lora_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone ([] for a file that is not one)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (OSError, safetensors.SafetensorError):
+        return []
+
+
 def trigger_of(metadata: dict[str, str]) -> str:
     """The trigger phrase a LoRA's metadata names: the SAI model spec's (any trainer that writes it), else ours."""
     return metadata.get("modelspec.trigger_phrase") or metadata.get("trigger_word", "")
@@ -367,6 +410,11 @@ def read_lora(path: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"LoRA folder {path} holds no {LORA_WEIGHT_NAME}"
             + (f": give one of its files instead ({', '.join(files[:5])})" if files else "")
+        )
+    if local.exists() and any(k.endswith(".dora_scale") for k in safetensors_keys(lora_file(local))):
+        raise ValueError(
+            f"{path} is a DoRA in ComfyUI's layout (.dora_scale keys), which diffusers reads without its norms: give "
+            f"the diffusers file saved beside it ({LORA_WEIGHT_NAME}, with .lora_magnitude_vector keys)"
         )
     try:
         state = ZImagePipeline.lora_state_dict(path, use_safetensors=True)

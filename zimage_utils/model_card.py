@@ -11,6 +11,7 @@ from .model_spec import model_spec
 from .validation import SAMPLING_DEFAULTS, model_variant
 
 CARD_NAME = "README.md"
+ADAPTER_NAMES = {"lora": "LoRA", "lokr": "LoKr", "dora": "DoRA"}  # --adapter → what cards and descriptions say
 MARKER = "<!-- written by train_zimage_lora.py: it rewrites this file after each run -->"
 
 
@@ -26,7 +27,7 @@ def training_metadata(args, targets: list[str], step: int, caches: dict) -> dict
     base, trigger = args.pretrained_model_name_or_path, ", ".join(caches["caption_prefixes"])
     sampling = SAMPLING_DEFAULTS[model_variant(base)]
     cfg = f"CFG {sampling['guidance']:g}" if sampling["guidance"] > 1 else "no CFG"
-    adapter = "LoKr" if args.adapter == "lokr" else "LoRA"
+    adapter = ADAPTER_NAMES[args.adapter]
     spec = model_spec(
         f"{args.metadata_title or Path(args.output_dir).name}, step {step}",
         resolution=max(caches["resolutions"]),
@@ -89,7 +90,7 @@ def write_model_card(
     base, trigger = metadata["base_model"], metadata.get("trigger_word", "")
     sampling = SAMPLING_DEFAULTS[model_variant(base)]
     prompt = prompts[0] if prompts else (trigger or "a photo")
-    adapter = "LoKr" if metadata.get("adapter") == "lokr" else "LoRA"
+    adapter = ADAPTER_NAMES.get(metadata.get("adapter", "lora"), "LoRA")
     about = {k: v for k, v in (about or {}).items() if v}
     data = ModelCardData(
         license=about.get("license"),
