@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 import psutil
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -48,6 +48,7 @@ from zimage_utils.precompute import (
     add_caption_flags,
     cache_notes,
     check_validation_prompts,
+    drop_set_aside,
     duplicate_notes,
     encode_ahead,
     encode_batch,
@@ -58,6 +59,8 @@ from zimage_utils.precompute import (
     plan_batches,
     record_key,
     refuse_an_empty_cache,
+    restore_set_aside,
+    set_aside_for_overwrite,
     summarise,
 )
 from zimage_utils.step_options import raise_recompile_limit
@@ -275,15 +278,9 @@ def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.
     """The existing cache to extend, after checking it was made the same way (main process only)."""
     out = Path(args.output_dir)
     if args.overwrite and out.exists():
-        for name in (
-            cache_lib.DATA_DIR,
-            cache_lib.SHARDS_DIR,
-            cache_lib.MANIFEST_NAME,
-            cache_lib.PROMPT_EMBEDDINGS_NAME,
-            CONTACT_SHEET_NAME,
-        ):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        set_aside_for_overwrite(out)  # (kept until the new cache is written)
+    elif restore_set_aside(out):
+        logger.info(f"an earlier --overwrite of {out} did not finish: the cache it was replacing is back")
     out.mkdir(parents=True, exist_ok=True)
     manifest = cache_lib.read_manifest(out)
     # An interrupted run leaves finished parts (and, on a first run, no manifest yet): they are merged into this
@@ -315,7 +312,11 @@ def main(args: argparse.Namespace) -> dict | None:
     use_expandable_segments()
     try:
         return build_cache(args)
-    except torch.OutOfMemoryError as error:
+    except BaseException as error:
+        if args.overwrite and not args.dry_run and PartialState().is_main_process:
+            restore_set_aside(Path(args.output_dir))  # the cache this run was replacing stays
+        if not isinstance(error, torch.OutOfMemoryError):
+            raise
         changes = []
         if args.batch_size > 1:
             text_batch = f" and --text_batch_size {args.text_batch_size // 2}" if args.text_batch_size else ""
@@ -564,6 +565,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
                 "last_run": stats,
             },
         )
+        drop_set_aside(Path(args.output_dir))  # (--overwrite: the cache this one replaces)
         # `--config CACHE/precompute_config.yaml` runs it again (without --overwrite): only new or changed images encode
         cli.write_config(Path(args.output_dir) / cache_lib.CONFIG_NAME, args, leave_out=("overwrite",))
         if args.contact_sheet:

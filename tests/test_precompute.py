@@ -37,7 +37,14 @@ from zimage_utils import cache as cache_lib
 from zimage_utils.buckets import plan_crop, resize_and_crop
 from zimage_utils.latents import encode_images, pil_to_tensor
 from zimage_utils.model_loading import load_vae
-from zimage_utils.precompute import ShardWriter, encode_ahead, load_shards
+from zimage_utils.precompute import (
+    REPLACED_DIR,
+    ShardWriter,
+    encode_ahead,
+    load_shards,
+    restore_set_aside,
+    set_aside_for_overwrite,
+)
 from zimage_utils.sample_prompts import SamplePrompt
 
 REPO_ROOT = Path(precompute_embeddings.__file__).resolve().parent
@@ -774,6 +781,33 @@ def test_a_cache_refuses_other_settings_until_overwrite(tiny_model_dir, tiny_dat
     dataset, manifest = cache_lib.load_cache(out)
     assert manifest["fingerprint"]["resolution"] == 48
     assert max(h * w for h, w in zip(dataset["bucket_height"], dataset["bucket_width"])) <= 48 * 48
+
+
+def test_an_overwrite_that_fails_or_is_cut_short_keeps_the_cache_it_was_replacing(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    out = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    before = load(out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "a.txt").write_text("a caption")
+    with pytest.raises(ValueError, match="no image could be cached.*the cache there is as it was"):
+        precompute(tiny_model_dir, out, "--overwrite", data_dir=bad)
+    assert load(out) == before and not (out / REPLACED_DIR).exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute_embeddings, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tiny_model_dir, out, "--resolution", 48, "--overwrite", data_dir=tiny_data_dir)
+    assert load(out) == before
+    # A run killed outright leaves the old cache set aside: the next run without --overwrite puts it back
+    set_aside_for_overwrite(out)
+    assert not (out / cache_lib.MANIFEST_NAME).exists()
+    (out / cache_lib.SHARDS_DIR).mkdir()  # (what the killed run had written)
+    assert restore_set_aside(out) and load(out) == before and not (out / cache_lib.SHARDS_DIR).exists()
 
 
 def test_load_cache_refuses_a_cache_made_for_another_model(tiny_cache_dir):

@@ -662,6 +662,61 @@ def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: 
     return "\n".join(lines)
 
 
+REPLACED_DIR = ".replaced"  # --overwrite: the cache being replaced, kept here until its replacement is written
+
+
+def cache_entries() -> tuple[str, ...]:
+    """What a cache folder holds (as --overwrite replaces it)."""
+    from .cache import CONFIG_NAME, DATA_DIR, MANIFEST_NAME, PROMPT_EMBEDDINGS_NAME
+    from .contact_sheet import CONTACT_SHEET_NAME
+
+    return DATA_DIR, SHARDS_DIR, MANIFEST_NAME, PROMPT_EMBEDDINGS_NAME, CONFIG_NAME, CONTACT_SHEET_NAME
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def set_aside_for_overwrite(out: Path) -> None:
+    """--overwrite: the cache in `out` moved into out/.replaced (renames, so instant) instead of deleted, so that a run
+    that fails before its own cache is written loses nothing (`restore_set_aside`); `drop_set_aside` removes it after.
+    If an earlier --overwrite left one there unfinished, that is still the cache to keep, and what the unfinished run
+    wrote is removed instead."""
+    aside = out / REPLACED_DIR
+    if aside.is_dir():
+        for name in cache_entries():
+            _remove(out / name)
+        return
+    present = [name for name in cache_entries() if (out / name).exists()]
+    if present:
+        aside.mkdir()
+        for name in present:
+            os.replace(out / name, aside / name)
+
+
+def restore_set_aside(out: Path) -> bool:
+    """Put back the cache an unfinished --overwrite run set aside, removing what that run wrote in its place (after a
+    finished one, which wrote its manifest, only drop what was set aside). True if a cache was put back."""
+    from .cache import MANIFEST_NAME
+
+    aside = out / REPLACED_DIR
+    if not aside.is_dir():
+        return False
+    if (out / MANIFEST_NAME).exists():  # the replacement was written; only the removal of the old one was cut short
+        drop_set_aside(out)
+        return False
+    for name in cache_entries():
+        _remove(out / name)
+    for path in aside.iterdir():
+        os.replace(path, out / path.name)
+    aside.rmdir()
+    return True
+
+
+def drop_set_aside(out: Path) -> None:
+    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
+
+
 def refuse_an_empty_cache(
     accelerator, output_dir: str | Path, created: bool, skipped: list[dict[str, str]], notes: list[dict[str, str]]
 ) -> None:
@@ -675,7 +730,7 @@ def refuse_an_empty_cache(
     logger.info(summarise(Counter(), skipped, notes))
     if created:
         shutil.rmtree(out, ignore_errors=True)
-    else:
+    elif not restore_set_aside(out):  # (--overwrite: the cache it was to replace comes back)
         shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     first = f", the first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
     raise ValueError(
