@@ -35,9 +35,11 @@ from zimage_utils.model_loading import (
     component_config_hash,
     load_text_encoder_and_tokenizer,
     load_vae,
+    longest_caption,
     read_component_config,
     require_zimage,
     run_dtype,
+    transformer_config,
 )
 from zimage_utils.precompute import (
     KEY_COLUMNS,
@@ -330,6 +332,20 @@ def main(args: argparse.Namespace) -> dict | None:
         ) from error
 
 
+def check_caption_limit(args: argparse.Namespace) -> None:
+    """--max_sequence_length within the caption tokens the model's transformer can place (a folder without a
+    transformer config is not checked: the trainer checks the cache against the model it trains)."""
+    try:
+        config = transformer_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError):
+        return
+    if args.max_sequence_length > (limit := longest_caption(config)):
+        raise ValueError(
+            f"--max_sequence_length {args.max_sequence_length}: {args.pretrained_model_name_or_path}'s transformer "
+            f"places at most {limit} caption tokens; give {limit} or less"
+        )
+
+
 def use_expandable_segments() -> None:
     """Let PyTorch's CUDA allocator grow its segments (unless the user configured it): VAE batches of several bucket
     shapes otherwise leave GiBs reserved that no later batch fits in. H200, batches of 8 at 1024² in 4 buckets: 29.0
@@ -355,6 +371,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
     # Check the model and the cache we add to
     require_zimage(args.pretrained_model_name_or_path)
+    check_caption_limit(args)
     cli.check_output_dir(args.output_dir)
     if args.train_data_dir:  # before the output folder is made
         check_image_folder(args.train_data_dir)

@@ -55,7 +55,7 @@ from zimage_utils.memory_budget import (
     out_of_memory_explained,
 )
 from zimage_utils.model_card import training_metadata, write_model_card
-from zimage_utils.model_loading import component_config_hash, require_zimage, transformer_config
+from zimage_utils.model_loading import component_config_hash, longest_caption, require_zimage, transformer_config
 from zimage_utils.model_spec import add_metadata_flags
 from zimage_utils.optimizers import (
     add_optimizer_flags,
@@ -67,7 +67,7 @@ from zimage_utils.optimizers import (
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
 from zimage_utils.step_options import apply_step_flags, freeze_gc
-from zimage_utils.train_data import collate, item_generator_seed, train_loader, training_data
+from zimage_utils.train_data import check_caption_lengths, collate, item_generator_seed, train_loader, training_data
 from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, lowest_held_out_loss, start_trackers
 from zimage_utils.training_adapter import training_adapter_removed
 from zimage_utils.training_base import load_training_base
@@ -363,6 +363,8 @@ def run_training(args: argparse.Namespace) -> None:
         "latent_channels": base_config["in_channels"],
     }
     train, val_data, sampler, caches = training_data(args, accelerator, expected)
+    limit = longest_caption(base_config)
+    check_caption_lengths([train, val_data], caches["validation_prompts"], limit, args.pretrained_model_name_or_path)
     plan = check_lora_plan(args, base_config)  # --init_lora and --training_adapter too
     if args.push_to_hub and accelerator.is_main_process:  # logged in and online, before hours of training
         print0(prepare_hub_repo(args, output_dir))

@@ -49,7 +49,7 @@ from zimage_utils.checkpoints import (
 )
 from zimage_utils.lora import add_lora, lora_target_modules
 from zimage_utils.lora_io import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora_file, save_lora
-from zimage_utils.model_loading import load_transformer
+from zimage_utils.model_loading import load_transformer, longest_caption
 from zimage_utils.tiny import TINY_TRANSFORMER, make_synthetic_dataset
 from zimage_utils.training_adapter import merge_training_adapter, training_adapter_removed
 
@@ -385,6 +385,29 @@ def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffus
             pipe.load_lora_weights(str(source))
         assert (expected - base).abs().max() > 1e-3  # training moved the model
         torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
+
+
+def test_captions_longer_than_the_transformer_places_are_refused_before_it_loads(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """`longest_caption` is diffusers' own limit (a caption that long runs, one token more fails), and the trainer
+    refuses a cache holding a longer caption, naming it, before loading the model."""
+    config = {**TINY_TRANSFORMER, "axes_lens": [98, 32, 32]}
+    transformer, limit = ZImageTransformer2DModel(**config), longest_caption(config)
+    latents, t = [torch.randn(16, 1, 4, 4)], torch.tensor([0.5])
+    with torch.no_grad():
+        transformer(latents, t, [torch.randn(limit, 16)])
+        with pytest.raises(IndexError):
+            transformer(latents, t, [torch.randn(limit + 1, 16)])
+    longest = max(cache_lib.load_cache(tiny_cache_dir)[0]["caption_length"])
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config_path = model / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["axes_lens"][0] = longest  # places fewer tokens than the longest caption
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match=rf"has a caption of {longest} tokens; .* places at most .*--max_sequence"):
+        train(model, tiny_cache_dir, tmp_path / "out")
 
 
 def test_dora_run_trains_its_norms_and_its_diffusers_file_gives_the_trained_model(

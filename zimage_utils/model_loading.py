@@ -108,6 +108,13 @@ def transformer_config(path_or_id: str, revision: str | None = None, local_files
     return ZImageTransformer2DModel.extract_init_dict(config)[0]
 
 
+def longest_caption(config: dict) -> int:
+    """Caption tokens the transformer with this config can place: it pads a caption to a multiple of 32 and numbers
+    its tokens 1.., then its image tokens after them, and every number must be below `axes_lens[0]` (the length of
+    its first rotary axis; 1024 in Z-Image, so 992 tokens)."""
+    return (config["axes_lens"][0] - 2) // 32 * 32
+
+
 def read_model_index(path_or_id: str, revision: str | None = None, local_files_only: bool | None = None) -> dict:
     """The parsed `model_index.json` of a diffusers folder or hub repo; `ValueError` naming the path otherwise."""
     index_path = _fetch_file(path_or_id, "model_index.json", revision, local_files_only)

@@ -58,7 +58,7 @@ TINY_TRANSFORMER = dict(
     rope_theta=256.0,
     t_scale=1000.0,
     axes_dims=[8, 4, 4],
-    axes_lens=[256, 32, 32],
+    axes_lens=[1024, 32, 32],  # (the first as Z-Image's: room for captions of 512 tokens, `longest_caption`)
 )
 TINY_TEXT_ENCODER = dict(  # Qwen3Config; hidden_size = the transformer's cap_feat_dim
     hidden_size=16,

@@ -292,6 +292,24 @@ def train_loader(
     )
 
 
+def check_caption_lengths(sets: list, prompts: list, limit: int, model: str) -> None:
+    """Refuse caches holding a caption (a variant, a preservation caption, a validation prompt) longer than `limit`
+    tokens, `model_loading.longest_caption`, which would stop the run with an index error at its batch. `sets`: the
+    training and held-out `CachedLatentsDataset`s (None for none); `prompts`: the cached validation prompts."""
+    names = ["source", "caption_length", "variant_lengths", "preservation_length"]
+    lengths = [(cached.embeds.shape[0], f"validation prompt {cached.prompt!r}") for cached in prompts]
+    for data in filter(None, sets):
+        columns = data.columns(names, defaults={"variant_lengths": [], "preservation_length": 0})
+        for source, n, variants, preservation in zip(*(columns[name] for name in names), strict=True):
+            lengths.append((max([n, preservation, *variants]), source))
+    longest, source = max(lengths)
+    if longest > limit:
+        raise ValueError(
+            f"{source} has a caption of {longest} tokens; {model}'s transformer places at most {limit}: re-run "
+            f"precompute_embeddings.py with --max_sequence_length {limit} (or less) and --overwrite"
+        )
+
+
 def check_preservation_captions(train: CachedLatentsDataset, paths: list[str]) -> None:
     """--preservation_weight needs the preservation captions `precompute_embeddings.py --preservation_class` caches:
     an error when no cache holds any, a note when some items have none (they train without preservation)."""
