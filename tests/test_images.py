@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -143,6 +144,60 @@ def test_a_cache_and_masks_inside_the_data_folder_are_not_images_to_train(tmp_pa
     assert [item.source for item in found] == ["a.png"]
     # a cache folder that holds the data folder excludes nothing
     assert len(discover_folder(tmp_path / "masks", exclude=[tmp_path, tmp_path / "masks"])) == 1
+
+
+def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silently(tmp_path, caplog):
+    """GIF, TIFF and AVIF images are read (a GIF's first frame); linked folders are followed, once; HEIC images,
+    links to nothing and names that are not UTF-8 are left out, each kind named in a warning."""
+    for name in ("a.gif", "b.tif", "c.avif", "d.png"):
+        _noise(8, 8).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(f"caption {name}")
+    (tmp_path / "phone.heic").write_bytes(b"not read here")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_elsewhere"
+    elsewhere.mkdir()
+    _noise(8, 8).save(elsewhere / "e.png")
+    (tmp_path / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(tmp_path, target_is_directory=True)  # (back up the tree: walked once)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _noise(8, 8).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png").decode("utf-8", "surrogateescape"))
+    with caplog.at_level("WARNING"):
+        found = discover_folder(tmp_path)
+    assert [i.source for i in found] == ["a.gif", "b.tif", "c.avif", "d.png", "linked/e.png"]
+    assert found[0].caption == "caption a.gif" and load_image(found[0]).size == (8, 8)
+    warnings = caplog.text
+    assert "1 image(s) in" in warnings and "(.heic; phone.heic)" in warnings
+    assert "1 link(s)" in warnings and "gone.png" in warnings
+    assert "1 image name(s)" in warnings and r"caf\xe9.png" in warnings and "rename them" in warnings
+
+
+def test_a_metadata_file_names_what_it_lacks_line_by_line(tmp_path, caplog):
+    _noise(8, 8).save(tmp_path / "a.png")
+    _noise(8, 8).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("a sidecar the metadata file hides")
+    meta = tmp_path / "metadata.jsonl"
+    for lines, message in (
+        (['{"file_name": "a.png", "text": "x"}', "5"], "line 2 is a JSON int, not an object"),
+        (['{"file_name": "a.png", "text": "x"}', '{"text": "y"}'], "a row without a file_name"),
+        (['{"file_name": "a.png", "text": {"en": "x"}}'], "the caption of a.png is a dict"),
+    ):
+        meta.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=message):
+            discover_folder(tmp_path)
+    meta.write_text('{"file_name": "a.png", "text": "x"}\n')
+    with caplog.at_level("WARNING"):
+        assert [i.caption for i in discover_folder(tmp_path)] == ["x", None]
+    assert "1 image(s) in" in caplog.text and "no row in metadata.jsonl" in caplog.text and "b.png" in caplog.text
+    meta.unlink()
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="metadata.csv is not UTF-8 text"):
+        discover_folder(tmp_path)
+
+
+def test_a_caption_saved_as_utf16_without_its_mark_is_not_read_as_text(tmp_path):
+    _noise(8, 8).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("a caption".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(a\.txt\).*-f utf-16"):
+        discover_folder(tmp_path)
 
 
 def test_missing_folder_names_the_folder(tmp_path):

@@ -31,7 +31,9 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")  # (a GIF: frame 1)
+# Image formats Pillow does not read by itself: named when a folder holds them, not left out silently
+UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raw")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # `items_from_dataset` returns a dataset holding only this column, so the loaders know where to look.
 DATASET_IMAGE_COLUMN = "image"
@@ -112,15 +114,20 @@ def discover_folder(
     `caption_extension` next to it (``cats/01.jpg`` → ``cats/01.txt``). No caption → `caption=None`.
     Files and folders whose name starts with "." are ignored (macOS ``._*`` files, ``.ipynb_checkpoints``), and so
     are the folders `exclude` (one or a list) when they lie inside `root` (loss masks kept beside the images, a cache
-    written inside the data folder with its contact sheet: not images to train).
+    written inside the data folder with its contact sheet: not images to train). Linked folders are followed (each
+    once). What is left out otherwise is named in a warning: images in a format not read here (HEIC, ...), links to
+    nothing, names that are not UTF-8.
     """
     root = check_image_folder(root)
 
+    found, broken = _walk_files(root)
     paths = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
+        (p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.relative_to(root).as_posix()
     )
-    paths = [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    unread = [p for p in found if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
+    badly_named = [p for p in paths if not _is_utf8(p.relative_to(root).as_posix())]
+    paths = [p for p in paths if p not in set(badly_named)]
+    _warn_left_out(root, unread, broken, badly_named)
     for folder in exclude if isinstance(exclude, list) else [exclude]:
         if (
             folder is not None
@@ -135,11 +142,13 @@ def discover_folder(
         )
 
     metadata = _read_metadata(root, caption_column)
-    items, not_utf8 = [], []
+    items, not_utf8, sidecars_unread = [], [], []
     for path in paths:
         source = path.relative_to(root).as_posix()
         if metadata is not None:
             caption = metadata.pop(source, None)
+            if caption is None and path.with_suffix(caption_extension).is_file():
+                sidecars_unread.append(source)
         else:
             sidecar = path.with_suffix(caption_extension)
             if not sidecar.is_file():  # a.PNG + a.TXT, as some cameras and Windows tools name them
@@ -154,8 +163,14 @@ def discover_folder(
         shown = ", ".join(str(p.relative_to(root)) for p in not_utf8[:5]) + (", ..." if len(not_utf8) > 5 else "")
         raise ValueError(
             f"{len(not_utf8)} caption file(s) in {root} are not UTF-8 text ({shown}): save them as UTF-8 "
-            "(e.g. `iconv -f latin1 -t utf-8`) and run again"
+            "(e.g. `iconv -f latin1 -t utf-8` for Latin-1, `iconv -f utf-16 -t utf-8` for UTF-16) and run again"
         )
+    if sidecars_unread:
+        logger.warning(
+            "%d image(s) in %s have a %s caption but no row in %s, which captions this folder (e.g. %s): add rows "
+            "for them, or remove the metadata file to use the %s files",
+            len(sidecars_unread), root, caption_extension, _metadata_name(root), sidecars_unread[0], caption_extension,
+        )  # fmt: skip
     if metadata:
         # Not fatal: the rows are useless without their files, and the rest of the data set is fine.
         missing = sorted(metadata)
@@ -168,10 +183,62 @@ def discover_folder(
     return items
 
 
+def _walk_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(the files under `root`, broken links), following linked folders once each; names starting with "." are
+    left out, folders and files."""
+    files, broken, seen = [], [], set()
+    for folder, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # (a link back up the tree, or a second link to one folder)
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if not name.startswith("."):
+                (files if path.is_file() else broken if path.is_symlink() and not path.exists() else []).append(path)
+    return files, broken
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # (an undecodable byte in a file name comes through as a lone surrogate)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _warn_left_out(root: Path, unread: list[Path], broken: list[Path], badly_named: list[Path]) -> None:
+    def shown(paths: list[Path]) -> str:
+        names = [repr(p.relative_to(root).as_posix().encode("utf-8", "surrogateescape"))[2:-1] for p in paths[:3]]
+        return ", ".join(names) + (", ..." if len(paths) > 3 else "")
+
+    if unread:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
+        logger.warning(
+            f"{len(unread)} image(s) in {root} are in a format not read here ({kinds}; {shown(unread)}), left out: "
+            "convert them to PNG, JPEG or WebP (HEIC: e.g. `pip install pillow-heif`, then re-save them)"
+        )
+    if broken:
+        logger.warning(f"{len(broken)} link(s) in {root} point at nothing ({shown(broken)}), left out")
+    if badly_named:
+        logger.warning(
+            f"{len(badly_named)} image name(s) in {root} are not UTF-8 ({shown(badly_named)}), left out: rename them"
+        )
+
+
+def _metadata_name(root: Path) -> str:
+    return next(name for name in METADATA_FILES if (root / name).is_file())
+
+
 def _read_sidecar(path: Path) -> str | None:
     if not path.is_file():
         return None
-    return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
+    text = path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows add a BOM
+    if "\x00" in text:  # (UTF-16 without its byte-order mark reads as "UTF-8" with NULs between the letters)
+        raise UnicodeDecodeError("utf-8", b"\x00", 0, 1, "a NUL character: not UTF-8 text")
+    return text
 
 
 def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | None:
@@ -183,24 +250,10 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | N
         raise ValueError(f"{root} has both metadata.jsonl and metadata.csv: keep only one")
     meta_path = present[0]
 
-    if meta_path.suffix == ".jsonl":
-        rows = []
-        with meta_path.open(encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"{meta_path} line {line_no} is not valid JSON ({e.msg}): fix or remove it"
-                    ) from e
-        columns = sorted({key for row in rows for key in row})
-    else:
-        with meta_path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
+    try:
+        rows, columns = _metadata_rows(meta_path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{meta_path} is not UTF-8 text: save it as UTF-8 and run again") from None
 
     if "file_name" not in columns:
         raise ValueError(f"{meta_path} has no file_name column (columns: {columns}): add one with each image's path")
@@ -211,6 +264,8 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | N
         )
     captions = {}
     for row in rows:
+        if not row.get("file_name"):
+            raise ValueError(f"{meta_path} has a row without a file_name ({row}): give each row its image's path")
         # Normalise "./a.png" and Windows "sub\\a.png" to the POSIX relative paths used as item sources.
         name = PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix()
         if name in captions:
@@ -218,8 +273,37 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str | None] | N
                 f"{meta_path} has two rows for {name}: keep one (several captions for an image go in one row as a list, "
                 "with --caption_variants)"
             )
-        captions[name] = _caption_text(row.get(caption_column))
+        caption = row.get(caption_column)
+        if not (caption is None or isinstance(caption, str | int | float | list | tuple)):
+            raise ValueError(
+                f"{meta_path}: the caption of {name} is a {type(caption).__name__}: give text, or a list of texts"
+            )
+        captions[name] = _caption_text(caption)
     return captions
+
+
+def _metadata_rows(meta_path: Path) -> tuple[list[dict], list[str]]:
+    """(rows, column names) of a metadata.jsonl / metadata.csv, each JSON line an object."""
+    if meta_path.suffix == ".csv":
+        with meta_path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+    rows = []
+    with meta_path.open(encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path} line {line_no} is not valid JSON ({e.msg}): fix or remove it") from e
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{meta_path} line {line_no} is a JSON {type(row).__name__}, not an object: write each image as "
+                    '{"file_name": "a.png", "text": "its caption"}'
+                )
+            rows.append(row)
+    return rows, sorted({key for row in rows for key in row})
 
 
 def _caption_text(value: Any) -> str | None:
