@@ -107,6 +107,23 @@ def images_to_caption(args: argparse.Namespace) -> tuple[list, int]:
     return todo, len(items) - len(todo)
 
 
+def sharing_a_caption_file(todo: list, caption_extension: str) -> tuple[list, list[str]]:
+    """(the items to caption, notes on those left out): images that share a caption file (a.jpg and a.png both read
+    a.txt) are captioned from the first only, so one caption does not overwrite another."""
+    first, kept, notes = {}, [], []
+    for item in todo:
+        caption_path = Path(item.path).with_suffix(caption_extension)
+        if caption_path in first:
+            notes.append(
+                f"{item.source} shares {caption_path.name} with {first[caption_path]}: captioned from that one only "
+                "(rename one of them to give each its own caption)"
+            )
+            continue
+        first[caption_path] = item.source
+        kept.append(item)
+    return kept, notes
+
+
 def main(args: argparse.Namespace) -> dict:
     """Caption the images; returns the report (also printed by the main process)."""
     accelerator = Accelerator()
@@ -119,8 +136,9 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.print(f"  {item.source}")
         accelerator.end_training()
         return report
+    todo, shared = sharing_a_caption_file(todo, args.caption_extension)
     mine = todo[rank::world]
-    captioned, skipped, truncated = 0, [], []
+    captioned, skipped, truncated, empty = 0, [], [], []
     start = time.perf_counter()
     if mine:
         dtype = run_dtype(args.dtype, accelerator.device)
@@ -139,17 +157,22 @@ def main(args: argparse.Namespace) -> dict:
                     skipped.append(str(error))
             if batch:
                 for item, (caption, cut) in zip(batch, captioner(images), strict=True):
+                    if not caption:  # (nothing is written: a re-run tries it again)
+                        empty.append(item.source)
+                        continue
                     write_caption(Path(item.path).with_suffix(args.caption_extension), caption)
                     captioned += 1
                     truncated += [item.source] if cut else []
             progress.update(len(mine[first : first + args.batch_size]) * world)
         progress.close()
-    reports = gather_object([{"captioned": captioned, "skipped": skipped, "truncated": truncated}])
+    reports = gather_object([{"captioned": captioned, "skipped": skipped, "truncated": truncated, "empty": empty}])
     report = {
         "captioned": sum(r["captioned"] for r in reports),
         "kept": kept,
         "skipped": sorted(s for r in reports for s in r["skipped"]),
         "truncated": sorted(s for r in reports for s in r["truncated"]),
+        "empty": sorted(s for r in reports for s in r["empty"]),
+        "shared": shared,
         "seconds": round(time.perf_counter() - start, 1),
     }
     accelerator.print(summary(report, args))
@@ -166,6 +189,12 @@ def summary(report: dict, args: argparse.Namespace) -> str:
     if report["skipped"]:
         lines.append(f"skipped {len(report['skipped'])} image(s) that could not be read:")
         lines += [f"  {s}" for s in report["skipped"]]
+    if report["empty"]:
+        lines.append(
+            f"{len(report['empty'])} image(s) got no caption from the model (nothing was written; a thinking model may "
+            f"need a larger --max_new_tokens): {', '.join(report['empty'][:10])}"
+        )
+    lines += [f"note: {n}" for n in report["shared"]]
     if report["truncated"]:
         lines.append(
             f"{len(report['truncated'])} caption(s) reached --max_new_tokens {args.max_new_tokens} and may end "

@@ -232,6 +232,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mask_column goes with --dataset_name and without --alpha_mask (masks come from one place)")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         parser.error(f"--mask_dir {args.mask_dir} is not a folder: point it at the folder holding the masks")
+    if args.mask_dir and args.train_data_dir and Path(args.mask_dir).resolve() == Path(args.train_data_dir).resolve():
+        parser.error(
+            "--mask_dir is the image folder (each image would be its own mask): keep the masks in a folder of their own"
+        )
     if args.preservation_class and not (args.caption_prefix or "").strip():
         parser.error("--preservation_class replaces the trigger word: give it with --caption_prefix")
     if args.keep_tokens and args.shuffle_caption < 2:

@@ -135,6 +135,28 @@ def test_a_caption_is_one_line_of_the_answer():
     assert clean_caption("The image shows a red  circle,\r\n\tcentred\x06.") == "A red circle, centred."
     assert clean_caption("This photograph depicts sks.") == "Sks."
     assert clean_caption("Theimage shows") == "Theimage shows"
+    assert clean_caption("<think>\nOkay, the user wants a caption. Let me look at the") == ""  # (cut off)
+
+
+def test_images_sharing_a_caption_file_and_empty_answers_write_nothing_over_each_other(
+    captioner_dir, tmp_path, monkeypatch, capsys
+):
+    data = make_synthetic_dataset(tmp_path / "data", num_images=2)
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    Image.open(data / "shape_000.png").convert("RGB").save(data / "shape_000.jpg")
+    answers = iter([("", False), ("a caption", False)])
+    monkeypatch.setattr(
+        caption_images.FittingBatches, "__call__", lambda self, images: [next(answers) for _ in images]
+    )
+    report = run(data, captioner_dir, "--batch_size", "1")
+    assert (report["captioned"], report["empty"]) == (1, ["shape_000.jpg"])
+    assert report["shared"] == [
+        "shape_000.png shares shape_000.txt with shape_000.jpg: captioned from that one only (rename one of them to "
+        "give each its own caption)"
+    ]
+    assert not (data / "shape_000.txt").exists() and (data / "shape_001.txt").read_text() == "a caption\n"
+    assert "1 image(s) got no caption from the model" in capsys.readouterr().out
 
 
 def test_large_images_are_downscaled_to_the_pixel_budget_and_small_ones_kept():

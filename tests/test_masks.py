@@ -153,6 +153,23 @@ def test_mask_dir_is_refused_with_a_dataset_or_when_missing(tmp_path, capsys):
         with pytest.raises(SystemExit):
             precompute_embeddings.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", *extra])
     assert "--mask_dir no is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        precompute_embeddings.parse_args(
+            ["--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+            + ["--train_data_dir", str(tmp_path), "--mask_dir", f"{tmp_path}/"]
+        )
+    assert "--mask_dir is the image folder" in capsys.readouterr().err
+
+
+def test_a_16_bit_mask_keeps_its_greys_and_two_masks_for_one_image_are_refused(tmp_path):
+    from zimage_utils.images import BadImageError, ImageItem, find_mask, load_mask
+
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "a.png")
+    mask = load_mask(ImageItem("a.png", path=str(tmp_path / "a.png")), "a.png", (8, 8))
+    assert mask.mode == "L" and set(np.asarray(mask).flat) == {round(32768 / 257)}  # half weight, not white
+    Image.new("L", (8, 8), 255).save(tmp_path / "a.jpg")
+    with pytest.raises(BadImageError, match=r"2 masks in .* \(a\.jpg, a\.png\): keep one"):
+        find_mask("a.png", tmp_path)
 
 
 def test_the_masked_loss_is_the_mean_squared_error_over_the_weighted_latent_pixels():

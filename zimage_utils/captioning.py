@@ -147,6 +147,8 @@ def clean_caption(text: str) -> str:
     """A model's answer as one caption line: a thinking model's reasoning dropped, line breaks and runs of spaces
     made single spaces, control characters removed, and a lead-in such as "The image shows" cut."""
     text = _THINKING.sub("", text)
+    if text.lstrip().startswith("<think>"):  # reasoning cut off by max_new_tokens before its answer: no caption
+        return ""
     text = "".join(" " if c.isspace() else "" if unicodedata.category(c) == "Cc" else c for c in text)
     text = " ".join(text.split())
     if match := _LEAD_INS.match(text):

@@ -556,6 +556,9 @@ def find_mask(source: str, mask_dir: str | os.PathLike) -> Path | None:
     if not stem.parent.is_dir():
         return None
     found = sorted(p for p in stem.parent.iterdir() if p.stem == stem.name and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise BadImageError(source, f"it has {len(found)} masks in {stem.parent} ({names}): keep one")
     return found[0] if found else None
 
 
@@ -569,7 +572,11 @@ def load_mask(mask_item: ImageItem, source: str, size: tuple[int, int], dataset:
         opened = _open(mask_item, dataset, DATASET_MASK_COLUMN)
         with opened:
             opened.load()
-            mask = ImageOps.exif_transpose(opened).convert("L")
+            upright = ImageOps.exif_transpose(opened)
+            # 16-bit and float masks rescaled to 8 bits as images are (convert("L") would clip them to white)
+            mask = (_to_rgb(upright)[0] if upright.mode.startswith("I") or upright.mode == "F" else upright).convert(
+                "L"
+            )
     except BadImageError as e:
         raise BadImageError(source, f"its mask {path}: {e.reason}") from e
     except _DECODE_ERRORS as e:
