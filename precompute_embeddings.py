@@ -236,6 +236,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--mask_dir is the image folder (each image would be its own mask): keep the masks in a folder of their own"
         )
+    if not args.caption_extension.startswith("."):
+        parser.error(f"--caption_extension {args.caption_extension}: give it with its dot, e.g. .txt")
     if args.preservation_class and not (args.caption_prefix or "").strip():
         parser.error("--preservation_class replaces the trigger word: give it with --caption_prefix")
     if args.keep_tokens and args.shuffle_caption < 2:
@@ -505,7 +507,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             compile_s += time.perf_counter() - begin
         return queued
 
-    encoded, truncated = 0, 0
+    encoded, truncated = 0, []
     progress = tqdm(total=len(planned), desc=f"encode (process {rank})", disable=not accelerator.is_local_main_process)
     with ShardWriter(args.output_dir, rank, args.shard_size) as writer:
         for batch, records in encode_ahead(batches, encode):
@@ -513,7 +515,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             notes += [{"source": s, "reason": r} for s, r in batch["notes"]]
             writer.add(records)
             encoded += len(records)
-            truncated += sum(r["caption_truncated"] for r in records)
+            truncated += [r["source"] for r in records if r["caption_truncated"]]
             progress.update(len(batch["planned"]) + len(batch["skipped"]))
     progress.close()
 
@@ -595,9 +597,14 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             )
             logger.info(f"contact sheet of {shown} images (what each crop kept): {sheet}")
         logger.info(summarise(by_bucket, all_skipped, all_notes))
+        if cut := sorted(source for r in reports for source in r["truncated"]):
+            logger.info(
+                f"captions cut at --max_sequence_length {args.max_sequence_length} tokens (the rest is not trained on): "
+                f"{', '.join(cut[:10])}{' …' if len(cut) > 10 else ''}"
+            )
         logger.info(
             f"cache {args.output_dir}: {len(merged)} items ({new} new, {len(merged) - new} kept), "
-            f"{len(all_skipped)} skipped, {sum(r['truncated'] for r in reports)} captions truncated to "
+            f"{len(all_skipped)} skipped, {sum(len(r['truncated']) for r in reports)} captions truncated to "
             f"{args.max_sequence_length} tokens, {num_masked} with a loss mask; {stats['images_per_s']:.1f} images/s "
             f"over {seconds['total']:.1f} s "
             f"on {world} process(es)"

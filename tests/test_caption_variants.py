@@ -53,6 +53,14 @@ def test_without_the_flag_a_multi_line_caption_stays_one_caption(tiny_model_dir,
     assert records["c.png"]["caption"] == "a green square\nsquare" and records["c.png"]["caption_variants"] == []
 
 
+def test_a_variants_trigger_placeholder_without_a_trigger_word_is_noted(tiny_model_dir, folder, tmp_path):
+    (folder / "c.txt").write_text("a green square\n[trigger] square\n")
+    records, manifest = precompute(tiny_model_dir, folder, tmp_path / "cache", "--caption_variants")
+    assert records["c.png"]["caption_variants"] == ["[trigger] square"]
+    notes = [n["reason"] for n in manifest["notes"] if n["source"] == "c.png"]
+    assert notes == ["a caption variant's [trigger] left as it is: pass --caption_prefix"]
+
+
 def test_a_metadata_list_gives_the_variants_and_an_edited_variant_is_re_encoded(
     tiny_model_dir, folder, tmp_path, caplog
 ):

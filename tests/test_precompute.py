@@ -810,10 +810,18 @@ def test_an_overwrite_that_fails_or_is_cut_short_keeps_the_cache_it_was_replacin
     assert restore_set_aside(out) and load(out) == before and not (out / cache_lib.SHARDS_DIR).exists()
 
 
-def test_a_caption_length_the_transformer_cannot_place_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_caption_length_the_transformer_cannot_place_is_refused_and_cut_captions_are_named(
+    tiny_model_dir, tiny_data_dir, tmp_path, caplog
+):
     with pytest.raises(ValueError, match="--max_sequence_length 2000: .* places at most 992 caption tokens"):
         precompute(tiny_model_dir, tmp_path / "cache", "--max_sequence_length", 2000, data_dir=tiny_data_dir)
     assert not (tmp_path / "cache").exists()
+    with caplog.at_level(logging.INFO):
+        precompute(tiny_model_dir, tmp_path / "cache", "--max_sequence_length", 8, data_dir=tiny_data_dir)
+    cut = sorted(r["source"] for r in cache_lib.load_cache(tmp_path / "cache")[0] if r["caption_truncated"])
+    assert cut and f"captions cut at --max_sequence_length 8 tokens (the rest is not trained on): {cut[0]}, " in (
+        caplog.text
+    )
 
 
 def test_load_cache_refuses_a_cache_made_for_another_model(tiny_cache_dir):

@@ -411,7 +411,7 @@ def resolve_caption(
     if not caption:
         what = "empty caption" if raw is not None else "missing caption"
         if default_caption is None:
-            fix = "write one" if raw is not None else "add a .txt sidecar (or metadata row)"
+            fix = "write one" if raw is not None else "add a caption file beside it (or a metadata row)"
             return None, f"{what}: {fix} or pass --default_caption"
         caption, note = default_caption, f"{what}, used {default_from}"
 

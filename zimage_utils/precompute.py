@@ -180,7 +180,10 @@ class ScanDataset(torch.utils.data.Dataset):
             notes.append(note)
         if caption is None:
             return {"source": item.source, "skipped": note, "notes": []}
-        variants = tuple(resolve_caption(line, args.caption_prefix, None)[0] for line in lines[1:])
+        resolved = [resolve_caption(line, args.caption_prefix, None) for line in lines[1:]]
+        variants = tuple(variant for variant, _ in resolved)
+        if any(TRIGGER_PLACEHOLDER in (v or "") for v in variants) and TRIGGER_PLACEHOLDER not in (note or ""):
+            notes.append(f"a caption variant's {TRIGGER_PLACEHOLDER} left as it is: pass --caption_prefix")
         preservation = ""
         if args.preservation_class:
             preservation = preservation_caption(caption, args.caption_prefix, args.preservation_class) or ""
