@@ -293,4 +293,6 @@ def apply_step_flags(args, transformer) -> None:
             args.checkpoint_keep_attention,
         )
     if args.compile:
-        compile_blocks(transformer, args.base_precision != "nf4", args.activation_memory_budget)
+        # NF4 layers and PEFT's DoRA (its base-weight lookup calls str.startswith) break the graph; the rest is whole
+        whole = args.base_precision != "nf4" and getattr(args, "adapter", "lora") != "dora"
+        compile_blocks(transformer, whole, args.activation_memory_budget)
