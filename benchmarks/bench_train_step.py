@@ -623,7 +623,7 @@ def dora_variants(args, cfg, accelerator, device, big, record) -> None:
         record(f"{adapter} r32 eager", model, big, 1, set_gradient_checkpointing(transformer, -1), adapter=adapter)
         if not args.no_compile:
             torch._dynamo.reset()
-            compile_blocks(transformer)
+            compile_blocks(transformer, fullgraph=adapter != "dora")  # (as the trainer compiles each)
             record(
                 f"{adapter} r32 compiled", model, big, 1, set_gradient_checkpointing(transformer, 0), adapter=adapter
             )
