@@ -1024,3 +1024,12 @@ def test_a_crop_that_throws_most_of_an_image_away_is_noted(tiny_model_dir, tmp_p
         note["source"] == "banner.png"
         and "of the 2000x50 image: crop it yourself, or raise --max_aspect" in (note["reason"])
     )
+
+
+def test_a_crashed_saves_temporary_folders_are_removed_by_the_next_save(tmp_path):
+    for stale in (".data.tmp123", ".data.old456"):
+        (tmp_path / stale / "part").mkdir(parents=True)
+    (tmp_path / ".other.tmp1").mkdir()
+    cache_lib.save_dataset_atomic(datasets.Dataset.from_dict({"x": [1, 2]}), tmp_path / cache_lib.DATA_DIR)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp1", "data"]
+    assert datasets.load_from_disk(str(tmp_path / "data"))["x"] == [1, 2]

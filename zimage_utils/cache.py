@@ -164,7 +164,9 @@ def save_dataset_atomic(dataset: datasets.Dataset, target: str | Path) -> None:
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     old = target.with_name(f".{target.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for kind in ("tmp", "old"):  # what a crashed save left, whatever its process
+        for stale in target.parent.glob(f".{target.name}.{kind}*"):
+            shutil.rmtree(stale, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
     if target.exists():
         os.replace(target, old)

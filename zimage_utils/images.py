@@ -532,7 +532,7 @@ def load_image(item: ImageItem, dataset: Any = None) -> Image.Image:
     except ValueError as e:  # a mode PIL cannot convert without a color management step, e.g. LAB
         raise BadImageError(item.source, f"unsupported color mode {upright.mode}: re-export it as RGB") from e
 
-    notes = [f"rotated upright (EXIF orientation {orientation})"] if orientation not in (None, 1) else []
+    notes = [f"rotated upright (EXIF orientation {orientation})"] if orientation in range(2, 9) else []
     notes += [conversion] if conversion else []
     rgb.info[CONVERSION_INFO_KEY] = "; ".join(notes) or None
     return rgb
