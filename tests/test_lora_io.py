@@ -401,6 +401,10 @@ def test_a_dora_is_read_only_from_its_diffusers_file_and_not_edited(saved_dora):
     assert sum(k.endswith(".lora_magnitude_vector") for k in state) == 31
     with pytest.raises(ValueError, match="is a DoRA .*only LoRA files"):
         lora_factors(state, "dora.safetensors")
+    import lora_tools
+
+    shown = lora_tools.describe(str(saved_dora["dir"]))
+    assert "DoRA, 31 modules" in shown and "rank: 4" in shown and "adapter: dora" in shown
 
 
 def test_a_dora_starts_from_a_dora_or_from_a_plain_lora_equal_to_it(saved_dora, tmp_path):
