@@ -1033,3 +1033,14 @@ def test_a_crashed_saves_temporary_folders_are_removed_by_the_next_save(tmp_path
     cache_lib.save_dataset_atomic(datasets.Dataset.from_dict({"x": [1, 2]}), tmp_path / cache_lib.DATA_DIR)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp1", "data"]
     assert datasets.load_from_disk(str(tmp_path / "data"))["x"] == [1, 2]
+
+
+def test_caption_column_names_the_metadata_files_caption_column(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (90 * i, 40, 200)).save(data / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "caption": f"square {i}"} for i in range(2)]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    precompute(tiny_model_dir, tmp_path / "cache", "--caption_column", "caption", data_dir=data)
+    assert sorted(load(tmp_path / "cache")[0][f"{i}.png"]["caption"] for i in range(2)) == ["square 0", "square 1"]
