@@ -30,6 +30,7 @@ the subsets under it.
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -462,10 +463,10 @@ def main(args: argparse.Namespace) -> dict:
     cli.write_text_atomic(train_config, yaml.safe_dump(train, sort_keys=False))
     model = "" if args.pretrained_model_name_or_path else " --pretrained_model_name_or_path MODEL"
     lines = [f"{config}: {len(caches)} cache(s) to make. Next:"]
-    lines += [f"  accelerate launch precompute_embeddings.py --config {path}{model}" for path, _ in caches]
+    lines += [f"  accelerate launch precompute_embeddings.py --config {shlex.quote(str(p))}{model}" for p, _ in caches]
     rest = "" if train_flags.get("max_train_steps") else "  # + the training flags (rank, learning rate, steps)"
     lines.append(
-        f"  accelerate launch train_zimage_lora.py --config {train_config}{model}"
+        f"  accelerate launch train_zimage_lora.py --config {shlex.quote(str(train_config))}{model}"
         + ("" if "output_dir" in train else " --output_dir my_lora")
         + rest
     )

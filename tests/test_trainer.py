@@ -1365,3 +1365,14 @@ def test_two_nodes_launched_with_the_multi_node_config_train_what_one_process_do
     assert set(lora_nodes) == set(lora_one)
     for key in lora_one:
         torch.testing.assert_close(lora_nodes[key], lora_one[key], rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_named_as_diffusers_examples_name_it_is_found_in_the_output_folder(tmp_path, monkeypatch):
+    from zimage_utils.checkpoints import resolve_resume_path
+
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-2" / TRAINING_STATE_NAME).write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_resume_path(tmp_path / "run", "checkpoint-2") == tmp_path / "run" / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="checkpoint-9: no such folder \\(nor in .*run\\)"):
+        resolve_resume_path(tmp_path / "run", "checkpoint-9")

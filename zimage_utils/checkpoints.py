@@ -39,13 +39,21 @@ def check_new_run(output_dir: str | Path, resume_from: str | None) -> None:
 
 
 def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """`latest` → the newest finished checkpoint in output_dir (None if there is none); a path → that path."""
+    """`latest` → the newest finished checkpoint in output_dir (None if there is none); a path → that path, or, when
+    nothing is there, that name inside output_dir (diffusers' examples take `checkpoint-500` so)."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume_from)
+    if not path.exists() and (Path(output_dir) / path).exists():
+        path = Path(output_dir) / path
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from}: no such folder (nor in {output_dir}); pass a checkpoint-N "
+            "folder of a previous run, or latest"
+        )
     if not (path / TRAINING_STATE_NAME).exists():
         raise FileNotFoundError(
             f"{path} is not a finished checkpoint (no {TRAINING_STATE_NAME}): pass a checkpoint-N folder "
