@@ -122,6 +122,11 @@ def test_what_cannot_work_is_named_before_a_model_loads(captioner_dir, tmp_path,
 
     (data / "metadata.jsonl").unlink()
     (data / "shape_000.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="--model .*nope: no such folder, and not a hub id"):
+        run(data, tmp_path / "nope")
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(ValueError, match="could not be loaded .*(vision-language model)"):
+        run(data, tmp_path / "not_a_model")
     monkeypatch.setattr(AutoProcessor, "from_pretrained", no_video_processor)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed
     with pytest.raises(

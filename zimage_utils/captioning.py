@@ -55,10 +55,22 @@ def load_captioner(
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if not Path(model).exists() and (model.count("/") != 1 or model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"--model {model}: no such folder, and not a hub id (owner/name)")
     try:
         processor = AutoProcessor.from_pretrained(model, padding_side="left", **kwargs)
+    except OSError as error:  # not downloaded, offline, or not a model folder
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"--model {model} could not be loaded ({first}): give a vision-language model's folder, or a hub id "
+            "downloaded beforehand (`hf download ID`) where this machine has no network"
+        ) from None
     except (AttributeError, ImportError, ValueError) as error:
-        raise ValueError(f"the processor of {model} could not be loaded ({error}){_torchvision_hint()}") from None
+        # (a Qwen-VL processor without torchvision fails on its video processor, with an AttributeError)
+        hint = _torchvision_hint() if not isinstance(error, ValueError) or "torchvision" in str(error) else ""
+        raise ValueError(
+            f"the processor of {model} could not be loaded ({error}){hint or '; is it a vision-language model?'}"
+        ) from None
     quantization = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         if load_in_4bit
