@@ -30,6 +30,7 @@ the subsets under it.
 
 import argparse
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -57,7 +58,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Written into the configs (default: an ai-toolkit job's model.name_or_path, else none).",
     )
     parser.add_argument(
-        "--prior_loss_weight", type=float, default=1.0, help="Loss weight of is_reg subsets (kohya's flag)."
+        "--prior_loss_weight",
+        type=float,
+        default=None,
+        help="Loss weight of is_reg subsets (kohya's flag; default: the training config's, else 1).",
     )
     return parser.parse_args(input_args)
 
@@ -220,25 +224,44 @@ def read_ai_toolkit(config: dict, path: Path, notes: list[str]) -> tuple[list[di
         sizes = list(dict.fromkeys(sizes if isinstance(sizes, list) else [sizes]))
         for size in sizes:  # ai-toolkit trains each size of its list: a cache each, mixed in training
             subsets.append({**subset, "resolution": size, "_sized": len(sizes) > 1, "_extra": dict(extra)})
-    if prompts := ai_toolkit_prompts(job.get("sample", {}), trigger):
+    if prompts := ai_toolkit_prompts(job.get("sample", {}), trigger, notes):
         subsets[0]["_extra"]["validation_prompts"] = prompts  # (the trainer samples each cache's prompts once)
     return subsets, train
 
 
-def ai_toolkit_prompts(sample: dict, trigger: str | None) -> list[str]:
+def ai_toolkit_prompts(sample: dict, trigger: str | None, notes: list[str]) -> list[str]:
     """ai-toolkit's sample prompts as lines of ours: [trigger] stays (the precompute replaces it), each prompt's own
-    size, seed and the negative prompt as --w/--h/--d/--n."""
+    size, seed and the negative prompt as --w/--h/--d/--n, and the options it takes inside a prompt (--seed, --cfg)
+    as ours; the sample section's seed (and walk_seed: one more per prompt) for prompts without their own."""
     lines = []
-    for item in sample.get("samples", []) or [{"prompt": p} for p in sample.get("prompts", [])]:
-        line = item["prompt"] if isinstance(item, dict) else str(item)
+    for i, item in enumerate(sample.get("samples", []) or [{"prompt": p} for p in sample.get("prompts", [])]):
+        line = ai_toolkit_prompt_options(item["prompt"] if isinstance(item, dict) else str(item), notes)
         for key, flag in (("width", "w"), ("height", "h"), ("seed", "d")):
             if isinstance(item, dict) and item.get(key) is not None:
                 line += f" --{flag} {item[key]}"
+        if " --d " not in line and sample.get("seed") is not None:
+            line += f" --d {int(sample['seed']) + (i if sample.get('walk_seed') else 0)}"
         negative = (item.get("neg") if isinstance(item, dict) else None) or sample.get("neg")
         lines.append(line + (f" --n {negative}" if negative else ""))
     if lines and not trigger:
         lines = [line.replace("[trigger]", "").strip() for line in lines]
     return lines
+
+
+def ai_toolkit_prompt_options(prompt: str, notes: list[str]) -> str:
+    """A prompt's own ai-toolkit options as ours: --seed N → --d N, --cfg G → --l G (1, no guidance there, is 0 here);
+    --m (the LoRA's strength in that sample) is dropped with a note (samples use the LoRA at 1)."""
+
+    def option(match: re.Match) -> str:
+        name, value = match[1], match[2]
+        if name == "seed":
+            return f"--d {value}"
+        if name == "cfg":
+            return f"--l {value if float(value) > 1 else 0}"
+        notes.append(f"sample prompt {prompt!r}: --m {value} left out (samples use the LoRA at strength 1)")
+        return ""
+
+    return " ".join(re.sub(r"--(seed|cfg|m)\s+(\S+)", option, prompt).split())
 
 
 def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dict:
@@ -345,6 +368,8 @@ KOHYA_READ = set(KOHYA_SAME) | set(KOHYA_RENAMED) | {"optimizer_type", "optimize
 KOHYA_READ |= {"output_name", "save_precision", "timestep_sampling", "discrete_flow_shift", "min_timestep"}
 KOHYA_READ |= {"max_timestep", "weighting_scheme", "fp8_base", "sample_prompts", "dataset_config", "network_module"}
 KOHYA_READ |= {
+    "prior_loss_weight",
+    "save_last_n_steps",
     "huggingface_repo_visibility",
     "unet_lr",
     "logging_dir",
@@ -408,6 +433,12 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         notes.append(f"weighting_scheme {config['weighting_scheme']} has no equivalent here: see --loss_weighting")
     if config.get("fp8_base"):
         flags["base_precision"] = "fp8"
+    if "prior_loss_weight" in config:  # (weighs the is_reg subsets of its dataset_config: `convert`)
+        flags["_prior_loss_weight"] = float(config["prior_loss_weight"])
+    if config.get("save_last_n_steps") and config.get(
+        "save_every_n_steps"
+    ):  # kohya keeps the saves of the last N steps
+        flags["checkpoints_total_limit"] = math.ceil(config["save_last_n_steps"] / config["save_every_n_steps"])
     if flags.get("hub_model_id"):
         flags["push_to_hub"], flags["hub_private"] = True, config.get("huggingface_repo_visibility") == "private"
     if other := sorted(set(config) - KOHYA_READ - {"general", "datasets"}):
@@ -450,6 +481,8 @@ def beside(config: Path, named: str) -> Path:
 def main(args: argparse.Namespace) -> dict:
     config, notes = Path(args.config_file), []
     subsets, train_flags = read_config(config, notes)
+    from_config = train_flags.pop("_prior_loss_weight", 1.0)
+    args.prior_loss_weight = from_config if args.prior_loss_weight is None else args.prior_loss_weight
     if args.pretrained_model_name_or_path:
         train_flags["pretrained_model_name_or_path"] = args.pretrained_model_name_or_path
     args.pretrained_model_name_or_path = train_flags.get("pretrained_model_name_or_path")

@@ -257,3 +257,38 @@ def test_lycoris_dora_in_kohya_network_args_becomes_the_dora_adapter():
     assert flags["adapter"] == "dora" and notes == []
     flags = import_config.kohya_train_flags({"network_args": ["algo=lokr", "dora_wd=True"]}, notes)
     assert flags["adapter"] == "lokr" and notes == ["network_args / optimizer_args: no equivalent here for dora_wd"]
+
+
+def test_ai_toolkit_prompt_options_and_seeds_become_ours():
+    notes = []
+    sample = {"prompts": ["[trigger] a --seed 3 --cfg 4 --m 0.8", "b --cfg 1", "c"], "seed": 10, "walk_seed": True}
+    assert import_config.ai_toolkit_prompts(sample, "sks", notes) == [
+        "[trigger] a --d 3 --l 4",
+        "b --l 0 --d 11",
+        "c --d 12",
+    ]
+    assert notes == [
+        "sample prompt '[trigger] a --seed 3 --cfg 4 --m 0.8': --m 0.8 left out (samples use the LoRA at strength 1)"
+    ]
+    prompts = import_config.ai_toolkit_prompts(sample | {"walk_seed": False}, "sks", [])
+    assert [p.split(" --d ")[-1].split()[0] for p in prompts] == ["3", "10", "10"]
+
+
+def test_a_kohya_training_configs_prior_loss_weight_weighs_its_regularisation_images(tmp_path):
+    (tmp_path / "dataset.toml").write_text(
+        '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "/data/sks"\n'
+        '[[datasets.subsets]]\nimage_dir = "/data/person"\nis_reg = true\n'
+    )
+    (tmp_path / "train.toml").write_text(
+        'dataset_config = "dataset.toml"\nprior_loss_weight = 0.5\nsave_every_n_steps = 100\nsave_last_n_steps = 250\n'
+    )
+    result = import_config.main(
+        import_config.parse_args([str(tmp_path / "train.toml"), "--output_dir", str(tmp_path / "c")])
+    )
+    assert result["train"]["loss_weights"] == [1.0, 0.5] and result["train"]["checkpoints_total_limit"] == 3
+    assert not any("prior_loss_weight" in n or "save_last_n_steps" in n for n in result["notes"])
+    flag = ["--prior_loss_weight", "0.25"]
+    again = import_config.main(
+        import_config.parse_args([str(tmp_path / "train.toml"), "--output_dir", str(tmp_path / "d"), *flag])
+    )
+    assert again["train"]["loss_weights"] == [1.0, 0.25]
