@@ -49,6 +49,7 @@ from zimage_utils.precompute import (
     ShardWriter,
     add_caption_flags,
     cache_notes,
+    carry_over_from_cache,
     check_validation_prompts,
     drop_set_aside,
     duplicate_notes,
@@ -127,7 +128,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--validation_prompts",
         nargs="*",
-        default=[],
+        default=None,
         help="Prompts whose embeddings are cached for validation images during training ([trigger] becomes "
         "--caption_prefix). A prompt may end in "
         "settings of its own, as in kohya's and musubi-tuner's sample prompts: '--w 832 --h 1216' (size), '--d 42' "
@@ -379,6 +380,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     require_zimage(args.pretrained_model_name_or_path)
     check_caption_limit(args)
     cli.check_output_dir(args.output_dir)
+    for note in carry_over_from_cache(args, None if args.overwrite else cache_lib.read_manifest(args.output_dir)):
+        accelerator.print(f"note: {note}")
     if args.train_data_dir:  # before the output folder is made
         check_image_folder(args.train_data_dir)
     fingerprint = make_fingerprint(args)

@@ -1044,3 +1044,23 @@ def test_caption_column_names_the_metadata_files_caption_column(tiny_model_dir, 
     (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     precompute(tiny_model_dir, tmp_path / "cache", "--caption_column", "caption", data_dir=data)
     assert sorted(load(tmp_path / "cache")[0][f"{i}.png"]["caption"] for i in range(2)) == ["square 0", "square 1"]
+
+
+def test_a_re_run_without_the_trigger_or_the_prompts_keeps_the_caches_unless_told(
+    tiny_model_dir, tiny_data_dir, tmp_path, capsys
+):
+    out = tmp_path / "cache"
+    precompute(
+        tiny_model_dir, out, "--caption_prefix", "sks", "--validation_prompts", "sks at noon", data_dir=tiny_data_dir
+    )
+    captions = {source: r["caption"] for source, r in load(out)[0].items()}
+    precompute(tiny_model_dir, out, data_dir=tiny_data_dir)  # the flags left out
+    records, manifest = load(out)
+    assert {source: r["caption"] for source, r in records.items()} == captions
+    assert (manifest["caption_prefix"], manifest["validation_prompts"]) == ("sks", ["sks at noon"])
+    printed = capsys.readouterr().out
+    assert "note: --caption_prefix 'sks' kept from the cache" in printed and "1 validation prompt(s) kept" in printed
+    precompute(tiny_model_dir, out, "--caption_prefix", "", "--validation_prompts", data_dir=tiny_data_dir)
+    records, manifest = load(out)
+    assert (manifest["caption_prefix"], manifest["validation_prompts"]) == ("", [])
+    assert not any(r["caption"].startswith("sks") for r in records.values())

@@ -565,18 +565,37 @@ def check_validation_prompts(parser, args: argparse.Namespace) -> None:
     --caption_prefix, before any model loads. --validation_prompt_file's lines join --validation_prompts (read once:
     the --config a run writes lists the prompts themselves)."""
     try:
-        parse_prompts(args.validation_prompts, "--validation_prompts")
+        parse_prompts(args.validation_prompts or [], "--validation_prompts")
         if args.validation_prompt_file:
             lines = read_prompt_file(args.validation_prompt_file, "--validation_prompt_file")
             parse_prompts(lines, f"--validation_prompt_file {args.validation_prompt_file}")
-            args.validation_prompts, args.validation_prompt_file = args.validation_prompts + lines, None
+            args.validation_prompts, args.validation_prompt_file = (args.validation_prompts or []) + lines, None
     except (OSError, ValueError) as e:
         parser.error(str(e))
     if (
-        any(TRIGGER_PLACEHOLDER in line for line in args.validation_prompts)
+        any(TRIGGER_PLACEHOLDER in line for line in args.validation_prompts or [])
         and not (args.caption_prefix or "").strip()
     ):
         parser.error("a validation prompt holds [trigger], which --caption_prefix replaces: give --caption_prefix")
+
+
+def carry_over_from_cache(args: argparse.Namespace, manifest: dict | None) -> list[str]:
+    """A re-run that leaves out --caption_prefix or --validation_prompts keeps the cache's (a re-run adds new images
+    to a cache; it does not quietly strip the trigger from every caption or drop the prompts); an empty value
+    (`--caption_prefix ""`, `--validation_prompts` with none) drops them. In place on `args`; returns notes saying
+    what was kept."""
+    notes = []
+    if manifest and args.caption_prefix is None and manifest.get("caption_prefix"):
+        args.caption_prefix = manifest["caption_prefix"]
+        notes.append(f"--caption_prefix {args.caption_prefix!r} kept from the cache (--caption_prefix '' drops it)")
+    if manifest and args.validation_prompts is None and manifest.get("validation_prompts"):
+        args.validation_prompts = list(manifest["validation_prompts"])
+        notes.append(
+            f"the cache's {len(args.validation_prompts)} validation prompt(s) kept (--validation_prompts with none "
+            "drops them)"
+        )
+    args.validation_prompts = args.validation_prompts or []
+    return notes
 
 
 def encode_validation_prompts(
