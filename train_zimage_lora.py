@@ -377,6 +377,7 @@ def run_training(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
         cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))
+        start_trackers(accelerator, args, output_dir)  # (before the model loads: a tracker that cannot start says so)
 
     # The frozen base (never the text encoder): its precision, a training adapter merged, blocks swapped, on its devices
     transformer, adapter_state = load_training_base(args, accelerator, print0, plan.adapter_state)
@@ -428,8 +429,6 @@ def run_training(args: argparse.Namespace) -> None:
     config = StepConfig.from_flags(args)
     if args.max_memory_gb:
         fit_memory_budget(args, accelerator, transformer, train, config, params, print0)
-    if accelerator.is_main_process:
-        start_trackers(accelerator, args, output_dir)
     trainable = count_trainable_parameters(transformer)
     print0(start_line(args, accelerator, train, sampler, caches, trainable, len(targets), global_step))
 

@@ -1376,3 +1376,15 @@ def test_a_checkpoint_named_as_diffusers_examples_name_it_is_found_in_the_output
     assert resolve_resume_path(tmp_path / "run", "checkpoint-2") == tmp_path / "run" / "checkpoint-2"
     with pytest.raises(FileNotFoundError, match="checkpoint-9: no such folder \\(nor in .*run\\)"):
         resolve_resume_path(tmp_path / "run", "checkpoint-9")
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_the_model_loads(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    def not_logged_in(*args, **kwargs):
+        raise RuntimeError("No API key configured")
+
+    monkeypatch.setattr(train_zimage_lora.Accelerator, "init_trackers", not_logged_in)
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match="--report_to tensorboard could not start .*No API key.*--report_to"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, report_to="tensorboard")

@@ -142,11 +142,20 @@ def start_trackers(accelerator, args: argparse.Namespace, output_dir: Path) -> N
     """accelerate's trackers for --report_to, given the run's flags as its config (main process only)."""
     # Trackers take scalars and strings only (tensorboard's hparams refuse lists)
     hparams = {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()}
-    accelerator.init_trackers(
-        args.tracker_project_name,
-        config={k: v for k, v in hparams.items() if v is not None},
-        init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
-    )
+    try:
+        accelerator.init_trackers(
+            args.tracker_project_name,
+            config={k: v for k, v in hparams.items() if v is not None},
+            init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
+        )
+    except Exception as error:  # (wandb not installed, not logged in, no network: each its own exception type)
+        fix = "; run `wandb login` (or set WANDB_API_KEY, or WANDB_MODE=offline to log locally)" * (
+            args.report_to == "wandb"
+        )
+        raise ValueError(
+            f"--report_to {args.report_to} could not start ({type(error).__name__}: {error}){fix}, or pass "
+            "--report_to tensorboard or none"
+        ) from error
 
 
 def tracker_init_kwargs(report_to: str, output_dir: Path, run_name: str | None = None) -> dict[str, dict]:
