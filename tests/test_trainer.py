@@ -739,6 +739,9 @@ def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tin
     caplog.set_level("INFO", logger="train")
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
     assert "no checkpoint" in caplog.text and [r["step"] for r in log] == [1, 2]
+    # a new run in that folder would add its losses to this one's log (and its samples beside these)
+    with pytest.raises(ValueError, match="holds an earlier run \\(its train_log.jsonl and samples.*new --output_dir"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2)
 
 
 def test_a_folder_of_another_run_is_refused_and_a_damaged_checkpoint_names_the_fix(

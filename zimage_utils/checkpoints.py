@@ -36,6 +36,11 @@ def check_new_run(output_dir: str | Path, resume_from: str | None) -> None:
             f"{output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found[-3:])}): continue "
             "it with --resume_from_checkpoint latest, or give this run a new --output_dir"
         )
+    if resume_from is None and (Path(output_dir) / "train_log.jsonl").exists():  # (its losses and samples would mix)
+        raise ValueError(
+            f"{output_dir} holds an earlier run (its train_log.jsonl and samples, no checkpoint to continue from): "
+            "give this run a new --output_dir, or remove them"
+        )
 
 
 def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path | None:
