@@ -85,6 +85,17 @@ def test_the_precompute_and_generate_take_a_config_too(tmp_path):
     assert generate.parse_args(["--config", sample, "--seed", "3"]).prompt == ["a red circle"]
 
 
+def test_a_list_flag_on_the_command_line_replaces_the_files_and_no_name_empties_it(tmp_path):
+    """(generate.py's --lora and --prompt gather values: the command line's would otherwise add to the file's)"""
+    lines = "pretrained_model_name_or_path: model\nlora: [a.safetensors, b.safetensors]\nprompt: [one, two]\n"
+    config = write_yaml(tmp_path / "sample.yaml", lines)
+    args = generate.parse_args(["--config", config])
+    assert (args.lora, args.prompt) == (["a.safetensors", "b.safetensors"], ["one", "two"])
+    args = generate.parse_args(["--config", config, "--lora", "c.safetensors:0.5", "--prompt", "three"])
+    assert (args.lora, args.prompt) == (["c.safetensors:0.5"], ["three"])
+    assert generate.parse_args(["--config", config, "--no_lora"]).lora == []
+
+
 def test_a_written_config_repeats_the_parsed_flags(tmp_path):
     argv = REQUIRED + ["--precomputed_dir", "a", "b", "--repeats", "1", "3", "--rank", "32", "--compile"]
     argv += ["--sigma_range", "0.1", "0.8", "--learning_rate", "2.5e-5", "--lora_targets", "attention_ffn"]

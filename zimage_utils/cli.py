@@ -69,7 +69,13 @@ def parse_with_config(parser: argparse.ArgumentParser, input_args: list[str] | N
     find = argparse.ArgumentParser(add_help=False)
     find.add_argument("--config", default=None)
     config = find.parse_known_args(argv)[0].config
-    return parser.parse_args((config_argv(parser, Path(config)) if config else []) + argv)
+    # A flag that gathers values (--lora A --lora B, --prompt A B) given on the command line replaces the file's
+    given = {
+        parser._option_string_actions[a.split("=")[0]].dest
+        for a in argv
+        if a.split("=")[0] in parser._option_string_actions
+    }
+    return parser.parse_args((config_argv(parser, Path(config), replaced=given) if config else []) + argv)
 
 
 def add_off_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +88,7 @@ def add_off_flags(parser: argparse.ArgumentParser) -> None:
             not flags
             or action.required
             or action.dest == "config"
-            or not (action.default is None or action.default is False)
+            or not (action.default is None or action.default is False or action.default == [])
         ):
             continue
         off = "--no_" + flags[-1].removeprefix("--")
@@ -97,8 +103,9 @@ def add_off_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
-    """The command-line flags a `--config` YAML file stands for (see `parse_with_config`)."""
+def config_argv(parser: argparse.ArgumentParser, path: Path, replaced: set[str] = frozenset()) -> list[str]:
+    """The command-line flags a `--config` YAML file stands for (see `parse_with_config`), but for flags that gather
+    values (append, extend) whose dest is in `replaced` (given on the command line)."""
     import yaml
 
     if not path.is_file():
@@ -118,10 +125,13 @@ def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"--config {path}: {key!r} is not a flag of this script{hint}; see --help")
         flag = action.option_strings[-1]
-        if value is None or value is False:
-            continue  # not given (a switch left off)
+        gathers = isinstance(action, argparse._AppendAction | argparse._ExtendAction)
+        if value is None or value is False or (gathers and action.dest in replaced):
+            continue  # not given (a switch left off), or given again on the command line
         if value is True:
             argv += [flag] if action.nargs in (0, "?") else [flag, "true"]
+        elif isinstance(value, list) and isinstance(action, argparse._AppendAction) and action.nargs is None:
+            argv += [part for item in value for part in (flag, str(item))]  # (one value per occurrence)
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
         else:
