@@ -25,6 +25,7 @@ on a CPU; --device cuda). What a LoRA cannot hold (biases, norms, embedders, unt
 import argparse
 import collections
 import functools
+import re
 from pathlib import Path
 
 import safetensors
@@ -340,9 +341,17 @@ def main(args: argparse.Namespace) -> None:
     lora, metadata, summary, dtype = (extracted if args.tool == "extract" else edited)(args)
     metadata |= given_metadata(args)
     if args.trigger:  # (ours and the spec's key: generate.py and LoRA browsers read either)
+        old = metadata.get("trigger_word") or metadata.get("modelspec.trigger_phrase")
         metadata |= {"trigger_word": args.trigger, "modelspec.trigger_phrase": args.trigger}
+        if old and "modelspec.usage_hint" in metadata:  # ("...; start the prompt with 'sks'", as the trainer writes)
+            metadata["modelspec.usage_hint"] = metadata["modelspec.usage_hint"].replace(
+                f"'{old}'", f"'{args.trigger}'"
+            )
     dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype else dtype
     metadata["rank"] = rank_text([down.shape[0] for _, down in lora.values()])
+    if "modelspec.description" in metadata and not args.metadata_description:  # (the trainer's names the rank)
+        description = re.sub(r"\(rank [^,)]+", f"(rank {metadata['rank']}", metadata["modelspec.description"], count=1)
+        metadata["modelspec.description"] = description
     paths = save_lora_state(args.output_dir, factors_state_dict(lora), metadata, args.formats, dtype)
     print(summary)
     for path in paths.values():

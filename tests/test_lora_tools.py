@@ -414,3 +414,17 @@ def test_the_metadata_flags_rewrite_what_a_lora_says_about_itself(loras, tmp_pat
         assert {k: written[f"modelspec.{k}"] for k in flags} == flags
         assert written["modelspec.trigger_phrase"] == written["trigger_word"] == "ohwx ink"  # (the source's: sks2)
         assert written["modelspec.hash_sha256"] == spec_hash(tmp_path / "c" / name)
+
+
+def test_a_new_trigger_and_a_new_rank_reach_the_usage_hint_and_the_description(tmp_path):
+    """(the trainer's spec names the trigger in its usage hint and the rank in its description)"""
+    transformer = make_tiny_pipeline(seed=0).transformer
+    config = add_lora(transformer, rank=4, alpha=4, targets="attention")
+    stand_in_for_training(transformer, seed=1)
+    spec = model_spec("x", trigger_phrase="sks", usage_hint="8 steps, no CFG; start the prompt with 'sks'",
+                      description="Z-Image LoRA (rank 4, attention) for tiny.")  # fmt: skip
+    save_lora(tmp_path / "a", transformer, config, {"trigger_word": "sks", **spec})
+    tool("resize", tmp_path / "a", "--rank", 2, "--trigger", "ohwx", "--output_dir", tmp_path / "b")
+    _, written = load_lora_file(tmp_path / "b" / LORA_WEIGHT_NAME)
+    assert written["modelspec.usage_hint"] == "8 steps, no CFG; start the prompt with 'ohwx'"
+    assert written["modelspec.description"] == "Z-Image LoRA (rank 2, attention) for tiny."
