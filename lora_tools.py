@@ -71,7 +71,7 @@ LAYOUT_METADATA = ("format", "lora_format", "lora_alpha_folded", LORA_ADAPTER_ME
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tools = parser.add_subparsers(dest="tool", required=True, metavar="{convert,resize,merge,show}")
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="{convert,resize,merge,extract,show}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output_dir", required=True, help="Folder for the two LoRA files (created if missing).")
     common.add_argument(

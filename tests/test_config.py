@@ -59,6 +59,12 @@ def test_the_files_values_go_through_the_parsers_checks(tmp_path, line, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_a_switch_given_as_a_string_names_the_key(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", 'gradient_checkpointing: "false"\n')
+    with pytest.raises(ValueError, match="run.yaml: gradient_checkpointing: 'false'; a switch takes true or false"):
+        train_zimage_lora.parse_args(REQUIRED + ["--config", config])
+
+
 def test_an_unknown_key_names_the_file_and_the_nearest_flag(tmp_path):
     config = write_yaml(tmp_path / "run.yaml", "learning_rat: 1e-4\n")
     with pytest.raises(ValueError, match=r"run\.yaml: 'learning_rat' is not a flag .*did you mean 'learning_rate'"):

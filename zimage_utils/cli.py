@@ -128,6 +128,8 @@ def config_argv(parser: argparse.ArgumentParser, path: Path, replaced: set[str] 
         gathers = isinstance(action, argparse._AppendAction | argparse._ExtendAction)
         if value is None or value is False or (gathers and action.dest in replaced):
             continue  # not given (a switch left off), or given again on the command line
+        if action.nargs == 0 and not isinstance(value, bool):  # a switch: `true` or `false` (YAML's, unquoted)
+            raise ValueError(f"--config {path}: {key}: {value!r}; a switch takes true or false (unquoted)")
         if value is True:
             argv += [flag] if action.nargs in (0, "?") else [flag, "true"]
         elif isinstance(value, list) and isinstance(action, argparse._AppendAction) and action.nargs is None:
