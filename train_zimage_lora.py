@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ from zimage_utils.training_step import StepConfig, add_step_flags, flow_matching
 from zimage_utils.validation import Validator, add_validation_flags, validation_loss
 
 logger = logging.getLogger("train")
+# Flags of diffusers' and kohya's trainers that are precompute_embeddings.py's here: named, not just "unrecognized"
+CACHING_FLAGS = ("--caption_prefix", "--resolution", "--validation_prompts", "--validation_prompt", "--instance_prompt",
+                 "--train_data_dir", "--caption_extension", "--class_prompt")  # fmt: skip
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -273,6 +277,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--logging_steps", type=int, default=10, help="Read the loss back from the device every N steps.")
     g.add_argument("--max_train_steps_this_run", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     add_hub_flags(p.add_argument_group("Hugging Face hub"))  # --push_to_hub, --hub_model_id, --hub_private
+    given = sys.argv[1:] if input_args is None else input_args
+    if misplaced := [a.split("=")[0] for a in given if a.split("=")[0] in CACHING_FLAGS]:
+        p.error(
+            f"{misplaced[0]} is set when caching (precompute_embeddings.py: captions, trigger word, resolution and "
+            "validation prompts are cached there, as --caption_prefix, --resolution, --validation_prompts): cache "
+            "with it, then pass the cache with --precomputed_dir"
+        )
     args = cli.parse_with_config(p, input_args)
     if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
         p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")

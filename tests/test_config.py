@@ -59,6 +59,12 @@ def test_the_files_values_go_through_the_parsers_checks(tmp_path, line, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_the_trainer_names_flags_that_belong_to_the_caching(capsys):
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(REQUIRED + ["--caption_prefix", "sks"])
+    assert "--caption_prefix is set when caching (precompute_embeddings.py" in capsys.readouterr().err
+
+
 def test_a_switch_given_as_a_string_names_the_key(tmp_path):
     config = write_yaml(tmp_path / "run.yaml", 'gradient_checkpointing: "false"\n')
     with pytest.raises(ValueError, match="run.yaml: gradient_checkpointing: 'false'; a switch takes true or false"):
