@@ -299,11 +299,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
         p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
-    if args.adapter == "dora" and args.base_precision != "bf16":
-        p.error(
-            "--adapter dora takes the norms of the base's weights, which fp8 keeps scaled (and with nf4 it has not "
-            "been tried): use --base_precision bf16"
-        )
+    if args.adapter == "dora" and args.base_precision not in ("bf16", "nf4"):
+        p.error("--adapter dora takes the norms of the base's weights, which fp8 keeps scaled: use a bf16 or nf4 base")
     if args.adapter == "dora" and (args.training_adapter or args.blocks_to_swap):
         p.error(
             "--adapter dora works without --training_adapter (a DoRA's norms are of the weights it trained on, so "

@@ -431,7 +431,7 @@ def test_dora_run_trains_its_norms_and_its_diffusers_file_gives_the_trained_mode
     torch.testing.assert_close(transformer_output(pipe.transformer), expected, rtol=0, atol=1e-5)
     assert load_lora_file(tmp_path / LORA_WEIGHT_NAME)[1]["adapter"] == "dora"
     for extra, message in (
-        (dict(base_precision="fp8"), "use --base_precision bf16"),
+        (dict(base_precision="fp8"), "use a bf16 or nf4 base"),
         (dict(blocks_to_swap=2), "without --blocks_to_swap"),
     ):
         with pytest.raises(SystemExit):
