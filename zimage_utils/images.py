@@ -196,8 +196,12 @@ def _walk_files(root: Path) -> tuple[list[Path], list[Path]]:
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             path = Path(folder) / name
-            if not name.startswith("."):
-                (files if path.is_file() else broken if path.is_symlink() and not path.exists() else []).append(path)
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                broken.append(path)
     return files, broken
 
 
