@@ -9,7 +9,6 @@ docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,12 @@ from tqdm.auto import tqdm
 from zimage_utils import cache as cache_lib
 from zimage_utils import cli
 from zimage_utils.buckets import make_buckets
+from zimage_utils.cache_folder import (
+    drop_set_aside,
+    prepare_output_dir,
+    prepare_output_dir_readonly,
+    restore_set_aside,
+)
 from zimage_utils.contact_sheet import CONTACT_SHEET_NAME, write_contact_sheet
 from zimage_utils.distributed import check_process_group
 from zimage_utils.images import check_image_folder, discover_folder, items_from_dataset
@@ -35,11 +40,9 @@ from zimage_utils.model_loading import (
     component_config_hash,
     load_text_encoder_and_tokenizer,
     load_vae,
-    longest_caption,
     read_component_config,
     require_zimage,
     run_dtype,
-    transformer_config,
 )
 from zimage_utils.precompute import (
     KEY_COLUMNS,
@@ -50,8 +53,8 @@ from zimage_utils.precompute import (
     add_caption_flags,
     cache_notes,
     carry_over_from_cache,
+    check_caption_limit,
     check_validation_prompts,
-    drop_set_aside,
     duplicate_notes,
     encode_ahead,
     encode_batch,
@@ -62,8 +65,6 @@ from zimage_utils.precompute import (
     plan_batches,
     record_key,
     refuse_an_empty_cache,
-    restore_set_aside,
-    set_aside_for_overwrite,
     summarise,
 )
 from zimage_utils.step_options import raise_recompile_limit
@@ -283,39 +284,6 @@ def make_fingerprint(args: argparse.Namespace) -> dict:
     }
 
 
-def prepare_output_dir(args: argparse.Namespace, fingerprint: dict) -> datasets.Dataset | None:
-    """The existing cache to extend, after checking it was made the same way (main process only)."""
-    out = Path(args.output_dir)
-    if args.overwrite and out.exists():
-        set_aside_for_overwrite(out)  # (kept until the new cache is written)
-    elif restore_set_aside(out):
-        logger.info(f"an earlier --overwrite of {out} did not finish: the cache it was replacing is back")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = cache_lib.read_manifest(out)
-    # An interrupted run leaves finished parts (and, on a first run, no manifest yet): they are merged into this
-    # run's cache, so they must have been made the same way too.
-    shards_fingerprint = out / cache_lib.SHARDS_DIR / cache_lib.SHARDS_FINGERPRINT_NAME
-    found = [manifest["fingerprint"]] if manifest is not None else []
-    if shards_fingerprint.exists() and any(shards_fingerprint.parent.glob("rank*")):
-        found.append(json.loads(shards_fingerprint.read_text()))
-    for previous in found:
-        diffs = cache_lib.fingerprint_mismatches(
-            {k: v for k, v in fingerprint.items() if k != "model"}, {k: v for k, v in previous.items() if k != "model"}
-        )
-        if diffs or (
-            manifest is not None and manifest.get("format_version") not in cache_lib.READABLE_FORMAT_VERSIONS
-        ):
-            raise cache_lib.CacheError(
-                f"{out} holds a cache made differently ({'; '.join(diffs) or 'older format'}): "
-                "pass --overwrite to rebuild it, or choose another --output_dir."
-            )
-    shards_fingerprint.parent.mkdir(exist_ok=True)
-    cache_lib.write_json_atomic(shards_fingerprint, fingerprint)
-    if manifest is None or manifest.get("num_items") == 0:  # (older versions wrote a cache of no item)
-        return None
-    return datasets.load_from_disk(str(out / cache_lib.DATA_DIR))
-
-
 def main(args: argparse.Namespace) -> dict | None:
     """`build_cache(args)`, with CUDA running out of memory turned into one line saying what to change."""
     use_expandable_segments()
@@ -337,20 +305,6 @@ def main(args: argparse.Namespace) -> dict | None:
             f"out of GPU memory while encoding batches of {args.batch_size} images at about {args.resolution} px a "
             f"side: give {', or '.join(changes)}. The parts finished so far are kept: a re-run encodes only the rest."
         ) from error
-
-
-def check_caption_limit(args: argparse.Namespace) -> None:
-    """--max_sequence_length within the caption tokens the model's transformer can place (a folder without a
-    transformer config is not checked: the trainer checks the cache against the model it trains)."""
-    try:
-        config = transformer_config(args.pretrained_model_name_or_path, revision=args.revision)
-    except (OSError, ValueError):
-        return
-    if args.max_sequence_length > (limit := longest_caption(config)):
-        raise ValueError(
-            f"--max_sequence_length {args.max_sequence_length}: {args.pretrained_model_name_or_path}'s transformer "
-            f"places at most {limit} caption tokens; give {limit} or less"
-        )
 
 
 def use_expandable_segments() -> None:
@@ -660,13 +614,6 @@ def report_dry_run(accelerator, args, fitted, skipped, notes, to_encode: int, it
 def by_source(reports: list[dict], key: str) -> list[dict[str, str]]:
     """Every process's `key` entries ({"source", "reason"}: skipped images or notes), in source order."""
     return sorted((entry for report in reports for entry in report[key]), key=lambda entry: entry["source"])
-
-
-def prepare_output_dir_readonly(output_dir: str) -> datasets.Dataset | None:
-    # Same rule as the main process: data/ without a manifest is a half-written cache that will be replaced.
-    data, manifest = Path(output_dir) / cache_lib.DATA_DIR, cache_lib.read_manifest(output_dir)
-    has_items = manifest is not None and manifest.get("num_items") != 0
-    return datasets.load_from_disk(str(data)) if data.exists() and has_items else None
 
 
 if __name__ == "__main__":

@@ -35,16 +35,10 @@ from PIL import Image
 import precompute_embeddings
 from zimage_utils import cache as cache_lib
 from zimage_utils.buckets import plan_crop, resize_and_crop
+from zimage_utils.cache_folder import REPLACED_DIR, restore_set_aside, set_aside_for_overwrite
 from zimage_utils.latents import encode_images, pil_to_tensor
 from zimage_utils.model_loading import load_vae
-from zimage_utils.precompute import (
-    REPLACED_DIR,
-    ShardWriter,
-    encode_ahead,
-    load_shards,
-    restore_set_aside,
-    set_aside_for_overwrite,
-)
+from zimage_utils.precompute import ShardWriter, encode_ahead, load_shards
 from zimage_utils.sample_prompts import SamplePrompt
 
 REPO_ROOT = Path(precompute_embeddings.__file__).resolve().parent

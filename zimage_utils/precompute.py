@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 
 from .buckets import CropBox, assign_bucket, plan_crop, resize_and_crop, upscale_factor
 from .cache import FEATURES, SHARDS_DIR, CachedPrompt, add_missing_columns, records_to_dataset, tensor_to_bytes
+from .cache_folder import restore_set_aside
 from .images import (
     DATASET_MASK_COLUMN,
     TRIGGER_PLACEHOLDER,
@@ -52,6 +53,7 @@ from .images import (
     shuffled_tags,
 )
 from .latents import encode_images, pil_to_tensor
+from .model_loading import longest_caption, transformer_config
 from .sample_prompts import parse_prompts, read_prompt_file
 from .text_encoding import encode_captions
 
@@ -560,6 +562,20 @@ def merge(
     return merged.select(keep), dropped
 
 
+def check_caption_limit(args: argparse.Namespace) -> None:
+    """--max_sequence_length within the caption tokens the model's transformer can place (a folder without a
+    transformer config is not checked: the trainer checks the cache against the model it trains)."""
+    try:
+        config = transformer_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError):
+        return
+    if args.max_sequence_length > (limit := longest_caption(config)):
+        raise ValueError(
+            f"--max_sequence_length {args.max_sequence_length}: {args.pretrained_model_name_or_path}'s transformer "
+            f"places at most {limit} caption tokens; give {limit} or less"
+        )
+
+
 def check_validation_prompts(parser, args: argparse.Namespace) -> None:
     """`parser.error` for a validation prompt whose settings do not parse, or that holds [trigger] without a
     --caption_prefix, before any model loads. --validation_prompt_file's lines join --validation_prompts (read once:
@@ -682,61 +698,6 @@ def summarise(records_by_bucket: Counter, skipped: list[dict[str, str]], notes: 
         lines.append(f"{len(skipped)} skipped:")
         lines += [f"  {s['source']}: {s['reason']}" for s in skipped]
     return "\n".join(lines)
-
-
-REPLACED_DIR = ".replaced"  # --overwrite: the cache being replaced, kept here until its replacement is written
-
-
-def cache_entries() -> tuple[str, ...]:
-    """What a cache folder holds (as --overwrite replaces it)."""
-    from .cache import CONFIG_NAME, DATA_DIR, MANIFEST_NAME, PROMPT_EMBEDDINGS_NAME
-    from .contact_sheet import CONTACT_SHEET_NAME
-
-    return DATA_DIR, SHARDS_DIR, MANIFEST_NAME, PROMPT_EMBEDDINGS_NAME, CONFIG_NAME, CONTACT_SHEET_NAME
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def set_aside_for_overwrite(out: Path) -> None:
-    """--overwrite: the cache in `out` moved into out/.replaced (renames, so instant) instead of deleted, so that a run
-    that fails before its own cache is written loses nothing (`restore_set_aside`); `drop_set_aside` removes it after.
-    If an earlier --overwrite left one there unfinished, that is still the cache to keep, and what the unfinished run
-    wrote is removed instead."""
-    aside = out / REPLACED_DIR
-    if aside.is_dir():
-        for name in cache_entries():
-            _remove(out / name)
-        return
-    present = [name for name in cache_entries() if (out / name).exists()]
-    if present:
-        aside.mkdir()
-        for name in present:
-            os.replace(out / name, aside / name)
-
-
-def restore_set_aside(out: Path) -> bool:
-    """Put back the cache an unfinished --overwrite run set aside, removing what that run wrote in its place (after a
-    finished one, which wrote its manifest, only drop what was set aside). True if a cache was put back."""
-    from .cache import MANIFEST_NAME
-
-    aside = out / REPLACED_DIR
-    if not aside.is_dir():
-        return False
-    if (out / MANIFEST_NAME).exists():  # the replacement was written; only the removal of the old one was cut short
-        drop_set_aside(out)
-        return False
-    for name in cache_entries():
-        _remove(out / name)
-    for path in aside.iterdir():
-        os.replace(path, out / path.name)
-    aside.rmdir()
-    return True
-
-
-def drop_set_aside(out: Path) -> None:
-    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
 
 
 def refuse_an_empty_cache(
