@@ -149,9 +149,8 @@ def start_trackers(accelerator, args: argparse.Namespace, output_dir: Path) -> N
             init_kwargs=tracker_init_kwargs(args.report_to, output_dir, args.tracker_run_name),
         )
     except Exception as error:  # (wandb not installed, not logged in, no network: each its own exception type)
-        fix = "; run `wandb login` (or set WANDB_API_KEY, or WANDB_MODE=offline to log locally)" * (
-            args.report_to == "wandb"
-        )
+        wandb = "; run `wandb login` (or set WANDB_API_KEY, or WANDB_MODE=offline to log locally)"
+        fix = wandb if args.report_to == "wandb" else ""
         raise ValueError(
             f"--report_to {args.report_to} could not start ({type(error).__name__}: {error}){fix}, or pass "
             "--report_to tensorboard or none"
