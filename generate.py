@@ -19,7 +19,7 @@ import torch
 from zimage_utils import cli
 from zimage_utils.lora_io import lora_metadata, read_lora, split_strength, trigger_of
 from zimage_utils.model_loading import pin_as_needed, require_zimage, stored_dtype
-from zimage_utils.sample_prompts import KNOWN_OPTIONS, parse_prompts, read_prompt_file
+from zimage_utils.sample_prompts import KNOWN_OPTIONS, image_side, parse_prompts, read_prompt_file
 from zimage_utils.validation import SAMPLING_DEFAULTS, labelled_grid, model_variant, save_grid, save_png_atomic
 
 
@@ -54,8 +54,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "column.",
     )
     p.add_argument("--negative_prompt", default=None, help="Used when guidance > 0.")
-    p.add_argument("--height", type=int, default=1024, help="Pixels, a multiple of 16.")
-    p.add_argument("--width", type=int, default=1024, help="Pixels, a multiple of 16.")
+    p.add_argument("--height", type=image_side, default=1024, help="Pixels, a multiple of 16.")
+    p.add_argument("--width", type=image_side, default=1024, help="Pixels, a multiple of 16.")
     p.add_argument("--num_inference_steps", type=int, default=None, help="Default: 8 Turbo, 50 base.")
     p.add_argument("--guidance_scale", type=float, default=None, help="Default: 0 Turbo, 4 base.")
     p.add_argument("--num_images", type=int, default=1, help="Images per prompt (one grid PNG).")

@@ -66,7 +66,15 @@ from zimage_utils.optimizers import (
     optimizer_and_schedule,
 )
 from zimage_utils.plots import plot_loss_per_sigma
-from zimage_utils.run_plan import add_run_lora, check_lora_plan, dry_run_report, is_due, schedule_steps, start_line
+from zimage_utils.run_plan import (
+    add_run_lora,
+    check_lora_plan,
+    dry_run_report,
+    is_due,
+    resume_settings,
+    schedule_steps,
+    start_line,
+)
 from zimage_utils.step_options import apply_step_flags, freeze_gc
 from zimage_utils.train_data import check_caption_lengths, collate, item_generator_seed, train_loader, training_data
 from zimage_utils.train_log import LogWindow, add_tracker_flags, append_jsonl, lowest_held_out_loss, start_trackers
@@ -421,7 +429,6 @@ def run_training(args: argparse.Namespace) -> None:
     ema = LoraEMA(trainable, args.ema_decay) if args.ema_decay else None
 
     # Resume: LoRA, optimiser, scheduler and RNG from accelerate; the loop position from training_state.json
-    optimizer_flags = {"optimizer": args.optimizer, "loraplus_lr_ratio": args.loraplus_lr_ratio}
     global_step, epoch, start_batch = resume_training(
         accelerator,
         output_dir,
@@ -429,7 +436,7 @@ def run_training(args: argparse.Namespace) -> None:
         len(train),
         ema,
         print0,
-        optimizer_flags,
+        resume_settings(args),
         batch_size=args.train_batch_size,
         lr_scheduler=lr_scheduler,
     )
@@ -458,7 +465,7 @@ def run_training(args: argparse.Namespace) -> None:
                 path,
                 {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
                 | batch_layout(accelerator, args.train_batch_size)
-                | optimizer_flags,
+                | resume_settings(args),
             )
         accelerator.wait_for_everyone()
         triggers.saved(step)

@@ -122,22 +122,13 @@ def test_saved_activations_benchmark_sees_checkpointing_keep_less(tmp_path):
     assert none["s_per_step"] > 0 and sum(none["largest_saved_gib"].values()) <= none["saved_gib"]
 
 
-def test_generate_benchmark_samples_the_same_image_with_and_without_offload(tmp_path):
-    report = run_benchmark(
-        "bench_generate.py",
-        "--tiny",
-        "--work",
-        str(tmp_path),
-        "--ways",
-        "none,layers",
-        "--out",
-        str(tmp_path / "g.json"),
-    )
-    none, layers = report["runs"]
-    assert (none["way"], layers["way"]) == ("none", "layers")
-    assert "sampling_s" in none and "sampling_s" in layers  # read from the line generate.py prints
-    assert np.asarray(Image.open(none["image"])).std() > 0  # a picture, not a blank
-    assert layers["max_pixel_diff_vs_first"] == 0
+def test_generate_benchmark_samples_with_layer_offload(tmp_path):
+    # One way, to keep CI short: the same image with and without offloading is test_generate.py's (in-process)
+    flags = ["--tiny", "--work", str(tmp_path), "--ways", "layers", "--out", str(tmp_path / "g.json")]
+    (layers,) = run_benchmark("bench_generate.py", *flags)["runs"]
+    assert layers["way"] == "layers" and layers["returncode"] == 0
+    assert layers["sampling_s"] > 0  # read from the line generate.py prints
+    assert np.asarray(Image.open(layers["image"])).std() > 0  # a picture, not a blank
 
 
 def test_generate_benchmark_reads_the_peak_memory_generate_prints_on_cuda(monkeypatch):

@@ -58,6 +58,16 @@ def test_mistakes_are_refused_before_the_pipeline_loads_and_the_base_is_never_wr
             generate.main(generate.parse_args(["--pretrained_model_name_or_path", base] + flags))
 
 
+def test_a_side_not_a_multiple_of_16_is_refused_as_the_flags_are_read(capsys):
+    model = ["--pretrained_model_name_or_path", "m"]
+    for flags, message in [(["--height", "50"], "--height: 50: sides are positive multiples of 16 (VAE and 2x2 patches), e.g. 48"),
+                           (["--width", "1e3"], "--width: '1e3' is not a whole number of pixels")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            generate.parse_args(model + flags)
+        assert message in capsys.readouterr().err
+    assert generate.parse_args(model + ["--height", "832"]).height == 832
+
+
 def test_prompts_without_the_loras_trigger_get_a_note(tiny_model_dir, tmp_path, capsys):
     transformer = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
     config = add_lora(transformer, rank=4, alpha=4, targets="attention")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import random
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from zimage_utils import cli
 from zimage_utils.images import (
     BadImageError,
     ImageItem,
@@ -146,7 +148,7 @@ def test_a_cache_and_masks_inside_the_data_folder_are_not_images_to_train(tmp_pa
     assert len(discover_folder(tmp_path / "masks", exclude=[tmp_path, tmp_path / "masks"])) == 1
 
 
-def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silently(tmp_path, caplog):
+def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silently(tmp_path, caplog, monkeypatch):
     """GIF, TIFF and AVIF images are read (a GIF's first frame); linked folders are followed, once; HEIC images,
     links to nothing and names that are not UTF-8 are left out, each kind named in a warning."""
     for name in ("a.gif", "b.tif", "c.avif", "d.png"):
@@ -168,6 +170,18 @@ def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silent
     assert "1 image(s) in" in warnings and "(.heic; phone.heic)" in warnings
     assert "1 link(s)" in warnings and "gone.png" in warnings
     assert "1 image name(s)" in warnings and r"caf\xe9.png" in warnings and "rename them" in warnings
+
+    caplog.clear()  # a second process under accelerate launch leaves the warnings to the first
+    saved = {name: logging.getLogger(name).level for name in ("precompute", "zimage_utils")}
+    monkeypatch.setenv("RANK", "1")
+    try:
+        cli.setup_logging("precompute")
+        with caplog.at_level("WARNING"):
+            assert len(discover_folder(tmp_path)) == 5
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    assert "link(s)" not in caplog.text and "image(s) in" not in caplog.text
 
 
 def test_a_metadata_file_names_what_it_lacks_line_by_line(tmp_path, caplog):

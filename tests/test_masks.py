@@ -62,6 +62,10 @@ def test_mask_files_are_cached_on_the_latent_grid_and_missing_or_misfit_ones_rep
     # d.png has no mask
 
     caplog.set_level(logging.INFO, logger="precompute")
+    run_precompute(
+        tiny_model_dir, data, tmp_path / "dry", "--mask_dir", str(masks), "--dry_run"
+    )  # decodes the masks too
+    assert "dry run: 4 images fit their buckets, 1 skipped" in caplog.text and "e.png: its mask" in caplog.text
     records, manifest = precompute(tiny_model_dir, data, tmp_path / "cache", "--mask_dir", masks)
 
     assert manifest["fingerprint"]["masks"] == "mask_dir" and manifest["num_masked"] == 3

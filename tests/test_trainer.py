@@ -745,21 +745,23 @@ def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tin
 
 
 def test_a_folder_of_another_run_is_refused_and_a_damaged_checkpoint_names_the_fix(
-    tiny_model_dir, tiny_cache_dir, tmp_path
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
 ):
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=1)
     # a new run there would mix its checkpoints with these ("latest" could then pick the other run's)
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run .*checkpoint-2.*new --output_dir"):
         train(tiny_model_dir, tiny_cache_dir, tmp_path, rank=8)
-    with pytest.raises(
-        ValueError,
-        match=r"checkpoint-2 holds a LoRA of other shapes .*: \(4, 32\), here \(8, 32\)\): resume with the --rank",
-    ):
-        train(tiny_model_dir, tiny_cache_dir, tmp_path, rank=8, resume_from_checkpoint="latest")
+    loaded = train_zimage_lora.load_training_base
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", lambda *a: pytest.fail("the model loaded first"))
+    other_rank = r"checkpoint-2 holds a LoRA of other shapes .*: \(4, 32\), here \(8, 32\)\): resume with the --rank"
+    for dry_run in ({"dry_run": True}, {}):  # refused from the checkpoint's file header, before the model loads
+        with pytest.raises(ValueError, match=other_rank):
+            train(tiny_model_dir, tiny_cache_dir, tmp_path, rank=8, resume_from_checkpoint="latest", **dry_run)
     state = tmp_path / "checkpoint-2" / LORA_STATE_NAME
     state.write_bytes(state.read_bytes()[:100])  # a file cut short (a full disk, a killed copy)
     with pytest.raises(ValueError, match="checkpoint-2 could not be loaded .*delete that checkpoint folder"):
         train(tiny_model_dir, tiny_cache_dir, tmp_path, resume_from_checkpoint="latest")
+    monkeypatch.setattr(train_zimage_lora, "load_training_base", loaded)
     shutil.rmtree(tmp_path / "checkpoint-2")  # as the message says: the run goes on from checkpoint-1
     (tmp_path / "checkpoint-1" / TRAINING_STATE_NAME).write_text('{"global_step": 1,')
     with pytest.raises(ValueError, match=r"checkpoint-1/training_state.json is damaged"):

@@ -135,7 +135,10 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
             if is_transformer(models[i]):
                 model = accelerator.unwrap_model(models.pop(i))
                 state = load_file(str(Path(input_dir) / LORA_STATE_NAME))
-                check_same_lora(input_dir, state, get_lora_state_dict(model))
+                own = get_lora_state_dict(model)
+                check_same_lora(
+                    input_dir, {k: v.shape for k, v in state.items()}, {k: v.shape for k, v in own.items()}
+                )
                 state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in state.items()}
                 result = set_peft_model_state_dict(model, state, adapter_name="default")
                 if getattr(result, "unexpected_keys", None):
@@ -145,9 +148,46 @@ def register_lora_state_hooks(accelerator, transformer_class: type) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def check_same_lora(checkpoint: str | Path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose LoRA has other modules or shapes than this run's (another --rank, --lora_targets or
-    --adapter; e.g. an earlier run in the same --output_dir), naming what differs."""
+def check_resume_fits(checkpoint: str | Path, model: torch.nn.Module, settings: dict) -> None:
+    """Refuse, before the model loads (and in --dry_run), to resume from a `checkpoint` this run cannot: its LoRA
+    (the file's header: modules and shapes) against `model`'s (a weightless one with the run's LoRA added), its
+    optimiser `settings` against this run's (`check_same_settings`). A checkpoint without the LoRA file is left to
+    the load, which names it."""
+    from safetensors import safe_open
+
+    from .lora_io import get_lora_state_dict
+
+    path = Path(checkpoint) / LORA_STATE_NAME
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(
+            f"{checkpoint} could not be loaded ({str(error).splitlines()[0]}): {DAMAGED_ADVICE}"
+        ) from None
+    check_same_lora(checkpoint, saved, {key: tuple(t.shape) for key, t in get_lora_state_dict(model).items()})
+    check_same_settings(checkpoint, read_training_state(checkpoint), settings)
+
+
+def check_same_settings(checkpoint: str | Path, state: dict, settings: dict) -> None:
+    """Refuse a checkpoint saved with other `settings` (flag name → value, as written into its training_state.json
+    `state`) than this run's: its optimiser state would not fit. Flags absent from older checkpoints are not
+    checked."""
+    changed = {k: (state[k], v) for k, v in settings.items() if k in state and state[k] != v}
+    if changed:
+        was = " ".join(f"--{k} {old}" for k, (old, _) in changed.items())
+        now = " ".join(f"--{k} {new}" for k, (_, new) in changed.items())
+        raise ValueError(
+            f"{checkpoint} was saved with {was}, this run has {now}: its optimiser state does not fit. Resume with "
+            "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
+        )
+
+
+def check_same_lora(checkpoint: str | Path, saved: dict[str, tuple], own: dict[str, tuple]) -> None:
+    """Refuse a checkpoint whose LoRA has other modules or shapes (name → shape) than this run's (another --rank,
+    --lora_targets or --adapter; e.g. an earlier run in the same --output_dir), naming what differs."""
     if saved.keys() != own.keys():
         odd = sorted(saved.keys() ^ own.keys())[0]
         where = "the checkpoint" if odd in saved else "this run"
@@ -155,11 +195,11 @@ def check_same_lora(checkpoint: str | Path, saved: dict[str, torch.Tensor], own:
             f"{checkpoint} holds a LoRA on other modules than this run's (e.g. {odd} only in {where}): resume with the "
             "--lora_targets, --lora_exclude_refiners and --adapter it was trained with, or give a new --output_dir"
         )
-    for key, tensor in saved.items():
-        if tensor.shape != own[key].shape:
+    for key, shape in saved.items():
+        if tuple(shape) != tuple(own[key]):
             raise ValueError(
-                f"{checkpoint} holds a LoRA of other shapes than this run's ({key}: {tuple(tensor.shape)}, here "
-                f"{tuple(own[key].shape)}): resume with the --rank (and --lokr_factor) it was trained with, or give "
+                f"{checkpoint} holds a LoRA of other shapes than this run's ({key}: {tuple(shape)}, here "
+                f"{tuple(own[key])}): resume with the --rank (and --lokr_factor) it was trained with, or give "
                 "a new --output_dir"
             )
 
@@ -232,14 +272,7 @@ def resume_training(
             f"the optimiser state across them. Resume with --num_processes {saved['processes']}, or continue its LoRA "
             f"in a new --output_dir with --init_lora {resume / 'pytorch_lora_weights.safetensors'}."
         )
-    changed = {k: (state[k], v) for k, v in (settings or {}).items() if k in state and state[k] != v}
-    if changed:
-        was = " ".join(f"--{k} {old}" for k, (old, _) in changed.items())
-        now = " ".join(f"--{k} {new}" for k, (_, new) in changed.items())
-        raise ValueError(
-            f"{resume} was saved with {was}, this run has {now}: its optimiser state does not fit. Resume with "
-            "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
-        )
+    check_same_settings(resume, state, settings or {})
     weights_only_checkpoint_loads(accelerator)
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
     flags = group_hyperparameters(schedule.optimizer) if schedule is not None else None

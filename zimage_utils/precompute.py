@@ -154,8 +154,8 @@ def add_caption_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 class ScanDataset(torch.utils.data.Dataset):
-    """Reads headers and hashes files in DataLoader workers. Yields a Planned item, or (source, reason, kind)
-    with kind "skipped" or "note" (a conversion worth reporting)."""
+    """Reads headers and hashes files in DataLoader workers (with --dry_run decodes them too, as encoding would).
+    Yields a Planned item, or (source, reason, kind) with kind "skipped" or "note" (a conversion worth reporting)."""
 
     def __init__(self, items, buckets, args, hf_dataset=None):
         self.items, self.buckets, self.args, self.hf_dataset = items, buckets, args, hf_dataset
@@ -198,6 +198,11 @@ class ScanDataset(torch.utils.data.Dataset):
             if mask is not None:  # a changed mask re-encodes the item on the next run, as a changed image does
                 mask_digest = content_hash(mask, self.hf_dataset, DATASET_MASK_COLUMN)
                 digest = hashlib.sha256(f"{digest} {mask_digest}".encode()).hexdigest()
+            if args.dry_run:  # the encode pass's full decode, so that a truncated image or a mask of another shape
+                image = load_image(item, self.hf_dataset)  # is skipped here as a run would skip it
+                if mask is not None:
+                    load_mask(mask, item.source, image.size, self.hf_dataset)
+                notes += [note] if (note := conversion_note(image)) else []
         except BadImageError as e:
             return {"source": item.source, "skipped": e.reason, "notes": []}
         if mask is None and (args.mask_dir or args.mask_column):

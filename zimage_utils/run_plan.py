@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoints import read_training_state, resolve_resume_path
+from .checkpoints import check_resume_fits, read_training_state, resolve_resume_path
 from .lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from .lora_io import DIFFUSERS_PREFIX, read_lora
 from .train_data import BucketBatchSampler
@@ -65,7 +65,7 @@ class LoraPlan(NamedTuple):
 
 def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
     """The run's adapters, checked on a weightless (meta) transformer before the real one loads: the LoRA the flags
-    ask for, `--init_lora` against it (its kind, modules and rank: `init_lora_from`'s errors), and the training
+    ask for, the checkpoint it resumes from and `--init_lora` against it (their kind, modules and rank), and the training
     adapter, read and checked to adapt only modules this model has. Draws nothing from the global random generator
     (the meta model's initialisation would, and so change the LoRA the run then initialises)."""
     from diffusers import ZImageTransformer2DModel
@@ -75,6 +75,8 @@ def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
         base_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
         targets = lora_target_modules(model, args.lora_targets, args.lora_exclude_refiners)
         config = add_run_lora(model, args)
+    if resume := resolve_resume_path(args.output_dir, args.resume_from_checkpoint):
+        check_resume_fits(resume, model, resume_settings(args))
     if args.init_lora:
         with warnings.catch_warnings():  # its values are copied into meta tensors: nothing, as meant
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
@@ -88,6 +90,12 @@ def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
             f"{args.pretrained_model_name_or_path}'s transformer lacks: is it made for another Z-Image model?"
         )
     return LoraPlan(count_trainable_parameters(model), len(targets), base_gib, adapter_state)
+
+
+def resume_settings(args: argparse.Namespace) -> dict:
+    """The flags a checkpoint's optimiser state depends on (written into its training_state.json): a resume with
+    others is refused."""
+    return {"optimizer": args.optimizer, "loraplus_lr_ratio": args.loraplus_lr_ratio}
 
 
 def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) -> str:

@@ -12,6 +12,7 @@ sample prompt files, so that those files work here unchanged:
 What a line leaves out comes from the run's flags. The trainer samples validation prompts this way (their text and
 negative are encoded once by precompute_embeddings.py) and generate.py its --prompt / --prompt_file prompts."""
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -69,6 +70,25 @@ def parse_prompt(line: str, where: str = "prompt") -> SamplePrompt:
     return SamplePrompt(text, **options)
 
 
+def side_problem(pixels: int) -> str | None:
+    """What is wrong with an image side of `pixels` for Z-Image (its VAE's 8x and the 2x2 patches), with the nearest
+    good one; None when it is right."""
+    if pixels > 0 and pixels % 16 == 0:
+        return None
+    return f"sides are positive multiples of 16 (VAE and 2x2 patches), e.g. {max(16, round(pixels / 16) * 16)}"
+
+
+def image_side(value: str) -> int:
+    """argparse type of a --height/--width: a positive multiple of 16."""
+    try:
+        pixels = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of pixels") from None
+    if problem := side_problem(pixels):
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
+    return pixels
+
+
 def _option_value(field: str, flag: str, value: str, where: str):
     if field == "negative":
         if not value:
@@ -79,11 +99,8 @@ def _option_value(field: str, flag: str, value: str, where: str):
     except ValueError:
         kind = "a number" if field == "guidance" else "a whole number"
         raise ValueError(f"{where}: --{flag} takes {kind}, not {value!r}") from None
-    if field in ("width", "height") and (number <= 0 or number % 16):
-        fixed = max(16, round(number / 16) * 16)
-        raise ValueError(
-            f"{where}: --{flag} {value}: sides are positive multiples of 16 (VAE and 2x2 patches), e.g. {fixed}"
-        )
+    if field in ("width", "height") and (problem := side_problem(number)):
+        raise ValueError(f"{where}: --{flag} {value}: {problem}")
     if field == "steps" and number < 1:
         raise ValueError(f"{where}: --s {value}: at least 1 sampling step")
     if field == "guidance" and number < 0:
