@@ -112,7 +112,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[
         lines = read_prompt_file(args.prompt_file)
         args.prompt = (args.prompt or []) + lines
         args.prompts += parse_prompts(lines, f"--prompt_file {args.prompt_file}")
-    for path, _ in loras + columns:  # a note, not an error: a prompt without the trigger is also a fair test
+    for path, _ in [] if args.fuse_to else loras + columns:  # a note, not an error: a prompt without it is a fair test
         trigger = trigger_of(lora_metadata(path)) if path != BASE else ""
         words = [t.strip().lower() for t in trigger.split(",") if t.strip()]  # (several caches: "sks, ohwx")
         lacking = [str(i) for i, p in enumerate(args.prompts, 1) if not any(w in p.text.lower() for w in words)]

@@ -80,6 +80,9 @@ def test_prompts_without_the_loras_trigger_get_a_note(tiny_model_dir, tmp_path, 
     assert capsys.readouterr().out == (
         f"note: {tmp_path / 'lora'} was trained with the trigger 'sks person', which prompt 2 lacks\n"
     )
+    fuse = generate.parse_args(flags[:2] + ["--lora", str(tmp_path / "lora"), "--fuse_to", str(tmp_path / "fused")])
+    generate.check_args(fuse)  # (it samples nothing: the default prompt, without the trigger, is not used)
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
