@@ -93,16 +93,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def images_to_caption(args: argparse.Namespace) -> tuple[list, int]:
+def images_to_caption(args: argparse.Namespace, warn: bool = True) -> tuple[list, int]:
     """(the items to caption, how many already have a caption and are kept). An empty caption file counts as
-    none. Captions in a metadata file would hide the sidecars from precompute, so such a folder is refused."""
+    none. Captions in a metadata file would hide the sidecars from precompute, so such a folder is refused. `warn`:
+    name what the folder holds that is left out (the first process of a launch)."""
     root = check_image_folder(args.train_data_dir)
     if found := [name for name in METADATA_FILES if (root / name).is_file()]:
         raise ValueError(
             f"{root / found[0]} holds this folder's captions, and precompute_embeddings.py reads them instead of "
             f"{args.caption_extension} files: caption a copy of the folder without it, or add the captions to it"
         )
-    items = discover_folder(root, args.caption_extension, exclude=[root / e for e in args.exclude] or None)
+    exclude = [root / e for e in args.exclude] or None
+    items = discover_folder(root, args.caption_extension, exclude=exclude, warn=warn)
     todo = [i for i in items if args.overwrite or not (i.caption or "").strip()]
     return todo, len(items) - len(todo)
 
@@ -127,7 +129,7 @@ def sharing_a_caption_file(todo: list, caption_extension: str) -> tuple[list, li
 def main(args: argparse.Namespace) -> dict:
     """Caption the images; returns the report (also printed by the main process)."""
     accelerator = Accelerator()
-    todo, kept = images_to_caption(args)
+    todo, kept = images_to_caption(args, accelerator.is_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.dry_run:
         report = {"to_caption": len(todo), "kept": kept}

@@ -360,7 +360,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     hf_dataset = None
     if args.train_data_dir:
         exclude = [args.mask_dir, args.output_dir]
-        items = discover_folder(args.train_data_dir, args.caption_extension, args.caption_column, exclude=exclude)
+        items = discover_folder(
+            args.train_data_dir, args.caption_extension, args.caption_column, exclude, accelerator.is_main_process
+        )
     else:
         hf_dataset, items = items_from_dataset(
             args.dataset_name, args.image_column, args.caption_column, args.dataset_split, args.mask_column

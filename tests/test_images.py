@@ -148,7 +148,7 @@ def test_a_cache_and_masks_inside_the_data_folder_are_not_images_to_train(tmp_pa
     assert len(discover_folder(tmp_path / "masks", exclude=[tmp_path, tmp_path / "masks"])) == 1
 
 
-def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silently(tmp_path, caplog, monkeypatch):
+def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silently(tmp_path, caplog):
     """GIF, TIFF and AVIF images are read (a GIF's first frame); linked folders are followed, once; HEIC images,
     links to nothing and names that are not UTF-8 are left out, each kind named in a warning."""
     for name in ("a.gif", "b.tif", "c.avif", "d.png"):
@@ -171,17 +171,22 @@ def test_what_a_folder_holds_but_training_cannot_use_is_named_not_dropped_silent
     assert "1 link(s)" in warnings and "gone.png" in warnings
     assert "1 image name(s)" in warnings and r"caf\xe9.png" in warnings and "rename them" in warnings
 
-    caplog.clear()  # a second process under accelerate launch leaves the warnings to the first
+    caplog.clear()  # the processes of a launch after the first leave the warnings to it
+    assert len(discover_folder(tmp_path, warn=False)) == 5 and not caplog.text
+
+
+def test_processes_after_the_first_of_a_launch_log_warnings_but_not_notes(caplog, monkeypatch):
     saved = {name: logging.getLogger(name).level for name in ("precompute", "zimage_utils")}
     monkeypatch.setenv("RANK", "1")
     try:
         cli.setup_logging("precompute")
-        with caplog.at_level("WARNING"):
-            assert len(discover_folder(tmp_path)) == 5
+        with caplog.at_level("INFO"):
+            logging.getLogger("zimage_utils.images").info("a note every process would repeat")
+            logging.getLogger("precompute").warning("out of memory on this process")
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
-    assert "link(s)" not in caplog.text and "image(s) in" not in caplog.text
+    assert caplog.messages == ["out of memory on this process"]
 
 
 def test_a_metadata_file_names_what_it_lacks_line_by_line(tmp_path, caplog):

@@ -49,12 +49,11 @@ def check_output_dir(path, flag: str = "--output_dir") -> None:
 def setup_logging(script_logger: str) -> None:
     """Plain lines: the script's own logger and ours at INFO, other libraries' at WARNING (accelerate would print four
     lines per checkpoint it saves, e.g. "[RANK 0] Optimizer state saved in ..."). Under a launcher, processes other
-    than the first (RANK > 0) log errors only: each would repeat the same notes (the scripts gather what differs
-    between processes, e.g. skipped images, to the first)."""
+    than the first (RANK > 0) log warnings only: each would repeat the same notes."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     first = os.environ.get("RANK", "0") == "0"
     for name in (script_logger, "zimage_utils"):
-        logging.getLogger(name).setLevel(logging.INFO if first else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.INFO if first else logging.WARNING)
 
 
 def parse_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None = None) -> argparse.Namespace:

@@ -106,6 +106,7 @@ def discover_folder(
     caption_extension: str = ".txt",
     caption_column: str = "text",
     exclude: str | os.PathLike | list | None = None,
+    warn: bool = True,
 ) -> list[ImageItem]:
     """All images under `root` (recursive), sorted by relative path so the order is the same on every machine.
 
@@ -116,7 +117,7 @@ def discover_folder(
     are the folders `exclude` (one or a list) when they lie inside `root` (loss masks kept beside the images, a cache
     written inside the data folder with its contact sheet: not images to train). Linked folders are followed (each
     once). What is left out otherwise is named in a warning: images in a format not read here (HEIC, ...), links to
-    nothing, names that are not UTF-8.
+    nothing, names that are not UTF-8 (`warn=False`: none, for the processes of a launch other than the first).
     """
     root = check_image_folder(root)
 
@@ -127,7 +128,8 @@ def discover_folder(
     unread = [p for p in found if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
     badly_named = [p for p in paths if not _is_utf8(p.relative_to(root).as_posix())]
     paths = [p for p in paths if p not in set(badly_named)]
-    _warn_left_out(root, unread, broken, badly_named)
+    if warn:
+        _warn_left_out(root, unread, broken, badly_named)
     for folder in exclude if isinstance(exclude, list) else [exclude]:
         if (
             folder is not None
@@ -165,13 +167,13 @@ def discover_folder(
             f"{len(not_utf8)} caption file(s) in {root} are not UTF-8 text ({shown}): save them as UTF-8 "
             "(e.g. `iconv -f latin1 -t utf-8` for Latin-1, `iconv -f utf-16 -t utf-8` for UTF-16) and run again"
         )
-    if sidecars_unread:
+    if sidecars_unread and warn:
         logger.warning(
             "%d image(s) in %s have a %s caption but no row in %s, which captions this folder (e.g. %s): add rows "
             "for them, or remove the metadata file to use the %s files",
             len(sidecars_unread), root, caption_extension, _metadata_name(root), sidecars_unread[0], caption_extension,
         )  # fmt: skip
-    if metadata:
+    if metadata and warn:
         # Not fatal: the rows are useless without their files, and the rest of the data set is fine.
         missing = sorted(metadata)
         logger.warning(
