@@ -204,7 +204,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--cpu_offload_checkpointing",
         action="store_true",
-        help="Keep checkpointed blocks' inputs in pinned host memory until backward (~1 GiB less at 1024² with "
+        help="Keep checkpointed blocks' inputs in pinned host memory until backward (~0.8 GiB less at 1024² with "
         "every block checkpointed; see docs/BENCHMARKS.md for its cost). Needs checkpointing or --max_memory_gb.",
     )
     g.add_argument(

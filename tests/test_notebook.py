@@ -18,6 +18,8 @@ from pathlib import Path
 from PIL import Image
 from safetensors import safe_open
 
+from zimage_utils.images import IMAGE_EXTENSIONS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "notebooks" / "zimage_lora_colab.ipynb"
 
@@ -105,6 +107,7 @@ def test_notebook_runs_from_images_to_comfyui_lora(
             assert set(overrides) <= namespace.keys(), "the parameters cell no longer defines these names"
             namespace.update(overrides)
 
+    assert namespace["IMAGE_SUFFIXES"] == set(IMAGE_EXTENSIONS)  # the images it counts are those the scripts read
     assert all((data / f"shape_{i:03d}.txt").read_text().strip() for i in (0, 5))  # the captioner's
     assert (data / "shape_001.txt").read_text() == (tiny_data_dir / "shape_001.txt").read_text()  # kept
     lora_dir = tmp_path / "out" / "lora"
