@@ -178,13 +178,15 @@ def main(args: argparse.Namespace) -> None:
         dtype = {c: d for c, d in stored.items() if d is not None}
     pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
+    # What read_lora read (as check_args did), so that a layout diffusers misreads (PEFT's own names, alpha in
+    # metadata, LyCORIS names) samples as it reads in lora_tools.py and --init_lora
     for i, (path, strength) in enumerate(loras):
-        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+        pipe.load_lora_weights(read_lora(path), adapter_name=f"lora_{i}")
         names.append(f"lora_{i}")
         weights.append(strength)
     for j, (path, _) in enumerate(columns):
         if path != BASE:
-            pipe.load_lora_weights(path, adapter_name=f"compare_{j}")
+            pipe.load_lora_weights(read_lora(path), adapter_name=f"compare_{j}")
     if names:
         pipe.set_adapters(names, weights)
     if args.fuse_to:

@@ -191,9 +191,9 @@ def module_kind(name: str) -> str:
 def describe(path: str) -> str:
     """`show`: a LoRA's layout, dtype and size, its modules by kind and their ranks, the rank each module needs to
     keep 90 / 95 / 99% of its update (what `resize --keep` would give it), and the metadata it carries."""
+    state = read_lora(path)  # (first: it names what is wrong with a damaged file)
     file = lora_file(path)
     raw, metadata = load_lora_file(file)
-    state = read_lora(path)
     lokr, dora = any(".lokr_" in k for k in state), any(k.endswith(MAGNITUDE) for k in state)
     modules = sorted({k.removeprefix("transformer.").rsplit(".lora_" if not lokr else ".lokr_", 1)[0] for k in state})
     kinds = collections.Counter(module_kind(m) for m in modules)

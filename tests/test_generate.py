@@ -6,6 +6,7 @@ import torch
 from conftest import SCRIPT_DEVICE
 from diffusers import ZImagePipeline
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from test_lora_io import stand_in_for_training, transformer_output
 
 import generate
@@ -32,8 +33,6 @@ def test_strength_parsing_keeps_paths_and_reads_weights():
 def test_mistakes_are_refused_before_the_pipeline_loads_and_the_base_is_never_written_over(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    from safetensors.torch import save_file
-
     write_lora(tiny_model_dir, tmp_path / "lora")
     monkeypatch.setattr(ZImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the checks"))
     (tmp_path / "empty").mkdir()
@@ -161,6 +160,21 @@ def test_sampling_with_a_lora_at_half_strength_writes_the_image(tiny_model_dir, 
     )
     assert Image.open(out).size == (128, 64)  # two 64x64 images side by side
     assert decoded == [1, 1]  # decoded one at a time: a batch's decode memory is one image's
+
+
+def test_a_lora_in_peft_names_without_the_prefix_samples_as_ours_does(tiny_model_dir, tmp_path):
+    """diffusers loads nothing from a PEFT state dict saved as it is (no `transformer.`); generate.py samples what
+    read_lora read, as lora_tools.py and --init_lora do."""
+    write_lora(tiny_model_dir, tmp_path / "lora")
+    ours = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in ours.items()}, str(tmp_path / "peft.safetensors"))
+    images = []
+    for lora in (tmp_path / "lora", tmp_path / "peft.safetensors"):
+        out = tmp_path / f"{lora.stem}.png"
+        flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(lora), "--output", str(out)]
+        generate.main(generate.parse_args(flags + ["--height", "32", "--width", "32", "--num_inference_steps", "2"]))
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images)
 
 
 def test_model_and_layer_offload_sample_the_same_image(tiny_model_dir, tmp_path, monkeypatch):

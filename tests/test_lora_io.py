@@ -426,3 +426,83 @@ def test_a_dora_starts_from_a_dora_or_from_a_plain_lora_equal_to_it(saved_dora, 
     config = add_lora(lora_run, rank=4, alpha=8, targets="all")
     with pytest.raises(ValueError, match="holds a DoRA .*--adapter dora"):
         init_lora_from(lora_run, str(saved_dora["dir"]), config, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other tools' layouts: read as the update they mean, or refused with the reason
+# ---------------------------------------------------------------------------------------------------------------
+
+MODULE = "layers.0.attention.to_q"
+
+
+def other_tools_files(folder) -> dict[str, tuple]:
+    """name → (path, the update read_lora must give MODULE, as scale · B @ A): one rank-4 LoRA in layouts other
+    tools write, which diffusers' converter alone misreads or reads at another strength."""
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 32, generator=generator), torch.randn(32, 4, generator=generator)
+    peft = {f"{MODULE}.lora_A.weight": down, f"{MODULE}.lora_B.weight": up}
+    prefixed = {f"transformer.{k}": v for k, v in peft.items()}
+
+    def metadata(**config) -> dict[str, str]:  # diffusers' adapter metadata, as its trainers write it
+        return {LORA_ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+
+    files = {
+        "alpha in diffusers' metadata": (prefixed, metadata(r=4, lora_alpha=8, target_modules=[MODULE]), 2.0),
+        "rsLoRA metadata": (prefixed, metadata(r=4, lora_alpha=8, use_rslora=True, target_modules=[MODULE]), 4.0),
+        "PEFT keys without transformer.": (peft, None, 1.0),
+        "PEFT's in-model names": ({k.replace(".weight", ".default.weight"): v for k, v in prefixed.items()}, None, 1),
+        "transformer. keys with .alpha": ({**prefixed, f"transformer.{MODULE}.alpha": torch.tensor(2.0)}, None, 0.5),
+    }
+    paths = {}
+    for name, (tensors, meta, scale) in files.items():
+        path = folder / f"{name.replace(' ', '_').replace('.', '')}.safetensors"
+        safetensors.torch.save_file(tensors, str(path), metadata=meta)
+        paths[name] = (path, scale * up @ down)
+    return paths
+
+
+def test_other_tools_layouts_read_as_the_update_they_mean(tmp_path):
+    for name, (path, update) in other_tools_files(tmp_path).items():
+        state = read_lora(str(path))
+        assert set(state) == {f"transformer.{MODULE}.lora_A.weight", f"transformer.{MODULE}.lora_B.weight"}, name
+        torch.testing.assert_close(lora_delta(state, MODULE), update, msg=name)
+    # diffusers applies its metadata's alpha too: the update read is the one it samples with
+    pipe = make_tiny_pipeline(seed=0)
+    base = pipe.transformer.get_submodule(MODULE).weight.detach().clone()
+    path, update = other_tools_files(tmp_path)["alpha in diffusers' metadata"]
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe.transformer.get_submodule(MODULE).weight - base, update, atol=1e-5, rtol=1e-5)
+
+    # A LyCORIS-named LoKr (older ai-toolkit, musubi-tuner) and PEFT's name for a DoRA's norms
+    lycoris = {
+        f"lycoris_layers_0_attention_to_q.lokr_{k}": torch.ones(*s) for k, s in [("w1", (4, 4)), ("w2", (8, 8))]
+    }
+    safetensors.torch.save_file(lycoris, str(tmp_path / "lycoris.safetensors"))
+    assert set(read_lora(str(tmp_path / "lycoris.safetensors"))) == {
+        f"transformer.{MODULE}.lokr_w1",
+        f"transformer.{MODULE}.lokr_w2",
+    }
+    dora = {f"transformer.{MODULE}.lora_magnitude_vector.weight": torch.full((32,), 3.0)}
+    dora |= {
+        f"transformer.{MODULE}.lora_A.weight": torch.ones(4, 32),
+        f"transformer.{MODULE}.lora_B.weight": torch.ones(32, 4),
+    }
+    safetensors.torch.save_file(dora, str(tmp_path / "dora.safetensors"))
+    assert f"transformer.{MODULE}.lora_magnitude_vector" in read_lora(str(tmp_path / "dora.safetensors"))
+
+
+def test_files_that_are_not_z_image_loras_are_refused_with_the_reason(tmp_path):
+    lora = {
+        f"transformer.{MODULE}.lora_A.weight": torch.ones(4, 32),
+        f"transformer.{MODULE}.lora_B.weight": torch.ones(32, 4),
+    }
+    cases = {
+        "empty": ({}, "holds no tensors"),
+        "lumina": ({k.replace(".attention.", ".attn."): v for k, v in lora.items()}, r"Z-Image does not have \(e.g. transformer\.layers\.0\.attn\.to_q"),
+        "extra": ({**lora, "transformer.t_embedder.mlp.0.weight": torch.ones(32, 32)}, "1 tensor\\(s\\) that are not LoRA or LoKr weights \\(e.g. transformer.t_embedder.mlp.0.weight\\)"),
+    }  # fmt: skip
+    for name, (tensors, message) in cases.items():
+        safetensors.torch.save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            read_lora(str(tmp_path / f"{name}.safetensors"))

@@ -219,6 +219,9 @@ def test_mistakes_are_refused_before_anything_is_written(loras, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="missing"):
         tool("merge", root / "all", tmp_path / "missing", "--output_dir", tmp_path / "out")
+    (tmp_path / "empty.safetensors").write_bytes(b"")  # (a copy cut off at 0 bytes)
+    with pytest.raises(ValueError, match="empty.safetensors could not be read"):
+        tool("show", tmp_path / "empty.safetensors")
     with pytest.raises(ValueError, match="merge .*:half: write PATH or PATH:STRENGTH with a number"):
         tool("merge", root / "all", f"{root / 'attention'}:half", "--output_dir", tmp_path / "out")
     for argv in (["resize", root / "all"], ["merge", root / "all"], ["resize", root / "all", "--keep", 1.5]):

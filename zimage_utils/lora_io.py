@@ -28,9 +28,11 @@ full disk never leaves a truncated file under the final name. Metadata that foll
 (model_spec.py) gets each file's own `modelspec.hash_sha256`.
 """
 
+import functools
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft import LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 
 from .lora import MAGNITUDE
 from .model_spec import HASH_KEY, SPEC_KEY, tensor_hash
@@ -393,11 +396,13 @@ def trigger_of(metadata: dict[str, str]) -> str:
 
 
 def read_lora(path: str) -> dict[str, torch.Tensor]:
-    """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya), as diffusers keys
+    """A LoRA in any layout diffusers reads (ours, ComfyUI/ai-toolkit, kohya, diffusers' trainers), as diffusers keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight` with any alpha folded in (the update at strength 1 is
-    B @ A); a LoKr as `transformer.<module>.lokr_w1`, ... with its alpha baked in likewise. `path`: a .safetensors
-    file, a folder holding pytorch_lora_weights.safetensors, or a hub id. Pickled weights are refused, and so are a
-    path that is not there, a file that is not safetensors and a LoRA for another model, each with a message."""
+    B @ A: `.alpha` tensors, and diffusers' adapter metadata, `fold_adapter_metadata`); a LoKr as
+    `transformer.<module>.lokr_w1`, ... with its alpha baked in likewise. Layouts diffusers' converter misreads are
+    rewritten first (`fixed_layout`). `path`: a .safetensors file, a folder holding pytorch_lora_weights.safetensors,
+    or a hub id. Pickled weights are refused, and so are a path that is not there, a file that is not safetensors or
+    holds no tensors, tensors that are not adapter weights and a LoRA for another model, each with a message."""
     from diffusers import ZImagePipeline
 
     local = Path(path)
@@ -417,11 +422,105 @@ def read_lora(path: str) -> dict[str, torch.Tensor]:
             f"the diffusers file saved beside it ({LORA_WEIGHT_NAME}, with .lora_magnitude_vector keys)"
         )
     try:
-        state = ZImagePipeline.lora_state_dict(path, use_safetensors=True)
+        if local.exists():
+            tensors, file_metadata = load_lora_file(lora_file(local))
+            if not tensors:
+                raise ValueError(f"{path} holds no tensors: not a LoRA file")
+            state = ZImagePipeline.lora_state_dict(fixed_layout(tensors))
+            adapter = json.loads(file_metadata.get(LORA_ADAPTER_METADATA_KEY) or "null")
+        else:  # a hub id
+            state, adapter = ZImagePipeline.lora_state_dict(path, use_safetensors=True, return_lora_metadata=True)
     except (OSError, safetensors.SafetensorError, KeyError) as error:  # (KeyError: a layout diffusers half knows)
         raise ValueError(f"LoRA {path} could not be read (damaged, or not a LoRA file): {error!r}") from None
-    foreign = [k for k in state if not k.removeprefix(DIFFUSERS_PREFIX).startswith(ZIMAGE_MODULES)]
-    if foreign or not state:
-        example = f" (e.g. {foreign[0]})" if foreign else ""
-        raise ValueError(f"{path} is not a Z-Image LoRA: it adapts modules Z-Image does not have{example}")
-    return state
+    kinds = (".lora_A.weight", ".lora_B.weight", f".{MAGNITUDE}", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b",
+             ".lokr_w2_a", ".lokr_w2_b")  # fmt: skip
+    if others := [k for k in state if not k.endswith(kinds)]:
+        raise ValueError(
+            f"{path} holds {len(others)} tensor(s) that are not LoRA or LoKr weights (e.g. {others[0]}), which "
+            "diffusers refuses: save the file without them"
+        )
+    names = zimage_module_names()
+    foreign = [k for k in state if _numbered(_module_of(k.removeprefix(DIFFUSERS_PREFIX))) not in names]
+    if foreign:
+        raise ValueError(f"{path} is not a Z-Image LoRA: it adapts modules Z-Image does not have (e.g. {foreign[0]})")
+    return fold_adapter_metadata(state, adapter)
+
+
+def _module_of(key: str) -> str:
+    """`layers.0.attention.to_q.lora_A.weight` → `layers.0.attention.to_q`."""
+    return re.split(r"\.(?:lora_[AB]\.weight|lora_magnitude_vector|lokr_w[12](?:_[ab])?)$", key)[0]
+
+
+def _numbered(module: str) -> str:
+    """A module name with its indices as N: `layers.3.attention.to_out.0` → `layers.N.attention.to_out.N`."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "N", module)
+
+
+@functools.cache
+def zimage_module_names() -> frozenset[str]:
+    """The Linear modules of Z-Image's transformer (`_numbered`), from a weightless tiny one: the names a Z-Image LoRA
+    can adapt, at any number of layers."""
+    from diffusers import ZImageTransformer2DModel
+
+    from .tiny import TINY_TRANSFORMER
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**TINY_TRANSFORMER)
+    return frozenset(_numbered(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def fixed_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's tensors in a layout diffusers' converter reads as meant. Rewritten: PEFT's in-model names
+    (`.lora_A.default.weight`, `.lora_magnitude_vector.weight`); PEFT keys without `transformer.` and without alphas
+    (diffusers would load nothing); `transformer.` keys with kohya-style `.alpha` tensors, folded into lora_A here
+    (diffusers would prefix them twice). Other files come back as they are."""
+    fixed = {}
+    for key, value in tensors.items():
+        key = re.sub(r"\.default(?=\.weight$)", "", key)
+        fixed[re.sub(rf"\.{MAGNITUDE}\.weight$", f".{MAGNITUDE}", key)] = value
+    if any(".lokr_" in k for k in fixed) and all(k.startswith(("lycoris_", "lora_unet_")) for k in fixed):
+        fixed = {_dotted_lokr_key(k): v for k, v in fixed.items()}  # (LyCORIS / musubi-tuner names)
+    alphas = {k.removesuffix(".alpha"): v for k, v in fixed.items() if k.endswith(".alpha")}
+    if not alphas and all(k.startswith(ZIMAGE_MODULES) for k in fixed):
+        return {DIFFUSERS_PREFIX + k: v for k, v in fixed.items()}
+    if alphas and all(k.startswith(DIFFUSERS_PREFIX) for k in fixed) and not any(".lokr_" in k for k in fixed):
+        for module, alpha in alphas.items():
+            del fixed[f"{module}.alpha"]
+            down = fixed[f"{module}.lora_A.weight"]
+            fixed[f"{module}.lora_A.weight"] = down * (float(alpha) / down.shape[0])
+    return fixed
+
+
+def _dotted_lokr_key(key: str) -> str:
+    """A LyCORIS-named LoKr key (`lycoris_layers_0_attention_to_q.lokr_w1`, musubi-tuner's `lora_unet_...`) in the
+    ComfyUI layout diffusers' LoKr converter reads (`diffusion_model.layers.0.attention.to_q.lokr_w1`); a name that
+    matches no Z-Image module is left as it is (and refused as such)."""
+    flat, _, kind = key.partition(".")
+    flat = flat.removeprefix("lycoris_").removeprefix("lora_unet_")
+    for name in sorted(zimage_module_names()):
+        parts = [r"(\d+)" if part == "N" else re.escape(part) for part in name.split(".")]
+        if found := re.fullmatch("_".join(parts), flat):
+            indices = iter(found.groups())
+            dotted = ".".join(next(indices) if part == "N" else part for part in name.split("."))
+            return f"{COMFYUI_PREFIX}{dotted}.{kind}"
+    return key
+
+
+def fold_adapter_metadata(state: dict[str, torch.Tensor], metadata: dict | None) -> dict[str, torch.Tensor]:
+    """`state` (diffusers keys) with the scale diffusers' adapter metadata gives each module folded into lora_A:
+    the `LoraConfig` its loader rebuilds from `lora_adapter_metadata` (keys prefixed `transformer.`) scales a module
+    by lora_alpha / r (rsLoRA: / √r), per module through alpha_pattern / rank_pattern. Ours is written with alpha = r
+    (scale 1); diffusers' training scripts write their --lora_alpha. A LoKr's metadata is left as it is."""
+    config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in (metadata or {}).items()}
+    if "lora_alpha" not in config or any(".lokr_" in k for k in state):
+        return state
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    folded = dict(state)
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lora_A.weight")
+            rank = ranks.get(get_pattern_key(ranks, module), config.get("r", 8))
+            alpha = alphas.get(get_pattern_key(alphas, module), config["lora_alpha"])
+            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            folded[key] = down * scale if scale != 1 else down
+    return folded
