@@ -164,6 +164,21 @@ def offload_in_layers(pipe, device: str) -> None:
     )
 
 
+def load_lora(pipe, path: str, name: str) -> None:
+    """The LoRA at `path` into `pipe` as adapter `name`: what read_lora read (as check_args did), so that a layout
+    diffusers misreads (PEFT's own names, alpha in metadata, LyCORIS names) samples as it reads in lora_tools.py and
+    --init_lora. What diffusers still cannot load (e.g. a LoKr whose factors no one decompose factor gives) is named."""
+    try:
+        pipe.load_lora_weights(read_lora(path), adapter_name=name)
+    except (ValueError, RuntimeError, TypeError, NotImplementedError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"LoRA {path} was read, but diffusers could not load it ({type(error).__name__}: {reason})"
+        ) from error
+
+
 def main(args: argparse.Namespace) -> None:
     from diffusers import ZImagePipeline
 
@@ -178,15 +193,13 @@ def main(args: argparse.Namespace) -> None:
         dtype = {c: d for c, d in stored.items() if d is not None}
     pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
-    # What read_lora read (as check_args did), so that a layout diffusers misreads (PEFT's own names, alpha in
-    # metadata, LyCORIS names) samples as it reads in lora_tools.py and --init_lora
     for i, (path, strength) in enumerate(loras):
-        pipe.load_lora_weights(read_lora(path), adapter_name=f"lora_{i}")
+        load_lora(pipe, path, f"lora_{i}")
         names.append(f"lora_{i}")
         weights.append(strength)
     for j, (path, _) in enumerate(columns):
         if path != BASE:
-            pipe.load_lora_weights(read_lora(path), adapter_name=f"compare_{j}")
+            load_lora(pipe, path, f"compare_{j}")
     if names:
         pipe.set_adapters(names, weights)
     if args.fuse_to:

@@ -176,6 +176,14 @@ def test_a_lora_in_peft_names_without_the_prefix_samples_as_ours_does(tiny_model
         images.append(np.asarray(Image.open(out)))
     assert np.array_equal(*images)
 
+    # A LoKr whose modules no one decompose factor splits (2x16 and 4x8): read, but not loadable in diffusers
+    lokr = {"layers.0.attention.to_q": (2, 16), "layers.0.attention.to_k": (4, 8)}
+    odd = {f"transformer.{m}.lokr_w{i}": torch.ones(n, n) for m, sides in lokr.items() for i, n in enumerate(sides, 1)}
+    save_file(odd, str(tmp_path / "odd_lokr.safetensors"))
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--lora", str(tmp_path / "odd_lokr.safetensors")]
+    with pytest.raises(ValueError, match="odd_lokr.safetensors was read, but diffusers could not load it"):
+        generate.main(generate.parse_args(flags + ["--output", str(tmp_path / "odd.png")]))
+
 
 def test_model_and_layer_offload_sample_the_same_image(tiny_model_dir, tmp_path, monkeypatch):
     """--cpu_offload model and --cpu_offload (layers) go through diffusers' offload hooks (here between the CPU and
