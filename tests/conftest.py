@@ -35,6 +35,20 @@ LAUNCHES_CPU_PROCESSES = pytest.mark.skipif(
 )
 
 
+# The files that take longest on CI's 2 cores, longest first (each a few minutes of CPU, 2026-12). The two xdist
+# workers take whole files in collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so a long file
+# started last would leave one worker idle while the other finishes it. The other files follow, in name order.
+SLOW_FILES = (
+    "test_benchmarks.py", "test_trainer.py", "test_low_memory.py", "test_docs.py", "test_notebook.py",
+    "test_deepspeed.py", "test_scale_benchmark.py", "test_step_options.py", "test_precompute.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's tests keep their order
+
+
 def script_pipeline(model_dir):
     """`ZImagePipeline` from `model_dir`, on the device and in the dtype the scripts use here."""
     from diffusers import ZImagePipeline
