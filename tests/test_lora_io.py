@@ -479,6 +479,10 @@ def test_other_tools_layouts_read_as_the_update_they_mean(tmp_path):
         f"lycoris_layers_0_attention_to_q.lokr_{k}": torch.ones(*s) for k, s in [("w1", (4, 4)), ("w2", (8, 8))]
     }
     safetensors.torch.save_file(lycoris, str(tmp_path / "lycoris.safetensors"))
+    lokr = {f"transformer.{MODULE}.lokr_w{i}": torch.ones(n, n) for i, n in ((1, 4), (2, 8))}  # metadata alpha 2r
+    meta = {LORA_ADAPTER_METADATA_KEY: json.dumps({"transformer.r": 8, "transformer.alpha": 16})}
+    safetensors.torch.save_file(lokr, str(tmp_path / "lokr.safetensors"), metadata=meta)
+    assert read_lora(str(tmp_path / "lokr.safetensors"))[f"transformer.{MODULE}.lokr_w1"].eq(2).all()
     assert set(read_lora(str(tmp_path / "lycoris.safetensors"))) == {
         f"transformer.{MODULE}.lokr_w1",
         f"transformer.{MODULE}.lokr_w2",

@@ -507,20 +507,23 @@ def _dotted_lokr_key(key: str) -> str:
 
 
 def fold_adapter_metadata(state: dict[str, torch.Tensor], metadata: dict | None) -> dict[str, torch.Tensor]:
-    """`state` (diffusers keys) with the scale diffusers' adapter metadata gives each module folded into lora_A:
-    the `LoraConfig` its loader rebuilds from `lora_adapter_metadata` (keys prefixed `transformer.`) scales a module
-    by lora_alpha / r (rsLoRA: / √r), per module through alpha_pattern / rank_pattern. Ours is written with alpha = r
-    (scale 1); diffusers' training scripts write their --lora_alpha. A LoKr's metadata is left as it is."""
+    """`state` (diffusers keys) with the scale diffusers' adapter metadata gives each module folded into its first
+    factor (lora_A; a LoKr's lokr_w1): the config its loader rebuilds from `lora_adapter_metadata` (keys prefixed
+    `transformer.`) scales a module by alpha / r (a LoRA's lora_alpha; rsLoRA: / √r), per module through
+    alpha_pattern / rank_pattern. Ours are written with alpha = r (scale 1); diffusers' training scripts write their
+    --lora_alpha."""
     config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in (metadata or {}).items()}
-    if "lora_alpha" not in config or any(".lokr_" in k for k in state):
+    lokr = any(".lokr_" in k for k in state)
+    alpha_key, first = ("alpha", (".lokr_w1", ".lokr_w1_a")) if lokr else ("lora_alpha", (".lora_A.weight",))
+    if alpha_key not in config:
         return state
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     folded = dict(state)
-    for key, down in state.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix(DIFFUSERS_PREFIX).removesuffix(".lora_A.weight")
+    for key, factor in state.items():
+        if key.endswith(first):
+            module = _module_of(key.removeprefix(DIFFUSERS_PREFIX))
             rank = ranks.get(get_pattern_key(ranks, module), config.get("r", 8))
-            alpha = alphas.get(get_pattern_key(alphas, module), config["lora_alpha"])
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            folded[key] = down * scale if scale != 1 else down
+            alpha = alphas.get(get_pattern_key(alphas, module), config[alpha_key])
+            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") and not lokr else rank)
+            folded[key] = factor * scale if scale != 1 else factor
     return folded
