@@ -28,9 +28,12 @@ from zimage_utils.checkpoints import (
     SaveTriggers,
     batch_layout,
     check_new_run,
+    check_same_processes,
     mark_unfinished,
     prune_checkpoints,
+    read_training_state,
     register_lora_state_hooks,
+    resolve_resume_path,
     resume_training,
     write_training_state,
 )
@@ -367,6 +370,8 @@ def run_training(args: argparse.Namespace) -> None:
     check_memory_options(args, accelerator)
     cli.check_output_dir(output_dir)
     check_new_run(output_dir, args.resume_from_checkpoint)
+    if resume := resolve_resume_path(output_dir, args.resume_from_checkpoint):  # (the LoRA's fit: check_lora_plan)
+        check_same_processes(accelerator, resume, read_training_state(resume))
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
     if args.adapter == "dora" and deepspeed_stage(accelerator) == 3:

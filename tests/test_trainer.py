@@ -42,6 +42,7 @@ from zimage_utils import flow_matching, step_options
 from zimage_utils.checkpoints import (
     LORA_STATE_NAME,
     TRAINING_STATE_NAME,
+    check_same_processes,
     list_checkpoints,
     read_training_state,
     resume_training,
@@ -850,6 +851,12 @@ def test_a_deepspeed_checkpoint_is_refused_on_another_number_of_processes(tmp_pa
     )
     with pytest.raises(ValueError, match="saved by 2 processes, this run has 4.*--num_processes 2.*--init_lora"):
         resume_training(accelerator, tmp_path, "latest", items=12)
+    state = read_training_state(tmp_path / "checkpoint-4")  # (what the trainer checks before the model loads)
+    with pytest.raises(ValueError, match="checkpoint-4 was saved by 2 processes, this run has 4"):
+        check_same_processes(accelerator, tmp_path / "checkpoint-4", state)
+    check_same_processes(
+        SimpleNamespace(**{**vars(accelerator), "num_processes": 2}), tmp_path / "checkpoint-4", state
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -171,6 +171,20 @@ def check_resume_fits(checkpoint: str | Path, model: torch.nn.Module, settings: 
     check_same_settings(checkpoint, read_training_state(checkpoint), settings)
 
 
+def check_same_processes(accelerator, checkpoint: str | Path, state: dict) -> None:
+    """Under DeepSpeed, refuse a checkpoint (its training_state.json `state`) saved by another number of processes:
+    its optimiser state is split one part per process. Called before the model loads, and again on resuming."""
+    from .distributed import deepspeed_stage
+
+    saved = state.get("processes", accelerator.num_processes)  # older checkpoints: assumed unchanged
+    if saved != accelerator.num_processes and deepspeed_stage(accelerator):
+        raise ValueError(
+            f"{checkpoint} was saved by {saved} processes, this run has {accelerator.num_processes}: DeepSpeed splits "
+            f"the optimiser state across them. Resume with --num_processes {saved}, or continue its LoRA in a new "
+            f"--output_dir with --init_lora {Path(checkpoint) / 'pytorch_lora_weights.safetensors'}."
+        )
+
+
 def check_same_settings(checkpoint: str | Path, state: dict, settings: dict) -> None:
     """Refuse a checkpoint saved with other `settings` (flag name → value, as written into its training_state.json
     `state`) than this run's: its optimiser state would not fit. Flags absent from older checkpoints are not
@@ -266,12 +280,7 @@ def resume_training(
     state = read_training_state(resume)
     now = batch_layout(accelerator, batch_size)
     saved = {k: state.get(k, v) for k, v in now.items()}  # older checkpoints: assumed unchanged
-    if saved["processes"] != now["processes"] and deepspeed_stage(accelerator):
-        raise ValueError(
-            f"{resume} was saved by {saved['processes']} processes, this run has {now['processes']}: DeepSpeed splits "
-            f"the optimiser state across them. Resume with --num_processes {saved['processes']}, or continue its LoRA "
-            f"in a new --output_dir with --init_lora {resume / 'pytorch_lora_weights.safetensors'}."
-        )
+    check_same_processes(accelerator, resume, state)
     check_same_settings(resume, state, settings or {})
     weights_only_checkpoint_loads(accelerator)
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
