@@ -35,6 +35,7 @@ from zimage_utils.checkpoints import (
     register_lora_state_hooks,
     resolve_resume_path,
     resume_training,
+    set_aside_later_checkpoints,
     write_training_state,
 )
 from zimage_utils.distributed import (
@@ -319,8 +320,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
                          num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
-                         validation_epochs=0, blocks_to_swap=0,
-                         lr_warmup_steps=0)  # fmt: skip
+                         validation_epochs=0, blocks_to_swap=0, lr_warmup_steps=0, logging_steps=1,
+                         validation_num_inference_steps=1, checkpoints_total_limit=1, dataloader_num_workers=0,
+                         lr_num_cycles=1)  # fmt: skip
+    for flag in ("lora_alpha", "timestep_shift"):
+        if (value := getattr(args, flag)) is not None and value <= 0:
+            p.error(f"--{flag} {value}: give a positive value")
+    fractions = {"caption_dropout": (0, 1), "random_flip": (0, 1), "ema_decay": (0, 0.999999),
+                 "validation_split": (0, 0.99), "activation_memory_budget": (0, 1)}  # fmt: skip
+    for flag, (low, high) in fractions.items():
+        if (value := getattr(args, flag)) is not None and not low <= value <= high:
+            p.error(f"--{flag} {value}: give a value from {low:g} to {high:g}")
+    if args.activation_memory_budget is not None and not args.compile:
+        p.error("--activation_memory_budget applies to compiled blocks: add --compile")
     check_optimizer_flags(p, args)
     return args
 
@@ -397,6 +409,9 @@ def run_training(args: argparse.Namespace) -> None:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
+        resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+        if aside := set_aside_later_checkpoints(output_dir, resume):
+            print0(f"note: the checkpoints after {resume.name}, of the run this one goes back on, moved to {aside}")
         cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))
         start_trackers(accelerator, args, output_dir)  # (before the model loads: a tracker that cannot start says so)
 

@@ -86,9 +86,21 @@ def test_the_schedule_flags_shape_the_learning_rate(tiny_model_dir, tiny_cache_d
     [
         (["--adapter", "lokr", "--loraplus_lr_ratio", "4"], "--loraplus_lr_ratio is for --adapter lora"),
         (["--loraplus_lr_ratio", "0.5"], "and at least 1"),
+        # each of these ran until a step, a validation or the final schedule step (a flag audit)
+        (["--optimizer", "prodigy", "--learning_rate", "1", "--loraplus_lr_ratio", "16"], "drop --loraplus_lr_ratio"),
+        (["--optimizer", "prodigy", "--learning_rate", "0"], "--learning_rate 0.0: give a positive rate"),
+        (["--lr_scheduler", "polynomial", "--lr_power", "-1"], "with --lr_power >= 0"),
+        (["--lr_scheduler", "polynomial", "--learning_rate", "0"], "give a rate above 1e-07"),
+        (["--logging_steps", "0"], "--logging_steps 0: give 1 or more"),
+        (["--validation_num_inference_steps", "0"], "--validation_num_inference_steps 0: give 1 or more"),
+        (["--caption_dropout", "1.5"], "--caption_dropout 1.5: give a value from 0 to 1"),
+        (["--lora_alpha", "0"], "--lora_alpha 0.0: give a positive value"),
+        (["--activation_memory_budget", "0.5"], "applies to compiled blocks: add --compile"),
     ],
 )
-def test_loraplus_outside_lora_or_below_one_is_refused(tiny_model_dir, tiny_cache_dir, flags, message, capsys):
+def test_flags_that_would_fail_later_are_refused_as_they_are_read(
+    tiny_model_dir, tiny_cache_dir, flags, message, capsys
+):
     with pytest.raises(SystemExit):
         train_zimage_lora.parse_args(
             ["--pretrained_model_name_or_path", str(tiny_model_dir), "--precomputed_dir", str(tiny_cache_dir), *flags]
@@ -97,8 +109,14 @@ def test_loraplus_outside_lora_or_below_one_is_refused(tiny_model_dir, tiny_cach
 
 
 def test_resuming_with_other_optimiser_flags_is_refused_before_loading(tiny_model_dir, tiny_cache_dir, tmp_path):
-    """The checkpoint's optimiser state (one parameter group) cannot serve LoRA+'s two: say so, and how to go on."""
+    """The checkpoint's optimiser state (one parameter group) cannot serve LoRA+'s two: say so, and how to go on.
+    Nor can its unscaled LoRA go on under another --lora_alpha (it would rescale it)."""
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)
+    with pytest.raises(ValueError, match="checkpoint-2 was saved with --lora_alpha 4, this run has --lora_alpha 64"):
+        train(
+            tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, resume_from_checkpoint="latest", lora_alpha=64
+        )
+
     with pytest.raises(ValueError) as refused:
         train(
             tiny_model_dir,

@@ -682,28 +682,30 @@ def test_checkpoints_total_limit_keeps_the_newest_checkpoints(interrupted_and_re
     ]
 
 
-def test_a_checkpoint_being_rewritten_is_not_finished_until_its_save_completes(
-    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+def test_a_run_resumed_from_an_older_checkpoint_sets_the_later_ones_aside(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
 ):
-    """Resumed from checkpoint-2 while an abandoned run's checkpoint-4 is there: if the process dies while saving
-    step 4 again, "latest" must not pick the half-overwritten checkpoint-4."""
+    """Resumed from checkpoint-2 while the abandoned run's checkpoint-4 is there: it moves to OUTPUT/superseded/, so
+    that --checkpoints_total_limit prunes it rather than the new run's, and "latest" after the process dies (here
+    while saving step 2 again) picks the new run's, never the abandoned one nor a half-written one."""
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, checkpointing_steps=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    caplog.set_level("INFO", logger="train")
+    resume = dict(max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, dry_run=True, **resume)
+    assert "it would move the 1 checkpoint(s) after it to superseded/" in caplog.text
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]  # (a dry run moves none)
 
     def killed(self, output_dir, **kwargs):
         raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(train_zimage_lora.Accelerator, "save_state", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(
-            tiny_model_dir,
-            tiny_cache_dir,
-            tmp_path,
-            max_train_steps=4,
-            checkpointing_steps=2,
-            resume_from_checkpoint=str(tmp_path / "checkpoint-2"),
-        )
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, **resume)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    [aside] = (tmp_path / "superseded").iterdir()
+    assert aside.name.startswith("after-checkpoint-2-") and list_checkpoints(aside)[0].name == "checkpoint-4"
+    assert f"moved to {aside}" in caplog.text
 
 
 @pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])

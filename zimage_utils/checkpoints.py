@@ -43,6 +43,36 @@ def check_new_run(output_dir: str | Path, resume_from: str | None) -> None:
         )
 
 
+SUPERSEDED_DIR = "superseded"  # OUTPUT/superseded/after-checkpoint-N-TIME/: what a run resumed from checkpoint-N left
+
+
+def later_checkpoints(output_dir: str | Path, resume: Path | None) -> list[Path]:
+    """The finished checkpoints in `output_dir` after `resume` (saved by the run a resume from an older one goes
+    back on)."""
+    return [p for p in list_checkpoints(output_dir) if _step(p) > _step(resume)] if resume is not None else []
+
+
+def set_aside_later_checkpoints(output_dir: str | Path, resume: Path | None) -> Path | None:
+    """Move `later_checkpoints` into OUTPUT/superseded/after-<resume>-<time>/ (main process, before the resumed run
+    saves): left in place, --checkpoints_total_limit would prune the new run's checkpoints before them, and
+    `--resume_from_checkpoint latest` after an interruption would go back to the run that was left. Returns the
+    folder they went to (None: there were none)."""
+    later = later_checkpoints(output_dir, resume)
+    if not later:
+        return None
+    aside = Path(output_dir) / SUPERSEDED_DIR / f"after-{resume.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True)
+    for checkpoint in later:
+        checkpoint.rename(aside / checkpoint.name)
+    return aside
+
+
+def _step(checkpoint: Path) -> int:
+    """A checkpoint folder's optimiser step (its name's number; another folder's: its training_state.json's)."""
+    found = CHECKPOINT_PATTERN.match(checkpoint.name)
+    return int(found.group(1)) if found else read_training_state(checkpoint)["global_step"]
+
+
 def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path | None:
     """`latest` → the newest finished checkpoint in output_dir (None if there is none); a path → that path, or, when
     nothing is there, that name inside output_dir (diffusers' examples take `checkpoint-500` so)."""

@@ -5,6 +5,7 @@ import contextlib
 import torch
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree")
+POLYNOMIAL_END = 1e-7  # the rate diffusers' polynomial schedule ends at (get_scheduler's lr_end default)
 SCHEDULE_FREE = "adamw_schedulefree"
 
 
@@ -123,8 +124,16 @@ def check_optimizer_flags(parser, args) -> None:
     becomes constant_with_warmup (diffusers' constant has no warmup)."""
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
         parser.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
-    if args.learning_rate < 0:  # (0 has a use: --init_lora and one step re-save a LoRA unchanged)
+    if args.loraplus_lr_ratio and args.optimizer == "prodigy":
+        parser.error("--optimizer prodigy takes one learning rate for all parameters: drop --loraplus_lr_ratio")
+    if args.learning_rate < 0 or (args.learning_rate == 0 and args.optimizer == "prodigy"):
+        # (0 has a use: --init_lora and one step re-save a LoRA unchanged; Prodigy refuses it)
         parser.error(f"--learning_rate {args.learning_rate}: give a positive rate (Prodigy: 1.0)")
+    if args.lr_scheduler == "polynomial" and (args.learning_rate <= POLYNOMIAL_END or args.lr_power < 0):
+        parser.error(
+            f"--lr_scheduler polynomial decays from --learning_rate to {POLYNOMIAL_END:g} with --lr_power >= 0: "
+            f"give a rate above {POLYNOMIAL_END:g} (--learning_rate {args.learning_rate:g}, --lr_power {args.lr_power:g})"
+        )
     schedules = ("constant", "constant_with_warmup")
     if args.optimizer == SCHEDULE_FREE and (args.lr_scheduler not in schedules or args.ema_decay):
         parser.error(

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoints import check_resume_fits, read_training_state, resolve_resume_path
+from .checkpoints import SUPERSEDED_DIR, check_resume_fits, later_checkpoints, read_training_state, resolve_resume_path
 from .lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from .lora_io import DIFFUSERS_PREFIX, read_lora
 from .train_data import BucketBatchSampler
@@ -95,7 +95,11 @@ def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
 def resume_settings(args: argparse.Namespace) -> dict:
     """The flags a checkpoint's optimiser state depends on (written into its training_state.json): a resume with
     others is refused."""
-    return {"optimizer": args.optimizer, "loraplus_lr_ratio": args.loraplus_lr_ratio}
+    return {
+        "optimizer": args.optimizer,
+        "loraplus_lr_ratio": args.loraplus_lr_ratio,
+        "lora_alpha": args.lora_alpha or args.rank,  # (the checkpoint's LoRA is unscaled: another alpha rescales it)
+    }
 
 
 def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) -> str:
@@ -104,6 +108,8 @@ def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) ->
     checkpoint = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     global_step = read_training_state(checkpoint)["global_step"] if checkpoint else 0
     resumes = f"it would resume from {checkpoint} (step {global_step}); " if checkpoint else ""
+    if later := later_checkpoints(args.output_dir, checkpoint):
+        resumes += f"it would move the {len(later)} checkpoint(s) after it to {SUPERSEDED_DIR}/; "
     line = start_line(args, accelerator, train, sampler, caches, plan.trainable, plan.modules, global_step)
     return (
         f"{line}\ndry run: the caches fit {args.pretrained_model_name_or_path} (its transformer: {plan.base_gib:.1f} "
