@@ -110,8 +110,11 @@ def test_flags_that_would_fail_later_are_refused_as_they_are_read(
 
 def test_resuming_with_other_optimiser_flags_is_refused_before_loading(tiny_model_dir, tiny_cache_dir, tmp_path):
     """The checkpoint's optimiser state (one parameter group) cannot serve LoRA+'s two: say so, and how to go on.
-    Nor can its unscaled LoRA go on under another --lora_alpha (it would rescale it)."""
+    Nor can its unscaled LoRA go on under another --lora_alpha (it would rescale it), nor an average start from
+    a checkpoint that holds none: refused in a dry run already."""
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2)
+    with pytest.raises(FileNotFoundError, match="ema_lora.safetensors is missing: .* written without --ema_decay"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, resume_from_checkpoint="latest", ema_decay=0.9, dry_run=True)
     with pytest.raises(ValueError, match="checkpoint-2 was saved with --lora_alpha 4, this run has --lora_alpha 64"):
         train(
             tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, resume_from_checkpoint="latest", lora_alpha=64

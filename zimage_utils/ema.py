@@ -16,6 +16,17 @@ import torch
 EMA_STATE_NAME = "ema_lora.safetensors"
 
 
+def require_ema_state(checkpoint: str | Path) -> Path:
+    """The average's file in a checkpoint, or FileNotFoundError saying how to resume one written without it."""
+    path = Path(checkpoint) / EMA_STATE_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: that checkpoint was written without --ema_decay. Resume without --ema_decay, "
+            "or start a new run."
+        )
+    return path
+
+
 class LoraEMA:
     """The average of `named_params` (the trainable LoRA parameters, in a fixed order)."""
 
@@ -56,12 +67,7 @@ class LoraEMA:
     def load(self, directory: str | Path) -> None:
         from safetensors import safe_open
 
-        path = Path(directory) / EMA_STATE_NAME
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: that checkpoint was written without --ema_decay. Resume without --ema_decay, "
-                "or start a new run."
-            )
+        path = require_ema_state(directory)
         with safe_open(str(path), "pt") as f:
             missing = set(self.names) - set(f.keys())
             if missing:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoints import SUPERSEDED_DIR, check_resume_fits, later_checkpoints, read_training_state, resolve_resume_path
+from .ema import require_ema_state
 from .lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
 from .lora_io import DIFFUSERS_PREFIX, read_lora
 from .train_data import BucketBatchSampler
@@ -77,6 +78,8 @@ def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
         config = add_run_lora(model, args)
     if resume := resolve_resume_path(args.output_dir, args.resume_from_checkpoint):
         check_resume_fits(resume, model, resume_settings(args))
+        if args.ema_decay:
+            require_ema_state(resume)
     if args.init_lora:
         with warnings.catch_warnings():  # its values are copied into meta tensors: nothing, as meant
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
