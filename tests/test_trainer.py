@@ -738,6 +738,23 @@ def test_checkpointing_and_validation_epochs_act_at_the_step_that_completes_ever
     assert vars(again) | {"config": None} == vars(given)
 
 
+def test_epochs_with_gradient_accumulation_train_the_fewest_steps_that_cover_them(
+    tiny_model_dir, tiny_cache_dir, tmp_path, caplog
+):
+    # 12 batches an epoch (12 items, batches of 1), accumulated 5 at a time across the epoch's end: 2 epochs are 24
+    # batches, 5 steps (4.8 of them); 6 steps, as ceil(12 / 5) = 3 a epoch gave, trained 30 batches (2.5 epochs)
+    caplog.set_level("INFO", logger="train")
+    log = train(
+        tiny_model_dir,
+        tiny_cache_dir,
+        tmp_path,
+        max_train_steps=None,
+        num_train_epochs=2,
+        gradient_accumulation_steps=5,
+    )
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and "5 steps (2.4/epoch)" in caplog.text
+
+
 def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
     caplog.set_level("INFO", logger="train")
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")

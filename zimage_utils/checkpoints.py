@@ -217,15 +217,16 @@ def check_same_processes(accelerator, checkpoint: str | Path, state: dict) -> No
 
 def check_same_settings(checkpoint: str | Path, state: dict, settings: dict) -> None:
     """Refuse a checkpoint saved with other `settings` (flag name → value, as written into its training_state.json
-    `state`) than this run's: its optimiser state would not fit. Flags absent from older checkpoints are not
+    `state`) than this run's: its optimiser state, or its LoRA's scale, would not fit. Flags absent from older checkpoints are not
     checked."""
     changed = {k: (state[k], v) for k, v in settings.items() if k in state and state[k] != v}
     if changed:
         was = " ".join(f"--{k} {old}" for k, (old, _) in changed.items())
         now = " ".join(f"--{k} {new}" for k, (_, new) in changed.items())
         raise ValueError(
-            f"{checkpoint} was saved with {was}, this run has {now}: its optimiser state does not fit. Resume with "
-            "the same flags, or start from its LoRA in a new --output_dir (--init_lora)."
+            f"{checkpoint} was saved with {was}, this run has {now}: what it holds (the optimiser state, the LoRA at "
+            "its scale) does not fit. Resume with the same flags, or start from its LoRA in a new --output_dir "
+            "(--init_lora)."
         )
 
 

@@ -31,10 +31,11 @@ def add_run_lora(model: torch.nn.Module, args: argparse.Namespace):
     )
 
 
-def schedule_steps(args, sampler) -> tuple[int, int]:
-    """Optimiser steps per epoch, and in the whole run."""
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    return steps_per_epoch, args.max_train_steps or args.num_train_epochs * steps_per_epoch
+def schedule_steps(args, sampler) -> tuple[float, int]:
+    """Optimiser steps per epoch (a fraction with gradient accumulation, which runs on across an epoch's end), and
+    in the whole run: --max_train_steps, or the fewest that cover --num_train_epochs."""
+    steps_per_epoch = len(sampler) / args.gradient_accumulation_steps
+    return steps_per_epoch, args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
 
 
 def is_due(step: int, every_steps: int, epochs_before: int, epochs_done: int, every_epochs: int) -> bool:
@@ -52,7 +53,7 @@ def start_line(args, accelerator, train, sampler, caches, trainable: int, module
         f"{len(train)} training items from {len(args.precomputed_dir)} cache(s) in {len(sampler.groups)} buckets; "
         f"{trainable:,} trainable LoRA parameters ({modules} modules); "
         f"effective batch {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}; "
-        f"{max_steps} steps ({steps_per_epoch}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
+        f"{max_steps} steps ({steps_per_epoch:.4g}/epoch); {accelerator.num_processes} process(es) on {accelerator.device}"
         + run_notes(args, caches, sampler, global_step, max_steps, accelerator.mixed_precision)
     )
 
@@ -96,8 +97,8 @@ def check_lora_plan(args: argparse.Namespace, base_config: dict) -> LoraPlan:
 
 
 def resume_settings(args: argparse.Namespace) -> dict:
-    """The flags a checkpoint's optimiser state depends on (written into its training_state.json): a resume with
-    others is refused."""
+    """The flags a checkpoint's optimiser state and LoRA scale depend on (written into its training_state.json): a
+    resume with others is refused."""
     return {
         "optimizer": args.optimizer,
         "loraplus_lr_ratio": args.loraplus_lr_ratio,
