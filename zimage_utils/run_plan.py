@@ -125,8 +125,8 @@ def run_notes(
     args, caches: dict, sampler: BucketBatchSampler, global_step: int, max_steps: int, precision: str = "bf16"
 ) -> str:
     """What the trainer's start-up line adds about the data and the flags ("; ..." each): loss masks, items no
-    batch takes, validation without prompts, a long run that saves no checkpoint, a resumed run that is already done,
-    fp16 (`precision`: accelerate's mixed precision)."""
+    batch takes, validation without prompts, a long run that saves no checkpoint, a warmup as long as the run, a
+    resumed run that is already done, fp16 (`precision`: accelerate's mixed precision)."""
     notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
     if args.mask_floor and not caches["num_masked"]:
         notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
@@ -146,6 +146,11 @@ def run_notes(
         notes += (
             "; fp16 is untested with Z-Image: no run of this repository trains in it, and whether the model's "
             "activations stay within fp16's range is unknown (bf16 on cards that have it: Ampere and newer)"
+        )
+    if args.lr_warmup_steps >= max_steps:
+        notes += (
+            f"; --lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run's {max_steps} steps: the learning "
+            "rate never reaches --learning_rate"
         )
     if global_step >= max_steps:
         notes += f"; the checkpoint is at step {global_step}: nothing left to train (raise --max_train_steps)"
