@@ -182,6 +182,7 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     sampler = BucketBatchSampler([(64, 64)] * 5 + [(48, 96)] * 3, batch_size=4)  # the second bucket fills no batch
     args = Namespace(mask_floor=0.1, validation_steps=100, validation_epochs=0, checkpointing_minutes=0)
     args.checkpointing_steps = args.checkpointing_epochs = 0
+    args.lr_warmup_steps = 1500
     caches = {"num_masked": 0, "validation_prompts": []}
     assert "no checkpoint will be saved before step 1500: a run stopped" in run_notes(args, caches, sampler, 0, 1500)
     assert "no checkpoint" not in run_notes(args, caches, sampler, 1000, 1500)  # 500 steps to go: cheap to redo
@@ -190,6 +191,8 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     assert "3 items never train: their buckets hold fewer than a global batch (lower --train_batch_size)" in notes
     assert "validation gives the held-out loss only, no samples" in notes
     assert "the checkpoint is at step 1500: nothing left to train (raise --max_train_steps)" in notes
+    assert "--lr_warmup_steps 1500 is not shorter than the run's 1500 steps: the learning rate never reaches" in notes
+    args.lr_warmup_steps = 100
     caches = {"num_masked": 8, "validation_prompts": [("a photo", None)]}
     sampler = BucketBatchSampler([(64, 64)] * 8, batch_size=4)
     args.checkpointing_epochs = 1

@@ -753,9 +753,6 @@ def test_epochs_with_gradient_accumulation_train_the_fewest_steps_that_cover_the
         gradient_accumulation_steps=5,
     )
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and "5 steps (2.4/epoch)" in caplog.text
-    assert "never reaches" not in caplog.text
-    train(tiny_model_dir, tiny_cache_dir, tmp_path / "warm", max_train_steps=4, lr_warmup_steps=10, dry_run=True)
-    assert "--lr_warmup_steps 10 is not shorter than the run's 4 steps: the learning rate never reaches" in caplog.text
 
 
 def test_resume_latest_without_a_checkpoint_starts_a_new_run(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
