@@ -459,6 +459,7 @@ def run_training(args: argparse.Namespace) -> None:
         resume_settings(args),
         batch_size=args.train_batch_size,
         lr_scheduler=lr_scheduler,
+        seed=args.seed,
     )
 
     config = StepConfig.from_flags(args)
@@ -483,7 +484,13 @@ def run_training(args: argparse.Namespace) -> None:
         if accelerator.is_main_process:
             write_training_state(
                 path,
-                {"global_step": step, "epoch": next_epoch, "next_batch": next_batch, "items": len(train)}
+                {
+                    "global_step": step,
+                    "epoch": next_epoch,
+                    "next_batch": next_batch,
+                    "items": len(train),
+                    "seed": args.seed,
+                }
                 | batch_layout(accelerator, args.train_batch_size)
                 | resume_settings(args),
             )

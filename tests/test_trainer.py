@@ -814,7 +814,7 @@ def test_ema_lora_files_hold_the_average_of_the_weights_after_each_step(tiny_mod
     assert all(torch.equal(final[n], saved[n]) for n in names) and metadata["ema_decay"] == "0.5"
 
 
-def test_resume_with_ema_reproduces_the_uninterrupted_average(tiny_model_dir, tiny_cache_dir, tmp_path):
+def test_resume_with_ema_reproduces_the_uninterrupted_average(tiny_model_dir, tiny_cache_dir, tmp_path, caplog):
     flags = dict(max_train_steps=6, checkpointing_steps=3, save_dtype="fp32", ema_decay=0.9)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, max_train_steps_this_run=3)
@@ -826,6 +826,10 @@ def test_resume_with_ema_reproduces_the_uninterrupted_average(tiny_model_dir, ti
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "no_ema", max_train_steps=2, checkpointing_steps=1)
     with pytest.raises(FileNotFoundError, match="written without --ema_decay"):
         train(tiny_model_dir, tiny_cache_dir, tmp_path / "no_ema", **flags, resume_from_checkpoint="latest")
+    # and without it, one that had one: said, as the average stops
+    caplog.set_level("INFO", logger="train")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", max_train_steps=7, resume_from_checkpoint="latest")
+    assert "checkpoint-6 holds a LoRA average (--ema_decay); this run has none" in caplog.text
 
 
 def test_resuming_over_changed_caches_warns_that_the_epoch_order_changed(
@@ -853,8 +857,10 @@ def test_resuming_with_another_batch_size_goes_on_after_the_items_already_seen(
         max_train_steps=3,
         train_batch_size=2,
         resume_from_checkpoint="latest",
+        seed=5,
     )
     assert "it goes on after the 2 items its epoch had reached" in caplog.text
+    assert "checkpoint-2 was trained with --seed 0, this run has --seed 5: the run goes on" in caplog.text
     assert re.search(
         r"resumed from \S*checkpoint-2: step 2, epoch 0, batch 1\b", caplog.text
     )  # 2 items = 1 batch of 2

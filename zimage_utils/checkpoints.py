@@ -14,6 +14,7 @@ import safetensors
 import torch
 
 from .cli import write_text_atomic
+from .ema import EMA_STATE_NAME
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
@@ -289,6 +290,7 @@ def resume_training(
     settings: dict | None = None,
     batch_size: int = 1,
     lr_scheduler=None,
+    seed: int | None = None,
 ):
     """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
     scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
@@ -325,6 +327,8 @@ def resume_training(
         raise ValueError(f"{resume} could not be loaded ({str(error).splitlines()[0]}): {DAMAGED_ADVICE}") from None
     if ema is not None:
         ema.load(resume)
+    elif (Path(resume) / EMA_STATE_NAME).exists():
+        log(f"note: {resume} holds a LoRA average (--ema_decay); this run has none, so the average is not continued")
     step, epoch, next_batch = state["global_step"], state["epoch"], state["next_batch"]
     if saved != now:
         was, is_now = (v["train_batch_size"] * v["processes"] for v in (saved, now))
@@ -348,6 +352,11 @@ def resume_training(
         log(
             f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {items}: the run "
             f"goes on from batch {position[2]} of a different epoch order"
+        )
+    if seed is not None and state.get("seed", seed) != seed:
+        log(
+            f"note: {resume} was trained with --seed {state['seed']}, this run has --seed {seed}: the run goes on "
+            f"from batch {position[2]} of a different epoch order (and other noise)"
         )
     log(f"resumed from {resume}: step {position[0]}, epoch {position[1]}, batch {position[2]}")
     return position
