@@ -88,25 +88,27 @@ BASE = "base"  # --compare's column without a LoRA
 DEFAULT_PROMPT = "a photo"
 
 
-def read_specs(flag: str, specs: list[str]) -> list[tuple[str, float]]:
-    """PATH[:STRENGTH] specs as (path, strength), each LoRA read once (a Z-Image LoRA that is there); `--compare`'s
-    "base" stays as it is."""
+def read_specs(flag: str, specs: list[str], states: dict) -> list[tuple[str, float]]:
+    """PATH[:STRENGTH] specs as (path, strength), each LoRA read once (a Z-Image LoRA that is there) into `states`
+    (path → what read_lora read); `--compare`'s "base" stays as it is."""
     loras = []
     for spec in specs:
         if flag == "--compare" and spec == BASE:
             loras.append((BASE, 1.0))
             continue
         path, strength = split_strength(spec, flag)
-        read_lora(path)
+        states[path] = read_lora(path)
         loras.append((path, strength))
     return loras
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The mistakes found before the pipeline loads (minutes for the real model): each --lora and --compare LoRA
-    read once, --prompt_file (its prompts join `args.prompt`), --fuse_to, --num_images and --output. Returns the
-    LoRAs and --compare's columns as (path, strength)."""
-    loras, columns = read_specs("--lora", args.lora), read_specs("--compare", args.compare or [])
+    read once (into `args.lora_states`, what `load_lora` loads), --prompt_file (its prompts join `args.prompt`),
+    --fuse_to, --num_images and --output. Returns the LoRAs and --compare's columns as (path, strength)."""
+    args.lora_states = {}
+    loras = read_specs("--lora", args.lora, args.lora_states)
+    columns = read_specs("--compare", args.compare or [], args.lora_states)
     args.prompts = parse_prompts(args.prompt or ([] if args.prompt_file else [DEFAULT_PROMPT]), "--prompt")
     if args.prompt_file:
         lines = read_prompt_file(args.prompt_file)
@@ -164,12 +166,12 @@ def offload_in_layers(pipe, device: str) -> None:
     )
 
 
-def load_lora(pipe, path: str, name: str) -> None:
-    """The LoRA at `path` into `pipe` as adapter `name`: what read_lora read (as check_args did), so that a layout
+def load_lora(pipe, path: str, state: dict, name: str) -> None:
+    """The LoRA at `path` into `pipe` as adapter `name`: `state`, what read_lora read in check_args, so that a layout
     diffusers misreads (PEFT's own names, alpha in metadata, LyCORIS names) samples as it reads in lora_tools.py and
     --init_lora. What diffusers still cannot load (e.g. a LoKr whose factors no one decompose factor gives) is named."""
     try:
-        pipe.load_lora_weights(read_lora(path), adapter_name=name)
+        pipe.load_lora_weights(dict(state), adapter_name=name)  # (a copy: diffusers may pop keys from it)
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
@@ -194,12 +196,12 @@ def main(args: argparse.Namespace) -> None:
     pipe = ZImagePipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     names, weights = [], []
     for i, (path, strength) in enumerate(loras):
-        load_lora(pipe, path, f"lora_{i}")
+        load_lora(pipe, path, args.lora_states[path], f"lora_{i}")
         names.append(f"lora_{i}")
         weights.append(strength)
     for j, (path, _) in enumerate(columns):
         if path != BASE:
-            load_lora(pipe, path, f"compare_{j}")
+            load_lora(pipe, path, args.lora_states[path], f"compare_{j}")
     if names:
         pipe.set_adapters(names, weights)
     if args.fuse_to:

@@ -326,11 +326,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag in ("lora_alpha", "timestep_shift"):
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} {value}: give a positive value")
-    fractions = {"caption_dropout": (0, 1), "random_flip": (0, 1), "ema_decay": (0, 0.999999),
-                 "validation_split": (0, 0.99), "activation_memory_budget": (0, 1)}  # fmt: skip
-    for flag, (low, high) in fractions.items():
-        if (value := getattr(args, flag)) is not None and not low <= value <= high:
-            p.error(f"--{flag} {value}: give a value from {low:g} to {high:g}")
+    cli.require_within(p, args, caption_dropout=(0, 1), random_flip=(0, 1), ema_decay=(0, 0.999999),
+                       validation_split=(0, 0.99), activation_memory_budget=(0, 1))  # fmt: skip
     if args.activation_memory_budget is not None and not args.compile:
         p.error("--activation_memory_budget applies to compiled blocks: add --compile")
     check_optimizer_flags(p, args)
@@ -382,7 +379,8 @@ def run_training(args: argparse.Namespace) -> None:
     check_memory_options(args, accelerator)
     cli.check_output_dir(output_dir)
     check_new_run(output_dir, args.resume_from_checkpoint)
-    if resume := resolve_resume_path(output_dir, args.resume_from_checkpoint):  # (the LoRA's fit: check_lora_plan)
+    resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+    if resume is not None:  # (the LoRA's fit: check_lora_plan)
         check_same_processes(accelerator, resume, read_training_state(resume))
     if args.ema_decay and deepspeed_stage(accelerator) == 3:
         raise ValueError("--ema_decay does not work under ZeRO-3 (each rank holds a shard): use ZeRO-2 or DDP")
@@ -409,7 +407,6 @@ def run_training(args: argparse.Namespace) -> None:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
-        resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
         if aside := set_aside_later_checkpoints(output_dir, resume):
             print0(f"note: the checkpoints after {resume.name}, of the run this one goes back on, moved to {aside}")
         cli.write_config(output_dir / "run_config.yaml", args, leave_out=("max_train_steps_this_run",))

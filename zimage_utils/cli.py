@@ -40,6 +40,13 @@ def require_at_least(parser, args, **least: float) -> None:
             parser.error(f"--{flag} {value}: give {low} or more{off}")
 
 
+def require_within(parser, args, **ranges: tuple[float, float]) -> None:
+    """`parser.error` for the first flag (name=(low, high)) given outside [low, high]; None (not given) passes."""
+    for flag, (low, high) in ranges.items():
+        if (value := getattr(args, flag)) is not None and not low <= value <= high:
+            parser.error(f"--{flag} {value}: give a value from {low:g} to {high:g}")
+
+
 def check_output_dir(path, flag: str = "--output_dir") -> None:
     """A folder to write into must not be a file (else mkdir ends in a traceback)."""
     if Path(path).exists() and not Path(path).is_dir():

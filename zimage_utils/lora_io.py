@@ -497,13 +497,21 @@ def _dotted_lokr_key(key: str) -> str:
     matches no Z-Image module is left as it is (and refused as such)."""
     flat, _, kind = key.partition(".")
     flat = flat.removeprefix("lycoris_").removeprefix("lora_unet_")
-    for name in sorted(zimage_module_names()):
-        parts = [r"(\d+)" if part == "N" else re.escape(part) for part in name.split(".")]
-        if found := re.fullmatch("_".join(parts), flat):
+    for name, pattern in _flat_module_patterns():
+        if found := pattern.fullmatch(flat):
             indices = iter(found.groups())
             dotted = ".".join(next(indices) if part == "N" else part for part in name.split("."))
             return f"{COMFYUI_PREFIX}{dotted}.{kind}"
     return key
+
+
+@functools.cache
+def _flat_module_patterns() -> list[tuple[str, re.Pattern]]:
+    """(numbered module name, the pattern of its underscored form with its indices captured), compiled once."""
+    return [
+        (name, re.compile("_".join(r"(\d+)" if part == "N" else re.escape(part) for part in name.split("."))))
+        for name in sorted(zimage_module_names())
+    ]
 
 
 def fold_adapter_metadata(state: dict[str, torch.Tensor], metadata: dict | None) -> dict[str, torch.Tensor]:
