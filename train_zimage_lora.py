@@ -75,6 +75,7 @@ from zimage_utils.run_plan import (
     check_lora_plan,
     dry_run_report,
     is_due,
+    noted_settings,
     resume_settings,
     schedule_steps,
     start_line,
@@ -330,6 +331,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        validation_split=(0, 0.99), activation_memory_budget=(0, 1))  # fmt: skip
     if args.activation_memory_budget is not None and not args.compile:
         p.error("--activation_memory_budget applies to compiled blocks: add --compile")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        p.error(f"--lokr_factor {args.lokr_factor}: give w1's side (1 or more), or -1 for near-square factors")
     check_optimizer_flags(p, args)
     return args
 
@@ -456,7 +459,7 @@ def run_training(args: argparse.Namespace) -> None:
         resume_settings(args),
         batch_size=args.train_batch_size,
         lr_scheduler=lr_scheduler,
-        seed=args.seed,
+        noted=noted_settings(args),
     )
 
     config = StepConfig.from_flags(args)
@@ -486,8 +489,8 @@ def run_training(args: argparse.Namespace) -> None:
                     "epoch": next_epoch,
                     "next_batch": next_batch,
                     "items": len(train),
-                    "seed": args.seed,
                 }
+                | noted_settings(args)
                 | batch_layout(accelerator, args.train_batch_size)
                 | resume_settings(args),
             )

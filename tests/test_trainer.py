@@ -592,6 +592,7 @@ def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, 
         ("max_train_steps", 0, "--max_train_steps 0: give 1 or more"),
         ("checkpointing_steps", -1, "--checkpointing_steps -1: give 0 or more (0 = off)"),
         ("learning_rate", -0.001, "--learning_rate -0.001: give a positive rate"),
+        ("lokr_factor", 0, "--lokr_factor 0: give w1's side (1 or more), or -1 for near-square factors"),
     ],
 )
 def test_values_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
@@ -1132,10 +1133,10 @@ def test_the_base_takes_the_training_adapter_linear_by_linear_as_peft_merges_it(
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])  # fp8: merged Linear by Linear as they are quantised
 def test_training_with_an_adapter_saves_only_the_trained_lora(
-    tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path, precision
+    tiny_model_dir, tiny_cache_dir, adapter_file, tmp_path, precision, caplog
 ):
     flags = dict(max_train_steps=3, training_adapter=adapter_file, base_precision=precision)
-    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags, checkpointing_steps=3)
     saved, metadata = load_lora_file(tmp_path / LORA_WEIGHT_NAME)
     adapter, _ = load_lora_file(adapter_file)
     attention = lora_target_modules(load_transformer(str(tiny_model_dir), torch.float32), "attention")
@@ -1143,6 +1144,13 @@ def test_training_with_an_adapter_saves_only_the_trained_lora(
     assert not any(torch.equal(saved[k], adapter[k]) for k in saved)
     assert metadata["training_adapter"] == str(adapter_file)
     assert (tmp_path / "samples" / "step_000003.png").exists()  # sampled with the adapter cancelled
+    if precision == "bf16":  # resumed at another strength: said
+        caplog.set_level("INFO", logger="train")
+        flags |= dict(max_train_steps=4, training_adapter_scale=0.5, resume_from_checkpoint="latest")
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
+        assert (
+            "--training_adapter_scale 1.0, this run has --training_adapter_scale 0.5: the LoRA goes on" in caplog.text
+        )
 
 
 def test_a_training_adapter_merges_into_swapped_blocks_as_into_resident_ones(

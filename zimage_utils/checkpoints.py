@@ -280,6 +280,15 @@ def restore_group_hyperparameters(schedule, flags: list[dict]) -> list[str]:
     return list(changed.values())
 
 
+# Flags a run may resume with others of (`resume_training`'s `noted`), and what the change means
+NOTED_CHANGES = {
+    "seed": "the run goes on from batch {batch} of a different epoch order (and other noise)",
+    "training_adapter": "the LoRA goes on learning against another base (the one the adapter makes); the samples "
+    "and the saved LoRA are without it, as before",
+    "training_adapter_scale": "the LoRA goes on learning against another base (the adapter at another strength)",
+}
+
+
 def resume_training(
     accelerator,
     output_dir,
@@ -290,14 +299,15 @@ def resume_training(
     settings: dict | None = None,
     batch_size: int = 1,
     lr_scheduler=None,
-    seed: int | None = None,
+    noted: dict | None = None,
 ):
     """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
     scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
     epoch, next batch) to continue from; (0, 0, 0) without a checkpoint. `items`: training items an epoch now, to warn
     when the caches or --repeats changed since the checkpoint (the epoch order then differs). `settings`: flags
     (name → value, as written into training_state.json) the optimiser state depends on; a checkpoint saved with
-    others is refused before anything is loaded (absent from older checkpoints: not checked).
+    others is refused before anything is loaded (absent from older checkpoints: not checked). `noted`: flags (name →
+    value) a run may go on with others of, which is said (`NOTED_CHANGES`).
 
     A checkpoint saved by another number of processes (or --train_batch_size) goes on after as many of the epoch's
     items as it had reached, and `lr_scheduler` (the prepared one: accelerate steps it once per process and step)
@@ -353,11 +363,13 @@ def resume_training(
             f"warning: {resume} was trained on {state['items']} items an epoch, the caches now give {items}: the run "
             f"goes on from batch {position[2]} of a different epoch order"
         )
-    if seed is not None and state.get("seed", seed) != seed:
-        log(
-            f"note: {resume} was trained with --seed {state['seed']}, this run has --seed {seed}: the run goes on "
-            f"from batch {position[2]} of a different epoch order (and other noise)"
-        )
+    for flag, value in (noted or {}).items():
+        old = state.get(flag, value)
+        if old != value and None not in (old, value):  # (None: the flag does not apply to one of the runs)
+            log(
+                f"note: {resume} was trained with --{flag} {old if old != '' else '(none)'}, this run has --{flag} "
+                f"{value if value != '' else '(none)'}: " + NOTED_CHANGES[flag].format(batch=position[2])
+            )
     log(f"resumed from {resume}: step {position[0]}, epoch {position[1]}, batch {position[2]}")
     return position
 

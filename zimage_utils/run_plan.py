@@ -106,6 +106,16 @@ def resume_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def noted_settings(args: argparse.Namespace) -> dict:
+    """The flags a checkpoint may be resumed with others of, said when it is (written into its
+    training_state.json; `checkpoints.NOTED_CHANGES`)."""
+    return {
+        "seed": args.seed,
+        "training_adapter": args.training_adapter or "",
+        "training_adapter_scale": args.training_adapter_scale if args.training_adapter else None,
+    }
+
+
 def dry_run_report(args, accelerator, plan: LoraPlan, train, sampler, caches) -> str:
     """`--dry_run`: the start line of the run these flags would make (`plan` counted its LoRA), and the checkpoint it
     would resume from."""
