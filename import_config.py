@@ -20,6 +20,9 @@ What a kohya / musubi key becomes:
     is_reg                                         the trainer's --loss_weights (--prior_loss_weight here, default 1)
     batch_size, caption_dropout_rate               the trainer's --train_batch_size, --caption_dropout (the largest)
 
+A training config's LoRA keeps the other trainer's defaults where it sets none (alpha 1, kohya's rank 4, a LoKr
+factored near-square) and the modules its Z-Image LoRA adapts (musubi's networks.lora_zimage, ai-toolkit's network).
+
 An ai-toolkit job's datasets map the same way (folder_path, caption_ext, num_repeats, flip_x, shuffle_tokens,
 default_caption; each size of a `resolution` list is a cache of its own, mixed in training, as ai-toolkit trains every
 size), its trigger_word becomes --caption_prefix, and its network, train, save, sample and model sections become the
@@ -179,7 +182,8 @@ AI_TOOLKIT_SAVE_DTYPES = {
 # What `ai_toolkit_train_flags` reads of each section, and what already holds here (flow matching with an MSE loss,
 # the transformer alone trained, the text encoder never loaded in training, each sample prompt's seed walked)
 AI_TOOLKIT_READ = {
-    "network": {"type", "linear", "linear_alpha", "lokr_factor"},
+    "network": {"type", "linear", "linear_alpha", "lokr_factor", "rank", "alpha", "transformer_only",
+                "network_kwargs"},
     "train": {"batch_size", "steps", "lr", "gradient_accumulation", "gradient_accumulation_steps", "optimizer",
               "optimizer_params", "lr_scheduler", "ema_config", "diff_output_preservation",
               "diff_output_preservation_multiplier", "diff_output_preservation_class", "timestep_type", "dtype",
@@ -229,6 +233,25 @@ def read_ai_toolkit(config: dict, path: Path, notes: list[str]) -> tuple[list[di
     return subsets, train
 
 
+def ai_toolkit_network_flags(network: dict, notes: list[str]) -> dict:
+    """The LoRA ai-toolkit's network section makes, with its defaults where the section sets none: alpha 1 (its
+    `alpha`, then `linear_alpha`), a LoKr factor of -1, and every Linear of the main blocks (its Z-Image model's transformer
+    block names: "layers"), so no refiner."""
+    flags = {"adapter": network.get("type", "lora"), "lora_targets": "all", "lora_exclude_refiners": True}
+    if (rank := network.get("linear", network.get("rank"))) is not None:
+        flags["rank"] = rank
+    flags["lora_alpha"] = network.get("linear_alpha", network.get("alpha", 1.0))
+    if "linear_alpha" not in network and "alpha" not in network:
+        notes.append(f"network sets no linear_alpha: ai-toolkit's default 1 is kept ({SCALE_NOTE})")
+    if flags["adapter"] == "lokr":
+        flags["lokr_factor"] = network.get("lokr_factor", -1)
+    if network.get("transformer_only") is False:
+        notes.append("network transformer_only false (the embedders adapted too): only the blocks are, here")
+    if kwargs := sorted(network.get("network_kwargs") or {}):
+        notes.append(f"network_kwargs {', '.join(kwargs)}: no equivalent here; see --lora_targets")
+    return flags
+
+
 def ai_toolkit_prompts(sample: dict, trigger: str | None, notes: list[str]) -> list[str]:
     """ai-toolkit's sample prompts as lines of ours: [trigger] stays (the precompute replaces it), each prompt's own
     size, seed and the negative prompt as --w/--h/--d/--n, and the options it takes inside a prompt (--seed, --cfg)
@@ -274,11 +297,10 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
         flags["pretrained_model_name_or_path"] = model["name_or_path"]
     if job.get("training_folder") and name:
         flags["output_dir"] = str(Path(job["training_folder"]) / name)
-    if network.get("type", "lora") in ("lora", "lokr"):
-        flags["adapter"] = network.get("type", "lora")
-        flags.update({k: network[v] for k, v in (("rank", "linear"), ("lora_alpha", "linear_alpha")) if v in network})
-        if network.get("type") == "lokr" and "lokr_factor" in network:
-            flags["lokr_factor"] = network["lokr_factor"]
+    if not network:
+        notes.append("no network section (ai-toolkit would fine-tune the whole transformer): a LoRA is trained")
+    elif network.get("type", "lora") in ("lora", "lokr"):
+        flags |= ai_toolkit_network_flags(network, notes)
     else:
         notes.append(f"network type {network['type']!r} has no equivalent here; a LoRA is trained")
     for ours, theirs in (("train_batch_size", "batch_size"), ("max_train_steps", "steps"), ("learning_rate", "lr")):
@@ -378,6 +400,34 @@ KOHYA_READ |= {
 }
 
 
+def kohya_network_flags(config: dict, flags: dict, notes: list[str]) -> dict:
+    """What a kohya / musubi training config's network keys mean that our defaults would not give: their defaults
+    (network_dim 4, network_alpha 1) where the config sets one of the network keys but not these, and the modules
+    musubi's Z-Image LoRA adapts (`networks.lora_zimage`: every Linear of the main blocks but the modulation)."""
+    module = config.get("network_module", "")
+    if not ({"network_dim", "network_alpha", "network_module"} & set(config)):
+        return {}  # (the LoRA is given on the command line: nothing to go by)
+    more = {}
+    if "rank" not in flags:
+        more["rank"] = 4
+        notes.append("network_dim not set: kohya's and musubi's default 4 is kept")
+    if "lora_alpha" not in flags:
+        more["lora_alpha"] = 1.0
+        notes.append(f"network_alpha not set: kohya's and musubi's default 1 is kept ({SCALE_NOTE})")
+    if module.endswith("lora_zimage"):
+        more |= {"lora_targets": "attention_ffn", "lora_exclude_refiners": True}
+    elif module.endswith("networks.lokr"):  # musubi's own LoKr
+        more |= {"adapter": "lokr", "lokr_factor": -1}
+        notes.append(
+            "network_module networks.lokr: musubi's own LoKr makes the larger Kronecker factor the full one, LyCORIS' "
+            "layout (this trainer's) the smaller: trained as --adapter lokr --lokr_factor -1 (near-square factors, "
+            "where the two differ least)"
+        )
+    elif module and not module.endswith("lycoris.kohya"):
+        notes.append(f"network_module {module}: not a Z-Image LoRA module here; --lora_targets' default is used")
+    return more
+
+
 def kohya_train_flags(config: dict, notes: list[str]) -> dict:
     """The trainer's flags for a kohya sd-scripts / musubi-tuner training config's top-level arguments."""
     flags = {k: config[k] for k in KOHYA_SAME if k in config}
@@ -388,11 +438,12 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         flags["output_dir"] = str(Path(config["output_dir"]) / config.get("output_name", ""))
     pairs = [a.split("=", 1) for a in [*config.get("network_args", []), *config.get("optimizer_args", [])]]
     options = {k.strip(): v.strip() for k, v in (p for p in pairs if len(p) == 2)}
+    flags |= kohya_network_flags(config, flags, notes)
     try:
         if "loraplus_lr_ratio" in options:
             flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
         if options.get("algo") == "lokr":
-            flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", 4))
+            flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", -1))  # (LyCORIS' default)
             options.pop("algo")
         if options.get("algo") in ("lora", "locon"):  # (LyCORIS' names for a plain LoRA)
             options.pop("algo")
@@ -444,6 +495,9 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
     if other := sorted(set(config) - KOHYA_READ - {"general", "datasets"}):
         notes.append(f"no equivalent here for {', '.join(other)}; left out")
     return flags
+
+
+SCALE_NOTE = "a LoRA scale of alpha/rank; this trainer's default alpha is the rank, a scale of 1"
 
 
 def read_config(path: Path, notes: list[str]) -> tuple[list[dict], dict]:

@@ -176,7 +176,8 @@ def test_an_ai_toolkit_job_becomes_a_cache_per_size_and_a_run_that_trains(tiny_m
     assert second["resolution"] == 96 and "validation_prompts" not in second
     assert result["train"] == {
         "pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "output" / "my_lora"),
-        "adapter": "lora", "rank": 8, "lora_alpha": 8, "train_batch_size": 1, "max_train_steps": 2,
+        "adapter": "lora", "lora_targets": "all", "lora_exclude_refiners": True, "rank": 8, "lora_alpha": 8,
+        "train_batch_size": 1, "max_train_steps": 2,
         "learning_rate": 0.0001, "gradient_checkpointing": True, "optimizer": "adamw8bit", "adam_weight_decay": 0.01,
         "lr_scheduler": "constant", "preservation_weight": 1.0, "save_dtype": "bf16", "checkpointing_steps": 2,
         "checkpoints_total_limit": 2, "validation_steps": 2, "validation_resolution": "64x64",
@@ -243,12 +244,42 @@ def test_a_kohya_training_config_brings_its_dataset_and_its_settings(tmp_path, c
 def test_an_ai_toolkit_upload_and_a_kohya_one_become_the_hub_flags():
     notes = []
     save = {"push_to_hub": True, "hf_repo_id": "me/sks-lora", "hf_private": True}
-    flags = import_config.ai_toolkit_train_flags({"save": save}, None, notes)
+    network = {"type": "lora", "linear": 8, "linear_alpha": 8}
+    flags = import_config.ai_toolkit_train_flags({"save": save, "network": network}, None, notes)
     assert (flags["push_to_hub"], flags["hub_model_id"], flags["hub_private"]) == (True, "me/sks-lora", True)
     kohya = {"huggingface_repo_id": "me/sks-lora", "huggingface_repo_visibility": "public"}
     flags = import_config.kohya_train_flags(kohya, notes)
     assert (flags["push_to_hub"], flags["hub_model_id"], flags["hub_private"]) == (True, "me/sks-lora", False)
     assert notes == []
+
+
+def test_the_other_trainers_lora_defaults_come_along_where_a_config_leaves_them_out():
+    """kohya and musubi default network_dim 4 and network_alpha 1, ai-toolkit alpha 1 (a scale of 1/rank, where
+    ours is 1); musubi's Z-Image LoRA adapts the main blocks' attention and feed-forward Linears, ai-toolkit's every
+    Linear of them; LyCORIS and ai-toolkit factor a LoKr near-square unless told."""
+    notes = []
+    flags = import_config.kohya_train_flags({"network_module": "networks.lora_zimage", "network_dim": 32}, notes)
+    assert flags == {"rank": 32, "lora_alpha": 1.0, "lora_targets": "attention_ffn", "lora_exclude_refiners": True}
+    assert notes == [f"network_alpha not set: kohya's and musubi's default 1 is kept ({import_config.SCALE_NOTE})"]
+    flags = import_config.kohya_train_flags({"network_alpha": 8, "network_args": ["algo=lokr"]}, notes := [])
+    assert flags == {"lora_alpha": 8, "rank": 4, "adapter": "lokr", "lokr_factor": -1}
+    assert notes == ["network_dim not set: kohya's and musubi's default 4 is kept"]
+    flags = import_config.kohya_train_flags({"network_module": "networks.lokr", "network_dim": 8}, notes := [])
+    assert (flags["adapter"], flags["lokr_factor"]) == ("lokr", -1) and "musubi's own LoKr" in notes[1]
+    import_config.kohya_train_flags({"network_module": "networks.lora_flux", "network_dim": 8}, notes := [])
+    assert "network_module networks.lora_flux: not a Z-Image LoRA module here" in notes[1]
+    assert import_config.kohya_train_flags({"learning_rate": 1e-4}, notes := []) == {"learning_rate": 1e-4}
+    assert notes == []  # (no network key: the LoRA is given on the command line)
+
+    job = {"network": {"type": "lokr", "linear": 16}}
+    flags = import_config.ai_toolkit_train_flags(job, None, notes := [])
+    assert flags == {
+        "adapter": "lokr", "lora_targets": "all", "lora_exclude_refiners": True, "rank": 16, "lora_alpha": 1.0,
+        "lokr_factor": -1,
+    }  # fmt: skip
+    assert notes == [f"network sets no linear_alpha: ai-toolkit's default 1 is kept ({import_config.SCALE_NOTE})"]
+    flags = import_config.ai_toolkit_train_flags({"network": {"type": "lora", "rank": 8, "alpha": 4}}, None, [])
+    assert (flags["rank"], flags["lora_alpha"]) == (8, 4)
 
 
 def test_lycoris_dora_in_kohya_network_args_becomes_the_dora_adapter():
