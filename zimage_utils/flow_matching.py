@@ -57,7 +57,8 @@ def velocity_target(x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 
 def flux_shift_mu(image_seq_len: int) -> float:
-    """The resolution-dependent shift mu the Z-Image pipeline uses at inference.
+    """The resolution-dependent shift mu the Z-Image pipeline computes at inference (Flux's). Its scheduler applies mu
+    only with `use_dynamic_shifting`, which the released configs leave off: they sample at the fixed shift 3.
 
     Args:
         image_seq_len: number of image tokens, (H_latent // 2) * (W_latent // 2) = (H_px // 16) * (W_px // 16).
@@ -92,7 +93,7 @@ def sample_timesteps(
       with `shift=s` (s > 1 spends more steps at high noise).
     - `flux_shift`: sigma ~ U(0, 1) then the scheduler's exponential time shift
       sigma' = e^mu / (e^mu + (1/sigma − 1)), mu = calculate_shift(image_seq_len) as the pipeline computes it:
-      larger images are trained at higher noise, matching how they are sampled.
+      larger images are trained at higher noise (Flux's convention; Z-Image samples at a fixed shift).
 
     Args:
         batch_size: B.
