@@ -186,7 +186,8 @@ AI_TOOLKIT_READ = {
                 "network_kwargs"},
     "train": {"batch_size", "steps", "lr", "gradient_accumulation", "gradient_accumulation_steps", "optimizer",
               "optimizer_params", "lr_scheduler", "ema_config", "diff_output_preservation",
-              "diff_output_preservation_multiplier", "diff_output_preservation_class", "timestep_type", "dtype",
+              "diff_output_preservation_multiplier", "diff_output_preservation_class", "blank_prompt_preservation",
+              "blank_prompt_preservation_multiplier", "timestep_type", "dtype",
               "gradient_checkpointing", "skip_first_sample", "noise_scheduler", "loss_type", "train_unet",
               "train_text_encoder", "unload_text_encoder", "disable_sampling"},
     "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format", "push_to_hub", "hf_repo_id", "hf_private"},
@@ -323,6 +324,8 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
         flags["ema_decay"] = train["ema_config"].get("ema_decay", 0.99)
     if train.get("diff_output_preservation"):
         flags["preservation_weight"] = train.get("diff_output_preservation_multiplier", 1.0)
+    if train.get("blank_prompt_preservation"):
+        flags["blank_preservation_weight"] = train.get("blank_prompt_preservation_multiplier", 1.0)
     if timesteps := train.get("timestep_type"):
         if timesteps in AI_TOOLKIT_TIMESTEPS:
             flags["timestep_sampling"] = AI_TOOLKIT_TIMESTEPS[timesteps]

@@ -306,8 +306,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--loss_weights takes one weight of at least 0 per --precomputed_dir ({len(args.precomputed_dir)} given)"
         )
-    if not 0 <= args.mask_floor <= 1 or args.preservation_weight < 0:
-        p.error("--mask_floor is a loss weight between 0 and 1, --preservation_weight one of at least 0")
+    if not 0 <= args.mask_floor <= 1 or args.preservation_weight < 0 or args.blank_preservation_weight < 0:
+        p.error(
+            "--mask_floor is a loss weight between 0 and 1, --preservation_weight and --blank_preservation_weight "
+            "ones of at least 0"
+        )
     if not 0 <= args.sigma_range[0] < args.sigma_range[1] <= 1:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
     if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
@@ -541,7 +544,7 @@ def run_training(args: argparse.Namespace) -> None:
     warned_over_budget = False
     stop_at = min(max_steps, global_step + (args.max_train_steps_this_run or max_steps))
     progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    empty = empty_embeds if args.caption_dropout > 0 else None
+    empty = empty_embeds if args.caption_dropout > 0 or args.blank_preservation_weight > 0 else None
     if args.validation_at_start and global_step == 0:
         with window.paused():
             validate(0)

@@ -108,6 +108,7 @@ def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
         base_precision="fp8",
         cpu_offload_checkpointing=True,
         preservation_weight=0.0,
+        blank_preservation_weight=0.0,
         blocks_to_swap=0,
     )
     advice = remedies(run)
@@ -123,6 +124,7 @@ def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
         base_precision="bf16",
         cpu_offload_checkpointing=False,
         preservation_weight=1.0,
+        blank_preservation_weight=0.0,
         blocks_to_swap=0,
     )
     advice = remedies(run)
@@ -130,7 +132,9 @@ def test_a_refusal_suggests_only_what_the_run_does_not_already_do():
     # Preservation's pass runs after the batch's backward: no more memory, so dropping it is no remedy (H200, 1024²,
     # fp8, --max_memory_gb 10: 31 blocks checkpointed with and without it); under DeepSpeed both go in one pass
     assert "--preservation_weight" not in advice
-    assert "drop --preservation_weight" in remedies(run, zero_stage=3)
+    assert "drop --preservation_weight (each" in remedies(run, zero_stage=3)
+    run.blank_preservation_weight = 0.5
+    assert "drop --preservation_weight and --blank_preservation_weight" in remedies(run, zero_stage=3)
     with pytest.raises(
         MemoryBudgetError,
         match=r"7.8 GiB \(\+ 0.80 GiB host copies\), above --max_memory_gb 7: lower --train_batch_size",
@@ -169,9 +173,10 @@ def test_the_trainers_budget_refusal_carries_the_swap_estimate(monkeypatch):
     args = argparse.Namespace(
         train_batch_size=1, optimizer="adamw", cpu_offload_checkpointing=False, checkpoint_keep_attention=False,
         max_memory_gb=1.0, base_precision="bf16", blocks_to_swap=0, preservation_weight=0.0,
+        blank_preservation_weight=0.0,
     )  # fmt: skip
     accelerator = SimpleNamespace(unwrap_model=lambda m: m)
-    config = SimpleNamespace(preservation_weight=0.0)
+    config = SimpleNamespace(preservation_weight=0.0, blank_preservation_weight=0.0)
     with pytest.raises(MemoryBudgetError, match=r"remedies. By the weights alone --blocks_to_swap 3 would cover"):
         memory_budget.fit_memory_budget(args, accelerator, model, None, config, [], print)
 
@@ -655,6 +660,7 @@ def test_out_of_memory_under_a_budget_points_at_what_else_holds_the_card():
         base_precision="fp8",
         cpu_offload_checkpointing=True,
         preservation_weight=0.0,
+        blank_preservation_weight=0.0,
         blocks_to_swap=0,
     )
     batch = {"latents": torch.zeros(2, 16, 128, 96), "caption_embeds": [torch.zeros(77, 8), torch.zeros(120, 8)]}

@@ -134,6 +134,25 @@ def test_the_step_adds_the_weighted_preservation_loss_and_trains_through_it(tiny
     )
 
 
+def test_blank_preservation_is_preservation_with_the_empty_caption_for_every_item(tiny_model_dir, caches):
+    transformer, batch = lora_and_batch(tiny_model_dir, caches[0])
+    empty, _ = cache_lib.load_prompt_embeddings(caches[0])
+    blank = flow_matching_step(transformer, batch, StepConfig(blank_preservation_weight=0.5), [1, 2], empty)
+    as_captions = dict(batch, preservation_embeds=[empty, empty])
+    expected = flow_matching_step(transformer, as_captions, StepConfig(preservation_weight=0.5), [1, 2])
+    assert blank["preservation"] > 0
+    torch.testing.assert_close(blank["loss"], expected["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(blank["preservation"], expected["preservation"], rtol=0, atol=0)
+    # with both, each item is preserved twice: the class caption's term and the empty caption's, each weighted
+    config = StepConfig(preservation_weight=0.5, blank_preservation_weight=0.25)
+    both = flow_matching_step(transformer, batch, config, [1, 2], empty)
+    dop = flow_matching_step(transformer, batch, StepConfig(preservation_weight=0.5), [1, 2])
+    terms = (both["loss"] - dop["loss"], 0.5 * (blank["loss"] - blank["per_sample"].mean()))
+    torch.testing.assert_close(*terms, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="empty-caption embedding"):
+        flow_matching_step(transformer, batch, StepConfig(blank_preservation_weight=0.5), [1, 2])
+
+
 def test_with_its_own_backward_the_step_runs_the_preservation_pass_after_the_batchs_backward(tiny_model_dir, caches):
     """What the trainer does outside DeepSpeed: the batch's forward and backward, then the preservation captions',
     so a step never holds the activations of both (the memory of a step without preservation); the gradients are
@@ -180,9 +199,9 @@ def test_training_with_preservation_needs_a_cache_that_has_it(tiny_model_dir, ca
     assert str(caches[1]) in str(error.value)
 
 
-def output_change(pipe_with_lora, base, cache, column: str, length_column: str) -> float:
+def output_change(pipe_with_lora, base, cache, column=None, length_column=None, caption=None) -> float:
     """Mean squared difference between the LoRA model's and the base model's predictions over the cache's items at
-    t = 0.5 (fixed noise), with each item's caption from `column`."""
+    t = 0.5 (fixed noise), with each item's caption from `column` (or `caption` [L, D] for every item)."""
     fp = cache_lib.read_manifest(cache)["fingerprint"]
     total = 0.0
     rows = records(cache)
@@ -190,28 +209,39 @@ def output_change(pipe_with_lora, base, cache, column: str, length_column: str) 
         latents = cache_lib.bytes_to_tensor(r["latents"], torch.bfloat16, (16, r["bucket_height"] // 8, -1)).float()
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(i))
         x = [(0.5 * latents + 0.5 * noise).unsqueeze(1)]
-        caption = cache_lib.bytes_to_tensor(r[column], torch.bfloat16, (r[length_column], fp["embed_dim"])).float()
+        if column:
+            caption = cache_lib.bytes_to_tensor(r[column], torch.bfloat16, (r[length_column], fp["embed_dim"]))
         with torch.no_grad():
-            outs = [m(x, torch.tensor([0.5]), [caption], return_dict=False)[0][0] for m in (pipe_with_lora, base)]
+            outs = [
+                m(x, torch.tensor([0.5]), [caption.float()], return_dict=False)[0][0] for m in (pipe_with_lora, base)
+            ]
         total += float((outs[0] - outs[1]).pow(2).mean())
     return total / len(rows)
 
 
 def test_preservation_keeps_the_class_where_the_base_model_has_it(tiny_model_dir, caches, tmp_path):
-    """The same memorising run with and without --preservation_weight: with it, the LoRA changes the model's
-    predictions for the class captions far less, and for the trigger captions about as much."""
+    """The same memorising run without preservation, with --preservation_weight and with --blank_preservation_weight:
+    with each, the LoRA changes the model's predictions for the captions preserved (the class captions; the empty
+    caption) far less, and for the trigger captions about as much."""
     flags = dict(max_train_steps=120, learning_rate=5e-3, rank=8, lora_targets="all", train_batch_size=2)
+    empty, _ = cache_lib.load_prompt_embeddings(caches[0])
     changes = {}
-    for weight in (0.0, 1.0):
-        out = tmp_path / f"weight_{weight}"
-        log = train(tiny_model_dir, caches[0], out, preservation_weight=weight, **flags)
-        assert ("loss/preservation" in log[-1]) == (weight > 0)
+    for name, preserving in {
+        "none": {},
+        "class": {"preservation_weight": 1.0},
+        "blank": {"blank_preservation_weight": 1.0},
+    }.items():
+        log = train(tiny_model_dir, caches[0], tmp_path / name, **preserving, **flags)
+        assert ("loss/preservation" in log[-1]) == bool(preserving)
         base = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
         pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
-        pipe.load_lora_weights(out)  # the saved file, as users load it
-        changes[weight] = {
+        pipe.load_lora_weights(tmp_path / name)  # the saved file, as users load it
+        changes[name] = {
             "class": output_change(pipe.transformer, base, caches[0], "preservation_embeds", "preservation_length"),
             "trigger": output_change(pipe.transformer, base, caches[0], "caption_embeds", "caption_length"),
+            "empty": output_change(pipe.transformer, base, caches[0], caption=empty),
         }
-    assert changes[1.0]["class"] < 0.25 * changes[0.0]["class"], changes  # measured 0.056 vs 0.383
-    assert changes[1.0]["trigger"] > 0.5 * changes[0.0]["trigger"], changes  # measured 0.260 vs 0.394
+    assert changes["class"]["class"] < 0.25 * changes["none"]["class"], changes  # measured 0.056 vs 0.383
+    assert changes["class"]["trigger"] > 0.5 * changes["none"]["trigger"], changes  # measured 0.260 vs 0.394
+    assert changes["blank"]["empty"] < 0.25 * changes["none"]["empty"], changes  # measured 0.052 vs 0.404
+    assert changes["blank"]["trigger"] > 0.5 * changes["none"]["trigger"], changes  # measured 0.288 vs 0.394

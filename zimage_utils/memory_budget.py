@@ -241,8 +241,11 @@ def remedies(args, zero_stage: int = 0, block_weight_gib: float | None = None) -
     steps = []
     if args.train_batch_size > 1:
         steps.append("lower --train_batch_size")
-    if args.preservation_weight and zero_stage:
-        steps.append("drop --preservation_weight (it trains each batch twice in one pass under DeepSpeed)")
+    preserving = [f"--{flag}" for flag in ("preservation_weight", "blank_preservation_weight") if getattr(args, flag)]
+    if preserving and zero_stage:
+        steps.append(
+            f"drop {' and '.join(preserving)} (each puts the batch through once more, in one pass under DeepSpeed)"
+        )
     steps.append("lower the cache's resolution")
     if args.base_precision == "bf16":
         steps.append("use --base_precision fp8 (any GPU) or nf4")
@@ -294,10 +297,12 @@ def worst_case_batch(
     channels: int,
     cap_dim: int,
     preservation: bool = False,
+    blank: bool = False,
 ) -> dict:
     """A batch as large as any the dataset gives: the bucket with the most pixels and the longest caption, at the
     training batch size (values are random; memory depends only on shapes). Latents are 8× smaller than pixels.
-    `preservation`: every item also has a preservation caption of that length (--preservation_weight)."""
+    `preservation`: every item also has a preservation caption of that length (--preservation_weight); `blank`: and
+    "empty_embeds", an empty caption of that length too, for --blank_preservation_weight (a bound: it is shorter)."""
     h, w = max(bucket_sizes, key=lambda hw: hw[0] * hw[1])
     length = max(caption_lengths)
     g = torch.Generator().manual_seed(0)
@@ -307,6 +312,8 @@ def worst_case_batch(
     }
     if preservation:
         batch["preservation_embeds"] = [torch.randn(length, cap_dim, generator=g) for _ in range(batch_size)]
+    if blank:
+        batch["empty_embeds"] = torch.randn(length, cap_dim, generator=g)
     return batch
 
 
@@ -363,7 +370,9 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
         model.config.in_channels,
         model.config.cap_feat_dim,
         preservation=config.preservation_weight > 0,
+        blank=config.blank_preservation_weight > 0,
     )
+    empty = batch.pop("empty_embeds", None)
     seeds = list(range(args.train_batch_size))
     reserve, reserve_for = optimizer_state_gib(params, args.optimizer), "optimiser state"
     if args.cpu_offload_checkpointing:
@@ -377,7 +386,7 @@ def fit_memory_budget(args, accelerator, transformer, train, config, params, pri
             accelerator,
             transformer,
             batch,
-            lambda m, b: flow_matching_step(m, b, config, seeds, backward=accelerator.backward)["loss"],
+            lambda m, b: flow_matching_step(m, b, config, seeds, empty, backward=accelerator.backward)["loss"],
             args.max_memory_gb,
             reserve,
             args.cpu_offload_checkpointing,

@@ -58,8 +58,8 @@ class LogWindow:
 
     def read(self, accelerator, step: int, resume_from: Path) -> dict[str, float]:
         """The window's logs, over every micro-batch of every process: "loss" (mean), "steps_per_s" and the mean loss
-        per sigma bin ("loss/sigma_0.0-0.2", ...), with --preservation_weight "loss/preservation" (the mean
-        preservation loss, unweighted); on CUDA also the largest "peak_mem_gib" (allocated) and
+        per sigma bin ("loss/sigma_0.0-0.2", ...), with --preservation_weight or --blank_preservation_weight
+        "loss/preservation" (the mean preservation loss, unweighted); on CUDA also the largest "peak_mem_gib" (allocated) and
         "peak_reserved_gib" (what the card must hold) over all GPUs. Starts the next window.
 
         Raises FloatingPointError naming the first step whose loss was not finite (on any process)."""

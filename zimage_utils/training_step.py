@@ -23,6 +23,7 @@ class StepConfig:
     mask_floor: float = 0.0  # loss weight of a loss mask's black pixels (1 = masks ignored)
     sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
     preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_target`); 0 = off
+    blank_preservation_weight: float = 0.0  # the same with the empty caption, for every item; 0 = off
 
     @classmethod
     def from_flags(cls, args) -> "StepConfig":
@@ -34,6 +35,7 @@ class StepConfig:
             mask_floor=args.mask_floor,
             sigma_range=tuple(args.sigma_range),
             preservation_weight=args.preservation_weight,
+            blank_preservation_weight=args.blank_preservation_weight,
         )
 
 
@@ -78,6 +80,15 @@ def add_step_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
         "with --preservation_class), the LoRA must predict what the base model does, weighted this much (e.g. 1); "
         "keeps the LoRA from changing every person, not only yours. Each step then trains the batch twice, one pass "
         "after the other: ~2.4x the time, no more memory (under DeepSpeed in one pass: +16 GiB at 1024²). 0 = off.",
+    )
+    p.add_argument(
+        "--blank_preservation_weight",
+        type=float,
+        default=0.0,
+        help="Blank prompt preservation (ai-toolkit's): with the empty caption, the LoRA must predict what the base "
+        "model does, weighted this much (e.g. 1); keeps the LoRA out of the unconditional prediction that "
+        "classifier-free guidance (the base model's) steers away from. Costs as --preservation_weight does; with "
+        "both, each item is preserved twice. 0 = off.",
     )
 
 
@@ -124,7 +135,8 @@ def flow_matching_step(
     "caption_variants" (per item, a list of other captions' [L, D]; one caption per item is drawn), "loss_weights" [B]
     (each item's weight in the batch's loss, e.g. a regularisation set's), "preservation_embeds" (per item, its
     preservation caption's [L, D] or None; used when config.preservation_weight > 0). seeds: one int per item; noise,
-    timestep, dropout, flip and caption of item i depend only on seeds[i]. timesteps: fixed t [B] (validation loss)
+    timestep, dropout, flip and caption of item i depend only on seeds[i]. empty_embeds: the empty caption's [L, D]
+    (--caption_dropout, --blank_preservation_weight). timesteps: fixed t [B] (validation loss)
     instead of sampling. backward: when given (e.g. `accelerator.backward`), the step runs the backward pass itself
     and returns the loss detached; with preservation it then runs the preservation captions' forward and backward
     after the batch's backward, so that the two never hold their activations at once (the same gradients as one pass
@@ -181,11 +193,12 @@ def flow_matching_step(
     x_t = fm.interpolate(x1, x0, t)
     inputs = list(x_t.to(dtype).unsqueeze(2).unbind(0))  # B × [C, 1, h, w]: Z-Image takes a frame axis
     captions = [c.to(device, non_blocking=True).to(dtype) for c in captions]
-    preserved = preserved_items(batch, config)
+    preserved = preserved_items(batch, config, empty_embeds)
     batch_inputs = (inputs, t, captions)
     if preserved:  # the same noisy latents again, with the preservation captions
-        kept = [batch["preservation_embeds"][i].to(device, non_blocking=True).to(dtype) for i in preserved]
-        preserved_inputs = ([inputs[i] for i in preserved], t[preserved], kept)
+        index = [i for i, _, _ in preserved]
+        kept = [caption.to(device, non_blocking=True).to(dtype) for _, caption, _ in preserved]
+        preserved_inputs = ([inputs[i] for i in index], t[index], kept)
         base_pred = preservation_target(transformer, *preserved_inputs)
         if backward is None:  # in the same forward pass as the batch
             batch_inputs = (inputs + preserved_inputs[0], torch.cat([t, preserved_inputs[1]]), captions + kept)
@@ -209,7 +222,8 @@ def flow_matching_step(
             (torch.stack(out[-len(preserved) :]).squeeze(2).float() - base_pred.float()).pow(2).flatten(1).mean(1)
         )
         # each preserved item weighs what a trained item does; items without a preservation caption add nothing
-        preservation = config.preservation_weight * per_item.sum() / len(x1)
+        weights = torch.tensor([weight for *_, weight in preserved], device=device)
+        preservation = (weights * per_item).sum() / len(x1)
         if backward is not None:
             backward(preservation)
             preservation = preservation.detach()
@@ -218,12 +232,18 @@ def flow_matching_step(
     return result
 
 
-def preserved_items(batch: dict, config: StepConfig) -> list[int]:
-    """Which items of the batch get the preservation loss: those with a preservation caption, when it is on."""
+def preserved_items(batch: dict, config: StepConfig, empty_embeds=None) -> list[tuple[int, torch.Tensor, float]]:
+    """The batch's preservation passes, (item, caption [L, D], loss weight) each: every item that has a preservation
+    caption (--preservation_weight), and every item with the empty caption `empty_embeds` (--blank_preservation_weight)."""
+    entries = []
     embeds = batch.get("preservation_embeds")
-    if not config.preservation_weight or embeds is None:
-        return []
-    return [i for i, e in enumerate(embeds) if e is not None]
+    if config.preservation_weight and embeds is not None:
+        entries += [(i, e, config.preservation_weight) for i, e in enumerate(embeds) if e is not None]
+    if config.blank_preservation_weight:
+        if empty_embeds is None:
+            raise ValueError("blank_preservation_weight needs the cached empty-caption embedding")
+        entries += [(i, empty_embeds, config.blank_preservation_weight) for i in range(len(batch["latents"]))]
+    return entries
 
 
 @torch.no_grad()
@@ -231,7 +251,8 @@ def preservation_target(transformer, inputs: list, t: torch.Tensor, captions: li
     """Differential output preservation (ai-toolkit's): what the model without the trained LoRA predicts for the
     preserved items' noisy latents with their preservation captions (the trigger replaced by the class, e.g.
     "person"). The step's loss then pulls the LoRA's prediction for those captions towards it, so that the LoRA
-    changes what the trigger draws and leaves the class as the base model draws it. [P, C, h, w] for P inputs."""
+    changes what the trigger draws and leaves the class as the base model draws it. With the empty caption (blank
+    prompt preservation) it leaves the unconditional prediction as it was. [P, C, h, w] for P inputs."""
     model = getattr(transformer, "module", transformer)  # DDP and DeepSpeed wrap it; the adapters are inside
     model.disable_adapters()
     try:
