@@ -130,10 +130,10 @@ def to_comfyui(state_dict_diffusers: dict[str, torch.Tensor], alpha: float | Non
 def comfyui_dora_scales(transformer: torch.nn.Module, raw: dict[str, torch.Tensor], scale: float) -> dict:
     """A DoRA's norms as ComfyUI's `dora_scale` values, [out, 1] under the magnitudes' keys (`to_comfyui` renames
     them). DoRA (PEFT, diffusers) makes each adapted weight m · (W + s·BA) / ||W + s·BA||, the norms per output row.
-    ComfyUI's `weight_decompose` (comfy/weight_adapter/base.py, read, not run) divides by the base weight's row norms
-    ||W|| instead when the scale has one value per output row, so each scale here is m · ||W|| / ||W + s·BA||, which
-    makes ComfyUI's weight at strength 1 the trained one. `raw`: `get_lora_state_dict`'s (unfolded) weights of
-    `transformer`'s adapter; `scale`: its s = alpha / r."""
+    ComfyUI's `weight_decompose` (comfy/weight_adapter/base.py; run on the tiny model, see the README) divides by the
+    base weight's row norms ||W|| instead when the scale has one value per output row, so each scale here is
+    m · ||W|| / ||W + s·BA||, which makes ComfyUI's weight at strength 1 the trained one. `raw`:
+    `get_lora_state_dict`'s (unfolded) weights of `transformer`'s adapter; `scale`: its s = alpha / r."""
     from peft.utils.integrations import dequantize_module_weight
 
     model = getattr(transformer, "_orig_mod", transformer)
