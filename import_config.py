@@ -187,7 +187,8 @@ AI_TOOLKIT_READ = {
     "train": {"batch_size", "steps", "lr", "gradient_accumulation", "gradient_accumulation_steps", "optimizer",
               "optimizer_params", "lr_scheduler", "ema_config", "diff_output_preservation",
               "diff_output_preservation_multiplier", "diff_output_preservation_class", "blank_prompt_preservation",
-              "blank_prompt_preservation_multiplier", "timestep_type", "dtype",
+              "blank_prompt_preservation_multiplier", "inverted_mask_prior", "inverted_mask_prior_multiplier",
+              "timestep_type", "dtype",
               "gradient_checkpointing", "skip_first_sample", "noise_scheduler", "loss_type", "train_unet",
               "train_text_encoder", "unload_text_encoder", "disable_sampling"},
     "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format", "push_to_hub", "hf_repo_id", "hf_private"},
@@ -326,6 +327,8 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
         flags["preservation_weight"] = train.get("diff_output_preservation_multiplier", 1.0)
     if train.get("blank_prompt_preservation"):
         flags["blank_preservation_weight"] = train.get("blank_prompt_preservation_multiplier", 1.0)
+    if train.get("inverted_mask_prior"):
+        flags["mask_prior_weight"] = train.get("inverted_mask_prior_multiplier", 0.5)
     if timesteps := train.get("timestep_type"):
         if timesteps in AI_TOOLKIT_TIMESTEPS:
             flags["timestep_sampling"] = AI_TOOLKIT_TIMESTEPS[timesteps]

@@ -326,7 +326,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                          num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
                          validation_epochs=0, blocks_to_swap=0, lr_warmup_steps=0, logging_steps=1,
                          validation_num_inference_steps=1, checkpoints_total_limit=1, dataloader_num_workers=0,
-                         lr_num_cycles=1)  # fmt: skip
+                         lr_num_cycles=1, mask_prior_weight=0)  # fmt: skip
     for flag in ("lora_alpha", "timestep_shift"):
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} {value}: give a positive value")

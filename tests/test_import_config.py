@@ -138,6 +138,7 @@ config:
         diff_output_preservation: true
         blank_prompt_preservation: true
         blank_prompt_preservation_multiplier: 0.5
+        inverted_mask_prior: true
         diff_output_preservation_class: shape
       model:
         name_or_path: {model}
@@ -181,7 +182,8 @@ def test_an_ai_toolkit_job_becomes_a_cache_per_size_and_a_run_that_trains(tiny_m
         "adapter": "lora", "lora_targets": "all", "lora_exclude_refiners": True, "rank": 8, "lora_alpha": 8,
         "train_batch_size": 1, "max_train_steps": 2,
         "learning_rate": 0.0001, "gradient_checkpointing": True, "optimizer": "adamw8bit", "adam_weight_decay": 0.01,
-        "lr_scheduler": "constant", "preservation_weight": 1.0, "blank_preservation_weight": 0.5, "save_dtype": "bf16", "checkpointing_steps": 2,
+        "lr_scheduler": "constant", "preservation_weight": 1.0, "blank_preservation_weight": 0.5, "mask_prior_weight": 0.5,
+        "save_dtype": "bf16", "checkpointing_steps": 2,
         "checkpoints_total_limit": 2, "validation_steps": 2, "validation_resolution": "64x64",
         "validation_num_inference_steps": 2, "validation_guidance_scale": 0.0, "validation_at_start": True,
         "precomputed_dir": [str(out / "00_data_64"), str(out / "01_data_96")], "caption_dropout": 0.05,

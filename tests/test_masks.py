@@ -222,6 +222,44 @@ def test_a_mirrored_item_is_masked_by_its_mirrored_mask_and_mask_floor_one_ignor
     torch.testing.assert_close(loss(mask_floor=1.0), x0.pow(2).mean().reshape(1))
 
 
+class OnlyTheLoraPredicts(torch.nn.Module):
+    """Predicts 1 everywhere with its adapter, 0 with it disabled (as PEFT's `disable_adapters` does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.adapted, self.disabled = True, 0
+
+    def disable_adapters(self):
+        self.adapted, self.disabled = False, self.disabled + 1
+
+    def enable_adapters(self):
+        self.adapted = True
+
+    def forward(self, x, t, captions, return_dict=False):
+        return ([torch.full_like(item, float(self.adapted)) for item in x],)
+
+
+def test_the_mask_prior_holds_the_background_to_the_base_models_prediction():
+    """--mask_prior_weight: outside its mask each item's prediction is pulled to the model's without the LoRA, by
+    the squared difference averaged over the background (black weighing 1, grey less); white adds nothing."""
+    mask = torch.full((2, 1, 4, 6), 255, dtype=torch.uint8)
+    mask[0, ..., :3] = 0  # the first item's left half is background; the second item has none
+    batch = {"latents": torch.zeros(2, 16, 4, 6), "caption_embeds": [torch.zeros(3, 8)] * 2, "masks": mask}
+    model = OnlyTheLoraPredicts()
+    plain = flow_matching_step(model, batch, StepConfig(), [1, 2])
+    prior = flow_matching_step(model, batch, StepConfig(mask_prior_weight=0.5), [1, 2])
+    assert model.disabled == 1 and model.adapted  # one forward without the LoRA, which is back on after it
+    assert prior["mask_prior"] == 0.5  # (1 − 0)² over item 0's background, 0 for item 1: their mean
+    torch.testing.assert_close(prior["loss"], plain["loss"] + 0.5 * 0.5)
+    torch.testing.assert_close(prior["per_sample"], plain["per_sample"])  # the data's loss is unchanged
+    mask[0, ..., :3] = 191  # a light grey background: a quarter of the weight, the same mean difference
+    assert flow_matching_step(model, batch, StepConfig(mask_prior_weight=0.5), [1, 2])["mask_prior"] == 0.5
+    mask.fill_(255)  # no background in the batch: no forward without the LoRA, no term
+    assert "mask_prior" not in flow_matching_step(model, batch, StepConfig(mask_prior_weight=0.5), [1, 2])
+    assert model.disabled == 2
+
+
 def test_collate_gives_unmasked_items_a_white_mask_and_no_masks_stay_none():
     item = {"index": 0, "latents": torch.zeros(16, 4, 6), "latents_flipped": None, "caption_embeds": torch.zeros(3, 8)}
     masked = {**item, "index": 1, "mask": torch.zeros(1, 4, 6, dtype=torch.uint8)}
@@ -292,3 +330,46 @@ def test_mask_floor_on_a_cache_without_masks_says_it_does_nothing(tiny_model_dir
     caplog.set_level("INFO", logger="train")
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1, mask_floor=0.5)
     assert "no loss masks in the cache(s), so --mask_floor does nothing" in caplog.text
+
+
+def test_the_mask_prior_keeps_the_background_where_the_base_model_has_it(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The same memorising run on images whose left halves are masked out, without and with --mask_prior_weight:
+    with it, the LoRA changes the model's predictions on the masked-out halves far less, and on the learned halves
+    about as much."""
+    from diffusers import ZImagePipeline
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in tiny_data_dir.glob("*.png"):
+        with Image.open(image) as opened:
+            half_mask(*opened.size).save(masks / image.name)
+    records, manifest = precompute(tiny_model_dir, tiny_data_dir, tmp_path / "cache", "--mask_dir", masks)
+    flags = dict(max_train_steps=120, learning_rate=5e-3, rank=8, lora_targets="all", train_batch_size=2)
+    base = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
+    changes = {}
+    for weight in (0.0, 1.0):
+        log = train(
+            tiny_model_dir, tmp_path / "cache", tmp_path / f"prior_{weight}", mask_prior_weight=weight, **flags
+        )
+        assert ("loss/mask_prior" in log[-1]) == (weight > 0)
+        pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
+        pipe.load_lora_weights(tmp_path / f"prior_{weight}")
+        change = torch.zeros(2)  # squared difference from the base model's prediction: [masked out, learned]
+        for i, record in enumerate(records.values()):
+            item = cache_lib.decode_record(record, manifest)
+            latents, mask = item["latents"].float(), item["mask"][0].float() / 255
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(i))
+            x = [(0.5 * latents + 0.5 * noise).unsqueeze(1)]
+            caption = [item["caption_embeds"].float()]
+            with torch.no_grad():
+                lora, plain = (
+                    m(x, torch.tensor([0.5]), caption, return_dict=False)[0][0][:, 0] for m in (pipe.transformer, base)
+                )
+            squared = (lora - plain).pow(2).mean(0)
+            change += torch.stack(
+                [(squared * (1 - mask)).sum() / (1 - mask).sum(), (squared * mask).sum() / mask.sum()]
+            )
+        changes[weight] = (change / len(records)).tolist()
+    (masked_out, learned), (masked_out_prior, learned_prior) = changes[0.0], changes[1.0]
+    assert masked_out_prior < 0.4 * masked_out, changes  # measured 0.094 vs 0.348
+    assert learned_prior > 0.4 * learned, changes  # measured 0.205 vs 0.366 (attention mixes the halves)

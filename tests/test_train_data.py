@@ -180,7 +180,8 @@ def test_the_start_up_line_says_what_will_not_happen_as_the_flags_suggest():
     from zimage_utils.train_data import BucketBatchSampler
 
     sampler = BucketBatchSampler([(64, 64)] * 5 + [(48, 96)] * 3, batch_size=4)  # the second bucket fills no batch
-    args = Namespace(mask_floor=0.1, validation_steps=100, validation_epochs=0, checkpointing_minutes=0)
+    args = Namespace(mask_floor=0.1, mask_prior_weight=0.0, validation_steps=100, validation_epochs=0)
+    args.checkpointing_minutes = 0
     args.checkpointing_steps = args.checkpointing_epochs = 0
     args.lr_warmup_steps = 1500
     caches = {"num_masked": 0, "validation_prompts": []}

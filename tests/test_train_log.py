@@ -53,6 +53,17 @@ def test_window_averages_every_micro_batch_and_bins_the_loss_by_sigma(clock, tmp
     assert logs["steps_per_s"] == pytest.approx(1.0)
 
 
+def test_a_loss_term_is_the_mean_over_the_micro_batches_that_had_it(clock, tmp_path):
+    window = LogWindow("cpu", start_step=0)
+    window.add({**step_output(1.0, [0.5]), "preservation": torch.tensor(0.3)}, 1)
+    window.add(step_output(1.0, [0.5]), 1)  # (a batch without the term: e.g. no item with a preservation caption)
+    window.add({**step_output(1.0, [0.5]), "preservation": torch.tensor(0.5)}, 2)
+    logs = window.read(Accelerator(cpu=True), 2, tmp_path)
+    assert logs["loss/preservation"] == pytest.approx(0.4) and "loss/mask_prior" not in logs
+    window.add(step_output(1.0, [0.5]), 3)
+    assert "loss/preservation" not in window.read(Accelerator(cpu=True), 3, tmp_path)  # the next window starts empty
+
+
 def test_time_spent_saving_or_validating_does_not_count_as_training_time(clock, tmp_path):
     window = LogWindow("cpu", start_step=0)
     window.add(step_output(1.0, [0.5]), 1)

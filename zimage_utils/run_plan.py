@@ -138,8 +138,10 @@ def run_notes(
     batch takes, validation without prompts, a long run that saves no checkpoint, a warmup as long as the run, a
     resumed run that is already done, fp16 (`precision`: accelerate's mixed precision)."""
     notes = f"; {caches['num_masked']} items with a loss mask" if caches["num_masked"] else ""
-    if args.mask_floor and not caches["num_masked"]:
-        notes = "; no loss masks in the cache(s), so --mask_floor does nothing"
+    if unused := [f"--{flag}" for flag in ("mask_floor", "mask_prior_weight") if getattr(args, flag)]:
+        if not caches["num_masked"]:
+            does = "does" if len(unused) == 1 else "do"
+            notes = f"; no loss masks in the cache(s), so {' and '.join(unused)} {does} nothing"
     if never := sum(len(g) for g in sampler.groups if len(g) < sampler.global_batch):
         notes += (
             f"; {never} items never train: their buckets hold fewer than a global batch (lower --train_batch_size)"

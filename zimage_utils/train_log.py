@@ -18,6 +18,10 @@ from .cli import write_text_atomic
 from .flow_matching import SigmaBinMeter
 from .plots import read_log
 
+# A step's optional loss terms (`flow_matching_step`'s outputs of these names), logged as "loss/TERM":
+# --preservation_weight and --blank_preservation_weight's "preservation", --mask_prior_weight's "mask_prior"
+LOSS_TERMS = ("preservation", "mask_prior")
+
 
 class LogWindow:
     """The losses since the last logging step, on `device`, reduced over processes by `read`.
@@ -27,9 +31,8 @@ class LogWindow:
     def __init__(self, device: torch.device | str, start_step: int, num_bins: int = 5):
         self.meter = SigmaBinMeter(num_bins, device=device)
         self.loss_sum = torch.zeros((), device=device)
-        self.preservation_sum = torch.zeros((), device=device)  # (--preservation_weight)
-        self.preserved_batches = 0
-        self.preserving = False  # whether the run has the preservation loss at all
+        self.term_sums = torch.zeros(len(LOSS_TERMS), device=device)  # the steps' optional loss terms, and how
+        self.term_counts = torch.zeros(len(LOSS_TERMS), device=device)  # many micro-batches had each
         self.batches = 0
         self.first_bad_step = torch.full((), -1, device=device)  # -1: every loss so far was finite
         self.start_time, self.start_step = time.time(), start_step
@@ -39,10 +42,10 @@ class LogWindow:
         loss = out["loss"].detach()
         self.meter.update(out["sigma"], out["per_sample"])
         self.loss_sum += loss
-        if "preservation" in out:
-            self.preservation_sum += out["preservation"]
-            self.preserved_batches += 1
-            self.preserving = True
+        for k, term in enumerate(LOSS_TERMS):
+            if term in out:
+                self.term_sums[k] += out[term]
+                self.term_counts[k] += 1
         self.batches += 1
         bad = ~torch.isfinite(loss)
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
@@ -58,8 +61,8 @@ class LogWindow:
 
     def read(self, accelerator, step: int, resume_from: Path) -> dict[str, float]:
         """The window's logs, over every micro-batch of every process: "loss" (mean), "steps_per_s" and the mean loss
-        per sigma bin ("loss/sigma_0.0-0.2", ...), with --preservation_weight or --blank_preservation_weight
-        "loss/preservation" (the mean preservation loss, unweighted); on CUDA also the largest "peak_mem_gib" (allocated) and
+        per sigma bin ("loss/sigma_0.0-0.2", ...), "loss/TERM" for each of `LOSS_TERMS` some micro-batch had (its
+        mean, unweighted); on CUDA also the largest "peak_mem_gib" (allocated) and
         "peak_reserved_gib" (what the card must hold) over all GPUs. Starts the next window.
 
         Raises FloatingPointError naming the first step whose loss was not finite (on any process)."""
@@ -69,9 +72,13 @@ class LogWindow:
                 f"the loss became non-finite at step {bad_step}; no checkpoint was written after it. Lower "
                 f"--learning_rate, keep --max_grad_norm on, or resume from the last checkpoint in {resume_from}."
             )
-        counts = torch.tensor([max(self.batches, 1), max(self.preserved_batches, 1)], device=self.loss_sum.device)
-        sums = accelerator.reduce(torch.stack([self.loss_sum, self.preservation_sum]) / counts, "mean")
-        loss, preservation = sums.tolist()
+        mean_loss = (self.loss_sum / max(self.batches, 1)).view(1)
+        sums = accelerator.reduce(torch.cat([mean_loss, self.term_sums, self.term_counts]), "sum").tolist()
+        loss, term_sums, term_counts = (
+            sums[0] / accelerator.num_processes,
+            sums[1 : -len(LOSS_TERMS)],
+            sums[-len(LOSS_TERMS) :],
+        )
         self.meter.sums = accelerator.reduce(self.meter.sums, "sum")
         self.meter.counts = accelerator.reduce(self.meter.counts, "sum")
         now = time.time()
@@ -79,7 +86,7 @@ class LogWindow:
             "loss": loss,
             "steps_per_s": (step - self.start_step) / max(now - self.start_time, 1e-9),
             **self.meter.compute(),
-            **({"loss/preservation": preservation} if self.preserving else {}),
+            **{f"loss/{t}": total / n for t, total, n in zip(LOSS_TERMS, term_sums, term_counts, strict=True) if n},
         }
         if torch.cuda.is_available():
             peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]) / 2**30
@@ -87,8 +94,8 @@ class LogWindow:
             logs["peak_mem_gib"], logs["peak_reserved_gib"] = peaks.tolist()
         self.meter.reset()
         self.loss_sum.zero_()
-        self.preservation_sum.zero_()
-        self.preserved_batches = 0
+        self.term_sums.zero_()
+        self.term_counts.zero_()
         self.batches = 0
         self.start_time, self.start_step = now, step
         return logs

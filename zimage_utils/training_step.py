@@ -24,6 +24,7 @@ class StepConfig:
     sigma_range: tuple[float, float] = (0.0, 1.0)  # noise levels trained on (see flow_matching.sample_timesteps)
     preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_target`); 0 = off
     blank_preservation_weight: float = 0.0  # the same with the empty caption, for every item; 0 = off
+    mask_prior_weight: float = 0.0  # weight of the base model's prediction as the target outside loss masks; 0 = off
 
     @classmethod
     def from_flags(cls, args) -> "StepConfig":
@@ -36,6 +37,7 @@ class StepConfig:
             sigma_range=tuple(args.sigma_range),
             preservation_weight=args.preservation_weight,
             blank_preservation_weight=args.blank_preservation_weight,
+            mask_prior_weight=args.mask_prior_weight,
         )
 
 
@@ -90,6 +92,15 @@ def add_step_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
         "classifier-free guidance (the base model's) steers away from. Costs as --preservation_weight does; with "
         "both, each item is preserved twice. 0 = off.",
     )
+    p.add_argument(
+        "--mask_prior_weight",
+        type=float,
+        default=0.0,
+        help="Inverted mask prior (ai-toolkit's): outside the cache's loss masks, the LoRA must predict what the base "
+        "model does, weighted this much (ai-toolkit's default 0.5), so the background stays as the base model draws "
+        "it instead of being merely untrained. Costs a forward pass without gradient for each batch with a mask. "
+        "0 = off.",
+    )
 
 
 def compute_device_and_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -142,7 +153,9 @@ def flow_matching_step(
     after the batch's backward, so that the two never hold their activations at once (the same gradients as one pass
     over the batch twice, at the memory of one batch). DeepSpeed, which takes one backward a step, needs None.
     Returns "loss" (scalar, fp32, grad unless `backward` ran), "per_sample" [B] and "sigma" [B] (detached), and with
-    preservation "preservation" (the mean preservation loss of the items that have it, detached; not weighted).
+    preservation "preservation" (the mean preservation loss of the items that have it, detached; not weighted), and
+    with config.mask_prior_weight and a mask below white "mask_prior" (the batch's mean of each item's squared
+    difference from the base model's prediction averaged over its background, black weighing 1; detached).
     """
     device, dtype = compute_device_and_dtype(transformer)
     # Non-blocking copies (the trainer's DataLoader pins its batches): the host queues the step without waiting
@@ -153,10 +166,13 @@ def flow_matching_step(
         flipped = batch["latents_flipped"].to(device, non_blocking=True).float()
         x1 = torch.stack([flipped[i] if f else x1[i] for i, f in enumerate(flip)])
     mask = batch.get("masks")
+    # (decided on the host: the batch's masks are still there)
+    prior = bool(config.mask_prior_weight) and mask is not None and bool((mask < 255).any())
     if mask is not None:  # black weighs mask_floor, white 1; a mirrored item takes its mask mirrored too
         mask = mask.to(device, non_blocking=True).float() / 255
         if any(flip):
             mask = torch.stack([m.flip(-1) if f else m for m, f in zip(mask, flip)])
+        background = 1 - mask
         mask = config.mask_floor + (1 - config.mask_floor) * mask
     captions = batch["caption_embeds"]
     if batch.get("caption_variants"):
@@ -195,6 +211,8 @@ def flow_matching_step(
     captions = [c.to(device, non_blocking=True).to(dtype) for c in captions]
     preserved = preserved_items(batch, config, empty_embeds)
     batch_inputs = (inputs, t, captions)
+    if prior:  # the base model's prediction for the batch itself, the target outside its masks
+        prior_pred = preservation_target(transformer, inputs, t, captions)
     if preserved:  # the same noisy latents again, with the preservation captions
         index = [i for i, _, _ in preserved]
         kept = [caption.to(device, non_blocking=True).to(dtype) for _, caption, _ in preserved]
@@ -212,6 +230,10 @@ def flow_matching_step(
         weights = item_weights if weights is None else weights * item_weights
     loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
     result = {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
+    if prior:  # each item's squared difference averaged over its background (0 for an item without one)
+        mask_prior, _ = fm.flow_matching_loss(pred, prior_pred, None, background)
+        loss = result["loss"] = loss + config.mask_prior_weight * mask_prior
+        result["mask_prior"] = mask_prior.detach()
     if backward is not None:
         backward(loss)
         result["loss"] = loss.detach()
