@@ -42,6 +42,7 @@ import tomllib
 import yaml
 
 from zimage_utils import cli
+from zimage_utils.optimizers import IMPORT_PATH, OPTIMIZERS
 
 # Keys that need nothing here: bucketing is always on, its sizes follow --resolution, latents are cached once
 IGNORED = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "cache_directory"}
@@ -170,6 +171,10 @@ def convert(subsets: list[dict], args: argparse.Namespace) -> tuple[list[tuple[P
 
 # ai-toolkit's names for what the trainer takes here
 AI_TOOLKIT_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
+AI_TOOLKIT_OPTIMIZERS |= {  # (other packages' classes, by their import path)
+    "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit",
+    "ademamix8bit": "bitsandbytes.optim.AdEMAMix8bit",
+}  # fmt: skip
 AI_TOOLKIT_TIMESTEPS = {"sigmoid": "logit_normal", "linear": "uniform", "shift": "shift"}
 AI_TOOLKIT_SAVE_DTYPES = {
     "bf16": "bf16",
@@ -317,8 +322,11 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
             flags["optimizer"] = AI_TOOLKIT_OPTIMIZERS[train["optimizer"]]
         else:
             notes.append(f"optimizer {train['optimizer']!r} has no equivalent here: adamw is used (see --optimizer)")
-    if "weight_decay" in train.get("optimizer_params", {}):
-        flags["adam_weight_decay"] = train["optimizer_params"]["weight_decay"]
+    params = dict(train.get("optimizer_params") or {})
+    if "weight_decay" in params:
+        flags["adam_weight_decay"] = params.pop("weight_decay")
+    if params:  # the optimiser's own arguments, as ai-toolkit passes them
+        flags["optimizer_args"] = [f"{k}={v!r}" for k, v in params.items()]
     if train.get("lr_scheduler") in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"):
         flags["lr_scheduler"] = train["lr_scheduler"]
     if train.get("ema_config", {}).get("use_ema"):
@@ -391,6 +399,12 @@ KOHYA_RENAMED = {
 }  # fmt: skip
 KOHYA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
 KOHYA_OPTIMIZERS["adamwschedulefree"] = "adamw_schedulefree"
+# kohya's names for classes of other packages, given here by their import path (--optimizer takes any)
+KOHYA_OPTIMIZERS |= {
+    "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.PagedLion8bit",
+    "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit", "radamschedulefree": "schedulefree.RAdamScheduleFree",
+    "sgdschedulefree": "schedulefree.SGDScheduleFree",
+}  # fmt: skip
 KOHYA_TIMESTEPS = {"sigmoid": "logit_normal", "shift": "shift", "uniform": "uniform", "flux_shift": "flux_shift"}
 KOHYA_READ = set(KOHYA_SAME) | set(KOHYA_RENAMED) | {"optimizer_type", "optimizer_args", "network_args", "output_dir"}
 KOHYA_READ |= {"output_name", "save_precision", "timestep_sampling", "discrete_flow_shift", "min_timestep"}
@@ -434,6 +448,26 @@ def kohya_network_flags(config: dict, flags: dict, notes: list[str]) -> dict:
     return more
 
 
+def key_values(pairs: list[str]) -> dict[str, str]:
+    """kohya's network_args / optimizer_args ["key=value", ...] as a dict (entries without "=" left out)."""
+    return {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in pairs if "=" in p)}
+
+
+def kohya_optimizer(optimizer_type: str | None, notes: list[str]) -> str | None:
+    """kohya's optimizer_type as --optimizer: its names for the optimisers this trainer names, or for other packages'
+    classes (`KOHYA_OPTIMIZERS`), and any other class by its import path as given ("came_pytorch.CAME")."""
+    if not optimizer_type:
+        return None
+    name = optimizer_type.lower().replace(".", "").split("bitsandbytesoptim")[-1]
+    if name in KOHYA_OPTIMIZERS:
+        return KOHYA_OPTIMIZERS[name]
+    if IMPORT_PATH.fullmatch(optimizer_type):
+        notes.append(f"optimizer_type {optimizer_type}: install its package where you train (pip install ...)")
+        return optimizer_type
+    notes.append(f"optimizer_type {optimizer_type} has no equivalent here: adamw is used (see --optimizer)")
+    return None
+
+
 def kohya_train_flags(config: dict, notes: list[str]) -> dict:
     """The trainer's flags for a kohya sd-scripts / musubi-tuner training config's top-level arguments."""
     flags = {k: config[k] for k in KOHYA_SAME if k in config}
@@ -442,9 +476,11 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         flags["learning_rate"] = config["unet_lr"]
     if config.get("output_dir"):
         flags["output_dir"] = str(Path(config["output_dir"]) / config.get("output_name", ""))
-    pairs = [a.split("=", 1) for a in [*config.get("network_args", []), *config.get("optimizer_args", [])]]
-    options = {k.strip(): v.strip() for k, v in (p for p in pairs if len(p) == 2)}
+    options, optimizer_options = (key_values(config.get(k, [])) for k in ("network_args", "optimizer_args"))
     flags |= kohya_network_flags(config, flags, notes)
+    optimizer = kohya_optimizer(config.get("optimizer_type"), notes)
+    if optimizer:
+        flags["optimizer"] = optimizer
     try:
         if "loraplus_lr_ratio" in options:
             flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
@@ -456,23 +492,19 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         if options.get("dora_wd", "").lower() == "true" and flags.get("adapter") != "lokr":
             flags["adapter"] = "dora"  # (LyCORIS' DoRA: dora_wd=True with algo=lora or none)
             options.pop("dora_wd")
-        if "weight_decay" in options:
-            flags["adam_weight_decay"] = float(options.pop("weight_decay"))
-        if "betas" in options:
-            beta1, beta2 = (float(b) for b in options.pop("betas").strip("()[] ").split(","))
+        if "weight_decay" in optimizer_options:
+            flags["adam_weight_decay"] = float(optimizer_options.pop("weight_decay"))
+        if "betas" in optimizer_options and flags.get("optimizer", "adamw") in OPTIMIZERS:  # (else the class's own)
+            beta1, beta2 = (float(b) for b in optimizer_options.pop("betas").strip("()[] ").split(","))
             flags["adam_beta1"], flags["adam_beta2"] = beta1, beta2
     except ValueError as error:
         raise ValueError(
             f"network_args / optimizer_args: {error}; write them as kohya does (betas=(0.9,0.99))"
         ) from None
     if options:
-        notes.append(f"network_args / optimizer_args: no equivalent here for {', '.join(sorted(options))}")
-    if optimizer := config.get("optimizer_type"):
-        name = optimizer.lower().replace(".", "").split("bitsandbytesoptim")[-1]
-        if name in KOHYA_OPTIMIZERS:
-            flags["optimizer"] = KOHYA_OPTIMIZERS[name]
-        else:
-            notes.append(f"optimizer_type {optimizer} has no equivalent here: adamw is used (see --optimizer)")
+        notes.append(f"network_args: no equivalent here for {', '.join(sorted(options))}")
+    if optimizer_options:  # the optimiser's own arguments, as kohya passes them
+        flags["optimizer_args"] = [f"{k}={v}" for k, v in optimizer_options.items()]
     if config.get("save_precision"):
         flags["save_dtype"] = {"float": "fp32"}.get(config["save_precision"], config["save_precision"])
     if timesteps := config.get("timestep_sampling"):

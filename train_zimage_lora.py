@@ -68,6 +68,7 @@ from zimage_utils.optimizers import (
     current_learning_rates,
     evaluation_weights,
     optimizer_and_schedule,
+    optimizer_arguments,
 )
 from zimage_utils.plots import plot_loss_per_sigma
 from zimage_utils.run_plan import (
@@ -463,6 +464,7 @@ def run_training(args: argparse.Namespace) -> None:
         batch_size=args.train_batch_size,
         lr_scheduler=lr_scheduler,
         noted=noted_settings(args),
+        optimizer_args=tuple(optimizer_arguments(args.optimizer_args)),
     )
 
     config = StepConfig.from_flags(args)

@@ -286,12 +286,47 @@ def test_the_other_trainers_lora_defaults_come_along_where_a_config_leaves_them_
     assert (flags["rank"], flags["lora_alpha"]) == (8, 4)
 
 
+def test_the_optimiser_and_its_own_arguments_come_along():
+    """kohya's and ai-toolkit's optimisers of other packages become --optimizer by import path; the arguments this
+    trainer has no flag for pass through --optimizer_args, as those trainers pass them."""
+    notes = []
+    config = {
+        "optimizer_type": "came_pytorch.CAME",
+        "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.999,0.9999)"],
+    }
+    flags = import_config.kohya_train_flags(config, notes)
+    assert flags == {
+        "optimizer": "came_pytorch.CAME",
+        "adam_weight_decay": 0.01,
+        "optimizer_args": ["betas=(0.9,0.999,0.9999)"],
+    }
+    assert notes == ["optimizer_type came_pytorch.CAME: install its package where you train (pip install ...)"]
+    config = {"optimizer_type": "prodigy", "optimizer_args": ["d_coef=0.5", "betas=(0.9,0.99)", "decouple=True"]}
+    flags = import_config.kohya_train_flags(config, notes := [])
+    assert flags == {
+        "optimizer": "prodigy", "adam_beta1": 0.9, "adam_beta2": 0.99, "optimizer_args": ["d_coef=0.5", "decouple=True"],
+    }  # fmt: skip
+    assert notes == []
+    assert import_config.kohya_train_flags({"optimizer_type": "bitsandbytes.optim.Lion8bit"}, [])["optimizer"] == (
+        "bitsandbytes.optim.Lion8bit"
+    )
+    assert import_config.kohya_train_flags({"optimizer_type": "Lion"}, [])["optimizer"] == "lion_pytorch.Lion"
+    train = {"optimizer": "lion8bit", "optimizer_params": {"weight_decay": 0.1, "betas": [0.95, 0.98]}}
+    flags = import_config.ai_toolkit_train_flags({"train": train}, None, notes := [])
+    assert (flags["optimizer"], flags["adam_weight_decay"]) == ("bitsandbytes.optim.Lion8bit", 0.1)
+    assert flags["optimizer_args"] == ["betas=[0.95, 0.98]"]
+    # what they become parses as the trainer's own flags
+    given = ["--optimizer", flags["optimizer"], "--optimizer_args", *flags["optimizer_args"]]
+    args = train_zimage_lora.parse_args(["--pretrained_model_name_or_path", "m", "--precomputed_dir", "x", *given])
+    assert args.optimizer == "bitsandbytes.optim.Lion8bit" and args.optimizer_args == ["betas=[0.95, 0.98]"]
+
+
 def test_lycoris_dora_in_kohya_network_args_becomes_the_dora_adapter():
     notes = []
     flags = import_config.kohya_train_flags({"network_args": ["algo=lora", "dora_wd=True"]}, notes)
     assert flags["adapter"] == "dora" and notes == []
     flags = import_config.kohya_train_flags({"network_args": ["algo=lokr", "dora_wd=True"]}, notes)
-    assert flags["adapter"] == "lokr" and notes == ["network_args / optimizer_args: no equivalent here for dora_wd"]
+    assert flags["adapter"] == "lokr" and notes == ["network_args: no equivalent here for dora_wd"]
 
 
 def test_ai_toolkit_prompt_options_and_seeds_become_ours():

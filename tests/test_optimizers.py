@@ -96,6 +96,11 @@ def test_the_schedule_flags_shape_the_learning_rate(tiny_model_dir, tiny_cache_d
         (["--caption_dropout", "1.5"], "--caption_dropout 1.5: give a value from 0 to 1"),
         (["--lora_alpha", "0"], "--lora_alpha 0.0: give a positive value"),
         (["--activation_memory_budget", "0.5"], "applies to compiled blocks: add --compile"),
+        (["--optimizer", "adamx"], "'adamx': choose one of adamw, adamw8bit"),
+        (["--optimizer", "no_such_package.Lion"], "--optimizer no_such_package.Lion: cannot import no_such_package"),
+        (["--optimizer", "torch.optim.Lion"], "torch.optim has no torch optimiser class Lion"),
+        (["--optimizer", "torch.nn.Linear"], "torch.nn has no torch optimiser class Linear"),
+        (["--optimizer_args", "amsgrad"], "--optimizer_args 'amsgrad': write KEY=VALUE"),
     ],
 )
 def test_flags_that_would_fail_later_are_refused_as_they_are_read(
@@ -106,6 +111,46 @@ def test_flags_that_would_fail_later_are_refused_as_they_are_read(
             ["--pretrained_model_name_or_path", str(tiny_model_dir), "--precomputed_dir", str(tiny_cache_dir), *flags]
         )
     assert message in capsys.readouterr().err
+
+
+def test_an_optimiser_class_given_by_its_import_path_trains_with_its_arguments(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch, caplog
+):
+    """--optimizer torch.optim.RAdam (kohya's optimizer_type form): the class gets --learning_rate,
+    --adam_weight_decay and --optimizer_args only; a resume follows this run's --optimizer_args and says so."""
+    made = []
+    original = train_zimage_lora.optimizer_and_schedule
+    monkeypatch.setattr(
+        train_zimage_lora, "optimizer_and_schedule", lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+    )
+    flags = dict(optimizer="torch.optim.RAdam", optimizer_args=["decoupled_weight_decay=True", "betas=(0.8,0.9)"])
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, checkpointing_steps=2, **flags)
+    group = made[-1][0].param_groups[0]
+    assert type(made[-1][0]).__name__ == "RAdam"
+    assert (group["lr"], group["weight_decay"], group["decoupled_weight_decay"], group["betas"]) == (
+        1e-3,
+        1e-4,
+        True,
+        (0.8, 0.9),
+    )
+    assert load_lora_file(tmp_path / LORA_WEIGHT_NAME)[0]
+
+    caplog.set_level("INFO", logger="train")
+    flags["optimizer_args"] = ["decoupled_weight_decay=True", "betas=(0.85,0.9)"]
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=3, resume_from_checkpoint="latest", **flags)
+    assert (
+        "other optimiser settings, which apply from here: betas=(0.85, 0.9) (the checkpoint's: (0.8, 0.9))"
+        in caplog.text
+    )
+    assert made[-1][0].param_groups[0]["betas"] == (0.85, 0.9)
+    with pytest.raises(ValueError, match="saved with --optimizer torch.optim.RAdam, this run has --optimizer adamw"):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
+
+    # Arguments the class does not take are named when it is made; ours take them over this trainer's
+    with pytest.raises(ValueError, match="--optimizer torch.optim.SGD: .*unexpected keyword argument 'bogus'"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], "torch.optim.SGD", 0.1, extra={"bogus": 1})
+    adamw = make_optimizer([torch.nn.Parameter(torch.zeros(2))], "adamw", 0.1, extra={"amsgrad": True, "eps": 1e-6})
+    assert (adamw.param_groups[0]["amsgrad"], adamw.param_groups[0]["eps"]) == (True, 1e-6)
 
 
 def test_resuming_with_other_optimiser_flags_is_refused_before_loading(tiny_model_dir, tiny_cache_dir, tmp_path):
@@ -199,8 +244,17 @@ def test_schedule_free_under_deepspeed_is_refused():
     model = torch.nn.Linear(4, 4)
     args = Namespace(optimizer="adamw_schedulefree", learning_rate=LR, adam_weight_decay=0.0, adam_beta1=0.9)
     args.__dict__.update(adam_beta2=0.999, adam_epsilon=1e-8, loraplus_lr_ratio=0.0, lr_warmup_steps=0)
-    args.__dict__.update(lr_scheduler="constant", lr_num_cycles=1, lr_power=1.0)
+    args.__dict__.update(lr_scheduler="constant", lr_num_cycles=1, lr_power=1.0, optimizer_args=None, ema_decay=None)
     optimizer, _ = optimizer_and_schedule(args, list(model.parameters()), model, 10, 1, 0, False)
     assert type(optimizer).__name__ == "AdamWScheduleFree"
-    with pytest.raises(ValueError, match="does not work under DeepSpeed: use DDP, or another optimiser"):
+    with pytest.raises(ValueError, match="schedule-free.* does not work under DeepSpeed: use DDP"):
         optimizer_and_schedule(args, list(model.parameters()), model, 10, 2, 2, False)
+    # another schedule-free class, given by its import path, is known by its train/eval modes
+    args.optimizer, args.optimizer_args = "schedulefree.SGDScheduleFree", ["warmup_steps=2"]
+    optimizer, _ = optimizer_and_schedule(args, list(model.parameters()), model, 10, 1, 0, False)
+    assert "train_mode" in optimizer.param_groups[0] and optimizer.param_groups[0]["warmup_steps"] == 2
+    with pytest.raises(ValueError, match="SGDScheduleFree .schedule-free. does not work under DeepSpeed"):
+        optimizer_and_schedule(args, list(model.parameters()), model, 10, 2, 2, False)
+    args.lr_warmup_steps = 5
+    with pytest.raises(ValueError, match="is schedule-free: .*give its own: --optimizer_args warmup_steps=N"):
+        optimizer_and_schedule(args, list(model.parameters()), model, 10, 1, 0, False)

@@ -261,20 +261,24 @@ FLAG_HYPERPARAMETERS = {"initial_lr": "--learning_rate", "weight_decay": "--adam
                         "betas": "--adam_beta1 --adam_beta2", "eps": "--adam_epsilon"}  # fmt: skip
 
 
-def group_hyperparameters(optimizer) -> list[dict]:
-    """The flag-given settings of each parameter group, as this run made them (before a checkpoint is loaded)."""
-    return [{k: group[k] for k in FLAG_HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
+def group_hyperparameters(optimizer, also: tuple[str, ...] = ()) -> list[dict]:
+    """The flag-given settings of each parameter group, as this run made them (before a checkpoint is loaded); `also`:
+    the keys --optimizer_args gave."""
+    keys = [*FLAG_HYPERPARAMETERS, *also]
+    return [{k: group[k] for k in keys if k in group} for group in optimizer.param_groups]
 
 
-def restore_group_hyperparameters(schedule, flags: list[dict]) -> list[str]:
+def restore_group_hyperparameters(schedule, flags: list[dict], given: tuple[str, ...] = ()) -> list[str]:
     """Put this run's settings back into the loaded optimiser's groups and the schedule's base rates, so that a
     resumed run follows its own --learning_rate, --adam_weight_decay, ... (loading the state restores the saved
-    ones, silently). Returns what differed, as "--flag new (the checkpoint's: old)"; the caller recomputes the rates."""
+    ones, silently). Returns what differed, as "--flag new (the checkpoint's: old)", or "key=new (...)" for the keys
+    --optimizer_args `given`; the caller recomputes the rates."""
     changed = {}
     for group, own in zip(schedule.optimizer.param_groups, flags):
         for key, value in own.items():
             if group.get(key) != value:  # (LoRA+'s B group: the first group's value is the one reported)
-                changed.setdefault(key, f"{FLAG_HYPERPARAMETERS[key]} {value} (the checkpoint's: {group.get(key)})")
+                now = f"{key}={value}" if key in given else f"{FLAG_HYPERPARAMETERS[key]} {value}"
+                changed.setdefault(key, f"{now} (the checkpoint's: {group.get(key)})")
                 group[key] = value
     schedule.base_lrs = [own["initial_lr"] for own in flags]
     return list(changed.values())
@@ -300,6 +304,7 @@ def resume_training(
     batch_size: int = 1,
     lr_scheduler=None,
     noted: dict | None = None,
+    optimizer_args: tuple[str, ...] = (),
 ):
     """Load `--resume_from_checkpoint` (a checkpoint-N folder or "latest") into the prepared objects: LoRA, optimiser,
     scheduler and RNG through accelerate (the hooks above), the LoRA average if `ema` is given. Returns (global step,
@@ -307,7 +312,8 @@ def resume_training(
     when the caches or --repeats changed since the checkpoint (the epoch order then differs). `settings`: flags
     (name → value, as written into training_state.json) the optimiser state depends on; a checkpoint saved with
     others is refused before anything is loaded (absent from older checkpoints: not checked). `noted`: flags (name →
-    value) a run may go on with others of, which is said (`NOTED_CHANGES`).
+    value) a run may go on with others of, which is said (`NOTED_CHANGES`). `optimizer_args`: the keys --optimizer_args
+    gave, which this run's values also hold for.
 
     A checkpoint saved by another number of processes (or --train_batch_size) goes on after as many of the epoch's
     items as it had reached, and `lr_scheduler` (the prepared one: accelerate steps it once per process and step)
@@ -327,7 +333,7 @@ def resume_training(
     check_same_settings(resume, state, settings or {})
     weights_only_checkpoint_loads(accelerator)
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    flags = group_hyperparameters(schedule.optimizer) if schedule is not None else None
+    flags = group_hyperparameters(schedule.optimizer, optimizer_args) if schedule is not None else None
     # DeepSpeed checkpoints hold only the LoRA (frozen base excluded), hence non-strict module loading
     try:
         accelerator.load_state(str(resume), **({"load_module_strict": False} if deepspeed_stage(accelerator) else {}))
@@ -348,7 +354,7 @@ def resume_training(
             "items its epoch had reached, in a different epoch order"
         )
         next_batch = next_batch * was // is_now
-    changed = restore_group_hyperparameters(schedule, flags) if schedule is not None else []
+    changed = restore_group_hyperparameters(schedule, flags, optimizer_args) if schedule is not None else []
     if changed:
         log(f"note: resuming from {resume} with other optimiser settings, which apply from here: {'; '.join(changed)}")
     if schedule is not None and saved["processes"] != now["processes"]:

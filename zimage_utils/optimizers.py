@@ -1,6 +1,11 @@
 """Optimisers for the LoRA parameters: each comes from the library that maintains it."""
 
+import argparse
+import ast
 import contextlib
+import importlib
+import inspect
+import re
 
 import torch
 
@@ -40,7 +45,50 @@ def _optimizer_class(
         except ImportError as e:
             raise ImportError(f"--optimizer {SCHEDULE_FREE} needs schedulefree: pip install schedulefree") from e
         return AdamWScheduleFree, {"betas": betas, "eps": eps, "warmup_steps": warmup_steps}
+    if IMPORT_PATH.fullmatch(name):
+        return optimizer_by_path(name), {}  # (its own defaults: --optimizer_args gives the rest)
     raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # "came_pytorch.CAME", "torch.optim.RAdam"
+
+
+def optimizer_name(value: str) -> str:
+    """--optimizer: one of `OPTIMIZERS`, or an optimiser class by its import path."""
+    if value in OPTIMIZERS or IMPORT_PATH.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: choose one of {', '.join(OPTIMIZERS)}, or give a torch optimiser class by its import path "
+        "(e.g. torch.optim.RAdam, came_pytorch.CAME)"
+    )
+
+
+def optimizer_by_path(path: str) -> type:
+    """The torch optimiser class at `path` ("package.module.Class"), imported; ImportError/ValueError naming the fix."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"--optimizer {path}: cannot import {module_name} ({error}); install the package") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"--optimizer {path}: {module_name} has no torch optimiser class {class_name}")
+    return cls
+
+
+def optimizer_arguments(pairs: list[str] | None) -> dict:
+    """--optimizer_args KEY=VALUE ... as keyword arguments: each value a Python literal (0.01, True, (0.9, 0.99))
+    or else a string. ValueError naming a pair without "="."""
+    arguments = {}
+    for pair in pairs or []:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise ValueError(f"--optimizer_args {pair!r}: write KEY=VALUE (e.g. weight_decay=0.01 betas=(0.9,0.99))")
+        try:
+            arguments[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            arguments[key.strip()] = value.strip()
+    return arguments
 
 
 def make_optimizer(
@@ -54,6 +102,7 @@ def make_optimizer(
     loraplus_lr_ratio: float = 0.0,
     model: torch.nn.Module | None = None,
     warmup_steps: int = 0,
+    extra: dict | None = None,
 ) -> torch.optim.Optimizer:
     """`adamw` (torch, fused on CUDA), `adamw8bit` (bitsandbytes), `prodigy` (prodigyopt; lr ≈ 1.0),
     `adafactor` (transformers, with the given lr rather than its relative-step schedule), `adamw_schedulefree`
@@ -61,15 +110,24 @@ def make_optimizer(
     fused: AdamW's single-kernel step (default: when every parameter is on CUDA; pass False when DeepSpeed
     will move the optimiser state to the CPU).
     loraplus_lr_ratio: LoRA+ (PEFT's `create_loraplus_optimizer`): the LoRA B factors of `model`'s trainable
-    parameters (which must be `params`) learn at lr × ratio, the A factors at lr (0 = off)."""
+    parameters (which must be `params`) learn at lr × ratio, the A factors at lr (0 = off).
+    `name` may also be an optimiser class's import path (`optimizer_by_path`), given lr, weight_decay (where it
+    takes one) and `extra` alone. extra: keyword arguments over those above (--optimizer_args)."""
     cls, kwargs = _optimizer_class(name, params, fused, betas, eps, warmup_steps)
-    if not loraplus_lr_ratio:
-        return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    from peft.optimizers import create_loraplus_optimizer
+    kwargs |= extra or {}
+    if "weight_decay" not in kwargs and takes_argument(cls, "weight_decay"):
+        kwargs["weight_decay"] = weight_decay
+    try:
+        if not loraplus_lr_ratio:
+            return cls(params, lr=lr, **kwargs)
+        from peft.optimizers import create_loraplus_optimizer
 
-    grouped = create_loraplus_optimizer(
-        model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay, **kwargs
-    )
+        decay = kwargs.pop("weight_decay", 0.0)
+        grouped = create_loraplus_optimizer(
+            model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=decay, **kwargs
+        )
+    except TypeError as error:  # an argument the class does not take, e.g. from --optimizer_args
+        raise ValueError(f"--optimizer {name}: {error}; see its documentation for --optimizer_args") from None
     if sum(len(g["params"]) for g in grouped.param_groups) != len(params):
         raise ValueError("LoRA+ grouped other parameters than the trainable ones it was given")
     # PEFT keeps a group for embedding LoRAs even when empty; with it, ZeRO-2 and ZeRO-3 runs stop at start-up
@@ -77,14 +135,31 @@ def make_optimizer(
     return cls([g for g in grouped.param_groups if g["params"]], lr=lr, **kwargs)
 
 
+def takes_argument(cls: type, name: str) -> bool:
+    """Whether `cls(...)` accepts the keyword `name` (or any keyword)."""
+    parameters = inspect.signature(cls).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def add_optimizer_flags(group) -> None:
     """The trainer's optimiser and learning-rate schedule flags, on `group` (an argument group)."""
     group.add_argument(
         "--optimizer",
-        choices=OPTIMIZERS,
+        type=optimizer_name,
         default="adamw",
-        help="adamw_schedulefree: no learning-rate schedule (it warms up over --lr_warmup_steps itself); samples and "
-        "saved LoRAs are its averaged weights. DDP or one GPU, not DeepSpeed; no --ema_decay (it averages already).",
+        help=f"{', '.join(OPTIMIZERS)}, or any torch optimiser class by its import path (torch.optim.RAdam, "
+        "came_pytorch.CAME, schedulefree.RAdamScheduleFree: installed by you; given --learning_rate, "
+        "--adam_weight_decay and --optimizer_args only). adamw_schedulefree: no learning-rate schedule (it warms up "
+        "over --lr_warmup_steps itself); samples and saved LoRAs are its averaged weights. DDP or one GPU, not "
+        "DeepSpeed; no --ema_decay (it averages already).",
+    )
+    group.add_argument(
+        "--optimizer_args",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE",
+        help="More keyword arguments for the optimiser, over this trainer's (kohya's optimizer_args): "
+        "d_coef=0.5, betas=(0.9,0.99), decouple=True.",
     )
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument("--adam_weight_decay", type=float, default=1e-4)
@@ -121,7 +196,14 @@ def add_optimizer_flags(group) -> None:
 
 def check_optimizer_flags(parser, args) -> None:
     """`parser.error` for optimiser flags that do not go together; --lr_warmup_steps with the constant schedule
-    becomes constant_with_warmup (diffusers' constant has no warmup)."""
+    becomes constant_with_warmup (diffusers' constant has no warmup). An optimiser class given by its import path is
+    imported here, so that a missing package is named before anything loads."""
+    try:
+        optimizer_arguments(args.optimizer_args)
+        if args.optimizer not in OPTIMIZERS:
+            optimizer_by_path(args.optimizer)
+    except (ImportError, ValueError) as error:
+        parser.error(str(error))
     if args.loraplus_lr_ratio and (args.adapter != "lora" or args.loraplus_lr_ratio < 1):
         parser.error("--loraplus_lr_ratio is for --adapter lora, and at least 1 (B learns ratio times faster than A)")
     if args.loraplus_lr_ratio and args.optimizer == "prodigy":
@@ -153,10 +235,6 @@ def optimizer_and_schedule(args, params, model, max_steps: int, num_processes: i
     from diffusers.optimization import get_scheduler
 
     schedule_free = args.optimizer == SCHEDULE_FREE
-    if schedule_free and deepspeed:
-        # its averaged weights are made from the optimiser's parameters, which under ZeRO are DeepSpeed's own
-        # copies, not the model's: the LoRA saved and sampled would not be them
-        raise ValueError(f"--optimizer {SCHEDULE_FREE} does not work under DeepSpeed: use DDP, or another optimiser")
     optimizer = make_optimizer(
         params,
         args.optimizer,
@@ -168,7 +246,11 @@ def optimizer_and_schedule(args, params, model, max_steps: int, num_processes: i
         loraplus_lr_ratio=args.loraplus_lr_ratio,
         model=model,
         warmup_steps=args.lr_warmup_steps if schedule_free else 0,
+        extra=optimizer_arguments(args.optimizer_args),
     )
+    if "train_mode" in optimizer.param_groups[0]:  # schedulefree's: this or a class given by its path
+        check_schedule_free(args, deepspeed)
+        schedule_free = True
     schedule = get_scheduler(
         "constant" if schedule_free else args.lr_scheduler,
         optimizer=optimizer,
@@ -178,6 +260,22 @@ def optimizer_and_schedule(args, params, model, max_steps: int, num_processes: i
         power=args.lr_power,
     )
     return optimizer, schedule
+
+
+def check_schedule_free(args, deepspeed: int) -> None:
+    """A schedule-free optimiser given by its import path: refused where --optimizer adamw_schedulefree is (its
+    averaged weights are made from the optimiser's parameters, which under ZeRO are DeepSpeed's own copies, not the
+    model's: the LoRA saved and sampled would not be them), and with --lr_warmup_steps (it warms up by its own
+    warmup_steps, --optimizer_args)."""
+    if deepspeed:
+        raise ValueError(f"--optimizer {args.optimizer} (schedule-free) does not work under DeepSpeed: use DDP")
+    if args.optimizer == SCHEDULE_FREE:
+        return
+    if args.lr_scheduler not in ("constant", "constant_with_warmup") or args.ema_decay or args.lr_warmup_steps:
+        raise ValueError(
+            f"--optimizer {args.optimizer} is schedule-free: it takes no --lr_scheduler, no --ema_decay (its weights "
+            "are an average already) and no --lr_warmup_steps (give its own: --optimizer_args warmup_steps=N)"
+        )
 
 
 @contextlib.contextmanager
