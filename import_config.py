@@ -252,6 +252,7 @@ def ai_toolkit_network_flags(network: dict, notes: list[str]) -> dict:
         notes.append(f"network sets no linear_alpha: ai-toolkit's default 1 is kept ({SCALE_NOTE})")
     if flags["adapter"] == "lokr":
         flags["lokr_factor"] = network.get("lokr_factor", -1)
+
     if network.get("transformer_only") is False:
         notes.append("network transformer_only false (the embedders adapted too): only the blocks are, here")
     if kwargs := sorted(network.get("network_kwargs") or {}):
@@ -388,7 +389,7 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
 KOHYA_SAME = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size", "seed",
               "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "max_grad_norm",
               "blocks_to_swap", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
-              "pretrained_model_name_or_path")  # fmt: skip
+              "pretrained_model_name_or_path", "network_dropout")  # fmt: skip
 KOHYA_RENAMED = {
     "network_dim": "rank", "network_alpha": "lora_alpha", "network_weights": "init_lora",
     "max_train_epochs": "num_train_epochs", "lr_scheduler_num_cycles": "lr_num_cycles", "lr_scheduler_power": "lr_power",
@@ -484,6 +485,9 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
     try:
         if "loraplus_lr_ratio" in options:
             flags["loraplus_lr_ratio"] = float(options.pop("loraplus_lr_ratio"))
+        for dropout in ("rank_dropout", "module_dropout"):
+            if dropout in options:
+                flags[dropout] = float(options.pop(dropout))
         if options.get("algo") == "lokr":
             flags["adapter"], flags["lokr_factor"] = "lokr", int(options.pop("factor", -1))  # (LyCORIS' default)
             options.pop("algo")

@@ -144,7 +144,25 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1).")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="PEFT's dropout on each LoRA layer's input.")
+    g.add_argument(
+        "--network_dropout",
+        type=float,
+        default=0.0,
+        help="kohya's: dropout on the LoRA's down projection output (its rank channels, per token), e.g. 0.1.",
+    )
+    g.add_argument(
+        "--rank_dropout",
+        type=float,
+        default=0.0,
+        help="kohya's: drops whole rank channels of a layer for a sample (all its tokens), e.g. 0.1.",
+    )
+    g.add_argument(
+        "--module_dropout",
+        type=float,
+        default=0.0,
+        help="kohya's: leaves out a layer's whole LoRA update for a batch with this probability, e.g. 0.1.",
+    )
     g.add_argument(
         "--lora_targets",
         default="attention",
@@ -314,8 +332,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if not 0 <= args.sigma_range[0] < args.sigma_range[1] <= 1:
         p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
-    if args.adapter == "lokr" and (args.base_precision == "nf4" or args.lora_dropout):
-        p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout")
+    dropouts = ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout")
+    if args.adapter == "lokr" and (args.base_precision == "nf4" or any(getattr(args, d) for d in dropouts)):
+        p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout and the like")
+    cli.require_within(p, args, **dict.fromkeys(dropouts, (0, 0.99)))
     if args.adapter == "dora" and args.base_precision not in ("bf16", "nf4"):
         p.error("--adapter dora takes the norms of the base's weights, which fp8 keeps scaled: use a bf16 or nf4 base")
     if args.adapter == "dora" and (args.training_adapter or args.blocks_to_swap):

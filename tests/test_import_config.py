@@ -311,6 +311,12 @@ def test_the_optimiser_and_its_own_arguments_come_along():
         "bitsandbytes.optim.Lion8bit"
     )
     assert import_config.kohya_train_flags({"optimizer_type": "Lion"}, [])["optimizer"] == "lion_pytorch.Lion"
+    config = {"network_dropout": 0.1, "network_args": ["rank_dropout=0.2", "module_dropout=0.05"]}
+    assert import_config.kohya_train_flags(config, []) == {
+        "network_dropout": 0.1,
+        "rank_dropout": 0.2,
+        "module_dropout": 0.05,
+    }
     train = {"optimizer": "lion8bit", "optimizer_params": {"weight_decay": 0.1, "betas": [0.95, 0.98]}}
     flags = import_config.ai_toolkit_train_flags({"train": train}, None, notes := [])
     assert (flags["optimizer"], flags["adam_weight_decay"]) == ("bitsandbytes.optim.Lion8bit", 0.1)

@@ -127,3 +127,31 @@ def test_lokr_layers_compute_what_peft_computes_without_building_the_kronecker_p
     torch.testing.assert_close(ours[0], peft[0], rtol=1e-5, atol=1e-4)
     for a, b in zip(ours[1], peft[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_kohyas_dropouts_act_on_the_lora_factors_in_training_only(transformer):
+    """--network_dropout drops elements of the down projection's output, --rank_dropout whole rank channels of a
+    sample (all its tokens), --module_dropout a layer's whole update; kept values are scaled as kohya scales them."""
+    from zimage_utils.lora import add_lora_dropouts
+
+    layers = len(lora_target_modules(transformer, "attention"))
+    add_lora(transformer, rank=64, targets="attention")
+    assert add_lora_dropouts(transformer, network=0.5, rank=0.25, module=0.5) == layers
+    layer = transformer.get_submodule("layers.0.attention.to_q")
+    down, up = layer.lora_A["default"], layer.lora_B["default"]
+    torch.nn.init.normal_(up.weight)
+    x, h = torch.randn(4, 16, layer.in_features), torch.randn(3, 64)
+    plain, update = torch.nn.functional.linear(x, down.weight), torch.nn.functional.linear(h, up.weight)
+    torch.manual_seed(0)
+    transformer.eval()
+    assert torch.equal(down(x), plain) and torch.equal(up(h), update)  # nothing outside training
+    transformer.train()
+    out = down(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (plain / (0.5 * 0.75))[kept])  # both dropouts' scales on what is kept
+    channels = kept.any(dim=1)  # [sample, channel]: a channel some token kept
+    assert 0.6 < channels.float().mean() < 0.9  # rank dropout: a quarter of a sample's channels, for all its tokens
+    assert 0.3 < kept.float().mean() < 0.45  # and network dropout half of the rest: 3/8 kept
+    updates = [up(h) for _ in range(200)]
+    assert all(u.eq(0).all() or torch.equal(u, update) for u in updates)  # a layer's update whole or not at all
+    assert 60 < sum(bool(u.eq(0).all()) for u in updates) < 140  # left out half the time

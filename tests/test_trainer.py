@@ -359,6 +359,27 @@ def test_a_training_adapter_for_modules_the_model_lacks_is_refused_before_the_mo
         train(tiny_model_dir, tiny_cache_dir, tmp_path / "out", training_adapter=tmp_path / "deeper.safetensors")
 
 
+def test_a_run_with_kohyas_dropouts_resumes_exactly(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
+    """The dropouts draw from the random state the checkpoint keeps: stopped at step 2 and resumed, the run ends
+    where the uninterrupted one does (and elsewhere than one without them)."""
+    flags = dict(learning_rate=1e-2, max_train_steps=4, checkpointing_steps=2, save_dtype="fp32", lora_targets="all")
+    dropouts = dict(network_dropout=0.3, rank_dropout=0.2, module_dropout=0.2)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags, **dropouts)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, **dropouts, max_train_steps_this_run=2)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, **dropouts, resume_from_checkpoint="latest")
+    train(tiny_model_dir, tiny_cache_dir, tmp_path / "none", **flags)
+    a, b, none = (load_lora_file(tmp_path / run / LORA_WEIGHT_NAME)[0] for run in ("a", "b", "none"))
+    assert a.keys() == none.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], none[k]) for k in a)
+    with pytest.raises(SystemExit):
+        train_zimage_lora.parse_args(
+            trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, adapter="lokr", rank_dropout=0.1)
+        )
+    assert (
+        "--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout" in capsys.readouterr().err
+    )
+
+
 def test_lokr_run_resumes_exactly_and_its_files_give_the_trained_model_in_diffusers(
     tiny_model_dir, tiny_cache_dir, tmp_path
 ):
@@ -593,6 +614,7 @@ def test_one_repeat_count_per_cache_is_required(tiny_model_dir, tiny_cache_dir, 
         ("checkpointing_steps", -1, "--checkpointing_steps -1: give 0 or more (0 = off)"),
         ("learning_rate", -0.001, "--learning_rate -0.001: give a positive rate"),
         ("lokr_factor", 0, "--lokr_factor 0: give w1's side (1 or more), or -1 for near-square factors"),
+        ("network_dropout", 1.0, "--network_dropout 1.0: give a value from 0 to 0.99"),
     ],
 )
 def test_values_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value, message):

@@ -13,6 +13,7 @@ refiners' attention keys of a Z-Image LoRA and report them as "lora key not load
 avoids that, at the cost of not adapting the refiners.
 """
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -142,6 +143,47 @@ def add_lora(
                 module.train()  # (stays in eval mode)
     cast_training_params(transformer, dtype=torch.float32)
     return config
+
+
+def add_lora_dropouts(
+    transformer: torch.nn.Module, network: float = 0.0, rank: float = 0.0, module: float = 0.0
+) -> int:
+    """kohya's LoRA regularisers on the "default" LoRA (or DoRA) of `transformer`, as forward hooks on each layer's
+    factors, so its parameters and saved keys stay PEFT's. In training mode only: `network` drops elements of the
+    down projection's output (dropout, kept ones scaled by 1/(1−p)); `rank` drops whole rank channels, one draw per
+    sample shared by its tokens (scaled the same); `module` leaves out a layer's whole update for the batch with
+    probability p (unscaled, as kohya). Draws are tensors on the layer's device (no host sync, nothing for
+    `torch.compile` to branch on). Returns the number of layers hooked."""
+    from peft.tuners.lora import LoraLayer
+
+    if not (network or rank or module):
+        return 0
+    hooked = 0
+    for layer in transformer.modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+            if network or rank:
+                layer.lora_A["default"].register_forward_hook(functools.partial(_down_dropout, network, rank))
+            if module:
+                layer.lora_B["default"].register_forward_hook(functools.partial(_module_dropout, module))
+            hooked += 1
+    return hooked
+
+
+def _down_dropout(p: float, rank_p: float, down: torch.nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
+    if not down.training:
+        return out
+    if p:
+        out = torch.nn.functional.dropout(out, p)
+    if rank_p:  # [B, ..., r]: a channel kept or dropped for all of a sample's tokens
+        keep = torch.rand(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1], device=out.device) >= rank_p
+        out = out * keep.to(out.dtype) / (1 - rank_p)
+    return out
+
+
+def _module_dropout(p: float, up: torch.nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
+    if not up.training:
+        return out
+    return out * (torch.rand((), device=out.device) >= p).to(out.dtype)
 
 
 class _LoKrLinearWithoutModuleDropout(LoKrLinear):

@@ -12,14 +12,14 @@ import torch
 
 from .checkpoints import SUPERSEDED_DIR, check_resume_fits, later_checkpoints, read_training_state, resolve_resume_path
 from .ema import require_ema_state
-from .lora import add_lora, count_trainable_parameters, init_lora_from, lora_target_modules
+from .lora import add_lora, add_lora_dropouts, count_trainable_parameters, init_lora_from, lora_target_modules
 from .lora_io import DIFFUSERS_PREFIX, read_lora
 from .train_data import BucketBatchSampler
 
 
 def add_run_lora(model: torch.nn.Module, args: argparse.Namespace):
-    """The LoRA (or LoKr) the flags ask for, added to `model`; returns its PEFT config."""
-    return add_lora(
+    """The LoRA (or LoKr) the flags ask for, added to `model` with its dropouts; returns its PEFT config."""
+    config = add_lora(
         model,
         args.rank,
         args.lora_alpha or args.rank,
@@ -29,6 +29,8 @@ def add_run_lora(model: torch.nn.Module, args: argparse.Namespace):
         adapter=args.adapter,
         lokr_factor=args.lokr_factor,
     )
+    add_lora_dropouts(model, args.network_dropout, args.rank_dropout, args.module_dropout)
+    return config
 
 
 def schedule_steps(args, sampler) -> tuple[float, int]:
