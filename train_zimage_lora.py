@@ -499,7 +499,6 @@ def run_training(args: argparse.Namespace) -> None:
     def save_checkpoint(step, next_epoch, next_batch):
         path = output_dir / f"checkpoint-{step}"
         if accelerator.is_main_process:
-            prune_checkpoints(output_dir, args.checkpoints_total_limit)
             mark_unfinished(path)
         accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage else {}))
         if ema is not None and accelerator.is_main_process:
@@ -519,6 +518,7 @@ def run_training(args: argparse.Namespace) -> None:
                 | batch_layout(accelerator, args.train_batch_size)
                 | resume_settings(args),
             )
+            prune_checkpoints(output_dir, args.checkpoints_total_limit)  # (only now: a kill above keeps the last)
         accelerator.wait_for_everyone()
         triggers.saved(step)
         return path

@@ -731,6 +731,33 @@ def test_a_run_resumed_from_an_older_checkpoint_sets_the_later_ones_aside(
     assert f"moved to {aside}" in caplog.text
 
 
+def test_with_a_limit_of_one_a_save_cut_short_keeps_the_checkpoint_before_it(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """--checkpoints_total_limit 1: the old checkpoint goes only once the new one is finished, so a kill during the
+    save leaves a checkpoint to resume from (it used to leave none: the run started over). The unfinished folders of
+    saves cut short go at the next finished save."""
+    flags = dict(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1)
+    original, calls = train_zimage_lora.Accelerator.save_state, []
+
+    def killed_on_the_second(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "random_states_0.pkl.tmp").parent.mkdir(exist_ok=True)
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(train_zimage_lora.Accelerator, "save_state", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, tiny_cache_dir, tmp_path, **flags)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"] and (tmp_path / "checkpoint-4").is_dir()
+    monkeypatch.undo()
+    (tmp_path / "checkpoint-3").mkdir()  # (one more save cut short, older than the next finished one)
+    log = train(tiny_model_dir, tiny_cache_dir, tmp_path, resume_from_checkpoint="latest", **flags)
+    assert [r["step"] for r in log if "loss" in r][-1] == 6
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
 @pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])
 def test_checkpointing_minutes_saves_when_that_much_time_has_passed(
     tiny_model_dir, tiny_cache_dir, tmp_path, minutes, expected

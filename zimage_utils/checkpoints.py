@@ -98,16 +98,31 @@ def resolve_resume_path(output_dir: str | Path, resume_from: str | None) -> Path
     return path
 
 
-def prune_checkpoints(output_dir: str | Path, total_limit: int | None, keep_room_for_one: bool = True) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `total_limit` remain after the next save; returns removed."""
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """After a checkpoint is finished (never before: a save cut short must leave the previous one), delete the oldest
+    finished ones beyond `total_limit`, and the unfinished ones older than the newest finished (saves cut short);
+    returns what was removed. Each loses its finished mark first, so a removal cut short leaves no half-deleted
+    folder that looks finished."""
     if not total_limit or total_limit <= 0:
         return []
     found = list_checkpoints(output_dir)
-    excess = len(found) - total_limit + (1 if keep_room_for_one else 0)
-    removed = found[: max(excess, 0)]
+    removed = found[: max(len(found) - total_limit, 0)]
+    if found:
+        newest = checkpoint_step(found[-1])
+        removed += [p for p in Path(output_dir).iterdir() if is_unfinished(p) and checkpoint_step(p) < newest]
     for path in removed:
+        mark_unfinished(path)
         shutil.rmtree(path)
     return removed
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
+def is_unfinished(path: Path) -> bool:
+    """A checkpoint-N folder whose save did not finish (no training_state.json)."""
+    return bool(CHECKPOINT_PATTERN.match(path.name)) and path.is_dir() and not (path / TRAINING_STATE_NAME).exists()
 
 
 def mark_unfinished(checkpoint_dir: str | Path) -> None:
