@@ -9,6 +9,7 @@ docs/CACHE_FORMAT.md and defined in zimage_utils/cache.py.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -288,9 +289,16 @@ def main(args: argparse.Namespace) -> dict | None:
     """`build_cache(args)`, with CUDA running out of memory turned into one line saying what to change."""
     use_expandable_segments()
     try:
-        return build_cache(args)
+        with contextlib.ExitStack() as held:  # (the cache folder's lock, once taken)
+            return build_cache(args, held)
     except BaseException as error:
-        if args.overwrite and not args.dry_run and PartialState().is_main_process:
+        # (not when another run holds the folder: the cache set aside is that run's to restore)
+        if (
+            args.overwrite
+            and not args.dry_run
+            and PartialState().is_main_process
+            and not isinstance(error, cli.FolderInUse)
+        ):
             restore_set_aside(Path(args.output_dir))  # the cache this run was replacing stays
         if not isinstance(error, torch.OutOfMemoryError):
             raise
@@ -316,8 +324,8 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def build_cache(args: argparse.Namespace) -> dict | None:
-    """Build or extend the cache. Returns the run's figures on the main process (None on the others): images
+def build_cache(args: argparse.Namespace, held: contextlib.ExitStack) -> dict | None:
+    """Build or extend the cache, holding its folder's lock in `held`. Returns the run's figures on the main process (None on the others): images
     encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop, and the
     start-up before them (Python and imports, then accelerate's process and device set-up), with the wall-clock
     times the process started and `main` finished (for a launcher to tell its own and the exit's share)."""
@@ -343,6 +351,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         existing = None if args.overwrite else prepare_output_dir_readonly(args.output_dir)
     else:
         created = not Path(args.output_dir).exists()  # for the main process; the others read it only
+        if accelerator.is_main_process:  # one precompute at a time in a cache (two shrank it to what one wrote)
+            held.enter_context(cli.folder_lock(args.output_dir, "precompute_embeddings.py"))
         existing = prepare_output_dir(args, fingerprint) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:

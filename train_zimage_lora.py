@@ -9,6 +9,7 @@ at the end OUTPUT/README.md, a model card for the hub.
 """
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -382,14 +383,15 @@ def main(args: argparse.Namespace) -> None:
     stale handler would swallow their Ctrl-C)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        run_training(args)
+        with contextlib.ExitStack() as held:  # (the output folder's lock, once taken)
+            run_training(args, held)
     finally:
         gc.unfreeze()  # what freeze_gc exempted is the caller's to collect again
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
 
-def run_training(args: argparse.Namespace) -> None:
+def run_training(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
     cli.setup_logging("train")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -433,6 +435,8 @@ def run_training(args: argparse.Namespace) -> None:
         print0(dry_run_report(args, accelerator, plan, train, sampler, caches))
         return
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # one run at a time in a folder (two deleted each other's checkpoints)
+        held.enter_context(cli.folder_lock(output_dir, "train_zimage_lora.py"))
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
         if aside := set_aside_later_checkpoints(output_dir, resume):
             print0(f"note: the checkpoints after {resume.name}, of the run this one goes back on, moved to {aside}")

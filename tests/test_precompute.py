@@ -808,6 +808,24 @@ def test_an_overwrite_that_fails_or_is_cut_short_keeps_the_cache_it_was_replacin
     assert restore_set_aside(out) and load(out) == before and not (out / cache_lib.SHARDS_DIR).exists()
 
 
+def test_a_cache_another_precompute_is_writing_is_refused_and_left_as_it_is(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path
+):
+    """Two precomputes in one cache used to end with the rows one of them wrote (35 of 300 in a kill audit), both
+    exiting 0. The second is refused, naming the first; with --overwrite it does not touch the cache either."""
+    from zimage_utils import cli
+
+    out = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    before = load(out)
+    with cli.folder_lock(out, "precompute_embeddings.py"):  # (as the first run holds it: the lock is per open file)
+        for extra in ([], ["--overwrite"]):
+            with pytest.raises(cli.FolderInUse, match=r"cache is being written by precompute_embeddings.py \(pid"):
+                precompute(tiny_model_dir, out, *extra, data_dir=tiny_data_dir)
+            assert load(out) == before and not (out / REPLACED_DIR).exists()
+    precompute(tiny_model_dir, out, data_dir=tiny_data_dir)  # once the first has ended
+    assert load(out)[0].keys() == before[0].keys()
+
+
 def test_a_caption_length_the_transformer_cannot_place_is_refused_and_cut_captions_are_named(
     tiny_model_dir, tiny_data_dir, tmp_path, caplog
 ):

@@ -38,7 +38,7 @@ import lora_tools
 import precompute_embeddings
 import train_zimage_lora
 from zimage_utils import cache as cache_lib
-from zimage_utils import flow_matching, step_options
+from zimage_utils import cli, flow_matching, step_options
 from zimage_utils.checkpoints import (
     LORA_STATE_NAME,
     TRAINING_STATE_NAME,
@@ -756,6 +756,19 @@ def test_with_a_limit_of_one_a_save_cut_short_keeps_the_checkpoint_before_it(
     log = train(tiny_model_dir, tiny_cache_dir, tmp_path, resume_from_checkpoint="latest", **flags)
     assert [r["step"] for r in log if "loss" in r][-1] == 6
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+def test_an_output_folder_another_run_is_training_in_is_refused(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """Two runs in one folder deleted each other's checkpoints and the last to end overwrote the other's LoRA (a kill
+    audit). The second is refused before it writes anything; the first's lock ends with it."""
+    with cli.folder_lock(tmp_path, "train_zimage_lora.py"):
+        with pytest.raises(
+            cli.FolderInUse, match="is being written by train_zimage_lora.py .pid .* another --output_dir"
+        ):
+            train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [cli.LOCK_NAME]  # (the first run's)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
 
 
 @pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])

@@ -2,9 +2,11 @@
 the problem and the fix, not a traceback)."""
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +53,47 @@ def check_output_dir(path, flag: str = "--output_dir") -> None:
     """A folder to write into must not be a file (else mkdir ends in a traceback)."""
     if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{flag} {path} is a file: give a folder")
+
+
+class FolderInUse(ValueError):
+    """Another process is writing into the folder this run would write into."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, script: str):
+    """Hold `folder`/.lock while the block runs (the kernel's lock: it ends with the process, however that ends), so
+    that a second run writing into the same folder is refused (FolderInUse, naming the first) instead of the two
+    mixing their files. Makes the folder. Where the OS has no `fcntl` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the file may have been removed by a run ending between our open and lock: then it locks nothing
+            if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise BlockingIOError
+        except BlockingIOError:
+            handle.seek(0)
+            raise FolderInUse(
+                f"{folder} is being written by {handle.read().strip() or 'another process'}: wait for it to end (or "
+                "stop it), or give this run another --output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{script} (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # (while still locked; closing the file then releases the lock)
 
 
 def setup_logging(script_logger: str) -> None:
