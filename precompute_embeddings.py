@@ -513,7 +513,6 @@ def build_cache(args: argparse.Namespace, held: contextlib.ExitStack) -> dict | 
         fresh = {source for part in parts for source in part["source"]} | set(dropped)
         previous = cache_lib.read_manifest(args.output_dir) or {}
         cache_lib.save_dataset_atomic(merged, Path(args.output_dir) / cache_lib.DATA_DIR)
-        shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
         all_notes = cache_notes(previous.get("notes", []), fresh, [n for r in reports for n in r["notes"]], merged)
         by_bucket = Counter(zip(merged["bucket_height"], merged["bucket_width"]))
         new = sum(r["encoded"] for r in reports)
@@ -557,6 +556,8 @@ def build_cache(args: argparse.Namespace, held: contextlib.ExitStack) -> dict | 
                 "last_run": stats,
             },
         )
+        # the parts only once the manifest marks data/ finished: a kill before that re-merges them, not re-encodes
+        shutil.rmtree(Path(args.output_dir) / cache_lib.SHARDS_DIR, ignore_errors=True)
         drop_set_aside(Path(args.output_dir))  # (--overwrite: the cache this one replaces)
         # `--config CACHE/precompute_config.yaml` runs it again (without --overwrite): only new or changed images encode
         cli.write_config(Path(args.output_dir) / cache_lib.CONFIG_NAME, args, leave_out=("overwrite",))

@@ -514,6 +514,37 @@ def test_an_interrupted_run_keeps_its_finished_parts(tiny_model_dir, tiny_data_d
         assert resumed[source]["caption_embeds"] == record["caption_embeds"], source
 
 
+def test_a_run_killed_while_it_finishes_the_cache_loses_no_encoding(
+    tiny_model_dir, tiny_data_dir, tmp_path, summary, monkeypatch
+):
+    """Killed between data/'s two renames, a cache has its previous data/ aside: the trainer names the fix and a
+    re-run puts it back. Killed before the manifest, a first build keeps its parts: a re-run merges them instead of
+    encoding every image again (a kill audit found both)."""
+    out = precompute(tiny_model_dir, tmp_path / "cache", data_dir=tiny_data_dir)
+    before = load(out)
+    os.replace(out / cache_lib.DATA_DIR, out / f".{cache_lib.DATA_DIR}.old999")  # (the first rename done)
+    with pytest.raises(cache_lib.CacheError, match="stopped while it replaced data/.*re-run precompute_embeddings.py"):
+        cache_lib.load_cache(out)
+    summary.clear()
+    precompute(tiny_model_dir, out, data_dir=tiny_data_dir)
+    assert new_and_kept(summary) == (0, 12) and load(out)[0] == before[0]
+
+    def killed_at_the_manifest(path, *args):
+        if Path(path).name == cache_lib.MANIFEST_NAME:
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    real = cache_lib.write_json_atomic
+    monkeypatch.setattr(cache_lib, "write_json_atomic", killed_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tiny_model_dir, tmp_path / "first", data_dir=tiny_data_dir)
+    monkeypatch.undo()
+    assert not (tmp_path / "first" / cache_lib.MANIFEST_NAME).exists()
+    summary.clear()
+    precompute(tiny_model_dir, tmp_path / "first", data_dir=tiny_data_dir)
+    assert new_and_kept(summary) == (0, 12) and load(tmp_path / "first")[0] == before[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The encode loop overlaps the host with the accelerator without changing what is written
 

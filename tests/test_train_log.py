@@ -64,6 +64,18 @@ def test_a_loss_term_is_the_mean_over_the_micro_batches_that_had_it(clock, tmp_p
     assert "loss/preservation" not in window.read(Accelerator(cpu=True), 3, tmp_path)  # the next window starts empty
 
 
+def test_a_log_line_cut_short_is_left_out_and_the_next_record_starts_a_line_of_its_own(tmp_path, caplog):
+    """A full disk or a power cut can leave half a line; every resumed run then ended in a JSON error (a kill audit)."""
+    from zimage_utils.plots import read_log
+    from zimage_utils.train_log import append_jsonl
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    append_jsonl(log, {"step": 3, "loss": 3.0})
+    assert read_log(log) == [{"step": 1, "loss": 1.0}, {"step": 3, "loss": 3.0}]
+    assert f"{log}: line(s) 2 are not log records" in caplog.text
+
+
 def test_time_spent_saving_or_validating_does_not_count_as_training_time(clock, tmp_path):
     window = LogWindow("cpu", start_step=0)
     window.add(step_output(1.0, [0.5]), 1)

@@ -164,6 +164,7 @@ def save_dataset_atomic(dataset: datasets.Dataset, target: str | Path) -> None:
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     old = target.with_name(f".{target.name}.old{os.getpid()}")
+    restore_interrupted_save(target)
     for kind in ("tmp", "old"):  # what a crashed save left, whatever its process
         for stale in target.parent.glob(f".{target.name}.{kind}*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -172,6 +173,17 @@ def save_dataset_atomic(dataset: datasets.Dataset, target: str | Path) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted_save(target: str | Path) -> bool:
+    """Put back the folder `save_dataset_atomic` had moved aside when a kill came between its two renames (`target`
+    missing, its `.NAME.old*` there): what the manifest beside it describes. True if it did."""
+    target = Path(target)
+    aside = sorted(target.parent.glob(f".{target.name}.old*"), key=lambda p: p.stat().st_mtime)
+    if target.exists() or not aside:
+        return False
+    os.replace(aside[-1], target)
+    return True
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
@@ -194,6 +206,11 @@ def load_cache(cache_dir: str | Path, expected_fingerprint: dict[str, Any] | Non
             f"{cache_dir} does not exist: give --precomputed_dir the --output_dir of a precompute_embeddings.py run."
         )
     manifest = read_manifest(cache_dir)
+    if manifest is not None and not (cache_dir / DATA_DIR).exists() and any(cache_dir.glob(f".{DATA_DIR}.old*")):
+        raise CacheError(
+            f"{cache_dir}: a precompute was stopped while it replaced {DATA_DIR}/ (the previous one is in "
+            f".{DATA_DIR}.old*): re-run precompute_embeddings.py there, which puts it back and goes on."
+        )
     if manifest is None or not (cache_dir / DATA_DIR).exists():
         raise CacheError(
             f"{cache_dir} is not a finished embedding cache (no {MANIFEST_NAME} or {DATA_DIR}/): "

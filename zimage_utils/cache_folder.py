@@ -73,6 +73,10 @@ def prepare_output_dir(args, fingerprint: dict) -> datasets.Dataset | None:
     elif restore_set_aside(out):
         logger.info(f"an earlier --overwrite of {out} did not finish: the cache it was replacing is back")
     out.mkdir(parents=True, exist_ok=True)
+    if cache_lib.restore_interrupted_save(out / cache_lib.DATA_DIR):
+        logger.info(
+            f"an earlier run was stopped while it replaced {out / cache_lib.DATA_DIR}: the previous one is back"
+        )
     manifest = cache_lib.read_manifest(out)
     # An interrupted run leaves finished parts (and, on a first run, no manifest yet): they are merged into this
     # run's cache, so they must have been made the same way too.

@@ -21,10 +21,18 @@ def read_log(path: str | Path) -> list[dict]:
     """The records of a train_log.jsonl by step; a step logged twice (a run resumed from an earlier checkpoint
     logs its steps again) keeps its newest values. Training records hold "loss", validation records "val/loss"."""
     by_step: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
+    damaged = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            by_step.setdefault(record["step"], {}).update(record)
+            try:
+                record = json.loads(line)
+                by_step.setdefault(record["step"], {}).update(record)
+            except (ValueError, KeyError, TypeError):  # a line cut short (a full disk, a power cut): not a record
+                damaged.append(number)
+    if damaged:
+        logger.warning(
+            f"{path}: line(s) {', '.join(map(str, damaged[:5]))} are not log records (cut short?): left out"
+        )
     return [by_step[step] for step in sorted(by_step)]
 
 

@@ -104,8 +104,10 @@ class LogWindow:
 def append_jsonl(path: Path, record: dict) -> None:
     """One line per logging step (and one per validation with a held-out loss): the loss curves users can plot
     (OUTPUT/loss_per_sigma.png draws them), and what tests compare across runs."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as f:
+        if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":  # a line cut short: this record starts a new one
+            f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def lowest_held_out_loss(output_dir: Path) -> str | None:
