@@ -34,6 +34,7 @@ from zimage_utils.checkpoints import (
     prune_checkpoints,
     read_training_state,
     register_lora_state_hooks,
+    remove_stale_temporaries,
     resolve_resume_path,
     resume_training,
     set_aside_later_checkpoints,
@@ -437,6 +438,7 @@ def run_training(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:  # one run at a time in a folder (two deleted each other's checkpoints)
         held.enter_context(cli.folder_lock(output_dir, "train_zimage_lora.py"))
+        remove_stale_temporaries(output_dir)  # (what a killed run was writing)
     if accelerator.is_main_process:  # `--config OUTPUT/run_config.yaml` repeats this run (or resumes it)
         if aside := set_aside_later_checkpoints(output_dir, resume):
             print0(f"note: the checkpoints after {resume.name}, of the run this one goes back on, moved to {aside}")

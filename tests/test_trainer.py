@@ -768,7 +768,12 @@ def test_an_output_folder_another_run_is_training_in_is_refused(tiny_model_dir, 
             train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1)
         assert sorted(p.name for p in tmp_path.iterdir()) == [cli.LOCK_NAME]  # (the first run's)
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=1)
+    # what a killed run was writing (its final LoRA, a sample) goes when the next one takes the folder
+    stale = [tmp_path / ".pytorch_lora_weights.safetensors.tmp-123", tmp_path / "samples" / ".step_000002.png.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
     train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=2, resume_from_checkpoint="latest")
+    assert not any(path.exists() for path in stale)
 
 
 @pytest.mark.parametrize("minutes, expected", [(1e-9, [1, 2, 3, 4]), (60, [])])

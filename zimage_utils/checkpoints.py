@@ -116,6 +116,17 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     return removed
 
 
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """The files a killed run left under a temporary name (`.NAME.tmp…`: its final LoRA, card, samples) in
+    `output_dir` and its samples/, removed; only while this run holds the folder's lock (no other run writes there).
+    Returns what was removed."""
+    output_dir = Path(output_dir)
+    stale = [p for d in (output_dir, output_dir / "samples") for p in d.glob(".*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_PATTERN.match(path.name).group(1))
 
