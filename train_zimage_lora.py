@@ -629,13 +629,18 @@ def run_training(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
                 with window.paused():
                     path = save_checkpoint(global_step, *next_position)
                 print0(f"saved {path}")
+            if validate_now and not stop:
+                with window.paused():
+                    validate(global_step)
+                stop = triggers.stop_now()  # a signal while sampling: save and stop at once, not a step later
+                if stop and not checkpoint_now:
+                    with window.paused():
+                        path = save_checkpoint(global_step, *next_position)
+                    print0(f"saved {path}")
             if stop:
                 print0(f"stopped by signal at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if validate_now:
-                with window.paused():
-                    validate(global_step)
             if global_step >= stop_at:
                 break
         else:

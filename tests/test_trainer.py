@@ -1350,6 +1350,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, 
     assert metadata["steps"] == str(steps)
 
 
+def test_a_signal_during_validation_saves_and_stops_at_that_step(
+    tiny_model_dir, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """Validation on the real model can outlast a preemption's grace period: the run stops after it, not a step
+    later (it used to train one more step first)."""
+    original = train_zimage_lora.Validator.sample_grid
+
+    def signalled_while_sampling(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (the trainer's handler only notes it)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_zimage_lora.Validator, "sample_grid", signalled_while_sampling)
+    train(tiny_model_dir, tiny_cache_dir, tmp_path, max_train_steps=6, validation_steps=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not (tmp_path / LORA_WEIGHT_NAME).exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two processes (DDP over gloo on the CPU)
 # ---------------------------------------------------------------------------------------------------------------

@@ -428,6 +428,14 @@ class SaveTriggers:
         """A checkpoint of optimiser step `step` was just written."""
         self.last_step, self.last_time = step, time.time()
 
+    def stop_now(self) -> bool:
+        """Whether a stop signal came to any process, asked where they are in step anyway (after validation, which can
+        outlast a preemption's grace period): without `poll`'s one-step lag. Collective with several processes."""
+        if self.accelerator.num_processes == 1:
+            return self.signalled
+        vote = torch.tensor([float(self.signalled)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(vote, "max").item())
+
     def poll(self, step: int) -> tuple[bool, bool]:
         """(stop, save now) after optimiser step `step`, the same on every process (a collective call then)."""
         stop, due = self.signalled, 0 < self.minutes <= (time.time() - self.last_time) / 60
