@@ -147,24 +147,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank, scale 1).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="PEFT's dropout on each LoRA layer's input.")
-    g.add_argument(
-        "--network_dropout",
-        type=float,
-        default=0.0,
-        help="kohya's: dropout on the LoRA's down projection output (its rank channels, per token), e.g. 0.1.",
-    )
-    g.add_argument(
-        "--rank_dropout",
-        type=float,
-        default=0.0,
-        help="kohya's: drops whole rank channels of a layer for a sample (all its tokens), e.g. 0.1.",
-    )
-    g.add_argument(
-        "--module_dropout",
-        type=float,
-        default=0.0,
-        help="kohya's: leaves out a layer's whole LoRA update for a batch with this probability, e.g. 0.1.",
-    )
+    for flag, dropped in (  # kohya's regularisers (lora.add_lora_dropouts), e.g. 0.1
+        ("network_dropout", "elements of the LoRA's down projection output (its rank channels, per token)"),
+        ("rank_dropout", "whole rank channels of a layer for a sample (all its tokens)"),
+        ("module_dropout", "a layer's whole LoRA update for a batch"),
+    ):
+        g.add_argument(f"--{flag}", type=float, default=0.0, help=f"kohya's: drops {dropped} with this probability.")
     g.add_argument(
         "--lora_targets",
         default="attention",
