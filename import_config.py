@@ -242,8 +242,8 @@ def read_ai_toolkit(config: dict, path: Path, notes: list[str]) -> tuple[list[di
 
 def ai_toolkit_network_flags(network: dict, notes: list[str]) -> dict:
     """The LoRA ai-toolkit's network section makes, with its defaults where the section sets none: alpha 1 (its
-    `alpha`, then `linear_alpha`), a LoKr factor of -1, and every Linear of the main blocks (its Z-Image model's transformer
-    block names: "layers"), so no refiner."""
+    `alpha`, then `linear_alpha`), a LoKr factor of -1, and every Linear of the main blocks (its Z-Image model's
+    transformer block names: "layers"), so no refiner."""
     flags = {"adapter": network.get("type", "lora"), "lora_targets": "all", "lora_exclude_refiners": True}
     if (rank := network.get("linear", network.get("rank"))) is not None:
         flags["rank"] = rank
@@ -252,7 +252,6 @@ def ai_toolkit_network_flags(network: dict, notes: list[str]) -> dict:
         notes.append(f"network sets no linear_alpha: ai-toolkit's default 1 is kept ({SCALE_NOTE})")
     if flags["adapter"] == "lokr":
         flags["lokr_factor"] = network.get("lokr_factor", -1)
-
     if network.get("transformer_only") is False:
         notes.append("network transformer_only false (the embedders adapted too): only the blocks are, here")
     if kwargs := sorted(network.get("network_kwargs") or {}):
@@ -402,9 +401,9 @@ KOHYA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prod
 KOHYA_OPTIMIZERS["adamwschedulefree"] = "adamw_schedulefree"
 # kohya's names for classes of other packages, given here by their import path (--optimizer takes any)
 KOHYA_OPTIMIZERS |= {
-    "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.PagedLion8bit",
-    "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit", "radamschedulefree": "schedulefree.RAdamScheduleFree",
-    "sgdschedulefree": "schedulefree.SGDScheduleFree",
+    "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit",
+    "pagedlion8bit": "bitsandbytes.optim.PagedLion8bit", "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
+    "radamschedulefree": "schedulefree.RAdamScheduleFree", "sgdschedulefree": "schedulefree.SGDScheduleFree",
 }  # fmt: skip
 KOHYA_TIMESTEPS = {"sigmoid": "logit_normal", "shift": "shift", "uniform": "uniform", "flux_shift": "flux_shift"}
 KOHYA_READ = set(KOHYA_SAME) | set(KOHYA_RENAMED) | {"optimizer_type", "optimizer_args", "network_args", "output_dir"}

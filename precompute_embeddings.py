@@ -325,10 +325,11 @@ def use_expandable_segments() -> None:
 
 
 def build_cache(args: argparse.Namespace, held: contextlib.ExitStack) -> dict | None:
-    """Build or extend the cache, holding its folder's lock in `held`. Returns the run's figures on the main process (None on the others): images
-    encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and in the encode loop, and the
-    start-up before them (Python and imports, then accelerate's process and device set-up), with the wall-clock
-    times the process started and `main` finished (for a launcher to tell its own and the exit's share)."""
+    """Build or extend the cache, holding its folder's lock in `held`. Returns the run's figures on the main process
+    (None on the others): images encoded, seconds per phase (scan, load, encode, merge, total), images/s overall and
+    in the encode loop, and the start-up before them (Python and imports, then accelerate's process and device
+    set-up), with the wall-clock times the process started and `main` finished (for a launcher to tell its own and the
+    exit's share)."""
     cli.setup_logging("precompute")
     datasets.disable_progress_bars()
     started_at, accelerate_from = time.time() - process_age(), time.perf_counter()

@@ -256,7 +256,8 @@ def flow_matching_step(
 
 def preserved_items(batch: dict, config: StepConfig, empty_embeds=None) -> list[tuple[int, torch.Tensor, float]]:
     """The batch's preservation passes, (item, caption [L, D], loss weight) each: every item that has a preservation
-    caption (--preservation_weight), and every item with the empty caption `empty_embeds` (--blank_preservation_weight)."""
+    caption (--preservation_weight), and every item with the empty caption `empty_embeds`
+    (--blank_preservation_weight)."""
     entries = []
     embeds = batch.get("preservation_embeds")
     if config.preservation_weight and embeds is not None:
