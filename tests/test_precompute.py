@@ -839,6 +839,33 @@ def test_an_overwrite_that_fails_or_is_cut_short_keeps_the_cache_it_was_replacin
     assert restore_set_aside(out) and load(out) == before and not (out / cache_lib.SHARDS_DIR).exists()
 
 
+def test_an_overwrite_killed_and_given_again_keeps_the_parts_it_had_finished(
+    tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path, summary, monkeypatch
+):
+    """Killed outright (no handler runs: the old cache stays set aside), an --overwrite run given again with the same
+    settings merges the parts it had finished instead of encoding them again; with other settings it does not."""
+    out = shutil.copytree(tiny_cache_dir, tmp_path / "cache")
+    flags = ["--overwrite", "--resolution", 48, "--batch_size", 1, "--shard_size", 2]
+    calls, real = [], precompute_embeddings.encode_batch
+
+    def killed_at_the_fourth_batch(batch, *args, **kwargs):
+        calls.append(batch)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(precompute_embeddings, "encode_batch", killed_at_the_fourth_batch)
+    monkeypatch.setattr(precompute_embeddings, "restore_set_aside", lambda out: False)  # (a SIGKILL runs no handler)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tiny_model_dir, out, *flags, data_dir=tiny_data_dir)
+    monkeypatch.undo()
+    assert (out / REPLACED_DIR).is_dir() and len(list((out / cache_lib.SHARDS_DIR).glob("rank*"))) == 1
+    summary.clear()
+    precompute(tiny_model_dir, out, *flags, data_dir=tiny_data_dir)
+    assert new_and_kept(summary) == (10, 2) and not (out / REPLACED_DIR).exists()
+    assert cache_lib.read_manifest(out)["fingerprint"]["resolution"] == 48
+
+
 def test_a_cache_another_precompute_is_writing_is_refused_and_left_as_it_is(
     tiny_model_dir, tiny_data_dir, tiny_cache_dir, tmp_path
 ):

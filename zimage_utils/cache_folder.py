@@ -27,15 +27,20 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def set_aside_for_overwrite(out: Path) -> None:
+def set_aside_for_overwrite(out: Path, fingerprint: dict | None = None) -> None:
     """--overwrite: the cache in `out` moved into out/.replaced (renames, so instant) instead of deleted, so that a run
     that fails before its own cache is written loses nothing (`restore_set_aside`); `drop_set_aside` removes it after.
     If an earlier --overwrite left one there unfinished, that is still the cache to keep, and what the unfinished run
-    wrote is removed instead."""
+    wrote is removed instead, but for its finished parts when they were made with `fingerprint` (this run's
+    settings): they are this run's to merge, not to encode again."""
     aside = out / REPLACED_DIR
     if aside.is_dir():
+        shards = out / SHARDS_DIR / cache_lib.SHARDS_FINGERPRINT_NAME
+        made = json.loads(shards.read_text()) if shards.exists() else None
+        same = fingerprint is not None and made is not None and not same_settings(fingerprint, made)
         for name in cache_entries():
-            _remove(out / name)
+            if not (same and name == SHARDS_DIR):
+                _remove(out / name)
         return
     present = [name for name in cache_entries() if (out / name).exists()]
     if present:
@@ -65,11 +70,19 @@ def drop_set_aside(out: Path) -> None:
     shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
 
 
+def same_settings(fingerprint: dict, previous: dict) -> list[str]:
+    """How a cache (or its parts) made with `previous` differs from one made with `fingerprint`, the model's path
+    aside (the same model may be given another way): [] when it does not."""
+    return cache_lib.fingerprint_mismatches(
+        {k: v for k, v in fingerprint.items() if k != "model"}, {k: v for k, v in previous.items() if k != "model"}
+    )
+
+
 def prepare_output_dir(args, fingerprint: dict) -> datasets.Dataset | None:
     """The existing cache to extend, after checking it was made the same way (main process only)."""
     out = Path(args.output_dir)
     if args.overwrite and out.exists():
-        set_aside_for_overwrite(out)  # (kept until the new cache is written)
+        set_aside_for_overwrite(out, fingerprint)  # (kept until the new cache is written)
     elif restore_set_aside(out):
         logger.info(f"an earlier --overwrite of {out} did not finish: the cache it was replacing is back")
     out.mkdir(parents=True, exist_ok=True)
@@ -85,9 +98,7 @@ def prepare_output_dir(args, fingerprint: dict) -> datasets.Dataset | None:
     if shards_fingerprint.exists() and any(shards_fingerprint.parent.glob("rank*")):
         found.append(json.loads(shards_fingerprint.read_text()))
     for previous in found:
-        diffs = cache_lib.fingerprint_mismatches(
-            {k: v for k, v in fingerprint.items() if k != "model"}, {k: v for k, v in previous.items() if k != "model"}
-        )
+        diffs = same_settings(fingerprint, previous)
         if diffs or (
             manifest is not None and manifest.get("format_version") not in cache_lib.READABLE_FORMAT_VERSIONS
         ):
