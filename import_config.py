@@ -337,6 +337,10 @@ def ai_toolkit_train_flags(job: dict, name: str | None, notes: list[str]) -> dic
         flags["blank_preservation_weight"] = train.get("blank_prompt_preservation_multiplier", 1.0)
     if train.get("inverted_mask_prior"):
         flags["mask_prior_weight"] = train.get("inverted_mask_prior_multiplier", 0.5)
+    if train.get("loss_type") == "mae":
+        flags["loss_type"] = "l1"
+    elif train.get("loss_type", "mse") != "mse":
+        notes.append(f"loss_type {train['loss_type']!r} has no equivalent here: see --loss_type")
     if timesteps := train.get("timestep_type"):
         if timesteps in AI_TOOLKIT_TIMESTEPS:
             flags["timestep_sampling"] = AI_TOOLKIT_TIMESTEPS[timesteps]
@@ -409,6 +413,7 @@ KOHYA_TIMESTEPS = {"sigmoid": "logit_normal", "shift": "shift", "uniform": "unif
 KOHYA_READ = set(KOHYA_SAME) | set(KOHYA_RENAMED) | {"optimizer_type", "optimizer_args", "network_args", "output_dir"}
 KOHYA_READ |= {"output_name", "save_precision", "timestep_sampling", "discrete_flow_shift", "min_timestep"}
 KOHYA_READ |= {"max_timestep", "weighting_scheme", "fp8_base", "sample_prompts", "dataset_config", "network_module"}
+KOHYA_READ |= {"loss_type", "huber_c", "huber_schedule"}
 KOHYA_READ |= {
     "prior_loss_weight",
     "save_last_n_steps",
@@ -523,6 +528,14 @@ def kohya_train_flags(config: dict, notes: list[str]) -> dict:
         flags["loss_weighting"] = config["weighting_scheme"]
     elif "weighting_scheme" in config:
         notes.append(f"weighting_scheme {config['weighting_scheme']} has no equivalent here: see --loss_weighting")
+    if config.get("loss_type") in ("huber", "l1"):
+        flags["loss_type"] = config["loss_type"]
+        if config["loss_type"] == "huber":
+            flags["huber_c"] = config.get("huber_c", 0.1)
+            if config.get("huber_schedule") != "constant":  # (its default: "snr" in sd-scripts)
+                notes.append(f"huber_schedule {config.get('huber_schedule', '(default)')}: here --huber_c is constant")
+    elif config.get("loss_type", "l2") != "l2":
+        notes.append(f"loss_type {config['loss_type']} has no equivalent here: see --loss_type")
     if config.get("fp8_base"):
         flags["base_precision"] = "fp8"
     if "prior_loss_weight" in config:  # (weighs the is_reg subsets of its dataset_config: `convert`)

@@ -338,7 +338,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                          validation_epochs=0, blocks_to_swap=0, lr_warmup_steps=0, logging_steps=1,
                          validation_num_inference_steps=1, checkpoints_total_limit=1, dataloader_num_workers=0,
                          lr_num_cycles=1, mask_prior_weight=0)  # fmt: skip
-    for flag in ("lora_alpha", "timestep_shift"):
+    for flag in ("lora_alpha", "timestep_shift", "huber_c"):
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} {value}: give a positive value")
     cli.require_within(p, args, caption_dropout=(0, 1), random_flip=(0, 1), ema_decay=(0, 0.999999),

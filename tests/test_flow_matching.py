@@ -172,3 +172,19 @@ def test_sigma_bins_and_meter():
     meter4 = SigmaBinMeter(num_bins=4)
     meter4.update(torch.tensor([0.3]), torch.tensor([1.0]))
     assert list(meter4.compute()) == ["loss/sigma_0.25-0.50"]
+
+
+def huber_of(error: float) -> float:
+    return float(flow_matching_loss(torch.tensor([[error]]), torch.zeros(1, 1), loss_type="huber")[1])
+
+
+def test_huber_and_l1_losses_are_kohyas_elementwise_and_masked_the_same_way():
+    """--loss_type huber: 2c·(sqrt(err² + c²) − c), about err² for |err| ≪ c and 2c·|err| far out; l1: |err|."""
+    pred, target = torch.tensor([[0.001, 10.0, -10.0, 0.0]]), torch.zeros(1, 4)
+    _, huber = flow_matching_loss(pred, target, loss_type="huber", huber_c=0.1)
+    torch.testing.assert_close(huber, (2 * 0.1 * (torch.sqrt(pred**2 + 0.01) - 0.1)).mean().reshape(1))
+    assert huber_of(0.001) == pytest.approx(0.001**2, rel=1e-3) and huber_of(10.0) == pytest.approx(2, rel=0.01)
+    assert float(flow_matching_loss(pred, target, loss_type="l1")[1]) == pytest.approx(20.001 / 4)
+    mask = torch.tensor([[[1.0, 0.0, 0.0, 1.0]]])  # [B, 1, W]: weighs elements as it does the squared error
+    l1 = flow_matching_loss(pred[:, None], target[:, None], mask=mask, loss_type="l1")[1]
+    assert float(l1) == pytest.approx(0.001 / 2)

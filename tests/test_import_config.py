@@ -311,6 +311,16 @@ def test_the_optimiser_and_its_own_arguments_come_along():
         "bitsandbytes.optim.Lion8bit"
     )
     assert import_config.kohya_train_flags({"optimizer_type": "Lion"}, [])["optimizer"] == "lion_pytorch.Lion"
+    flags = import_config.kohya_train_flags(
+        {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "snr"}, notes := []
+    )
+    assert flags == {"loss_type": "huber", "huber_c": 0.2} and notes == [
+        "huber_schedule snr: here --huber_c is constant"
+    ]
+    flags = import_config.ai_toolkit_train_flags({"train": {"loss_type": "mae"}}, None, [])
+    assert flags["loss_type"] == "l1"
+    import_config.ai_toolkit_train_flags({"train": {"loss_type": "wavelet"}}, None, notes := [])
+    assert "loss_type 'wavelet' has no equivalent here: see --loss_type" in notes
     config = {"network_dropout": 0.1, "network_args": ["rank_dropout=0.2", "module_dropout=0.05"]}
     assert import_config.kohya_train_flags(config, []) == {
         "network_dropout": 0.1,

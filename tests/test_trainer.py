@@ -359,6 +359,13 @@ def test_a_training_adapter_for_modules_the_model_lacks_is_refused_before_the_mo
         train(tiny_model_dir, tiny_cache_dir, tmp_path / "out", training_adapter=tmp_path / "deeper.safetensors")
 
 
+def test_the_loss_type_reaches_the_step(tiny_model_dir, tiny_cache_dir, tmp_path):
+    """--loss_type huber: the same first batch, another loss (Huber's is below the squared error's for |err| > c)."""
+    mse = train(tiny_model_dir, tiny_cache_dir, tmp_path / "mse", max_train_steps=1)
+    huber = train(tiny_model_dir, tiny_cache_dir, tmp_path / "huber", max_train_steps=1, loss_type="huber")
+    assert 0 < huber[0]["loss"] < mse[0]["loss"]
+
+
 def test_a_run_with_kohyas_dropouts_resumes_exactly(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     """The dropouts draw from the random state the checkpoint keeps: stopped at step 2 and resumed, the run ends
     where the uninterrupted one does (and elsewhere than one without them)."""

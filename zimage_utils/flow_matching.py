@@ -144,10 +144,20 @@ def loss_weighting(sigma: torch.Tensor, scheme: str = "none") -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas=sigma.float()).float()
 
 
+LOSS_TYPES = ("mse", "huber", "l1")
+
+
 def flow_matching_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    loss_type: str = "mse",
+    huber_c: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-squared error between the transformer output and the velocity target, computed in float32.
+    """Mean-squared error between the transformer output and the velocity target, computed in float32 (or, by
+    `loss_type`, each element's pseudo-Huber loss 2c·(sqrt(err² + c²) − c) with c = `huber_c`, as kohya's "huber":
+    err² near 0, 2c·|err| far out; or its absolute error, "l1").
 
     Args:
         pred: raw transformer output [B, C, (F,) H, W], any dtype (bf16 under mixed precision).
@@ -163,7 +173,13 @@ def flow_matching_loss(
         across weighting schemes).
     """
     # bf16 has 8 bits of mantissa: squaring and summing thousands of latent values in it loses the loss signal.
-    squared = (pred.float() - target.float()).pow(2)
+    error = pred.float() - target.float()
+    if loss_type == "huber":
+        squared = 2 * huber_c * (torch.sqrt(error.pow(2) + huber_c**2) - huber_c)
+    elif loss_type == "l1":
+        squared = error.abs()
+    else:
+        squared = error.pow(2)
     if mask is None:
         per_sample = squared.flatten(1).mean(dim=1)  # [B]
     else:

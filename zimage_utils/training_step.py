@@ -25,6 +25,8 @@ class StepConfig:
     preservation_weight: float = 0.0  # weight of the preservation loss (`preservation_target`); 0 = off
     blank_preservation_weight: float = 0.0  # the same with the empty caption, for every item; 0 = off
     mask_prior_weight: float = 0.0  # weight of the base model's prediction as the target outside loss masks; 0 = off
+    loss_type: str = "mse"  # mse | huber | l1 (flow_matching.flow_matching_loss), of the data's term only
+    huber_c: float = 0.1
 
     @classmethod
     def from_flags(cls, args) -> "StepConfig":
@@ -38,6 +40,8 @@ class StepConfig:
             preservation_weight=args.preservation_weight,
             blank_preservation_weight=args.blank_preservation_weight,
             mask_prior_weight=args.mask_prior_weight,
+            loss_type=args.loss_type,
+            huber_c=args.huber_c,
         )
 
 
@@ -60,6 +64,14 @@ def add_step_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
         "and max_timestep / 1000), the sampling's shape kept within: e.g. 0 0.4 for detail, 0.6 1 for composition.",
     )
     p.add_argument("--loss_weighting", choices=["none", "sigma_sqrt", "cosmap"], default="none")
+    p.add_argument(
+        "--loss_type",
+        choices=fm.LOSS_TYPES,
+        default="mse",
+        help="huber: kohya's pseudo-Huber loss with --huber_c (squared error near 0, linear far out: outliers pull "
+        "less); l1: the absolute error. The preservation terms and the held-out loss stay mse.",
+    )
+    p.add_argument("--huber_c", type=float, default=0.1, help="--loss_type huber's c (kohya's default; constant).")
     p.add_argument("--caption_dropout", type=float, default=0.0, help="Probability of the empty caption (0 = off).")
     p.add_argument(
         "--random_flip",
@@ -228,7 +240,8 @@ def flow_matching_step(
     if batch.get("loss_weights") is not None:
         item_weights = batch["loss_weights"].to(device, non_blocking=True).float()
         weights = item_weights if weights is None else weights * item_weights
-    loss, per_sample = fm.flow_matching_loss(pred, fm.velocity_target(x1, x0), weights, mask)
+    target = fm.velocity_target(x1, x0)
+    loss, per_sample = fm.flow_matching_loss(pred, target, weights, mask, config.loss_type, config.huber_c)
     result = {"loss": loss, "per_sample": per_sample.detach(), "sigma": sigma.detach()}
     if prior:  # each item's squared difference averaged over its background (0 for an item without one)
         mask_prior, _ = fm.flow_matching_loss(pred, prior_pred, None, background)
