@@ -4,12 +4,14 @@ starts with, which is all `--dry_run` prints."""
 
 import argparse
 import math
+import os
 import re
 import warnings
 from typing import NamedTuple
 
 import torch
 
+from . import cli
 from .checkpoints import SUPERSEDED_DIR, check_resume_fits, later_checkpoints, read_training_state, resolve_resume_path
 from .ema import require_ema_state
 from .lora import add_lora, add_lora_dropouts, count_trainable_parameters, init_lora_from, lora_target_modules
@@ -31,6 +33,51 @@ def add_run_lora(model: torch.nn.Module, args: argparse.Namespace):
     )
     add_lora_dropouts(model, args.network_dropout, args.rank_dropout, args.module_dropout)
     return config
+
+
+def check_flag_values(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`p.error` (naming the flag and what to give) for the trainer's flags out of range or not going together, as
+    they are read; the optimiser's are `optimizers.check_optimizer_flags`."""
+    if len({os.path.realpath(d) for d in args.precomputed_dir}) < len(args.precomputed_dir):
+        p.error("--precomputed_dir names one cache twice: give it once, with --repeats to see it more often")
+    if args.repeats and (len(args.repeats) != len(args.precomputed_dir) or min(args.repeats) < 1):
+        p.error(f"--repeats takes one count of at least 1 per --precomputed_dir ({len(args.precomputed_dir)} given)")
+    if args.loss_weights and (len(args.loss_weights) != len(args.precomputed_dir) or min(args.loss_weights) < 0):
+        p.error(
+            f"--loss_weights takes one weight of at least 0 per --precomputed_dir ({len(args.precomputed_dir)} given)"
+        )
+    if not 0 <= args.mask_floor <= 1 or args.preservation_weight < 0 or args.blank_preservation_weight < 0:
+        p.error(
+            "--mask_floor is a loss weight between 0 and 1, --preservation_weight and --blank_preservation_weight "
+            "ones of at least 0"
+        )
+    if not 0 <= args.sigma_range[0] < args.sigma_range[1] <= 1:
+        p.error("--sigma_range takes LO HI with 0 <= LO < HI <= 1")
+    dropouts = ("lora_dropout", "network_dropout", "rank_dropout", "module_dropout")
+    if args.adapter == "lokr" and (args.base_precision == "nf4" or any(getattr(args, d) for d in dropouts)):
+        p.error("--adapter lokr works with a bf16 or fp8 base (not nf4) and without --lora_dropout and the like")
+    cli.require_within(p, args, **dict.fromkeys(dropouts, (0, 0.99)))
+    if args.adapter == "dora" and args.base_precision not in ("bf16", "nf4"):
+        p.error("--adapter dora takes the norms of the base's weights, which fp8 keeps scaled: use a bf16 or nf4 base")
+    if args.adapter == "dora" and (args.training_adapter or args.blocks_to_swap):
+        p.error(
+            "--adapter dora works without --training_adapter (a DoRA's norms are of the weights it trained on, so "
+            "removing the adapter to sample would change them) and without --blocks_to_swap (not tried together)"
+        )
+    cli.require_at_least(p, args, rank=1, train_batch_size=1, gradient_accumulation_steps=1, max_train_steps=1,
+                         num_train_epochs=1, checkpointing_steps=0, checkpointing_epochs=0, validation_steps=0,
+                         validation_epochs=0, blocks_to_swap=0, lr_warmup_steps=0, logging_steps=1,
+                         validation_num_inference_steps=1, checkpoints_total_limit=1, dataloader_num_workers=0,
+                         lr_num_cycles=1, mask_prior_weight=0)  # fmt: skip
+    for flag in ("lora_alpha", "timestep_shift", "huber_c"):
+        if (value := getattr(args, flag)) is not None and value <= 0:
+            p.error(f"--{flag} {value}: give a positive value")
+    cli.require_within(p, args, caption_dropout=(0, 1), random_flip=(0, 1), ema_decay=(0, 0.999999),
+                       validation_split=(0, 0.99), activation_memory_budget=(0, 1))  # fmt: skip
+    if args.activation_memory_budget is not None and not args.compile:
+        p.error("--activation_memory_budget applies to compiled blocks: add --compile")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        p.error(f"--lokr_factor {args.lokr_factor}: give w1's side (1 or more), or -1 for near-square factors")
 
 
 def schedule_steps(args, sampler) -> tuple[float, int]:
