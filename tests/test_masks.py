@@ -344,7 +344,7 @@ def test_the_mask_prior_keeps_the_background_where_the_base_model_has_it(tiny_mo
         with Image.open(image) as opened:
             half_mask(*opened.size).save(masks / image.name)
     records, manifest = precompute(tiny_model_dir, tiny_data_dir, tmp_path / "cache", "--mask_dir", masks)
-    flags = dict(max_train_steps=120, learning_rate=5e-3, rank=8, lora_targets="all", train_batch_size=2)
+    flags = dict(max_train_steps=60, learning_rate=5e-3, rank=8, lora_targets="all", train_batch_size=2)
     base = ZImagePipeline.from_pretrained(tiny_model_dir).transformer
     changes = {}
     for weight in (0.0, 1.0):
@@ -371,5 +371,5 @@ def test_the_mask_prior_keeps_the_background_where_the_base_model_has_it(tiny_mo
             )
         changes[weight] = (change / len(records)).tolist()
     (masked_out, learned), (masked_out_prior, learned_prior) = changes[0.0], changes[1.0]
-    assert masked_out_prior < 0.4 * masked_out, changes  # measured 0.094 vs 0.348
-    assert learned_prior > 0.4 * learned, changes  # measured 0.205 vs 0.366 (attention mixes the halves)
+    assert masked_out_prior < 0.4 * masked_out, changes  # measured 0.088 vs 0.304
+    assert learned_prior > 0.4 * learned, changes  # measured 0.162 vs 0.314 (attention mixes the halves)

@@ -368,16 +368,14 @@ def test_the_loss_type_reaches_the_step(tiny_model_dir, tiny_cache_dir, tmp_path
 
 def test_a_run_with_kohyas_dropouts_resumes_exactly(tiny_model_dir, tiny_cache_dir, tmp_path, capsys):
     """The dropouts draw from the random state the checkpoint keeps: stopped at step 2 and resumed, the run ends
-    where the uninterrupted one does (and elsewhere than one without them)."""
+    where the uninterrupted one does (that they act: test_lora.py)."""
     flags = dict(learning_rate=1e-2, max_train_steps=4, checkpointing_steps=2, save_dtype="fp32", lora_targets="all")
     dropouts = dict(network_dropout=0.3, rank_dropout=0.2, module_dropout=0.2)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "a", **flags, **dropouts)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, **dropouts, max_train_steps_this_run=2)
     train(tiny_model_dir, tiny_cache_dir, tmp_path / "b", **flags, **dropouts, resume_from_checkpoint="latest")
-    train(tiny_model_dir, tiny_cache_dir, tmp_path / "none", **flags)
-    a, b, none = (load_lora_file(tmp_path / run / LORA_WEIGHT_NAME)[0] for run in ("a", "b", "none"))
-    assert a.keys() == none.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], none[k]) for k in a)
+    a, b = (load_lora_file(tmp_path / run / LORA_WEIGHT_NAME)[0] for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit):
         train_zimage_lora.parse_args(
             trainer_args(tiny_model_dir, tiny_cache_dir, tmp_path, adapter="lokr", rank_dropout=0.1)
