@@ -163,9 +163,9 @@ def flow_matching_loss(
         pred: raw transformer output [B, C, (F,) H, W], any dtype (bf16 under mixed precision).
         target: `velocity_target(x1, x0)`, same shape.
         weights: optional per-sample weights [B] (see `loss_weighting`).
-        mask: optional loss mask [B, 1, (F,) H, W], each latent pixel's weight in [0, 1]: a sample's MSE is then
-            its weighted mean, sum(mask · err²) / (C · sum(mask)), so a masked image weighs as much as a whole one.
-            A sample whose mask is all zero contributes 0.
+        mask: optional loss mask [B, 1, (F,) H, W], each latent pixel's weight in [0, 1]: a sample's loss is then
+            its weighted mean, e.g. sum(mask · err²) / (C · sum(mask)), so a masked image weighs as much as a whole
+            one. A sample whose mask is all zero contributes 0.
 
     Returns:
         (loss, per_sample): loss is the scalar mean over the batch of weights·MSE, the one to backpropagate;
@@ -175,16 +175,17 @@ def flow_matching_loss(
     # bf16 has 8 bits of mantissa: squaring and summing thousands of latent values in it loses the loss signal.
     error = pred.float() - target.float()
     if loss_type == "huber":
-        squared = 2 * huber_c * (torch.sqrt(error.pow(2) + huber_c**2) - huber_c)
+        elementwise = 2 * huber_c * (torch.sqrt(error.pow(2) + huber_c**2) - huber_c)
     elif loss_type == "l1":
-        squared = error.abs()
+        elementwise = error.abs()
     else:
-        squared = error.pow(2)
+        elementwise = error.pow(2)
     if mask is None:
-        per_sample = squared.flatten(1).mean(dim=1)  # [B]
+        per_sample = elementwise.flatten(1).mean(dim=1)  # [B]
     else:
         mask = mask.float()
-        per_sample = (squared * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * squared.shape[1]).clamp_min(1e-8)
+        weight = (mask.flatten(1).sum(1) * elementwise.shape[1]).clamp_min(1e-8)  # C · sum(mask)
+        per_sample = (elementwise * mask).flatten(1).sum(1) / weight
     weighted = per_sample if weights is None else per_sample * weights.float()
     return weighted.mean(), per_sample.detach()
 

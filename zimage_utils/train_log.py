@@ -74,11 +74,8 @@ class LogWindow:
             )
         mean_loss = (self.loss_sum / max(self.batches, 1)).view(1)
         sums = accelerator.reduce(torch.cat([mean_loss, self.term_sums, self.term_counts]), "sum").tolist()
-        loss, term_sums, term_counts = (
-            sums[0] / accelerator.num_processes,
-            sums[1 : -len(LOSS_TERMS)],
-            sums[-len(LOSS_TERMS) :],
-        )
+        loss, terms = sums[0] / accelerator.num_processes, len(LOSS_TERMS)
+        term_sums, term_counts = sums[1 : 1 + terms], sums[1 + terms :]
         self.meter.sums = accelerator.reduce(self.meter.sums, "sum")
         self.meter.counts = accelerator.reduce(self.meter.counts, "sum")
         now = time.time()
